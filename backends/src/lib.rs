@@ -1,0 +1,281 @@
+//! The `Hypervisor` seam and its implementations.
+//!
+//! A backend knows how to checkpoint a running VM, restore a paused clone of
+//! it on an isolated network, ask the clone to stop, hand out its stopped
+//! disks, and put the original back the way it was. Every resource a backend
+//! creates is announced to a [`Journal`] *before* it exists, so that
+//! `coldclone recover` can remove it after a crash; [`Hypervisor::recover`]
+//! knows how to undo each of its own [`Resource`]s.
+
+pub mod qemu;
+pub mod util;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot reach the VM's QMP socket {path}: {source} (is the VM running, and is this the socket given to -qmp?)")]
+    QmpConnect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("QMP I/O on {path} failed: {source}")]
+    QmpIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    QmpCommand {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP protocol error on {path}: {what}")]
+    QmpProtocol { path: PathBuf, what: String },
+    #[error("timed out after {seconds}s waiting for {what}")]
+    Timeout { what: String, seconds: u64 },
+    #[error("the VM's configuration is not supported: {0}")]
+    Unsupported(String),
+    #[error("`{command}` failed: {stderr}")]
+    Tool { command: String, stderr: String },
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("the clone failed: {0}")]
+    Clone(String),
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the run journal refused an entry: {0}")]
+    Journal(String),
+    #[error(transparent)]
+    Network(#[from] network_isolation::IsolationError),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
+    move |source| BackendError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Every resource coldclone may create, with what it takes to remove it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Resource {
+    /// The original was paused by us (undo: resume it if it is still paused).
+    OriginalPaused { qmp: PathBuf },
+    /// Migration capabilities/parameters we changed on the original and a
+    /// migration we started (undo: cancel it, put the settings back).
+    OriginalMigration {
+        qmp: PathBuf,
+        capabilities: Vec<(String, bool)>,
+        max_bandwidth: Option<u64>,
+    },
+    /// A qcow2 overlay that the original now writes into, on top of its
+    /// frozen image (undo: commit it back into the image, delete it).
+    OriginalOverlay {
+        qmp: PathBuf,
+        original_pid: u32,
+        device: String,
+        base_node: String,
+        base_file: PathBuf,
+        overlay_file: PathBuf,
+        overlay_node: String,
+    },
+    /// A file coldclone made (memory image, clone overlay, exported disk).
+    File { path: PathBuf },
+    /// The run's own working folder.
+    Dir { path: PathBuf },
+    /// A clone process, found by the marker in its command line.
+    CloneProcess { marker: String, qmp: PathBuf },
+    /// A tap device (QEMU deletes its own taps when it exits; this is the net).
+    Tap {
+        namespace: Option<String>,
+        name: String,
+    },
+    /// A bridge made for the run.
+    Bridge {
+        namespace: Option<String>,
+        name: String,
+    },
+    /// A network namespace made for the run.
+    Namespace { name: String },
+}
+
+/// Write-ahead record of what a run creates.
+pub trait Journal {
+    /// Records that `resource` is about to be created. Must be durable when it returns.
+    fn will_create(&mut self, resource: &Resource) -> Result<u64>;
+    /// Records that the resource with this id is gone.
+    fn removed(&mut self, id: u64) -> Result<()>;
+    /// Records that a pipeline milestone was reached (for progress and fault tests).
+    fn milestone(&mut self, name: &str) -> Result<()>;
+}
+
+/// How a user names a VM in the config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum VmLocator {
+    Qemu { qmp: PathBuf },
+}
+
+/// What a backend learned about a running VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    pub name: String,
+    pub backend: &'static str,
+    pub running: bool,
+    pub memory_bytes: u64,
+    pub disks: Vec<DiskInfo>,
+    pub nics: usize,
+    #[serde(skip)]
+    pub detail: VmDetail,
+}
+
+#[derive(Debug, Clone)]
+pub enum VmDetail {
+    Qemu(qemu::QemuVm),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskInfo {
+    pub name: String,
+    pub file: PathBuf,
+    pub format: String,
+    pub read_only: bool,
+    pub bytes: u64,
+}
+
+/// The original's pause during a checkpoint, split into its parts.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PauseTimes {
+    pub total_ms: f64,
+    pub disk_snapshot_ms: f64,
+    pub memory_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub method: &'static str,
+    pub memory_image: PathBuf,
+    pub memory_image_bytes: u64,
+    pub pause: PauseTimes,
+    pub disks: Vec<FrozenDisk>,
+}
+
+/// A disk as it was at the checkpoint.
+#[derive(Debug, Clone)]
+pub struct FrozenDisk {
+    pub name: String,
+    pub frozen_file: PathBuf,
+    pub format: String,
+    pub bytes: u64,
+    pub(crate) original_overlay: Option<(u64, PathBuf, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMethod {
+    /// PV shutdown request through the hypervisor's control channel.
+    Pv,
+    /// ACPI power button.
+    Acpi,
+}
+
+/// Where the clone's NICs go.
+#[derive(Debug, Clone)]
+pub struct CloneNetwork {
+    pub namespace: network_isolation::Namespace,
+    pub bridge: String,
+    pub tap_prefix: String,
+}
+
+/// A restored clone: running its memory image but paused.
+#[derive(Debug)]
+pub struct PausedClone {
+    pub name: String,
+    pub taps: Vec<String>,
+    pub disks: Vec<CloneDisk>,
+    pub console_log: PathBuf,
+    pub(crate) detail: qemu::QemuClone,
+}
+
+#[derive(Debug, Clone)]
+pub struct CloneDisk {
+    pub name: String,
+    pub overlay: PathBuf,
+    pub bytes: u64,
+}
+
+/// How the clone ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneOutcome {
+    /// It shut itself down after the request: its disks are clean.
+    StoppedByGuest,
+    /// It did not stop in time and was killed.
+    Killed,
+}
+
+pub trait Hypervisor {
+    fn name(&self) -> &'static str;
+    fn inspect(&self, vm: &VmLocator) -> Result<VmInfo>;
+    /// Memory + disks at one instant; every path out of here leaves the original running.
+    fn checkpoint(
+        &self,
+        vm: &VmInfo,
+        work_dir: &Path,
+        journal: &mut dyn Journal,
+    ) -> Result<Checkpoint>;
+    /// A paused clone with disks = writable overlays over the checkpoint and
+    /// every NIC on `net`'s bridge.
+    fn restore_clone(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        net: &CloneNetwork,
+        clone_name: &str,
+        work_dir: &Path,
+        journal: &mut dyn Journal,
+    ) -> Result<PausedClone>;
+    /// Unpauses the clone. Needs proof that its network was verified.
+    fn resume_clone(
+        &self,
+        clone: &mut PausedClone,
+        verified: &network_isolation::Verified,
+    ) -> Result<()>;
+    fn request_stop(&self, clone: &mut PausedClone, method: StopMethod) -> Result<()>;
+    fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome>;
+    fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()>;
+    /// Writes a stopped clone disk as a sparse raw image at `dest`.
+    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()>;
+    /// Puts the original's disks back to one image each, and removes the
+    /// checkpoint's files.
+    fn release_checkpoint(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        journal: &mut dyn Journal,
+    ) -> Result<()>;
+    /// Undoes one resource this backend created. Never touches anything else.
+    fn recover(&self, resource: &Resource) -> Result<()>;
+    fn stop_methods(&self, vm: &VmInfo) -> StopMethod;
+}
+
+/// The backend for a locator.
+pub fn backend_for(locator: &VmLocator) -> Box<dyn Hypervisor> {
+    match locator {
+        VmLocator::Qemu { .. } => Box::new(qemu::QemuBackend::default()),
+    }
+}

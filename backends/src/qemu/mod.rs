@@ -1,0 +1,1105 @@
+//! QEMU/KVM backend over QMP.
+//!
+//! A VM is named by its QMP socket; everything else (process, command line,
+//! disks, NICs) is learned from the running QEMU. The checkpoint uses QEMU's
+//! `background-snapshot` migration: the VM is stopped only for the disk
+//! snapshot transaction and the device state, while RAM is written out
+//! afterwards with userfaultfd write protection. Where that capability is
+//! missing, `pause-before-switchover` is the fallback (a longer pause).
+//!
+//! The original's disk chain: the snapshot makes the original write into a
+//! new qcow2 overlay while its image stays frozen for the clone; afterwards a
+//! `block-commit` merges the overlay back so the chain is one image again.
+
+pub mod cmdline;
+pub mod qmp;
+
+use crate::util::{self, absolute, run_tool};
+use crate::{
+    io_err, BackendError, Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk,
+    Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod, VmDetail, VmInfo,
+    VmLocator,
+};
+use qmp::{Event, Qmp};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What the backend knows about a running QEMU.
+#[derive(Debug, Clone)]
+pub struct QemuVm {
+    pub qmp: PathBuf,
+    pub pid: u32,
+    pub exe: PathBuf,
+    pub cwd: PathBuf,
+    pub options: Vec<cmdline::Opt>,
+    pub disks: Vec<QemuDisk>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuDisk {
+    /// The -drive id (QMP `device`).
+    pub device: String,
+    pub node_name: String,
+    pub file: PathBuf,
+    pub format: String,
+    pub bytes: u64,
+}
+
+pub struct QemuClone {
+    qmp: Option<Qmp>,
+    child: Option<Child>,
+    marker: String,
+    process_journal_id: u64,
+    tap_journal_ids: Vec<u64>,
+    namespace: network_isolation::Namespace,
+    stopped: bool,
+}
+
+impl std::fmt::Debug for QemuClone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuClone")
+            .field("marker", &self.marker)
+            .field("pid", &self.child.as_ref().map(Child::id))
+            .finish()
+    }
+}
+
+/// Timeouts for the QEMU backend.
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    pub memory_save_timeout: Duration,
+    pub clone_start_timeout: Duration,
+}
+
+impl Default for QemuBackend {
+    fn default() -> Self {
+        QemuBackend {
+            memory_save_timeout: Duration::from_secs(1800),
+            clone_start_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+fn qemu_vm(vm: &VmInfo) -> &QemuVm {
+    match &vm.detail {
+        VmDetail::Qemu(q) => q,
+    }
+}
+
+fn str_of(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn migration_status(ev: &Event) -> Option<&str> {
+    (ev.name == "MIGRATION")
+        .then(|| ev.data.get("status").and_then(Value::as_str))
+        .flatten()
+}
+
+/// Reads the migration capabilities we are about to change, to put them back later.
+fn current_capabilities(q: &mut Qmp, names: &[&str]) -> Result<Vec<(String, bool)>> {
+    let caps = q.execute("query-migrate-capabilities", json!({}))?;
+    let mut out = Vec::new();
+    for n in names {
+        let state = caps
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|c| c.get("capability").and_then(Value::as_str) == Some(n))
+            })
+            .and_then(|c| c.get("state").and_then(Value::as_bool))
+            .unwrap_or(false);
+        out.push((n.to_string(), state));
+    }
+    Ok(out)
+}
+
+fn set_capabilities(q: &mut Qmp, caps: &[(String, bool)]) -> Result<()> {
+    let list: Vec<Value> = caps
+        .iter()
+        .map(|(c, s)| json!({"capability": c, "state": s}))
+        .collect();
+    q.execute("migrate-set-capabilities", json!({ "capabilities": list }))
+        .map(|_| ())
+}
+
+fn restore_migration_settings(
+    q: &mut Qmp,
+    caps: &[(String, bool)],
+    bandwidth: Option<u64>,
+) -> Result<()> {
+    // One at a time: turning background-snapshot off while events is listed
+    // first would be refused as a whole if any single one is refused.
+    for c in caps {
+        set_capabilities(q, std::slice::from_ref(c))?;
+    }
+    if let Some(bw) = bandwidth {
+        q.execute("migrate-set-parameters", json!({ "max-bandwidth": bw }))?;
+    }
+    Ok(())
+}
+
+fn active_migration(q: &mut Qmp) -> Result<Option<String>> {
+    let m = q.execute("query-migrate", json!({}))?;
+    let st = str_of(&m, "status");
+    Ok(match st.as_str() {
+        "setup" | "active" | "pre-switchover" | "device" | "postcopy-active" | "wait-unplug"
+        | "cancelling" => Some(st),
+        _ => None,
+    })
+}
+
+/// Cancels a migration that is under way and waits until it has ended.
+fn cancel_migration(q: &mut Qmp) -> Result<()> {
+    if active_migration(q)?.is_none() {
+        return Ok(());
+    }
+    q.execute("migrate_cancel", json!({}))?;
+    let start = Instant::now();
+    while active_migration(q)?.is_some() {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(BackendError::Timeout {
+                what: "the original's migration to be cancelled".into(),
+                seconds: 60,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The block-query entry of a drive, if it has a medium.
+fn inserted(q: &mut Qmp, device: &str) -> Result<Option<Value>> {
+    let blocks = q.execute("query-block", json!({}))?;
+    Ok(blocks
+        .as_array()
+        .and_then(|a| a.iter().find(|b| str_of(b, "device") == device))
+        .and_then(|b| b.get("inserted").cloned()))
+}
+
+/// Active commit of the top overlay of `device` into `base_node`; waits for it.
+fn commit_overlay(q: &mut Qmp, device: &str, base_node: &str, job_id: &str) -> Result<()> {
+    q.execute(
+        "block-commit",
+        json!({"device": device, "job-id": job_id, "base-node": base_node, "auto-dismiss": true}),
+    )?;
+    let ready = |e: &Event| {
+        (e.name == "BLOCK_JOB_READY"
+            || e.name == "BLOCK_JOB_COMPLETED"
+            || e.name == "BLOCK_JOB_ERROR")
+            && e.data.get("device").and_then(Value::as_str) == Some(job_id)
+    };
+    let ev = q.wait_event(
+        "block-commit to be ready",
+        Duration::from_secs(3600),
+        &ready,
+    )?;
+    if ev.name == "BLOCK_JOB_ERROR" {
+        return Err(BackendError::Checkpoint(format!(
+            "block-commit failed: {}",
+            ev.data
+        )));
+    }
+    if ev.name == "BLOCK_JOB_READY" {
+        q.execute("block-job-complete", json!({ "device": job_id }))?;
+        let done = |e: &Event| {
+            e.name == "BLOCK_JOB_COMPLETED"
+                && e.data.get("device").and_then(Value::as_str) == Some(job_id)
+        };
+        let ev = q.wait_event("block-commit to complete", Duration::from_secs(600), &done)?;
+        if let Some(err) = ev.data.get("error") {
+            return Err(BackendError::Checkpoint(format!(
+                "block-commit failed: {err}"
+            )));
+        }
+    } else if let Some(err) = ev.data.get("error") {
+        return Err(BackendError::Checkpoint(format!(
+            "block-commit failed: {err}"
+        )));
+    }
+    Ok(())
+}
+
+impl QemuBackend {
+    fn resume_if_paused(q: &mut Qmp) -> Result<()> {
+        cancel_migration(q)?;
+        let st = q.status()?;
+        if st == "paused" || st == "postmigrate" {
+            q.execute("cont", json!({}))?;
+        }
+        Ok(())
+    }
+
+    /// Memory + disks with `background-snapshot`: stop, snapshot disks, start
+    /// the RAM save (QEMU resumes the VM itself once RAM is write-protected).
+    fn checkpoint_background(
+        &self,
+        q: &mut Qmp,
+        actions: &Value,
+        mem_uri: &str,
+        journal: &mut dyn Journal,
+    ) -> Result<(PauseTimes, Value)> {
+        let qmp_path = q.path().to_path_buf();
+        let paused_id = journal.will_create(&Resource::OriginalPaused { qmp: qmp_path })?;
+        q.clear_events();
+        let wall = Instant::now();
+        q.execute("stop", json!({}))?;
+        let res = (|| {
+            let stop = q.wait_event("the original to stop", Duration::from_secs(30), &|e| {
+                e.name == "STOP"
+            })?;
+            journal.milestone("checkpoint:paused")?;
+            let t = Instant::now();
+            q.execute("transaction", json!({ "actions": actions }))?;
+            let disk_ms = t.elapsed().as_secs_f64() * 1000.0;
+            journal.milestone("checkpoint:disks-snapshotted")?;
+            q.execute("migrate", json!({ "uri": mem_uri }))?;
+            let ev = q.wait_event("the original to resume", Duration::from_secs(120), &|e| {
+                e.name == "RESUME" || matches!(migration_status(e), Some("failed" | "cancelled"))
+            })?;
+            if ev.name != "RESUME" {
+                return Err(BackendError::Checkpoint(format!(
+                    "memory save failed: {}",
+                    ev.data
+                )));
+            }
+            let total_ms = (ev.timestamp_us - stop.timestamp_us) as f64 / 1000.0;
+            Ok(PauseTimes {
+                total_ms,
+                disk_snapshot_ms: disk_ms,
+                memory_ms: (total_ms - disk_ms).max(0.0),
+            })
+        })();
+        match res {
+            Ok(p) => {
+                journal.removed(paused_id)?;
+                tracing::debug!(
+                    wall_ms = wall.elapsed().as_millis() as u64,
+                    "original resumed"
+                );
+                let done = q.wait_event(
+                    "the memory image to be written",
+                    self.memory_save_timeout,
+                    &|e| {
+                        matches!(
+                            migration_status(e),
+                            Some("completed" | "failed" | "cancelled")
+                        )
+                    },
+                )?;
+                Ok((p, done.data))
+            }
+            Err(e) => {
+                // Every path out of the checkpoint resumes the original.
+                if let Err(e2) = Self::resume_if_paused(q) {
+                    tracing::error!(
+                        "could not resume the original after a failed checkpoint: {e2}"
+                    );
+                    return Err(e);
+                }
+                journal.removed(paused_id)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Memory + disks with `pause-before-switchover`: RAM is sent while the VM
+    /// runs; QEMU pauses it before the switch, the disks are snapshotted, then
+    /// the migration ends and the VM continues.
+    fn checkpoint_pre_switchover(
+        &self,
+        q: &mut Qmp,
+        actions: &Value,
+        mem_uri: &str,
+        journal: &mut dyn Journal,
+    ) -> Result<(PauseTimes, Value)> {
+        let paused_id = journal.will_create(&Resource::OriginalPaused {
+            qmp: q.path().to_path_buf(),
+        })?;
+        q.clear_events();
+        q.execute("migrate", json!({ "uri": mem_uri }))?;
+        let res = (|| {
+            q.wait_event(
+                "the memory save to reach pre-switchover",
+                self.memory_save_timeout,
+                &|e| {
+                    matches!(
+                        migration_status(e),
+                        Some("pre-switchover" | "failed" | "cancelled")
+                    )
+                },
+            )
+            .and_then(|ev| match migration_status(&ev) {
+                Some("pre-switchover") => Ok(()),
+                _ => Err(BackendError::Checkpoint(format!(
+                    "memory save failed: {}",
+                    ev.data
+                ))),
+            })?;
+            let stop = q.wait_event("the original to stop", Duration::from_secs(30), &|e| {
+                e.name == "STOP"
+            })?;
+            journal.milestone("checkpoint:paused")?;
+            let t = Instant::now();
+            q.execute("transaction", json!({ "actions": actions }))?;
+            let disk_ms = t.elapsed().as_secs_f64() * 1000.0;
+            journal.milestone("checkpoint:disks-snapshotted")?;
+            q.execute("migrate-continue", json!({"state": "pre-switchover"}))?;
+            let done = q.wait_event(
+                "the memory image to be written",
+                Duration::from_secs(300),
+                &|e| {
+                    matches!(
+                        migration_status(e),
+                        Some("completed" | "failed" | "cancelled")
+                    )
+                },
+            )?;
+            if migration_status(&done) != Some("completed") {
+                return Err(BackendError::Checkpoint(format!(
+                    "memory save failed: {}",
+                    done.data
+                )));
+            }
+            q.execute("cont", json!({}))?;
+            let resume = q.wait_event("the original to resume", Duration::from_secs(30), &|e| {
+                e.name == "RESUME"
+            })?;
+            let total_ms = (resume.timestamp_us - stop.timestamp_us) as f64 / 1000.0;
+            Ok((
+                PauseTimes {
+                    total_ms,
+                    disk_snapshot_ms: disk_ms,
+                    memory_ms: (total_ms - disk_ms).max(0.0),
+                },
+                done.data,
+            ))
+        })();
+        match res {
+            Ok(r) => {
+                journal.removed(paused_id)?;
+                Ok(r)
+            }
+            Err(e) => {
+                if let Err(e2) = Self::resume_if_paused(q) {
+                    tracing::error!(
+                        "could not resume the original after a failed checkpoint: {e2}"
+                    );
+                    return Err(e);
+                }
+                journal.removed(paused_id)?;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn overlay_path_for(base: &Path, run_tag: &str) -> PathBuf {
+    let dir = base.parent().unwrap_or(Path::new("/"));
+    let name = base
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!(".{name}.coldclone-{run_tag}.qcow2"))
+}
+
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
+}
+
+impl Hypervisor for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn inspect(&self, vm: &VmLocator) -> Result<VmInfo> {
+        let VmLocator::Qemu { qmp: path } = vm;
+        let mut q = Qmp::connect(path)?;
+        let pid = q.peer_pid()?;
+        let argv = util::process_cmdline(pid).ok_or_else(|| {
+            BackendError::Unsupported(format!(
+                "cannot read the command line of QEMU process {pid}"
+            ))
+        })?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map(|p| PathBuf::from(p.to_string_lossy().trim_end_matches(" (deleted)")))
+            .unwrap_or_else(|_| PathBuf::from(argv.first().cloned().unwrap_or_default()));
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map_err(io_err(Path::new("/proc/PID/cwd")))?;
+        let options = cmdline::parse(argv.get(1..).unwrap_or(&[]))?;
+        let name_v = q.execute("query-name", json!({}))?;
+        let name = match str_of(&name_v, "name") {
+            n if !n.is_empty() => n,
+            _ => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let running = q.status()? == "running";
+        let mem = q.execute("query-memory-size-summary", json!({}))?;
+        let memory_bytes = mem.get("base-memory").and_then(Value::as_u64).unwrap_or(0);
+        let blocks = q.execute("query-block", json!({}))?;
+        let mut disks = Vec::new();
+        for b in blocks.as_array().into_iter().flatten() {
+            let Some(ins) = b.get("inserted") else {
+                continue;
+            };
+            if ins.get("ro").and_then(Value::as_bool).unwrap_or(false) {
+                continue;
+            }
+            let device = str_of(b, "device");
+            if device.is_empty() {
+                return Err(BackendError::Unsupported(
+                    "a writable disk without a drive id (-blockdev); use -drive ...,id=NAME".into(),
+                ));
+            }
+            let bytes = ins
+                .get("image")
+                .and_then(|i| i.get("virtual-size"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let file = absolute(&cwd, Path::new(&str_of(ins, "file")));
+            if str_of(ins, "file").starts_with("json:") || !file.exists() {
+                return Err(BackendError::Unsupported(format!(
+                    "disk {device} is not a plain file ({})",
+                    str_of(ins, "file")
+                )));
+            }
+            disks.push(QemuDisk {
+                device,
+                node_name: str_of(ins, "node-name"),
+                file,
+                format: str_of(ins, "drv"),
+                bytes,
+            });
+        }
+        // Derive the clone's command line now, so that an unsupported VM fails
+        // before anything is created or paused.
+        let overlays: BTreeMap<String, String> = disks
+            .iter()
+            .map(|d| (d.device.clone(), "x".into()))
+            .collect();
+        let probe = cmdline::clone_command(
+            &options,
+            &cmdline::CloneSpec {
+                name: "probe",
+                uuid: "probe",
+                qmp_socket: "probe",
+                pidfile: "probe",
+                console_log: "probe",
+                disk_overlays: &overlays,
+                tap_prefix: "probe",
+            },
+        )?;
+        Ok(VmInfo {
+            name,
+            backend: "qemu",
+            running,
+            memory_bytes,
+            nics: probe.taps.len(),
+            disks: disks
+                .iter()
+                .map(|d| DiskInfo {
+                    name: d.device.clone(),
+                    file: d.file.clone(),
+                    format: d.format.clone(),
+                    read_only: false,
+                    bytes: d.bytes,
+                })
+                .collect(),
+            detail: VmDetail::Qemu(QemuVm {
+                qmp: path.clone(),
+                pid,
+                exe,
+                cwd,
+                options,
+                disks,
+            }),
+        })
+    }
+
+    fn checkpoint(
+        &self,
+        vm: &VmInfo,
+        work_dir: &Path,
+        journal: &mut dyn Journal,
+    ) -> Result<Checkpoint> {
+        let qv = qemu_vm(vm);
+        if !vm.running {
+            return Err(BackendError::Checkpoint(
+                "the VM is not running (paused or stopped); coldclone backs up running VMs".into(),
+            ));
+        }
+        let mut q = Qmp::connect(&qv.qmp)?;
+        let tag = work_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| util::random_hex(4));
+        let memory_image = work_dir.join("memory.bin");
+        let mem_uri = format!("exec:cat > {}", shell_quote(&memory_image));
+
+        // Try background-snapshot; fall back to pause-before-switchover.
+        let mut method = "background-snapshot";
+        let mut caps = current_capabilities(
+            &mut q,
+            &["events", "background-snapshot", "pause-before-switchover"],
+        )?;
+        let params = q.execute("query-migrate-parameters", json!({}))?;
+        let old_bandwidth = params.get("max-bandwidth").and_then(Value::as_u64);
+        let mig_id = journal.will_create(&Resource::OriginalMigration {
+            qmp: qv.qmp.clone(),
+            capabilities: caps.clone(),
+            max_bandwidth: old_bandwidth,
+        })?;
+        let want_bg = vec![
+            ("events".to_string(), true),
+            ("background-snapshot".to_string(), true),
+        ];
+        if let Err(e) = set_capabilities(&mut q, &want_bg) {
+            tracing::warn!("background-snapshot unavailable ({e}); using pause-before-switchover");
+            method = "pause-before-switchover";
+            set_capabilities(
+                &mut q,
+                &[
+                    ("events".to_string(), true),
+                    ("pause-before-switchover".to_string(), true),
+                ],
+            )?;
+        }
+        // RAM is written to a local file: QEMU's default 128 MiB/s cap only slows it.
+        q.execute(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 1u64 << 40}),
+        )?;
+
+        let mut disks = Vec::new();
+        let mut actions = Vec::new();
+        for (i, d) in qv.disks.iter().enumerate() {
+            let overlay = overlay_path_for(&d.file, &tag);
+            let overlay_node = format!("cc-{tag}-{i}");
+            let id = journal.will_create(&Resource::OriginalOverlay {
+                qmp: qv.qmp.clone(),
+                original_pid: qv.pid,
+                device: d.device.clone(),
+                base_node: d.node_name.clone(),
+                base_file: d.file.clone(),
+                overlay_file: overlay.clone(),
+                overlay_node: overlay_node.clone(),
+            })?;
+            actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
+                "device": d.device, "snapshot-file": overlay, "snapshot-node-name": overlay_node,
+                "format": "qcow2", "mode": "absolute-paths"}}));
+            disks.push(FrozenDisk {
+                name: d.device.clone(),
+                frozen_file: d.file.clone(),
+                format: d.format.clone(),
+                bytes: d.bytes,
+                original_overlay: Some((id, overlay, overlay_node)),
+            });
+        }
+        let mem_id = journal.will_create(&Resource::File {
+            path: memory_image.clone(),
+        })?;
+        let actions = Value::Array(actions);
+        let result = if method == "background-snapshot" {
+            self.checkpoint_background(&mut q, &actions, &mem_uri, journal)
+        } else {
+            self.checkpoint_pre_switchover(&mut q, &actions, &mem_uri, journal)
+        };
+        // Put the original's migration settings back on every path.
+        let restored = restore_migration_settings(&mut q, &caps, old_bandwidth);
+        let (pause, _mig) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.release_partial(&mut q, &disks, journal);
+                let _ = util::remove_file_if_exists(&memory_image).map(|_| journal.removed(mem_id));
+                if restored.is_ok() {
+                    let _ = journal.removed(mig_id);
+                }
+                return Err(e);
+            }
+        };
+        restored?;
+        journal.removed(mig_id)?;
+        caps.clear();
+        journal.milestone("checkpoint:memory-saved")?;
+        let memory_image_bytes = std::fs::metadata(&memory_image)
+            .map_err(io_err(&memory_image))?
+            .len();
+        Ok(Checkpoint {
+            method,
+            memory_image,
+            memory_image_bytes,
+            pause,
+            disks,
+        })
+    }
+
+    fn restore_clone(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        net: &CloneNetwork,
+        clone_name: &str,
+        work_dir: &Path,
+        journal: &mut dyn Journal,
+    ) -> Result<PausedClone> {
+        let qv = qemu_vm(vm);
+        let mut overlays = BTreeMap::new();
+        let mut clone_disks = Vec::new();
+        for d in &checkpoint.disks {
+            let overlay = work_dir.join(format!("clone-{}.qcow2", d.name.replace('/', "_")));
+            journal.will_create(&Resource::File {
+                path: overlay.clone(),
+            })?;
+            let mut c = Command::new("qemu-img");
+            // -u: the frozen image is held by the running original; its size is known.
+            c.args(["create", "-q", "-u", "-f", "qcow2", "-F", &d.format, "-b"])
+                .arg(&d.frozen_file)
+                .arg(&overlay)
+                .arg(d.bytes.to_string());
+            run_tool(c)?;
+            overlays.insert(d.name.clone(), overlay.display().to_string());
+            clone_disks.push(CloneDisk {
+                name: d.name.clone(),
+                overlay,
+                bytes: d.bytes,
+            });
+        }
+        let qmp_path = work_dir.join("clone.qmp");
+        let console_log = work_dir.join("clone-console.log");
+        let qemu_log = work_dir.join("clone-qemu.log");
+        let pidfile = work_dir.join("clone.pid");
+        let uuid = util::random_uuid();
+        let cmd = cmdline::clone_command(
+            &qv.options,
+            &cmdline::CloneSpec {
+                name: clone_name,
+                uuid: &uuid,
+                qmp_socket: &qmp_path.display().to_string(),
+                pidfile: &pidfile.display().to_string(),
+                console_log: &console_log.display().to_string(),
+                disk_overlays: &overlays,
+                tap_prefix: &net.tap_prefix,
+            },
+        )?;
+        let mut tap_ids = Vec::new();
+        for t in &cmd.taps {
+            tap_ids.push(journal.will_create(&Resource::Tap {
+                namespace: net.namespace.0.clone(),
+                name: t.clone(),
+            })?);
+        }
+        let process_id = journal.will_create(&Resource::CloneProcess {
+            marker: clone_name.to_string(),
+            qmp: qmp_path.clone(),
+        })?;
+        let log = std::fs::File::create(&qemu_log).map_err(io_err(&qemu_log))?;
+        let log2 = log.try_clone().map_err(io_err(&qemu_log))?;
+        let mut command = net.namespace.command(&qv.exe.display().to_string());
+        command
+            .args(&cmd.args)
+            .current_dir(&qv.cwd)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        {
+            use std::os::unix::process::CommandExt;
+            // Its own process group: a Ctrl-C meant for coldclone must not kill
+            // the clone behind the journal's back.
+            command.process_group(0);
+        }
+        tracing::debug!(?command, "starting clone");
+        let mut child = command.spawn().map_err(|source| BackendError::Spawn {
+            command: qv.exe.display().to_string(),
+            source,
+        })?;
+        let mut clone = PausedClone {
+            name: clone_name.to_string(),
+            taps: cmd.taps.clone(),
+            disks: clone_disks,
+            console_log,
+            detail: QemuClone {
+                qmp: None,
+                child: None,
+                marker: clone_name.to_string(),
+                process_journal_id: process_id,
+                tap_journal_ids: tap_ids,
+                namespace: net.namespace.clone(),
+                stopped: false,
+            },
+        };
+        let connected = Qmp::connect_retry(&qmp_path, self.clone_start_timeout, &mut || {
+            matches!(child.try_wait(), Ok(None))
+        });
+        clone.detail.child = Some(child);
+        let mut q = match connected {
+            Ok(q) => q,
+            Err(e) => {
+                let tail = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+                return Err(BackendError::Clone(format!(
+                    "the clone QEMU did not come up ({e}); its log says: {}",
+                    tail.trim()
+                )));
+            }
+        };
+        journal.milestone("restore:clone-started")?;
+        for t in &cmd.taps {
+            network_isolation::attach_port(&net.namespace, &net.bridge, t)?;
+        }
+        set_capabilities(&mut q, &[("events".to_string(), true)])?;
+        q.execute(
+            "migrate-incoming",
+            json!({"uri": format!("exec:cat {}", shell_quote(&checkpoint.memory_image))}),
+        )?;
+        let ev = q.wait_event(
+            "the clone to load the memory image",
+            self.memory_save_timeout,
+            &|e| matches!(migration_status(e), Some("completed" | "failed")),
+        )?;
+        if migration_status(&ev) != Some("completed") {
+            return Err(BackendError::Clone(format!(
+                "loading the memory image failed: {}",
+                ev.data
+            )));
+        }
+        let st = q.status()?;
+        if st == "running" {
+            // Never happens with -incoming defer; if it did, isolation was not checked yet.
+            return Err(BackendError::Clone(
+                "the clone started running before isolation was verified".into(),
+            ));
+        }
+        journal.milestone("restore:memory-loaded")?;
+        clone.detail.qmp = Some(q);
+        Ok(clone)
+    }
+
+    fn resume_clone(
+        &self,
+        clone: &mut PausedClone,
+        verified: &network_isolation::Verified,
+    ) -> Result<()> {
+        for t in &clone.taps {
+            if !verified.ports.contains(t) {
+                return Err(BackendError::Clone(format!(
+                    "tap {t} was not among the verified ports of {}",
+                    verified.bridge
+                )));
+            }
+        }
+        let q = clone
+            .detail
+            .qmp
+            .as_mut()
+            .ok_or_else(|| BackendError::Clone("no QMP connection to the clone".into()))?;
+        q.execute("cont", json!({}))?;
+        q.wait_event("the clone to run", Duration::from_secs(30), &|e| {
+            e.name == "RESUME"
+        })?;
+        Ok(())
+    }
+
+    fn request_stop(&self, clone: &mut PausedClone, method: StopMethod) -> Result<()> {
+        if method != StopMethod::Acpi {
+            return Err(BackendError::Unsupported(
+                "QEMU guests are stopped with the ACPI power button".into(),
+            ));
+        }
+        let q = clone
+            .detail
+            .qmp
+            .as_mut()
+            .ok_or_else(|| BackendError::Clone("no QMP connection to the clone".into()))?;
+        q.execute("system_powerdown", json!({})).map(|_| ())
+    }
+
+    fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome> {
+        let start = Instant::now();
+        let mut outcome = CloneOutcome::Killed;
+        if let Some(q) = clone.detail.qmp.as_mut() {
+            match q.wait_event("the clone to shut down", timeout, &|e| e.name == "SHUTDOWN") {
+                Ok(ev) => {
+                    let reason = ev.data.get("reason").and_then(Value::as_str).unwrap_or("");
+                    if reason == "guest-shutdown" {
+                        outcome = CloneOutcome::StoppedByGuest;
+                    } else {
+                        tracing::warn!(reason, "the clone stopped, but not by a guest power-off");
+                    }
+                }
+                Err(BackendError::Timeout { .. }) => {}
+                // QEMU closing the socket as it exits is a stop too; the exit status decides.
+                Err(BackendError::QmpProtocol { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let child = clone.detail.child.as_mut();
+        if let Some(child) = child {
+            let left = timeout
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_secs(5));
+            let t = Instant::now();
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if t.elapsed() < left => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        outcome = CloneOutcome::Killed;
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        clone.detail.qmp = None;
+        clone.detail.stopped = true;
+        Ok(outcome)
+    }
+
+    fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()> {
+        clone.detail.qmp = None;
+        if let Some(mut child) = clone.detail.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        for pid in util::find_processes_with_marker(&clone.detail.marker) {
+            util::kill_and_wait(pid, Duration::from_secs(10));
+        }
+        journal.removed(clone.detail.process_journal_id)?;
+        for (t, id) in clone.taps.iter().zip(clone.detail.tap_journal_ids.iter()) {
+            network_isolation::delete_link(&clone.detail.namespace, t)?;
+            journal.removed(*id)?;
+        }
+        clone.detail.stopped = true;
+        Ok(())
+    }
+
+    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()> {
+        let mut c = Command::new("qemu-img");
+        c.args(["convert", "-q", "-O", "raw", "-S", "4k"])
+            .arg(&disk.overlay)
+            .arg(dest);
+        run_tool(c).map(|_| ())
+    }
+
+    fn release_checkpoint(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        journal: &mut dyn Journal,
+    ) -> Result<()> {
+        let qv = qemu_vm(vm);
+        let mut q = Qmp::connect(&qv.qmp);
+        let mut first_err = None;
+        for (i, d) in checkpoint.disks.iter().enumerate() {
+            let Some((id, overlay, _node)) = &d.original_overlay else {
+                continue;
+            };
+            let base_node = qv
+                .disks
+                .get(i)
+                .map(|x| x.node_name.clone())
+                .unwrap_or_default();
+            let r = match q.as_mut() {
+                Ok(q) => merge_back_live(q, &d.name, &base_node, &d.frozen_file, overlay),
+                Err(_) => merge_back_offline(qv.pid, overlay),
+            };
+            match r {
+                Ok(()) => journal.removed(*id)?,
+                Err(e) => {
+                    tracing::error!(
+                        disk = d.name,
+                        "could not merge the original's overlay back: {e}"
+                    );
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        journal.milestone("cleanup:original-chain-restored")?;
+        Ok(())
+    }
+
+    fn recover(&self, resource: &Resource) -> Result<()> {
+        match resource {
+            Resource::OriginalPaused { qmp } => match Qmp::connect(qmp) {
+                Ok(mut q) => Self::resume_if_paused(&mut q),
+                // No QEMU behind the socket: nothing is paused.
+                Err(BackendError::QmpConnect { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Resource::OriginalMigration {
+                qmp,
+                capabilities,
+                max_bandwidth,
+            } => match Qmp::connect(qmp) {
+                Ok(mut q) => {
+                    cancel_migration(&mut q)?;
+                    restore_migration_settings(&mut q, capabilities, *max_bandwidth)?;
+                    Self::resume_if_paused(&mut q)
+                }
+                Err(BackendError::QmpConnect { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Resource::OriginalOverlay {
+                qmp,
+                original_pid,
+                device,
+                base_node,
+                base_file,
+                overlay_file,
+                ..
+            } => match Qmp::connect(qmp) {
+                Ok(mut q) if q.peer_pid().ok() == Some(*original_pid) => {
+                    cancel_migration(&mut q)?;
+                    merge_back_live(&mut q, device, base_node, base_file, overlay_file)
+                }
+                _ => merge_back_offline(*original_pid, overlay_file),
+            },
+            Resource::File { path } => util::remove_file_if_exists(path),
+            Resource::Dir { path } => match std::fs::remove_dir_all(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BackendError::Io {
+                    path: path.clone(),
+                    source: e,
+                }),
+                _ => Ok(()),
+            },
+            Resource::CloneProcess { marker, .. } => {
+                for pid in util::find_processes_with_marker(marker) {
+                    if !util::kill_and_wait(pid, Duration::from_secs(10)) {
+                        return Err(BackendError::Clone(format!(
+                            "clone process {pid} does not die"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            Resource::Tap { namespace, name } => network_isolation::delete_link(
+                &network_isolation::Namespace(namespace.clone()),
+                name,
+            )
+            .map_err(Into::into),
+            Resource::Bridge { namespace, name } => network_isolation::delete_link(
+                &network_isolation::Namespace(namespace.clone()),
+                name,
+            )
+            .map_err(Into::into),
+            Resource::Namespace { name } => {
+                network_isolation::delete_namespace(name).map_err(Into::into)
+            }
+        }
+    }
+
+    fn stop_methods(&self, _vm: &VmInfo) -> StopMethod {
+        StopMethod::Acpi
+    }
+}
+
+impl QemuBackend {
+    /// After a failed checkpoint: merge back any overlay the transaction made.
+    fn release_partial(&self, q: &mut Qmp, disks: &[FrozenDisk], journal: &mut dyn Journal) {
+        for d in disks {
+            let Some((id, overlay, _)) = &d.original_overlay else {
+                continue;
+            };
+            let r = merge_back_live_by_file(q, &d.name, &d.frozen_file, overlay);
+            match r {
+                Ok(()) => {
+                    let _ = journal.removed(*id);
+                }
+                Err(e) => tracing::error!(
+                    disk = d.name,
+                    "could not merge back after a failed checkpoint: {e}"
+                ),
+            }
+        }
+    }
+}
+
+/// Finds the node of `base_file` below the active layer, then commits into it.
+fn merge_back_live_by_file(
+    q: &mut Qmp,
+    device: &str,
+    base_file: &Path,
+    overlay: &Path,
+) -> Result<()> {
+    let nodes = q.execute("query-named-block-nodes", json!({"flat": true}))?;
+    let base_node = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| Path::new(&str_of(n, "file")) == base_file && str_of(n, "drv") != "file")
+        .map(|n| str_of(n, "node-name"))
+        .unwrap_or_default();
+    if base_node.is_empty() {
+        return Err(BackendError::Checkpoint(format!(
+            "cannot find the block node of {} to commit {} into",
+            base_file.display(),
+            overlay.display()
+        )));
+    }
+    merge_back_live(q, device, &base_node, base_file, overlay)
+}
+
+/// Commits the original's overlay back into its image while it runs, if the
+/// overlay is its active layer; then deletes the overlay file.
+fn merge_back_live(
+    q: &mut Qmp,
+    device: &str,
+    base_node: &str,
+    base_file: &Path,
+    overlay: &Path,
+) -> Result<()> {
+    let active = inserted(q, device)?.map(|i| PathBuf::from(str_of(&i, "file")));
+    if active.as_deref() == Some(overlay) {
+        if base_node.is_empty() {
+            return merge_back_live_by_file(q, device, base_file, overlay);
+        }
+        let node = base_node;
+        let job = format!("cc-commit-{}", util::random_hex(3));
+        commit_overlay(q, device, node, &job)?;
+        let now = inserted(q, device)?.map(|i| PathBuf::from(str_of(&i, "file")));
+        if now.as_deref() != Some(base_file) {
+            return Err(BackendError::Checkpoint(format!(
+                "after block-commit, {device} runs on {now:?} instead of {}",
+                base_file.display()
+            )));
+        }
+    } else if overlay.exists() && active.as_deref() != Some(base_file) {
+        // The original runs on something we do not know: leave everything.
+        return Err(BackendError::Checkpoint(format!(
+            "{device} runs on {active:?}, neither its image nor our overlay; not touching it"
+        )));
+    }
+    util::remove_file_if_exists(overlay)
+}
+
+/// The original QEMU has gone away while running on our overlay: commit the
+/// overlay into its backing image with qemu-img so the next start sees all data.
+fn merge_back_offline(original_pid: u32, overlay: &Path) -> Result<()> {
+    if !overlay.exists() {
+        return Ok(());
+    }
+    if util::pid_alive(original_pid) {
+        return Err(BackendError::Checkpoint(format!(
+            "the original (pid {original_pid}) still runs on {} but its QMP socket cannot be reached; \
+             free the socket and run `coldclone recover` again",
+            overlay.display()
+        )));
+    }
+    let mut c = Command::new("qemu-img");
+    c.args(["commit", "-q"]).arg(overlay);
+    run_tool(c)?;
+    util::remove_file_if_exists(overlay)
+}

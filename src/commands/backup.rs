@@ -1,0 +1,94 @@
+//! `coldclone backup [VM...] [--all]`: back up VMs, one after the other.
+
+use super::{host_name, open_repository, probe_writable};
+use crate::config::Config;
+use crate::pipeline::{backup_vm, RunContext};
+use crate::progress::stderr_is_terminal;
+use crate::report::VmReport;
+use anyhow::{bail, Context, Result};
+use coldclone_repository::Location;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+
+/// Holds the run lock for as long as it lives.
+pub struct RunLock {
+    _file: File,
+}
+
+/// One coldclone backup at a time per state folder: two runs would fight over
+/// host memory and could both try to clean each other's resources.
+pub fn take_run_lock(cfg: &Config) -> Result<Option<RunLock>> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create the state folder {}", cfg.state_dir.display()))?;
+    let path = cfg.state_dir.join("coldclone.lock");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the run lock {}", path.display()))?;
+    if file.try_lock().is_err() {
+        return Ok(None);
+    }
+    file.set_len(0)?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(Some(RunLock { _file: file }))
+}
+
+pub fn lock_holder(cfg: &Config) -> String {
+    std::fs::read_to_string(cfg.state_dir.join("coldclone.lock"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn run(cfg: &Config, names: &[String], all: bool, json: bool) -> Result<Vec<VmReport>> {
+    let vms: Vec<_> = if all || names.is_empty() {
+        cfg.vms.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for n in names {
+            match cfg.vm(n) {
+                Some(vm) => v.push(vm),
+                None => {
+                    let known: Vec<&str> = cfg.vms.iter().map(|v| v.name.as_str()).collect();
+                    bail!("unknown VM {n:?}: the config names {known:?}");
+                }
+            }
+        }
+        v
+    };
+    if vms.is_empty() {
+        bail!("the config names no VM: add a [[vm]] section with name and qmp");
+    }
+    let repo = open_repository(cfg)?;
+    if let Location::Local(p) = repo.location() {
+        probe_writable(p)?;
+    }
+    // Whatever a crashed run left is removed before new work starts.
+    for r in super::recover::recover_all(cfg)? {
+        tracing::warn!(
+            run = r.run_id,
+            vm = r.vm,
+            removed = r.removed.len(),
+            "cleaned up after a crashed run"
+        );
+    }
+    let ctx = RunContext {
+        config: cfg,
+        repo: &repo,
+        host: host_name(),
+        show_progress: stderr_is_terminal() && !json,
+    };
+    let mut reports = Vec::new();
+    for vm in vms {
+        let report = backup_vm(&ctx, vm);
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", report.summary_line());
+        }
+        reports.push(report);
+    }
+    Ok(reports)
+}

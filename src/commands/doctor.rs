@@ -1,0 +1,136 @@
+//! `coldclone doctor`: can this host run backups? Tools, rights, memory, VMs.
+
+use crate::config::Config;
+use coldclone_backends::backend_for;
+use serde::Serialize;
+use std::process::Command;
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn tool(name: &str, args: &[&str]) -> Check {
+    match Command::new(name).args(args).output() {
+        Ok(o) if o.status.success() => Check {
+            name: format!("tool {name}"),
+            ok: true,
+            detail: String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        },
+        Ok(o) => Check {
+            name: format!("tool {name}"),
+            ok: false,
+            detail: String::from_utf8_lossy(&o.stderr).trim().to_string(),
+        },
+        Err(e) => Check {
+            name: format!("tool {name}"),
+            ok: false,
+            detail: format!("not found ({e}); install it (Debian: see README)"),
+        },
+    }
+}
+
+fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
+    let mut out = vec![
+        tool("qemu-system-x86_64", &["--version"]),
+        tool("qemu-img", &["--version"]),
+        tool("ip", &["-V"]),
+    ];
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    out.push(Check {
+        name: "root".into(),
+        ok: euid == 0,
+        detail: if euid == 0 {
+            "running as root".into()
+        } else {
+            format!("euid {euid}: bridges, taps and other users' VMs need root")
+        },
+    });
+    out.push(Check {
+        name: "/dev/net/tun".into(),
+        ok: std::path::Path::new("/dev/net/tun").exists(),
+        detail: "clones' NICs are taps".into(),
+    });
+    let avail = mem_available_bytes();
+    out.push(Check {
+        name: "free memory".into(),
+        ok: avail.is_some_and(|a| a > 512 << 20),
+        detail: format!("{} MiB available", avail.unwrap_or(0) >> 20),
+    });
+    if let Some(cfg) = cfg {
+        let sd = &cfg.state_dir;
+        let writable = std::fs::create_dir_all(sd).is_ok() && super::probe_writable(sd).is_ok();
+        out.push(Check {
+            name: "state folder".into(),
+            ok: writable,
+            detail: format!(
+                "{} {}",
+                sd.display(),
+                if writable { "writable" } else { "NOT writable" }
+            ),
+        });
+        let repo = super::open_repository(cfg);
+        out.push(Check {
+            name: "repository".into(),
+            ok: repo.is_ok(),
+            detail: match &repo {
+                Ok(r) => format!("{} opened", r.location()),
+                Err(e) => format!("{e:#}"),
+            },
+        });
+        for vm in &cfg.vms {
+            let Some(loc) = vm.locator() else { continue };
+            let backend = backend_for(&loc);
+            let r = backend.inspect(&loc);
+            let needed = r.as_ref().map(|i| i.memory_bytes).unwrap_or(0);
+            out.push(Check {
+                name: format!("vm {}", vm.name),
+                ok: r.is_ok() && avail.is_some_and(|a| a > needed),
+                detail: match r {
+                    Ok(i) => format!(
+                        "{} running={} {} MiB RAM, {} disk(s), {} NIC(s); its clone needs about that much free memory",
+                        i.name,
+                        i.running,
+                        i.memory_bytes >> 20,
+                        i.disks.len(),
+                        i.nics
+                    ),
+                    Err(e) => e.to_string(),
+                },
+            });
+        }
+    }
+    out
+}
+
+pub fn run(cfg: Option<&Config>, json: bool) -> anyhow::Result<bool> {
+    let checks = checks(cfg);
+    let ok = checks.iter().all(|c| c.ok);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for c in &checks {
+            println!(
+                "[{}] {:<24} {}",
+                if c.ok { " ok " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+    }
+    Ok(ok)
+}

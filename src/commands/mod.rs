@@ -1,0 +1,57 @@
+//! One module per CLI verb, over the library.
+
+pub mod backup;
+pub mod doctor;
+pub mod init;
+pub mod recover;
+pub mod restore;
+pub mod snapshots;
+
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use coldclone_repository::{Location, Repository};
+use std::path::Path;
+
+/// The repository password: from `repository.password_file`, else $COLDCLONE_PASSWORD.
+/// Never from the command line, where other users could read it.
+pub fn password(cfg: &Config) -> Result<String> {
+    if let Some(f) = &cfg.repository.password_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the repository password file {}", f.display()))?;
+        let pw = text.trim_end_matches(['\n', '\r']).to_string();
+        if pw.is_empty() {
+            bail!("the repository password file {} is empty", f.display());
+        }
+        return Ok(pw);
+    }
+    match std::env::var("COLDCLONE_PASSWORD") {
+        Ok(p) if !p.is_empty() => Ok(p),
+        _ => bail!(
+            "no repository password: set repository.password_file in the config, or the COLDCLONE_PASSWORD environment variable"
+        ),
+    }
+}
+
+pub fn location(cfg: &Config) -> Location {
+    Location::Local(cfg.repository_path())
+}
+
+pub fn open_repository(cfg: &Config) -> Result<Repository> {
+    let loc = location(cfg);
+    let pw = password(cfg)?;
+    Repository::open(&loc, &pw).with_context(|| format!("cannot open the repository at {loc}"))
+}
+
+/// Fails unless a file can be created in `dir`: better now than after the clone ran.
+pub fn probe_writable(dir: &Path) -> Result<()> {
+    let probe = dir.join(format!(".coldclone-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"x")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| format!("the repository folder {} is not writable", dir.display()))
+}
+
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

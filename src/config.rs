@@ -1,0 +1,243 @@
+//! The TOML configuration: where state and backups live, how clones are
+//! isolated, and the VMs to back up (each named once, by its hypervisor handle).
+
+use coldclone_backends::VmLocator;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/coldclone/coldclone.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/coldclone";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Run journals, work folders and the lock live here.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub repository: RepositoryConfig,
+    #[serde(default)]
+    pub isolation: IsolationConfig,
+    #[serde(default)]
+    pub defaults: VmPolicy,
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmConfig>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// A local folder (default: STATE_DIR/repository).
+    pub path: Option<PathBuf>,
+    /// A file holding the repository password (else $COLDCLONE_PASSWORD).
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IsolationConfig {
+    /// Put the isolated bridge and the clones in this network namespace
+    /// (created for the run, and removed after, if it does not exist).
+    pub netns: Option<String>,
+    /// Reuse this existing bridge instead of making one per run. It is
+    /// verified like any other: it must have no uplink, address or forwarding.
+    pub bridge: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnCloneFailure {
+    /// No backup when the clone does not stop by itself.
+    #[default]
+    Fail,
+    /// Archive the killed clone's disk, labelled `crash`.
+    Crash,
+}
+
+/// Settings that `[defaults]` gives every VM and a `[[vm]]` may override.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmPolicy {
+    /// Seconds the clone gets to power off after the request (default 300).
+    pub stop_timeout_secs: Option<u64>,
+    pub on_clone_failure: Option<OnCloneFailure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: String,
+    /// QEMU: the VM's QMP socket (the path given to -qmp unix:PATH,server=on).
+    pub qmp: Option<PathBuf>,
+    pub stop_timeout_secs: Option<u64>,
+    pub on_clone_failure: Option<OnCloneFailure>,
+}
+
+impl VmConfig {
+    pub fn locator(&self) -> Option<VmLocator> {
+        self.qmp
+            .as_ref()
+            .map(|q| VmLocator::Qemu { qmp: q.clone() })
+    }
+}
+
+/// A VM's effective settings: its own over the defaults over built-ins.
+#[derive(Debug, Clone, Serialize)]
+pub struct EffectivePolicy {
+    pub stop_timeout_secs: u64,
+    pub on_clone_failure: OnCloneFailure,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for vm in &self.vms {
+            if vm.name.is_empty()
+                || vm.name.contains('/')
+                || vm.name.chars().any(char::is_whitespace)
+            {
+                return Err(invalid(format!(
+                    "vm name {:?} must be non-empty, without '/' or spaces",
+                    vm.name
+                )));
+            }
+            if !seen.insert(vm.name.clone()) {
+                return Err(invalid(format!("vm {:?} is listed twice", vm.name)));
+            }
+            if vm.locator().is_none() {
+                return Err(invalid(format!(
+                    "vm {:?} names no hypervisor handle: add qmp = \"/path/to/vm.qmp\"",
+                    vm.name
+                )));
+            }
+            if vm.stop_timeout_secs == Some(0) {
+                return Err(invalid(format!(
+                    "vm {:?}: stop_timeout_secs must be > 0",
+                    vm.name
+                )));
+            }
+        }
+        for n in [&self.isolation.bridge].into_iter().flatten() {
+            network_isolation::check_ifname(n)
+                .map_err(|e| invalid(format!("isolation.bridge: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn repository_path(&self) -> PathBuf {
+        self.repository
+            .path
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("repository"))
+    }
+
+    pub fn vm(&self, name: &str) -> Option<&VmConfig> {
+        self.vms.iter().find(|v| v.name == name)
+    }
+
+    pub fn policy(&self, vm: &VmConfig) -> EffectivePolicy {
+        EffectivePolicy {
+            stop_timeout_secs: vm
+                .stop_timeout_secs
+                .or(self.defaults.stop_timeout_secs)
+                .unwrap_or(300),
+            on_clone_failure: vm
+                .on_clone_failure
+                .or(self.defaults.on_clone_failure)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses_and_overrides_apply() {
+        let c = Config::parse(
+            r#"
+state_dir = "/tmp/cc"
+[repository]
+path = "/backups/repo"
+[defaults]
+stop_timeout_secs = 60
+[[vm]]
+name = "web1"
+qmp = "/run/web1.qmp"
+on_clone_failure = "crash"
+[[vm]]
+name = "db1"
+qmp = "/run/db1.qmp"
+stop_timeout_secs = 600
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let web = c.vm("web1").unwrap();
+        assert_eq!(c.policy(web).stop_timeout_secs, 60);
+        assert_eq!(c.policy(web).on_clone_failure, OnCloneFailure::Crash);
+        let db = c.vm("db1").unwrap();
+        assert_eq!(c.policy(db).stop_timeout_secs, 600);
+        assert_eq!(c.policy(db).on_clone_failure, OnCloneFailure::Fail);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        for (text, needle) in [
+            ("[[vm]]\nname = \"a\"\n", "names no hypervisor handle"),
+            (
+                "[[vm]]\nname = \"a\"\nqmp = \"x\"\n[[vm]]\nname = \"a\"\nqmp = \"y\"\n",
+                "listed twice",
+            ),
+            ("stat_dir = \"/x\"\n", "unknown field"),
+            (
+                "[[vm]]\nname = \"a\"\nqmp = \"x\"\non_clone_failure = \"maybe\"\n",
+                "unknown variant",
+            ),
+        ] {
+            let e = Config::parse(text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle) && e.contains("c.toml"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The run journal: a write-ahead list of everything a run creates.
+//!
+//! One JSON-lines file per run under `STATE/journal/`, appended and fsynced
+//! *before* each resource is created, and again when it is removed. The run
+//! holds an exclusive lock on its file, so `recover` (or the next run) can
+//! tell a crashed run's journal from a live one: it undoes, newest first,
+//! what a crashed run created and never removed, and touches nothing else.
+
+use coldclone_backends::{BackendError, Hypervisor, Journal, Resource};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("run journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Entry {
+    Start {
+        run_id: String,
+        vm: String,
+        pid: u32,
+        at: f64,
+    },
+    Create {
+        id: u64,
+        resource: Resource,
+        at: f64,
+    },
+    Removed {
+        id: u64,
+        at: f64,
+    },
+    Milestone {
+        name: String,
+        at: f64,
+    },
+}
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub fn journal_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("journal")
+}
+
+pub struct RunJournal {
+    path: PathBuf,
+    file: File,
+    next_id: u64,
+    open: Vec<(u64, Resource)>,
+    /// Test hook: stop dead after this milestone so a test can kill -9 the run there.
+    halt_at: Option<String>,
+}
+
+impl RunJournal {
+    /// Starts a journal for a new run and locks it for the life of the run.
+    pub fn create(state_dir: &Path, run_id: &str, vm: &str) -> Result<RunJournal, JournalError> {
+        let dir = journal_dir(state_dir);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JournalError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(format!("{run_id}.jsonl"));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        file.try_lock().map_err(|e| JournalError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let mut j = RunJournal {
+            path,
+            file,
+            next_id: 1,
+            open: Vec::new(),
+            halt_at: std::env::var("COLDCLONE_TEST_HALT_AT").ok(),
+        };
+        j.append(&Entry::Start {
+            run_id: run_id.to_string(),
+            vm: vm.to_string(),
+            pid: std::process::id(),
+            at: now(),
+        })?;
+        // The folder entry must be durable too, or a crash could lose the file.
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(j)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn append(&mut self, e: &Entry) -> Result<(), JournalError> {
+        let io = |source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_string(e).map_err(|e| io(std::io::Error::other(e)))?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(io)?;
+        self.file.sync_data().map_err(io)
+    }
+
+    /// Resources created and not yet removed, oldest first.
+    pub fn open_resources(&self) -> &[(u64, Resource)] {
+        &self.open
+    }
+
+    /// Undoes every open resource, newest first. Returns what could not be undone.
+    pub fn undo_all(&mut self, backend: &dyn Hypervisor) -> Vec<(Resource, BackendError)> {
+        let mut failed = Vec::new();
+        while let Some((id, r)) = self.open.pop() {
+            match backend.recover(&r) {
+                Ok(()) => {
+                    let _ = self.append(&Entry::Removed { id, at: now() });
+                }
+                Err(e) => {
+                    tracing::error!(?r, "could not remove: {e}");
+                    failed.push((r, e));
+                }
+            }
+        }
+        failed
+    }
+
+    /// Ends a run whose resources are all gone: the journal is deleted.
+    pub fn finish(self) -> Result<(), JournalError> {
+        if !self.open.is_empty() {
+            return Ok(());
+        }
+        std::fs::remove_file(&self.path).map_err(|source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+fn to_backend(e: JournalError) -> BackendError {
+    BackendError::Journal(e.to_string())
+}
+
+impl Journal for RunJournal {
+    fn will_create(&mut self, resource: &Resource) -> coldclone_backends::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.append(&Entry::Create {
+            id,
+            resource: resource.clone(),
+            at: now(),
+        })
+        .map_err(to_backend)?;
+        self.open.push((id, resource.clone()));
+        Ok(id)
+    }
+
+    fn removed(&mut self, id: u64) -> coldclone_backends::Result<()> {
+        self.append(&Entry::Removed { id, at: now() })
+            .map_err(to_backend)?;
+        self.open.retain(|(i, _)| *i != id);
+        Ok(())
+    }
+
+    fn milestone(&mut self, name: &str) -> coldclone_backends::Result<()> {
+        self.append(&Entry::Milestone {
+            name: name.to_string(),
+            at: now(),
+        })
+        .map_err(to_backend)?;
+        if self.halt_at.as_deref() == Some(name) {
+            tracing::warn!("COLDCLONE_TEST_HALT_AT={name}: halting here for a fault test");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A crashed run's journal, read back.
+#[derive(Debug)]
+pub struct StaleRun {
+    pub path: PathBuf,
+    pub run_id: String,
+    pub vm: String,
+    pub entries: Vec<Entry>,
+}
+
+impl StaleRun {
+    /// Resources created and never removed, oldest first.
+    pub fn open_resources(&self) -> Vec<(u64, Resource)> {
+        let mut open: Vec<(u64, Resource)> = Vec::new();
+        for e in &self.entries {
+            match e {
+                Entry::Create { id, resource, .. } => open.push((*id, resource.clone())),
+                Entry::Removed { id, .. } => open.retain(|(i, _)| i != id),
+                _ => {}
+            }
+        }
+        open
+    }
+}
+
+/// Journals of runs that are not alive (their lock is free).
+pub fn stale_runs(state_dir: &Path) -> Result<Vec<StaleRun>, JournalError> {
+    let dir = journal_dir(state_dir);
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(source) => return Err(JournalError::Io { path: dir, source }),
+    };
+    let mut paths: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let io = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        if file.try_lock().is_err() {
+            continue; // a live run owns it
+        }
+        let mut entries = Vec::new();
+        for line in BufReader::new(&file).lines() {
+            let line = line.map_err(io)?;
+            // A torn last line (crash mid-write) is ignored: its resource was not created yet.
+            if let Ok(e) = serde_json::from_str::<Entry>(&line) {
+                entries.push(e);
+            }
+        }
+        let (run_id, vm) = match entries.first() {
+            Some(Entry::Start { run_id, vm, .. }) => (run_id.clone(), vm.clone()),
+            _ => (String::new(), String::new()),
+        };
+        out.push(StaleRun {
+            path: path.clone(),
+            run_id,
+            vm,
+            entries,
+        });
+    }
+    Ok(out)
+}
+
+/// What `recover` did with one crashed run.
+#[derive(Debug, Serialize)]
+pub struct Recovered {
+    pub run_id: String,
+    pub vm: String,
+    pub removed: Vec<Resource>,
+    pub failed: Vec<(Resource, String)>,
+}
+
+/// Undoes a crashed run's open resources, newest first; deletes its journal when all are gone.
+pub fn recover_run(run: &StaleRun, backend: &dyn Hypervisor) -> Result<Recovered, JournalError> {
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(&run.path)
+        .map_err(|source| JournalError::Io {
+            path: run.path.clone(),
+            source,
+        })?;
+    let mut rec = Recovered {
+        run_id: run.run_id.clone(),
+        vm: run.vm.clone(),
+        removed: Vec::new(),
+        failed: Vec::new(),
+    };
+    for (id, r) in run.open_resources().into_iter().rev() {
+        match backend.recover(&r) {
+            Ok(()) => {
+                let line =
+                    serde_json::to_string(&Entry::Removed { id, at: now() }).unwrap_or_default();
+                let _ = writeln!(file, "{line}").and_then(|_| file.sync_data());
+                rec.removed.push(r);
+            }
+            Err(e) => rec.failed.push((r, e.to_string())),
+        }
+    }
+    if rec.failed.is_empty() {
+        std::fs::remove_file(&run.path).map_err(|source| JournalError::Io {
+            path: run.path.clone(),
+            source,
+        })?;
+    }
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_resources_survive_a_torn_line_and_removals() {
+        let dir = std::env::temp_dir().join(format!("cc-journal-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let mut j = RunJournal::create(&dir, "r1", "vm1").unwrap();
+            let a = j
+                .will_create(&Resource::File {
+                    path: "/tmp/a".into(),
+                })
+                .unwrap();
+            j.will_create(&Resource::File {
+                path: "/tmp/b".into(),
+            })
+            .unwrap();
+            j.removed(a).unwrap();
+            // While the run lives, its journal is not stale.
+            assert!(stale_runs(&dir).unwrap().is_empty());
+        }
+        let p = journal_dir(&dir).join("r1.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"op\":\"create\",\"id\":9,\"reso").unwrap();
+        let runs = stale_runs(&dir).unwrap();
+        assert_eq!(runs.len(), 1);
+        let open = runs[0].open_resources();
+        assert_eq!(open.len(), 1);
+        assert_eq!(
+            open[0].1,
+            Resource::File {
+                path: "/tmp/b".into()
+            }
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,176 @@
+//! The coldclone command line.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use coldclone::commands;
+use coldclone::config::{Config, DEFAULT_CONFIG};
+use coldclone::exit;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "coldclone",
+    version,
+    about = "Clean-shutdown-consistent backups of running VMs",
+    long_about = "coldclone backs up running virtual machines without stopping them: it checkpoints the VM \
+(memory + disk snapshot, paused for milliseconds), restores a clone on a network with no uplink, \
+asks the clone to shut down cleanly, and archives the clone's stopped disk into a deduplicated, \
+compressed, encrypted repository.\n\nExit codes: 0 ok; 1 a backup failed; 2 bad input \
+(arguments, config, VM, repository, password); 3 another run holds the lock; 4 recover/check \
+found something it could not fix."
+)]
+struct Cli {
+    /// Config file (TOML).
+    #[arg(long, short, global = true, env = "COLDCLONE_CONFIG", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Back up VMs (those named, or all in the config).
+    Backup {
+        /// VM names from the config; none means all.
+        vms: Vec<String>,
+        /// Back up every VM in the config.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Create the repository named in the config.
+    Init,
+    /// List the backups in the repository.
+    Snapshots {
+        /// Only this VM's backups.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Write one disk of a backup to a file or block device.
+    Restore {
+        /// The VM's name.
+        vm: String,
+        /// The disk's name (as listed by `snapshots`).
+        #[arg(long)]
+        disk: String,
+        /// Target file (written sparse) or block device.
+        #[arg(long)]
+        to: PathBuf,
+        /// A backup (run) id or disk snapshot id; default: the latest.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// Remove what crashed runs left behind (clones, overlays, taps, bridges, files).
+    Recover,
+    /// Check that this host can run backups: tools, rights, memory, repository, VMs.
+    Doctor,
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn load_config(path: &Path) -> Result<Config> {
+    Config::load(path).with_context(|| "the configuration could not be used".to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("coldclone: error: {e:#}");
+            ExitCode::from(exit::BAD_INPUT)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    let json = cli.json;
+    match cli.command {
+        Cmd::Backup { vms, all } => {
+            let cfg = load_config(&cli.config)?;
+            let Some(_lock) = commands::backup::take_run_lock(&cfg)? else {
+                eprintln!(
+                    "coldclone: another coldclone backup is running (pid {}, lock {}); try again when it has finished",
+                    commands::backup::lock_holder(&cfg),
+                    cfg.state_dir.join("coldclone.lock").display()
+                );
+                return Ok(exit::LOCKED);
+            };
+            let reports = commands::backup::run(&cfg, &vms, all, json)?;
+            Ok(if reports.iter().all(|r| r.status == "ok") {
+                exit::OK
+            } else {
+                exit::BACKUP_FAILED
+            })
+        }
+        Cmd::Init => {
+            commands::init::run(&load_config(&cli.config)?, json)?;
+            Ok(exit::OK)
+        }
+        Cmd::Snapshots { vm } => {
+            commands::snapshots::run(&load_config(&cli.config)?, vm.as_deref(), json)?;
+            Ok(exit::OK)
+        }
+        Cmd::Restore {
+            vm,
+            disk,
+            to,
+            snapshot,
+        } => {
+            commands::restore::run(
+                &load_config(&cli.config)?,
+                &vm,
+                &disk,
+                snapshot.as_deref(),
+                &to,
+                json,
+            )?;
+            Ok(exit::OK)
+        }
+        Cmd::Recover => {
+            let cfg = load_config(&cli.config)?;
+            let Some(_lock) = commands::backup::take_run_lock(&cfg)? else {
+                eprintln!("coldclone: a backup is running; recover after it has finished");
+                return Ok(exit::LOCKED);
+            };
+            Ok(if commands::recover::run(&cfg, json)? {
+                exit::OK
+            } else {
+                exit::NOT_CLEAN
+            })
+        }
+        Cmd::Doctor => {
+            // doctor also runs without a config, to check the host alone.
+            let cfg = if cli.config.exists() {
+                Some(load_config(&cli.config)?)
+            } else {
+                None
+            };
+            Ok(if commands::doctor::run(cfg.as_ref(), json)? {
+                exit::OK
+            } else {
+                exit::NOT_CLEAN
+            })
+        }
+    }
+}

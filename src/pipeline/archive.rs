@@ -1,0 +1,91 @@
+//! Step 5: each stopped disk of the clone into the repository: deduplicated,
+//! compressed, encrypted, incremental against the VM's previous backup.
+//! A backup becomes visible only when every one of its disks is stored.
+
+use super::{PipelineError, Run, RunContext};
+use crate::progress::BarProgress;
+use crate::report::{DiskReport, VmReport};
+use coldclone_backends::{Journal, Resource};
+use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
+use std::collections::BTreeMap;
+
+pub fn run(
+    run: &mut Run,
+    ctx: &RunContext,
+    consistency: &'static str,
+    report: &mut VmReport,
+) -> Result<(), PipelineError> {
+    let disks = run
+        .clone
+        .as_ref()
+        .map(|c| c.disks.clone())
+        .ok_or_else(|| PipelineError::Other("no clone disks to archive".into()))?;
+    let mut written: Vec<String> = Vec::new();
+    let result = (|| {
+        for disk in &disks {
+            let raw = run
+                .work_dir
+                .join(format!("export-{}.raw", disk.name.replace('/', "_")));
+            let id = run
+                .journal
+                .will_create(&Resource::File { path: raw.clone() })?;
+            run.backend.export_disk(disk, &raw)?;
+            let source = FileSource::open(&raw)
+                .map_err(|e| PipelineError::Other(format!("{}: {e}", raw.display())))?;
+            let parent = ctx
+                .repo
+                .find_latest(&run.vm.name, &disk.name)?
+                .map(|s| s.id);
+            let mut tags = BTreeMap::new();
+            tags.insert("run".to_string(), run.id.clone());
+            let meta = SnapshotMeta {
+                vm: run.vm.name.clone(),
+                disk: disk.name.clone(),
+                backend: run.backend.name().to_string(),
+                host: ctx.host.clone(),
+                consistency: consistency.to_string(),
+                tags,
+            };
+            let progress =
+                BarProgress::new(ctx.show_progress, &format!("{} {}", run.vm.name, disk.name));
+            let summary = ctx.repo.backup_disk(
+                &source,
+                meta,
+                &BackupOptions {
+                    parent,
+                    changed_ranges: None,
+                },
+                &progress,
+            )?;
+            progress.finish();
+            written.push(summary.snapshot_id.clone());
+            std::fs::remove_file(&raw)
+                .map_err(|e| PipelineError::Other(format!("{}: {e}", raw.display())))?;
+            run.journal.removed(id)?;
+            report.disks.push(DiskReport {
+                name: disk.name.clone(),
+                bytes: summary.bytes,
+                stored_bytes: summary.stored_bytes,
+                bytes_read: summary.bytes_read,
+                snapshot_id: summary.snapshot_id,
+            });
+            run.journal.milestone("archive:disk-stored")?;
+        }
+        Ok::<(), PipelineError>(())
+    })();
+    if let Err(e) = result {
+        // A backup with some disks missing is no backup: withdraw the disks already stored.
+        for id in &written {
+            if let Err(f) = ctx.repo.forget(id) {
+                tracing::error!(
+                    snapshot = id,
+                    "could not withdraw a partial backup's disk: {f}"
+                );
+            }
+        }
+        report.disks.clear();
+        return Err(e);
+    }
+    report.snapshot_id = Some(run.id.clone());
+    Ok(())
+}

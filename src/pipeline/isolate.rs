@@ -1,0 +1,54 @@
+//! Step 2: a network with no uplink for the clone: a bridge with no physical
+//! port, no address and no forwarding, in the current or a named namespace.
+
+use super::{PipelineError, Run};
+use crate::config::IsolationConfig;
+use coldclone_backends::{CloneNetwork, Journal, Resource};
+use network_isolation::{self as iso, Namespace};
+
+pub fn prepare(run: &mut Run, cfg: &IsolationConfig) -> Result<CloneNetwork, PipelineError> {
+    let short = &run.id[run.id.len().saturating_sub(6)..];
+    let namespace = match &cfg.netns {
+        Some(ns) => {
+            if !iso::namespace_exists(ns) {
+                run.journal
+                    .will_create(&Resource::Namespace { name: ns.clone() })?;
+                iso::create_namespace(ns)?;
+            }
+            Namespace::named(ns)
+        }
+        None => Namespace::current(),
+    };
+    let bridge = match &cfg.bridge {
+        // A bridge the operator made is reused, never removed; it is verified like ours.
+        Some(b) => {
+            if !iso::link_exists(&namespace, b)? {
+                return Err(PipelineError::Other(format!(
+                    "isolation.bridge {b} does not exist in {}; create it or remove the setting so coldclone makes one per run",
+                    namespace.describe()
+                )));
+            }
+            b.clone()
+        }
+        None => {
+            let b = format!("ccbr{short}");
+            run.journal.will_create(&Resource::Bridge {
+                namespace: namespace.0.clone(),
+                name: b.clone(),
+            })?;
+            iso::create_bridge(&namespace, &b)?;
+            b
+        }
+    };
+    run.journal.milestone("isolate:bridge-ready")?;
+    Ok(CloneNetwork {
+        namespace,
+        bridge,
+        tap_prefix: format!("cc{short}t"),
+    })
+}
+
+/// The check that must pass before the clone may run.
+pub fn verify(net: &CloneNetwork, clone_ports: &[String]) -> Result<iso::Verified, PipelineError> {
+    Ok(iso::verify(&net.namespace, &net.bridge, clone_ports)?)
+}

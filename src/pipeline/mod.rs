@@ -1,0 +1,144 @@
+//! The backup of one VM, in the six steps of the design:
+//! checkpoint → isolate → restore the clone → clean stop → archive → clean up.
+
+pub mod archive;
+pub mod checkpoint;
+pub mod cleanup;
+pub mod isolate;
+pub mod restore;
+pub mod stop;
+
+use crate::config::{Config, EffectivePolicy, VmConfig};
+use crate::journal::{JournalError, RunJournal};
+use crate::report::VmReport;
+use coldclone_backends::{BackendError, Hypervisor, Journal, PausedClone, Resource};
+use coldclone_repository::{RepoError, Repository};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Isolation(#[from] network_isolation::IsolationError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("repository: {0}")]
+    Repository(#[from] RepoError),
+    #[error("the clone did not power off within {0} s after the request; it was destroyed and no backup was stored (set on_clone_failure = \"crash\" to keep a crash-consistent copy instead)")]
+    CloneDidNotStop(u64),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What every VM's backup in one invocation shares.
+pub struct RunContext<'a> {
+    pub config: &'a Config,
+    pub repo: &'a Repository,
+    pub host: String,
+    pub show_progress: bool,
+}
+
+/// One VM's run: its journal, work folder and the clone while it exists.
+pub struct Run<'a> {
+    pub id: String,
+    pub vm: &'a VmConfig,
+    pub policy: EffectivePolicy,
+    pub backend: Box<dyn Hypervisor>,
+    pub journal: RunJournal,
+    pub work_dir: PathBuf,
+    pub clone: Option<PausedClone>,
+}
+
+pub fn new_run_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{t:x}{}", coldclone_backends::util::random_hex(3))
+}
+
+/// Backs up one VM. Never panics on bad input: every failure ends in the report.
+pub fn backup_vm(ctx: &RunContext, vm: &VmConfig) -> VmReport {
+    let run_id = new_run_id();
+    let mut report = VmReport::new(&vm.name, &run_id);
+    let start = Instant::now();
+    let span = tracing::info_span!("backup", vm = %vm.name, run = %run_id);
+    let _enter = span.enter();
+    match run_steps(ctx, vm, &run_id, &mut report) {
+        Ok(()) => report.status = "ok",
+        Err(e) => {
+            tracing::error!("backup failed: {e}");
+            report.status = "failed";
+            report.consistency = None;
+            report.snapshot_id = None;
+            report.error = Some(e.to_string());
+        }
+    }
+    report.durations_ms.total = start.elapsed().as_millis() as u64;
+    report
+}
+
+fn run_steps(
+    ctx: &RunContext,
+    vm: &VmConfig,
+    run_id: &str,
+    report: &mut VmReport,
+) -> Result<(), PipelineError> {
+    let locator = vm
+        .locator()
+        .ok_or_else(|| PipelineError::Other(format!("vm {} has no hypervisor handle", vm.name)))?;
+    let backend = coldclone_backends::backend_for(&locator);
+    report.backend = backend.name().to_string();
+    // Learn the VM before creating anything: a wrong handle fails here, cleanly.
+    let info = backend.inspect(&locator)?;
+    let mut journal = RunJournal::create(&ctx.config.state_dir, run_id, &vm.name)?;
+    let work_dir = ctx.config.state_dir.join("runs").join(run_id);
+    journal.will_create(&Resource::Dir {
+        path: work_dir.clone(),
+    })?;
+    std::fs::create_dir_all(&work_dir).map_err(|source| BackendError::Io {
+        path: work_dir.clone(),
+        source,
+    })?;
+    let mut run = Run {
+        id: run_id.to_string(),
+        vm,
+        policy: ctx.config.policy(vm),
+        backend,
+        journal,
+        work_dir,
+        clone: None,
+    };
+    let result = (|| {
+        let t = Instant::now();
+        let checkpoint = checkpoint::run(&mut run, &info, report)?;
+        report.durations_ms.checkpoint = t.elapsed().as_millis() as u64;
+
+        let net = isolate::prepare(&mut run, &ctx.config.isolation)?;
+
+        let t = Instant::now();
+        restore::run(&mut run, &info, &checkpoint, &net, report)?;
+        report.durations_ms.restore = t.elapsed().as_millis() as u64;
+
+        let t = Instant::now();
+        let consistency = stop::run(&mut run, &info, report)?;
+        report.durations_ms.stop = t.elapsed().as_millis() as u64;
+
+        let t = Instant::now();
+        archive::run(&mut run, ctx, consistency, report)?;
+        report.durations_ms.archive = t.elapsed().as_millis() as u64;
+        report.consistency = Some(consistency);
+        Ok::<(), PipelineError>(())
+    })();
+    let cleaned = cleanup::run(run);
+    match (result, cleaned) {
+        (Err(e), Err(c)) => Err(PipelineError::Other(format!(
+            "{e}; and clean-up failed too: {c}"
+        ))),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(c)) => Err(c),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}

@@ -1,0 +1,47 @@
+//! Step 4: ask the clone to power off (ACPI button or PV shutdown) and wait,
+//! bounded. Its own shutdown flushes and unmounts: that is the consistency.
+
+use super::{PipelineError, Run};
+use crate::config::OnCloneFailure;
+use crate::report::VmReport;
+use coldclone_backends::{CloneOutcome, Journal, StopMethod, VmInfo};
+use std::time::{Duration, Instant};
+
+/// Returns the consistency the archived disk will have.
+pub fn run(
+    run: &mut Run,
+    vm: &VmInfo,
+    report: &mut VmReport,
+) -> Result<&'static str, PipelineError> {
+    let clone = run
+        .clone
+        .as_mut()
+        .ok_or_else(|| PipelineError::Other("no clone to stop".into()))?;
+    let method = run.backend.stop_methods(vm);
+    report.clone_stop = Some(match method {
+        StopMethod::Acpi => "acpi",
+        StopMethod::Pv => "pv",
+    });
+    let timeout = Duration::from_secs(run.policy.stop_timeout_secs);
+    let t = Instant::now();
+    run.backend.request_stop(clone, method)?;
+    run.journal.milestone("stop:requested")?;
+    let outcome = run.backend.wait_stopped(clone, timeout)?;
+    report.clone_stop_seconds = Some(t.elapsed().as_secs_f64());
+    run.journal.milestone("stop:stopped")?;
+    match (outcome, run.policy.on_clone_failure) {
+        (CloneOutcome::StoppedByGuest, _) => Ok("clean-shutdown"),
+        (CloneOutcome::Killed, OnCloneFailure::Crash) => {
+            let w = format!(
+                "the clone did not power off within {} s and was killed; archiving its disk as crash-consistent (on_clone_failure = \"crash\")",
+                run.policy.stop_timeout_secs
+            );
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+            Ok("crash")
+        }
+        (CloneOutcome::Killed, OnCloneFailure::Fail) => {
+            Err(PipelineError::CloneDidNotStop(run.policy.stop_timeout_secs))
+        }
+    }
+}

@@ -1,0 +1,74 @@
+#!/bin/bash
+# Builds coldclone's test guest into $1 (default target/test-guest):
+#   vmlinuz       a Debian cloud kernel
+#   guest.cpio.gz busybox initramfs whose /init mounts the ext4 data disk /dev/vda,
+#                 runs a writer that keeps a counter in a.txt then b.txt (a torn copy
+#                 shows them differ) and handles the ACPI power button like a
+#                 well-behaved service: stop the writer, write a final equal pair,
+#                 sync, unmount, power off.
+#   data.raw      a 64 MiB ext4 file system (copy it per VM)
+# Kernel command line knobs read by /init:
+#   cc_ip=ADDR/LEN cc_peer=ADDR  bring eth0 up and ping the peer 5 times a second
+#   cc_ignore_powerbutton=1      a guest that ignores the power button
+# Needs: apt-get (downloads two Debian packages once), cpio, mkfs.ext4.
+set -euo pipefail
+OUT=$(realpath -m "${1:-target/test-guest}")
+mkdir -p "$OUT/pkgs"
+cd "$OUT/pkgs"
+if ! ls linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
+  apt-get download "$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/{print $2; exit}')"
+fi
+ls busybox-static_*.deb >/dev/null 2>&1 || apt-get download busybox-static
+rm -rf k bb; dpkg -x linux-image-*-cloud-amd64_*.deb k; dpkg -x busybox-static_*.deb bb
+cd "$OUT"
+cp pkgs/k/boot/vmlinuz-* vmlinuz
+KM=$(ls -d pkgs/k/lib/modules/*)/kernel
+rm -rf ir && mkdir -p ir/bin ir/proc ir/sys ir/dev ir/data ir/tmp ir/lib/modules ir/etc/acpi/PWRF
+cp pkgs/bb/bin/busybox ir/bin/
+# Load order matters (modules.dep is not used): virtio_ring before virtio, failover before virtio_net.
+MODS="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk drivers/input/evdev drivers/acpi/button net/core/failover drivers/net/net_failover drivers/net/virtio_net"
+for m in $MODS; do
+  f=$(ls "$KM/$m".ko* 2>/dev/null | head -1)
+  [ -n "$f" ] || { echo "module $m missing in the kernel package" >&2; exit 1; }
+  case "$f" in
+    *.xz) xz -dc "$f" > "ir/lib/modules/$(basename "$m").ko" ;;
+    *.zst) zstd -qdc "$f" > "ir/lib/modules/$(basename "$m").ko" ;;
+    *) cp "$f" "ir/lib/modules/$(basename "$m").ko" ;;
+  esac
+done
+cat > ir/init <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mkdir -p /tmp /var/run; mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk evdev button failover net_failover virtio_net; do
+  insmod /lib/modules/$m.ko 2>/dev/null || echo "INSMOD $m failed"
+done
+for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
+mount -t ext4 /dev/vda /data || echo "MOUNT FAILED"
+arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1; }
+IP=$(arg cc_ip); PEER=$(arg cc_peer)
+if [ -n "$IP" ]; then
+  ip link set eth0 up && ip addr add "$IP" dev eth0 && echo "NET UP $IP"
+  [ -n "$PEER" ] && ( ping -i 0.2 "$PEER" > /dev/null 2>&1 & )
+fi
+echo "GUEST UP $(cat /proc/uptime)"
+# The writer: a.txt then b.txt, as fast as it can; it stops when /tmp/stop appears.
+( n=$(cat /data/a.txt 2>/dev/null || echo 0); while [ ! -e /tmp/stop ]; do n=$((n+1)); echo $n > /data/a.txt; echo $n > /data/b.txt; done; echo $n > /tmp/final ) &
+if [ "$(arg cc_ignore_powerbutton)" != 1 ]; then
+  acpid -d -c /etc/acpi > /dev/console 2>&1 &
+fi
+while true; do sleep 1; echo "HB a=$(cat /data/a.txt) b=$(cat /data/b.txt)"; done
+INIT
+cat > ir/etc/acpi/PWRF/00000080 <<'PWR'
+#!/bin/sh
+echo "POWER BUTTON"
+touch /tmp/stop
+while [ ! -e /tmp/final ]; do sleep 0.1; done
+echo "FINAL a=$(cat /data/a.txt) b=$(cat /data/b.txt)"
+sync; umount /data && echo "UNMOUNTED"
+poweroff -f
+PWR
+chmod +x ir/init ir/etc/acpi/PWRF/00000080
+(cd ir && find . | cpio -o -H newc 2>/dev/null | gzip -1 > ../guest.cpio.gz)
+[ -f data.raw ] || mkfs.ext4 -q -F data.raw 64M
+echo "test guest built in $OUT"

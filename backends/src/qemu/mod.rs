@@ -174,6 +174,23 @@ fn cancel_migration(q: &mut Qmp) -> Result<()> {
     Ok(())
 }
 
+/// A file name as QEMU reports it, made absolute against QEMU's working folder.
+fn qemu_path(q: &Qmp, name: &str) -> PathBuf {
+    let p = PathBuf::from(name);
+    if p.is_absolute() {
+        return p;
+    }
+    match q.peer_pid() {
+        Ok(pid) => std::fs::read_link(format!("/proc/{pid}/cwd")).map(|cwd| cwd.join(&p)).unwrap_or(p),
+        Err(_) => p,
+    }
+}
+
+/// The file a drive currently writes into (its active layer).
+fn active_file(q: &mut Qmp, device: &str) -> Result<Option<PathBuf>> {
+    Ok(inserted(q, device)?.map(|i| qemu_path(q, &str_of(&i, "file"))))
+}
+
 /// The block-query entry of a drive, if it has a medium.
 fn inserted(q: &mut Qmp, device: &str) -> Result<Option<Value>> {
     let blocks = q.execute("query-block", json!({}))?;
@@ -1039,7 +1056,7 @@ fn merge_back_live_by_file(
         .as_array()
         .into_iter()
         .flatten()
-        .find(|n| Path::new(&str_of(n, "file")) == base_file && str_of(n, "drv") != "file")
+        .find(|n| qemu_path(q, &str_of(n, "file")) == base_file && str_of(n, "drv") != "file")
         .map(|n| str_of(n, "node-name"))
         .unwrap_or_default();
     if base_node.is_empty() {
@@ -1061,7 +1078,7 @@ fn merge_back_live(
     base_file: &Path,
     overlay: &Path,
 ) -> Result<()> {
-    let active = inserted(q, device)?.map(|i| PathBuf::from(str_of(&i, "file")));
+    let active = active_file(q, device)?;
     if active.as_deref() == Some(overlay) {
         if base_node.is_empty() {
             return merge_back_live_by_file(q, device, base_file, overlay);
@@ -1069,7 +1086,7 @@ fn merge_back_live(
         let node = base_node;
         let job = format!("cc-commit-{}", util::random_hex(3));
         commit_overlay(q, device, node, &job)?;
-        let now = inserted(q, device)?.map(|i| PathBuf::from(str_of(&i, "file")));
+        let now = active_file(q, device)?;
         if now.as_deref() != Some(base_file) {
             return Err(BackendError::Checkpoint(format!(
                 "after block-commit, {device} runs on {now:?} instead of {}",

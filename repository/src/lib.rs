@@ -1,0 +1,528 @@
+//! coldclone's repository: deduplicated, compressed, encrypted storage for disk images.
+//!
+//! A disk is cut into offset-aligned fixed-size chunks; each chunk is identified by a keyed
+//! BLAKE3 hash of its content, compressed with zstd, sealed with XChaCha20-Poly1305 and
+//! stored once in a pack file. A snapshot lists the chunk ids of one disk (through "map"
+//! blobs). The on-disk format is specified in docs/format.md.
+
+// `is_multiple_of` needs Rust 1.87; the workspace supports 1.80.
+#![allow(clippy::manual_is_multiple_of)]
+
+mod backend;
+mod backup;
+mod check;
+mod crypto;
+mod error;
+mod lock;
+mod pack;
+mod prune;
+mod restore;
+mod source;
+mod util;
+
+pub use check::{CheckReport, DamagedSnapshot};
+pub use crypto::KdfParams;
+pub use error::RepoError;
+pub use prune::{Keep, PruneReport, RetentionPolicy};
+pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress, Progress};
+
+use backend::Backend;
+use crypto::{Id, MasterKey};
+use error::Result;
+use pack::{Index, INDEX_KIND, KIND_MAP};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use util::{id_from_hex, to_hex};
+
+/// Where a repository lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Location {
+    /// A local folder (or any mounted file system).
+    Local(PathBuf),
+    /// An S3-compatible bucket; objects go under `prefix/`.
+    S3 {
+        /// e.g. `https://s3.eu-west-1.amazonaws.com` or `http://127.0.0.1:9000`
+        endpoint: String,
+        bucket: String,
+        prefix: String,
+        region: String,
+        access_key: String,
+        secret_key: String,
+    },
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Local(p) => write!(f, "{}", p.display()),
+            Location::S3 {
+                endpoint,
+                bucket,
+                prefix,
+                ..
+            } => write!(
+                f,
+                "s3:{}/{}/{}",
+                endpoint.trim_end_matches('/'),
+                bucket,
+                prefix
+            ),
+        }
+    }
+}
+
+/// Options fixed when a repository is created.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// Chunk size in bytes: a power of two from 4 KiB to 4 MiB.
+    pub chunk_size: u32,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+    /// zstd level for chunks.
+    pub compression_level: i32,
+    /// Password key derivation cost.
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            pack_size: 16 << 20,
+            compression_level: 1,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// Default chunk size (chosen by measurement, see docs/performance.md).
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
+
+/// Number of chunk ids per map blob.
+pub(crate) const MAP_ENTRIES: usize = 8192;
+
+/// The repository's `config` object (plaintext JSON).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RepoConfig {
+    pub format: String,
+    pub version: u32,
+    pub id: String,
+    pub chunk_size: u32,
+    pub pack_size: u32,
+    pub compression_level: i32,
+}
+
+const FORMAT_NAME: &str = "coldclone-repository";
+const FORMAT_VERSION: u32 = 1;
+const SNAPSHOT_KIND: &str = "snapshot";
+
+/// What describes the disk being backed up.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub vm: String,
+    pub disk: String,
+    pub backend: String,
+    pub host: String,
+    /// `clean-shutdown` or `crash`.
+    pub consistency: String,
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Options of one backup.
+#[derive(Clone, Debug, Default)]
+pub struct BackupOptions {
+    /// Snapshot id (or unique prefix) of the previous backup of this disk.
+    pub parent: Option<String>,
+    /// Ranges changed since `parent`, from a changed-block map; `None` = unknown. With a
+    /// parent and these ranges, chunks that do not touch them are not read at all.
+    pub changed_ranges: Option<Vec<Range<u64>>>,
+}
+
+/// What a backup did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupSummary {
+    pub snapshot_id: String,
+    /// Disk size.
+    pub bytes: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes added to the repository (packs, index, snapshot).
+    pub stored_bytes: u64,
+    /// Chunks newly stored.
+    pub new_chunks: u64,
+    /// Chunks that were all zero or in holes.
+    pub zero_chunks: u64,
+    /// Chunks taken from the parent without reading them.
+    pub reused_unread_chunks: u64,
+    pub duration: Duration,
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreSummary {
+    pub snapshot_id: String,
+    pub target: PathBuf,
+    /// Disk size.
+    pub bytes: u64,
+    /// Bytes written to the target (zero regions of files are left as holes).
+    pub bytes_written: u64,
+    pub duration: Duration,
+}
+
+/// One backup of one disk.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Hex id (64 characters); the first 8 are enough to name it in commands.
+    #[serde(default)]
+    pub id: String,
+    /// UTC, RFC 3339.
+    pub time: String,
+    pub time_unix: i64,
+    pub vm: String,
+    pub disk: String,
+    pub backend: String,
+    pub host: String,
+    pub consistency: String,
+    pub tags: BTreeMap<String, String>,
+    /// Disk size in bytes.
+    pub size: u64,
+    pub chunk_size: u32,
+    pub parent: Option<String>,
+    pub bytes_read: u64,
+    pub stored_bytes: u64,
+    /// Ids of the map blobs listing the chunk ids, `MAP_ENTRIES` per blob.
+    pub map: Vec<String>,
+}
+
+impl Snapshot {
+    pub fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(8)]
+    }
+}
+
+/// An open repository.
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    key: MasterKey,
+    config: RepoConfig,
+    location: Location,
+}
+
+fn make_backend(location: &Location) -> Result<Arc<dyn Backend>> {
+    Ok(match location {
+        Location::Local(p) => Arc::new(backend::local::LocalBackend::new(p)),
+        Location::S3 { .. } => Arc::new(backend::s3::S3Backend::new(location)?),
+    })
+}
+
+impl Repository {
+    /// Create a repository with default options.
+    pub fn init(location: &Location, password: &str) -> Result<Repository> {
+        Self::init_with(location, password, &InitOptions::default())
+    }
+
+    /// Create a repository.
+    pub fn init_with(
+        location: &Location,
+        password: &str,
+        opts: &InitOptions,
+    ) -> Result<Repository> {
+        if !opts.chunk_size.is_power_of_two() || !(4096..=(4 << 20)).contains(&opts.chunk_size) {
+            return Err(RepoError::InvalidArgument(format!(
+                "chunk size {} must be a power of two from 4096 to 4194304",
+                opts.chunk_size
+            )));
+        }
+        if password.is_empty() {
+            return Err(RepoError::InvalidArgument(
+                "the repository password is empty".into(),
+            ));
+        }
+        let backend = make_backend(location)?;
+        if backend.exists("config")? {
+            return Err(RepoError::AlreadyExists(location.to_string()));
+        }
+        backend.create()?;
+        let (key, raw) = MasterKey::generate();
+        let kf = crypto::make_key_file(password, &raw, opts.kdf)?;
+        let kf_json = serde_json::to_vec_pretty(&kf)
+            .map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
+        backend.put(&format!("keys/{}", crypto::random_id()), &kf_json)?;
+        let config = RepoConfig {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            id: crypto::random_id(),
+            chunk_size: opts.chunk_size,
+            pack_size: opts.pack_size.clamp(1 << 20, 1 << 30),
+            compression_level: opts.compression_level,
+        };
+        let cj = serde_json::to_vec_pretty(&config)
+            .map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
+        // config last: a repository without it is not one yet.
+        backend.put("config", &cj)?;
+        Ok(Repository {
+            backend,
+            key,
+            config,
+            location: location.clone(),
+        })
+    }
+
+    /// Open an existing repository.
+    pub fn open(location: &Location, password: &str) -> Result<Repository> {
+        let backend = make_backend(location)?;
+        let cfg = match backend.get("config") {
+            Ok(c) => c,
+            Err(e) if e.is_not_found() => {
+                return Err(RepoError::NotFound {
+                    location: location.to_string(),
+                    detail: "it has no `config` object".into(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let config: RepoConfig =
+            serde_json::from_slice(&cfg).map_err(|e| RepoError::Unsupported {
+                location: location.to_string(),
+                detail: format!("`config` is not a coldclone repository configuration: {e}"),
+            })?;
+        if config.format != FORMAT_NAME || config.version != FORMAT_VERSION {
+            return Err(RepoError::Unsupported {
+                location: location.to_string(),
+                detail: format!(
+                    "format {} version {} (this coldclone reads {FORMAT_NAME} version {FORMAT_VERSION})",
+                    config.format, config.version
+                ),
+            });
+        }
+        if !config.chunk_size.is_power_of_two()
+            || config.chunk_size < 4096
+            || config.chunk_size > (4 << 20)
+        {
+            return Err(RepoError::corrupt(
+                "config",
+                format!("chunk size {}", config.chunk_size),
+            ));
+        }
+        let keys = backend.list("keys")?;
+        if keys.is_empty() {
+            return Err(RepoError::corrupt(
+                format!("{location}/keys"),
+                "no key files",
+            ));
+        }
+        for k in keys {
+            let body = backend.get(&k.key)?;
+            let Ok(kf) = serde_json::from_slice::<crypto::KeyFile>(&body) else {
+                tracing::warn!("ignoring unreadable key file {}", k.key);
+                continue;
+            };
+            if let Some(key) = crypto::open_key_file(&kf, password, &k.key)? {
+                return Ok(Repository {
+                    backend,
+                    key,
+                    config,
+                    location: location.clone(),
+                });
+            }
+        }
+        Err(RepoError::WrongPassword(location.to_string()))
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    /// Back up one disk as one snapshot.
+    pub fn backup_disk(
+        &self,
+        source: &dyn DiskSource,
+        meta: SnapshotMeta,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<BackupSummary> {
+        backup::backup_disk(self, source, meta, opts, progress)
+    }
+
+    /// All snapshots, oldest first. Unreadable snapshot files are an error.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        for o in self.backend.list("snapshots")? {
+            let id = o.key.trim_start_matches("snapshots/").to_string();
+            match self.load_snapshot(&id) {
+                Ok(s) => out.push(s),
+                Err(e) if e.is_not_found() => continue, // forgotten meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| (a.time_unix, &a.id).cmp(&(b.time_unix, &b.id)));
+        Ok(out)
+    }
+
+    /// The newest snapshot of `vm`/`disk`.
+    pub fn find_latest(&self, vm: &str, disk: &str) -> Result<Option<Snapshot>> {
+        Ok(self
+            .snapshots()?
+            .into_iter()
+            .filter(|s| s.vm == vm && s.disk == disk)
+            .max_by(|a, b| (a.time_unix, &a.id).cmp(&(b.time_unix, &b.id))))
+    }
+
+    /// The snapshot with this id or unique id prefix.
+    pub fn find_snapshot(&self, id: &str) -> Result<Snapshot> {
+        let id = id.trim();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(RepoError::SnapshotNotFound(id.into()));
+        }
+        let id = id.to_ascii_lowercase();
+        let all = self.backend.list("snapshots")?;
+        let matches: Vec<String> = all
+            .into_iter()
+            .map(|o| o.key.trim_start_matches("snapshots/").to_string())
+            .filter(|k| k.starts_with(&id))
+            .collect();
+        match matches.len() {
+            0 => Err(RepoError::SnapshotNotFound(id)),
+            1 => self.load_snapshot(&matches[0]),
+            n => Err(RepoError::AmbiguousSnapshot {
+                prefix: id,
+                matches: n,
+            }),
+        }
+    }
+
+    /// Restore a snapshot to a file (written sparse) or a block device (written whole).
+    pub fn restore(
+        &self,
+        id: &str,
+        target: &Path,
+        progress: &dyn Progress,
+    ) -> Result<RestoreSummary> {
+        restore::restore(self, id, target, progress)
+    }
+
+    /// Verify the repository's structure; with `read_data`, every byte of every pack.
+    pub fn check(&self, read_data: bool) -> Result<CheckReport> {
+        check::check(self, read_data)
+    }
+
+    /// Remove one snapshot (its data goes at the next prune).
+    pub fn forget(&self, id: &str) -> Result<()> {
+        let s = self.find_snapshot(id)?;
+        self.backend.delete(&format!("snapshots/{}", s.id))
+    }
+
+    /// Apply a retention policy and remove data no snapshot uses any more.
+    pub fn prune(&self, policy: &RetentionPolicy, dry_run: bool) -> Result<PruneReport> {
+        prune::prune(self, policy, dry_run)
+    }
+
+    // ---- internals ----
+
+    pub(crate) fn load_snapshot(&self, id: &str) -> Result<Snapshot> {
+        let key = format!("snapshots/{id}");
+        let sealed = self.backend.get(&key)?;
+        let plain = self.key.open_file(SNAPSHOT_KIND, &key, &sealed)?;
+        let mut s: Snapshot = serde_json::from_slice(&plain)
+            .map_err(|e| RepoError::corrupt(&key, format!("snapshot is not valid JSON: {e}")))?;
+        s.id = id.to_string();
+        Ok(s)
+    }
+
+    pub(crate) fn save_snapshot(&self, s: &Snapshot) -> Result<u64> {
+        let body = serde_json::to_vec(s).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
+        let sealed = self.key.seal_file(SNAPSHOT_KIND, &body);
+        self.backend.put(&format!("snapshots/{}", s.id), &sealed)?;
+        Ok(sealed.len() as u64)
+    }
+
+    /// Load and merge all index files.
+    pub(crate) fn load_index(&self) -> Result<Index> {
+        let mut idx = Index::default();
+        for o in self.backend.list("index")? {
+            let sealed = match self.backend.get(&o.key) {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => continue, // replaced by a prune meanwhile
+                Err(e) => return Err(e),
+            };
+            let plain = self.key.open_file(INDEX_KIND, &o.key, &sealed)?;
+            for p in pack::decode_index(&plain, &o.key)? {
+                idx.add_pack(&p);
+            }
+            idx.files.push(o.key);
+        }
+        Ok(idx)
+    }
+
+    pub(crate) fn save_index(&self, packs: &[pack::PackDesc]) -> Result<u64> {
+        let plain = pack::encode_index(packs);
+        let sealed = self.key.seal_file(INDEX_KIND, &plain);
+        self.backend
+            .put(&format!("index/{}", crypto::random_id()), &sealed)?;
+        Ok(sealed.len() as u64)
+    }
+
+    /// Read one blob through the index.
+    pub(crate) fn read_blob(&self, index: &Index, id: &Id) -> Result<Vec<u8>> {
+        let (pack_id, e) = index.entry(id).ok_or_else(|| {
+            RepoError::corrupt("index", format!("blob {} is in no index", to_hex(id)))
+        })?;
+        let key = pack::pack_key(&pack_id);
+        let sealed = self
+            .backend
+            .get_range(&key, e.offset as u64, e.stored_len as u64)?;
+        pack::open_blob(&self.key, &e, &sealed, &key)
+    }
+
+    /// The chunk ids of a snapshot.
+    pub(crate) fn load_map(&self, s: &Snapshot, index: &Index) -> Result<Vec<Id>> {
+        let cs = s.chunk_size as u64;
+        if cs == 0 {
+            return Err(RepoError::corrupt(
+                format!("snapshots/{}", s.id),
+                "chunk size 0",
+            ));
+        }
+        let n = s.size.div_ceil(cs) as usize;
+        let mut out = Vec::with_capacity(n);
+        for m in &s.map {
+            let id = id_from_hex(m).ok_or_else(|| {
+                RepoError::corrupt(format!("snapshots/{}", s.id), "map id is not hex")
+            })?;
+            let b = self.read_blob(index, &id)?;
+            if b.len() % 32 != 0 {
+                return Err(RepoError::corrupt(
+                    format!("map blob {m}"),
+                    "length is not a multiple of 32",
+                ));
+            }
+            for c in b.chunks_exact(32) {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(c);
+                out.push(a);
+            }
+        }
+        if out.len() != n {
+            return Err(RepoError::corrupt(
+                format!("snapshots/{}", s.id),
+                format!("map lists {} chunks, the disk size needs {n}", out.len()),
+            ));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn lock(&self, exclusive: bool, purpose: &str) -> Result<lock::LockGuard> {
+        lock::acquire(self.backend.clone(), exclusive, purpose)
+    }
+}
+
+pub(crate) const ZERO_ID: Id = [0u8; 32];
+pub(crate) const _KIND_MAP: u8 = KIND_MAP;

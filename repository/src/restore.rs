@@ -1,0 +1,229 @@
+//! Restore: one pass per pack, in parallel; chunks are verified before they are written.
+
+use crate::crypto::Id;
+use crate::error::{RepoError, Result};
+use crate::pack::{open_blob, pack_key, BlobEntry};
+use crate::source::Progress;
+use crate::util::IdMap;
+use crate::{Repository, RestoreSummary, ZERO_ID};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Read neighbouring blobs of a pack in one request when the gap is below this.
+const MAX_GAP: u64 = 1 << 20;
+
+struct Want {
+    entry: BlobEntry,
+    chunks: Vec<u32>,
+}
+
+pub(crate) fn restore(
+    repo: &Repository,
+    id: &str,
+    target: &Path,
+    progress: &dyn Progress,
+) -> Result<RestoreSummary> {
+    let start = Instant::now();
+    let snap = repo.find_snapshot(id)?;
+    let _lock = repo.lock(false, "restore")?;
+    let index = repo.load_index()?;
+    let map = repo.load_map(&snap, &index)?;
+    let tdisp = target.display().to_string();
+    let terr = |e: std::io::Error| RepoError::Target {
+        path: tdisp.clone(),
+        source: e,
+    };
+
+    let is_blockdev = std::fs::metadata(target)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let file = if is_blockdev {
+        let f = OpenOptions::new().write(true).open(target).map_err(terr)?;
+        let dev_len = {
+            use std::io::Seek;
+            let mut r = &f;
+            r.seek(std::io::SeekFrom::End(0)).map_err(terr)?
+        };
+        if dev_len < snap.size {
+            return Err(RepoError::InvalidArgument(format!(
+                "block device {tdisp} has {dev_len} bytes, the snapshot needs {}",
+                snap.size
+            )));
+        }
+        f
+    } else {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(target)
+            .map_err(terr)?;
+        f.set_len(snap.size).map_err(terr)?;
+        f
+    };
+
+    let cs = snap.chunk_size as u64;
+    let len = snap.size;
+    progress.set_total(len);
+
+    // Plan: pack -> blobs wanted -> chunk positions.
+    let mut by_blob: IdMap<Vec<u32>> = IdMap::default();
+    let mut zero_chunks = Vec::new();
+    for (i, id) in map.iter().enumerate() {
+        if *id == ZERO_ID {
+            zero_chunks.push(i as u32);
+        } else {
+            by_blob.entry(*id).or_default().push(i as u32);
+        }
+    }
+    let mut by_pack: BTreeMap<Id, Vec<Want>> = BTreeMap::new();
+    for (id, chunks) in by_blob {
+        let (pid, entry) = index.entry(&id).ok_or_else(|| {
+            RepoError::corrupt(
+                format!("snapshots/{}", snap.id),
+                format!(
+                    "chunk {} is in no index (data lost?)",
+                    crate::util::to_hex(&id)
+                ),
+            )
+        })?;
+        by_pack.entry(pid).or_default().push(Want { entry, chunks });
+    }
+    let jobs: Mutex<std::vec::IntoIter<(Id, Vec<Want>)>> =
+        Mutex::new(by_pack.into_iter().collect::<Vec<_>>().into_iter());
+
+    let zero_bytes: u64 = zero_chunks
+        .iter()
+        .map(|&i| crate::backup::chunk_len(i as usize, cs, len))
+        .sum();
+    let written = AtomicU64::new(0);
+    let abort = AtomicBool::new(false);
+    let first_err: Mutex<Option<RepoError>> = Mutex::new(None);
+    let fail = |e: RepoError| {
+        abort.store(true, Ordering::SeqCst);
+        if let Ok(mut f) = first_err.lock() {
+            if f.is_none() {
+                *f = Some(e);
+            }
+        }
+    };
+
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8)
+        .max(repo.backend.parallel_requests());
+    std::thread::scope(|s| {
+        if is_blockdev && !zero_chunks.is_empty() {
+            let (file, zero_chunks, fail, written, terr) =
+                (&file, &zero_chunks, &fail, &written, &terr);
+            s.spawn(move || {
+                let zeros = vec![0u8; cs as usize];
+                for &i in zero_chunks {
+                    let off = i as u64 * cs;
+                    let l = crate::backup::chunk_len(i as usize, cs, len) as usize;
+                    if let Err(e) = file.write_all_at(&zeros[..l], off) {
+                        fail(terr(e));
+                        return;
+                    }
+                    written.fetch_add(l as u64, Ordering::Relaxed);
+                    progress.advance(l as u64);
+                }
+            });
+        } else {
+            progress.advance(zero_bytes);
+        }
+        for _ in 0..threads {
+            let (jobs, file, fail, abort, written, terr) =
+                (&jobs, &file, &fail, &abort, &written, &terr);
+            s.spawn(move || loop {
+                if abort.load(Ordering::Relaxed) {
+                    return;
+                }
+                let job = match jobs.lock() {
+                    Ok(mut j) => j.next(),
+                    Err(_) => return,
+                };
+                let Some((pid, mut wants)) = job else { return };
+                if let Err(e) = restore_pack(
+                    repo, &pid, &mut wants, file, cs, len, written, progress, terr,
+                ) {
+                    fail(e);
+                    return;
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    file.sync_all().map_err(terr)?;
+    Ok(RestoreSummary {
+        snapshot_id: snap.id,
+        target: target.to_path_buf(),
+        bytes: len,
+        bytes_written: written.into_inner(),
+        duration: start.elapsed(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn restore_pack(
+    repo: &Repository,
+    pid: &Id,
+    wants: &mut [Want],
+    file: &File,
+    cs: u64,
+    len: u64,
+    written: &AtomicU64,
+    progress: &dyn Progress,
+    terr: &dyn Fn(std::io::Error) -> RepoError,
+) -> Result<()> {
+    let key = pack_key(pid);
+    wants.sort_by_key(|w| w.entry.offset);
+    let mut i = 0;
+    while i < wants.len() {
+        // A run of blobs read with one request.
+        let start = wants[i].entry.offset as u64;
+        let mut end = start + wants[i].entry.stored_len as u64;
+        let mut j = i + 1;
+        while j < wants.len() {
+            let o = wants[j].entry.offset as u64;
+            if o > end + MAX_GAP || o + wants[j].entry.stored_len as u64 - start > 64 << 20 {
+                break;
+            }
+            end = end.max(o + wants[j].entry.stored_len as u64);
+            j += 1;
+        }
+        let buf = repo.backend.get_range(&key, start, end - start)?;
+        for w in &wants[i..j] {
+            let a = (w.entry.offset as u64 - start) as usize;
+            let data = open_blob(
+                &repo.key,
+                &w.entry,
+                &buf[a..a + w.entry.stored_len as usize],
+                &key,
+            )?;
+            for &c in &w.chunks {
+                let off = c as u64 * cs;
+                let l = crate::backup::chunk_len(c as usize, cs, len) as usize;
+                if data.len() < l {
+                    return Err(RepoError::corrupt(
+                        &key,
+                        "chunk shorter than its place in the disk",
+                    ));
+                }
+                file.write_all_at(&data[..l], off).map_err(terr)?;
+                written.fetch_add(l as u64, Ordering::Relaxed);
+                progress.advance(l as u64);
+            }
+        }
+        i = j;
+    }
+    Ok(())
+}

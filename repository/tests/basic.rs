@@ -1,0 +1,278 @@
+mod common;
+use coldclone_repository::*;
+use common::*;
+
+#[test]
+fn init_open_backup_restore_roundtrip() {
+    let dir = TempDir::new("roundtrip");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "secret", &opts(16384)).unwrap();
+    assert!(matches!(
+        Repository::init_with(&loc, "secret", &opts(16384)),
+        Err(RepoError::AlreadyExists(_))
+    ));
+    // Size deliberately not a multiple of the chunk size.
+    let img = disk_image(1, 3 * 1024 * 1024 + 1234);
+    let sum = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("vm1", "xvda"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(sum.bytes, img.len() as u64);
+    assert_eq!(sum.bytes_read, img.len() as u64);
+    assert!(
+        sum.zero_chunks >= 60,
+        "zero third must be detected: {}",
+        sum.zero_chunks
+    );
+    // Random third is incompressible, text third compresses: stored is near a third plus a bit.
+    assert!(
+        sum.stored_bytes < img.len() as u64 / 2,
+        "stored {}",
+        sum.stored_bytes
+    );
+
+    // Reopen with the password; wrong password fails clearly.
+    assert!(matches!(
+        Repository::open(&loc, "wrong"),
+        Err(RepoError::WrongPassword(_))
+    ));
+    let repo = Repository::open(&loc, "secret").unwrap();
+    let snaps = repo.snapshots().unwrap();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0].id, sum.snapshot_id);
+    assert_eq!(snaps[0].vm, "vm1");
+    assert_eq!(snaps[0].size, img.len() as u64);
+
+    let out = dir.path().join("restored.img");
+    let r = repo
+        .restore(&sum.snapshot_id[..8], &out, &NoProgress)
+        .unwrap();
+    assert_eq!(r.bytes, img.len() as u64);
+    let got = std::fs::read(&out).unwrap();
+    assert!(got == img, "restored image differs");
+}
+
+#[test]
+fn open_missing_repository_says_so() {
+    let dir = TempDir::new("missing");
+    let loc = Location::Local(dir.path().join("nothing"));
+    assert!(matches!(
+        Repository::open(&loc, "x"),
+        Err(RepoError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn find_latest_and_prefixes() {
+    let dir = TempDir::new("latest");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(4096)).unwrap();
+    let a = repo
+        .backup_disk(
+            &MemSource(random_bytes(1, 50_000)),
+            meta("vm1", "a"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    let b = repo
+        .backup_disk(
+            &MemSource(random_bytes(2, 50_000)),
+            meta("vm1", "a"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    let c = repo
+        .backup_disk(
+            &MemSource(random_bytes(3, 50_000)),
+            meta("vm2", "a"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(repo.snapshots().unwrap().len(), 3);
+    let latest = repo.find_latest("vm1", "a").unwrap().unwrap();
+    // Same second is possible: latest is by (time, id); it must be a or b, and b if later.
+    assert!(latest.id == b.snapshot_id || latest.id == a.snapshot_id);
+    assert_eq!(
+        repo.find_latest("vm2", "a").unwrap().unwrap().id,
+        c.snapshot_id
+    );
+    assert!(repo.find_latest("vm3", "a").unwrap().is_none());
+    assert!(matches!(
+        repo.find_snapshot("zz"),
+        Err(RepoError::SnapshotNotFound(_))
+    ));
+    assert!(matches!(
+        repo.find_snapshot(""),
+        Err(RepoError::SnapshotNotFound(_))
+    ));
+    assert_eq!(
+        repo.find_snapshot(&a.snapshot_id).unwrap().id,
+        a.snapshot_id
+    );
+    repo.forget(&a.snapshot_id[..10]).unwrap();
+    assert_eq!(repo.snapshots().unwrap().len(), 2);
+}
+
+#[test]
+fn incremental_with_changed_ranges_reads_only_changes() {
+    let dir = TempDir::new("incr");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    let mut img = random_bytes(7, 4 << 20);
+    let full = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("vm", "d"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    // Change three 4 KiB blocks.
+    let mut changed = Vec::new();
+    for (k, off) in [5000usize, 1_000_000, 3_000_000].into_iter().enumerate() {
+        let off = off / 4096 * 4096;
+        img[off..off + 4096].copy_from_slice(&random_bytes(100 + k as u64, 4096));
+        changed.push(off as u64..off as u64 + 4096);
+    }
+    let inc = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("vm", "d"),
+            &BackupOptions {
+                parent: Some(full.snapshot_id.clone()),
+                changed_ranges: Some(changed),
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(
+        inc.bytes_read,
+        3 * 16384,
+        "only the three touched chunks are read"
+    );
+    assert!(inc.stored_bytes < 120_000, "stored {}", inc.stored_bytes);
+    assert_eq!(inc.reused_unread_chunks, 256 - 3);
+    let out = dir.path().join("r.img");
+    repo.restore(&inc.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == img);
+    // The full one still restores the old content.
+    repo.restore(&full.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == random_bytes(7, 4 << 20));
+
+    // Without a changed map: everything is read, still only changes are stored.
+    img[2_000_000] ^= 0xff;
+    let inc2 = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("vm", "d"),
+            &BackupOptions {
+                parent: Some(inc.snapshot_id.clone()),
+                changed_ranges: None,
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(inc2.bytes_read, 4 << 20);
+    assert_eq!(inc2.new_chunks, 1);
+    repo.restore(&inc2.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == img);
+}
+
+#[test]
+fn growing_disk_with_changed_ranges() {
+    let dir = TempDir::new("grow");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(4096)).unwrap();
+    let mut img = random_bytes(9, 100_000);
+    let a = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("vm", "d"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    img.extend_from_slice(&random_bytes(10, 50_000));
+    let b = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("vm", "d"),
+            &BackupOptions {
+                parent: Some(a.snapshot_id),
+                changed_ranges: Some(vec![]),
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    let out = dir.path().join("r.img");
+    repo.restore(&b.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == img);
+}
+
+#[test]
+fn sparse_source_and_sparse_restore() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let dir = TempDir::new("sparse");
+    let img_path = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img_path).unwrap();
+    let size = 256u64 << 20;
+    f.set_len(size).unwrap();
+    let d1 = random_bytes(1, 1 << 20);
+    let d2 = random_bytes(2, 1 << 20);
+    f.write_all_at(&d1, 10 << 20).unwrap();
+    f.write_all_at(&d2, 200 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let src = FileSource::open(&img_path).unwrap();
+    let ranges = src.data_ranges().unwrap();
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(65536)).unwrap();
+    let s = repo
+        .backup_disk(
+            &src,
+            meta("vm", "d"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    if ranges.is_some() {
+        assert!(
+            s.bytes_read <= 8 << 20,
+            "holes must not be read: read {}",
+            s.bytes_read
+        );
+    }
+    let out = dir.path().join("out.img");
+    repo.restore(&s.snapshot_id, &out, &NoProgress).unwrap();
+    let md = std::fs::metadata(&out).unwrap();
+    assert_eq!(md.len(), size);
+    assert!(
+        md.blocks() * 512 < 16 << 20,
+        "restore must be sparse: {} bytes allocated",
+        md.blocks() * 512
+    );
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&img_path).unwrap());
+}
+
+#[test]
+fn reports_serialize() {
+    let s = BackupSummary {
+        snapshot_id: "ab".into(),
+        bytes: 1,
+        bytes_read: 1,
+        stored_bytes: 1,
+        new_chunks: 1,
+        zero_chunks: 0,
+        reused_unread_chunks: 0,
+        duration: std::time::Duration::from_millis(5),
+    };
+    let j = serde_json::to_string(&s).unwrap();
+    assert!(j.contains("\"snapshot_id\":\"ab\""));
+}

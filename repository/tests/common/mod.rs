@@ -1,0 +1,81 @@
+#![allow(dead_code)]
+use coldclone_repository::*;
+use std::path::{Path, PathBuf};
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let mut r = [0u8; 8];
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        r.copy_from_slice(&(n as u64 ^ std::process::id() as u64).to_le_bytes());
+        let p = std::env::temp_dir().join(format!(
+            "ccrepo-{tag}-{}-{:x}",
+            std::process::id(),
+            u64::from_le_bytes(r)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn opts(chunk: u32) -> InitOptions {
+    InitOptions {
+        chunk_size: chunk,
+        pack_size: 1 << 20,
+        compression_level: 1,
+        kdf: KdfParams::insecure_for_tests(),
+    }
+}
+
+pub fn meta(vm: &str, disk: &str) -> SnapshotMeta {
+    SnapshotMeta {
+        vm: vm.into(),
+        disk: disk.into(),
+        backend: "test".into(),
+        host: "testhost".into(),
+        consistency: "clean-shutdown".into(),
+        tags: Default::default(),
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift).
+pub fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+/// A disk image: random, zero, text-like regions; `n` bytes.
+pub fn disk_image(seed: u64, n: usize) -> Vec<u8> {
+    let mut v = random_bytes(seed, n);
+    let text = b"the quick brown fox jumps over the lazy dog; lorem ipsum dolor sit amet. ";
+    let third = n / 3;
+    for b in &mut v[third..2 * third] {
+        *b = 0;
+    }
+    for (i, b) in v[2 * third..].iter_mut().enumerate() {
+        *b = text[i % text.len()];
+    }
+    v
+}

@@ -125,10 +125,10 @@ impl RunJournal {
     }
 
     /// Undoes every open resource, newest first. Returns what could not be undone.
-    pub fn undo_all(&mut self, backend: &dyn Hypervisor) -> Vec<(Resource, BackendError)> {
+    pub fn undo_all(&mut self, undo: &Undo) -> Vec<(Resource, String)> {
         let mut failed = Vec::new();
         while let Some((id, r)) = self.open.pop() {
-            match backend.recover(&r) {
+            match undo.undo(&r) {
                 Ok(()) => {
                     let _ = self.append(&Entry::Removed { id, at: now() });
                 }
@@ -191,6 +191,26 @@ impl Journal for RunJournal {
             }
         }
         Ok(())
+    }
+}
+
+/// Knows how to undo every kind of resource: the backend's own, and the
+/// repository's partial backups.
+pub struct Undo<'a> {
+    pub backend: &'a dyn Hypervisor,
+    /// Withdraws the disk snapshots tagged with a run id.
+    pub forget_run: &'a dyn Fn(&str) -> Result<(), String>,
+}
+
+impl Undo<'_> {
+    pub fn undo(&self, r: &Resource) -> Result<(), String> {
+        match r {
+            Resource::RepositoryBackup { run } => (self.forget_run)(run),
+            _ => self
+                .backend
+                .recover(r)
+                .map_err(|e: BackendError| e.to_string()),
+        }
     }
 }
 
@@ -278,7 +298,7 @@ pub struct Recovered {
 }
 
 /// Undoes a crashed run's open resources, newest first; deletes its journal when all are gone.
-pub fn recover_run(run: &StaleRun, backend: &dyn Hypervisor) -> Result<Recovered, JournalError> {
+pub fn recover_run(run: &StaleRun, undo: &Undo) -> Result<Recovered, JournalError> {
     let mut file = OpenOptions::new()
         .append(true)
         .open(&run.path)
@@ -293,14 +313,14 @@ pub fn recover_run(run: &StaleRun, backend: &dyn Hypervisor) -> Result<Recovered
         failed: Vec::new(),
     };
     for (id, r) in run.open_resources().into_iter().rev() {
-        match backend.recover(&r) {
+        match undo.undo(&r) {
             Ok(()) => {
                 let line =
                     serde_json::to_string(&Entry::Removed { id, at: now() }).unwrap_or_default();
                 let _ = writeln!(file, "{line}").and_then(|_| file.sync_data());
                 rec.removed.push(r);
             }
-            Err(e) => rec.failed.push((r, e.to_string())),
+            Err(e) => rec.failed.push((r, e)),
         }
     }
     if rec.failed.is_empty() {

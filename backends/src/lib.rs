@@ -111,6 +111,10 @@ pub enum Resource {
     },
     /// A network namespace made for the run.
     Namespace { name: String },
+    /// Disk snapshots of this run stored in the repository so far: a run that
+    /// does not finish archiving every disk has them withdrawn (the
+    /// repository, not the backend, undoes this one).
+    RepositoryBackup { run: String },
 }
 
 /// Write-ahead record of what a run creates.

@@ -1,17 +1,45 @@
 //! `coldclone recover`: undo what crashed runs left behind, from their journals.
 
 use crate::config::Config;
-use crate::journal::{recover_run, stale_runs, Recovered};
+use crate::journal::{recover_run, stale_runs, Recovered, Undo};
 use anyhow::Result;
 use coldclone_backends::qemu::QemuBackend;
+use coldclone_repository::Repository;
+
+/// Withdraws every disk snapshot a run stored (a backup that did not finish).
+pub fn forget_run(repo: &Repository, run: &str) -> Result<(), String> {
+    let snaps = repo.snapshots().map_err(|e| e.to_string())?;
+    for s in snaps
+        .iter()
+        .filter(|s| s.tags.get("run").map(String::as_str) == Some(run))
+    {
+        repo.forget(&s.id).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
 
 /// Recovers every crashed run; returns what was done.
 pub fn recover_all(cfg: &Config) -> Result<Vec<Recovered>> {
     let backend = QemuBackend::default();
+    let repo = std::cell::OnceCell::new();
+    let forget = |run: &str| {
+        let repo = match repo.get() {
+            Some(r) => r,
+            None => {
+                let r = super::open_repository(cfg).map_err(|e| format!("{e:#}"))?;
+                repo.get_or_init(|| r)
+            }
+        };
+        forget_run(repo, run)
+    };
+    let undo = Undo {
+        backend: &backend,
+        forget_run: &forget,
+    };
     let mut out = Vec::new();
     for run in stale_runs(&cfg.state_dir)? {
         tracing::info!(run = run.run_id, vm = run.vm, "recovering a crashed run");
-        out.push(recover_run(&run, &backend)?);
+        out.push(recover_run(&run, &undo)?);
     }
     Ok(out)
 }

@@ -21,6 +21,11 @@ pub fn run(
         .map(|c| c.disks.clone())
         .ok_or_else(|| PipelineError::Other("no clone disks to archive".into()))?;
     let mut written: Vec<String> = Vec::new();
+    // Until every disk is stored, the run's snapshots are a partial backup
+    // that `recover` withdraws should this process die.
+    let partial = run.journal.will_create(&Resource::RepositoryBackup {
+        run: run.id.clone(),
+    })?;
     let result = (|| {
         for disk in &disks {
             let raw = run
@@ -84,8 +89,12 @@ pub fn run(
             }
         }
         report.disks.clear();
+        if written.is_empty() || crate::commands::recover::forget_run(ctx.repo, &run.id).is_ok() {
+            run.journal.removed(partial)?;
+        }
         return Err(e);
     }
+    run.journal.removed(partial)?;
     report.snapshot_id = Some(run.id.clone());
     Ok(())
 }

@@ -3,15 +3,21 @@
 //! The original's disk chain goes back to one image here (its overlay is
 //! committed back into the image it froze).
 
-use super::{PipelineError, Run};
+use super::{PipelineError, Run, RunContext};
+use crate::journal::Undo;
 
-pub fn run(mut run: Run) -> Result<(), PipelineError> {
+pub fn run(mut run: Run, ctx: &RunContext) -> Result<(), PipelineError> {
     if let Some(clone) = run.clone.as_mut() {
         if let Err(e) = run.backend.destroy_clone(clone, &mut run.journal) {
             tracing::warn!("destroying the clone: {e}; the journal clean-up retries");
         }
     }
-    let failed = run.journal.undo_all(run.backend.as_ref());
+    let forget = |r: &str| crate::commands::recover::forget_run(ctx.repo, r);
+    let undo = Undo {
+        backend: run.backend.as_ref(),
+        forget_run: &forget,
+    };
+    let failed = run.journal.undo_all(&undo);
     if failed.is_empty() {
         run.journal.finish()?;
         Ok(())

@@ -132,7 +132,7 @@ fn run_steps(
         report.consistency = Some(consistency);
         Ok::<(), PipelineError>(())
     })();
-    let cleaned = cleanup::run(run);
+    let cleaned = cleanup::run(run, ctx);
     match (result, cleaned) {
         (Err(e), Err(c)) => Err(PipelineError::Other(format!(
             "{e}; and clean-up failed too: {c}"

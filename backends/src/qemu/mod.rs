@@ -181,7 +181,9 @@ fn qemu_path(q: &Qmp, name: &str) -> PathBuf {
         return p;
     }
     match q.peer_pid() {
-        Ok(pid) => std::fs::read_link(format!("/proc/{pid}/cwd")).map(|cwd| cwd.join(&p)).unwrap_or(p),
+        Ok(pid) => std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map(|cwd| cwd.join(&p))
+            .unwrap_or(p),
         Err(_) => p,
     }
 }
@@ -1015,6 +1017,9 @@ impl Hypervisor for QemuBackend {
             Resource::Namespace { name } => {
                 network_isolation::delete_namespace(name).map_err(Into::into)
             }
+            Resource::RepositoryBackup { .. } => Err(BackendError::Unsupported(
+                "a partial backup is withdrawn by the repository, not by a backend".into(),
+            )),
         }
     }
 

@@ -1,0 +1,585 @@
+//! Test rig for integration tests on real QEMU guests: the test guest (built
+//! once, cached by the hash of its recipe), a network namespace per test with
+//! the "original's network" (a bridge with an address that the guest pings),
+//! original VMs, and helpers to run coldclone and inspect what it left.
+#![allow(dead_code)]
+
+use coldclone_backends::qemu::qmp::Qmp;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_coldclone");
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+/// TCG guests on 2 cores: one VM test at a time keeps timings sane.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Tests named `needs_root_qemu_*` need root, QEMU, iproute2 and tcpdump.
+/// They skip (with the reason printed) only where these cannot exist; CI has them.
+pub fn rig_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root (network namespaces, bridges, taps)");
+        return false;
+    }
+    for t in [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "ip",
+        "tcpdump",
+        "e2fsck",
+        "debugfs",
+    ] {
+        if !have(t) {
+            eprintln!("SKIPPED: {t} is not installed (the README's test command installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The test guest, built once per recipe version.
+pub fn guest() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let script = workspace_root().join("tests/guest/build-guest.sh");
+    let recipe = std::fs::read(&script).expect("tests/guest/build-guest.sh");
+    let hash = recipe_hash(&recipe);
+    let dir = workspace_root().join("target/test-guest").join(&hash[..16]);
+    if !dir.join("guest.cpio.gz").exists() {
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .status()
+            .expect("run build-guest.sh");
+        assert!(st.success(), "building the test guest failed");
+    }
+    dir
+}
+
+fn recipe_hash(data: &[u8]) -> String {
+    // A tiny FNV-1a, enough to key a cache by the recipe's content.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}{:016x}", data.len())
+}
+
+pub fn sh(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("sh")
+}
+
+/// A network namespace standing for the host, with the original's network:
+/// bridge `obr` carrying 10.77.N.1, the peer the guest pings.
+pub struct TestNet {
+    pub ns: String,
+    pub subnet: u32,
+}
+
+impl TestNet {
+    pub fn new() -> TestNet {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let subnet = (std::process::id() + n * 7) % 200 + 20;
+        let ns = format!("cct{}x{n}", std::process::id());
+        let _ = sh(&format!("ip netns del {ns} 2>/dev/null"));
+        let out = sh(&format!(
+            "set -e; ip netns add {ns}; ip -n {ns} link set lo up; ip -n {ns} link add obr type bridge; \
+             ip -n {ns} addr add 10.77.{subnet}.1/24 dev obr; ip -n {ns} link set obr up"
+        ));
+        assert!(
+            out.status.success(),
+            "test netns: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestNet { ns, subnet }
+    }
+
+    pub fn links(&self) -> Vec<String> {
+        let out = sh(&format!(
+            "ip -n {} -o link show | awk -F': ' '{{print $2}}'",
+            self.ns
+        ));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('@').next().unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = sh(&format!(
+            "ip netns pids {} | xargs -r kill -9; ip netns del {}",
+            self.ns, self.ns
+        ));
+    }
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let p =
+            std::env::temp_dir().join(format!("coldclone-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Default, Clone)]
+pub struct VmOptions {
+    pub ignore_power_button: bool,
+    pub memory_mib: u32,
+    pub with_nic: bool,
+}
+
+/// An "original" VM: the test guest writing its counter, pinging the peer.
+pub struct Vm {
+    pub dir: PathBuf,
+    pub qmp: PathBuf,
+    pub image: PathBuf,
+    pub log: PathBuf,
+    pub guest_ip: String,
+    child: Child,
+}
+
+impl Vm {
+    pub fn start(net: &TestNet, dir: &Path, opts: VmOptions) -> Vm {
+        let g = guest();
+        let image = dir.join("vm.qcow2");
+        let st = Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(g.join("data.raw"))
+            .arg(&image)
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        let qmp = dir.join("vm.qmp");
+        let log = dir.join("vm.log");
+        let guest_ip = format!("10.77.{}.2", net.subnet);
+        let mut append = "console=ttyS0 quiet panic=-1".to_string();
+        if opts.with_nic {
+            append.push_str(&format!(
+                " cc_ip={guest_ip}/24 cc_peer=10.77.{}.1",
+                net.subnet
+            ));
+        }
+        if opts.ignore_power_button {
+            append.push_str(" cc_ignore_powerbutton=1");
+        }
+        let mem = if opts.memory_mib == 0 {
+            256
+        } else {
+            opts.memory_mib
+        };
+        let tap = format!("otap{}", COUNTER.fetch_add(1, Ordering::SeqCst));
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &net.ns,
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-m",
+        ])
+        .arg(mem.to_string())
+        .args(["-nographic", "-kernel"])
+        .arg(g.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(g.join("guest.cpio.gz"))
+        .args(["-append", &append])
+        // A relative image path, as users often write it.
+        .args([
+            "-drive",
+            "file=vm.qcow2,if=none,id=d0,format=qcow2",
+            "-device",
+            "virtio-blk-pci,drive=d0",
+        ])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp.display()),
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).expect("log"))
+        .stderr(Stdio::inherit());
+        if opts.with_nic {
+            cmd.args([
+                "-netdev",
+                &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+                "-device",
+                "virtio-net-pci,netdev=n0,mac=52:54:00:77:00:02",
+            ]);
+        } else {
+            cmd.args(["-nic", "none"]);
+        }
+        let child = cmd.spawn().expect("start qemu");
+        let vm = Vm {
+            dir: dir.to_path_buf(),
+            qmp,
+            image,
+            log,
+            guest_ip,
+            child,
+        };
+        if opts.with_nic {
+            wait_until("the tap to appear", Duration::from_secs(20), || {
+                sh(&format!("ip -n {} link set {tap} master obr up", net.ns))
+                    .status
+                    .success()
+            });
+        }
+        wait_until("the guest to boot", Duration::from_secs(120), || {
+            vm.console().contains("GUEST UP")
+        });
+        wait_until("the writer to run", Duration::from_secs(60), || {
+            vm.counter() > 100
+        });
+        vm
+    }
+
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// The latest counter value the guest printed on its console.
+    pub fn counter(&self) -> u64 {
+        let c = self.console();
+        c.rsplit("HB a=")
+            .filter_map(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .next()
+            .unwrap_or(0)
+    }
+
+    pub fn qmp(&self, cmd: &str, args: Value) -> Value {
+        let mut q = Qmp::connect(&self.qmp).expect("connect to the original's QMP");
+        q.execute(cmd, args).expect("QMP command")
+    }
+
+    pub fn status(&self) -> String {
+        self.qmp("query-status", json!({}))["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// The file the original's disk writes into now.
+    pub fn active_image(&self) -> PathBuf {
+        let blocks = self.qmp("query-block", json!({}));
+        let f = blocks[0]["inserted"]["file"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let p = PathBuf::from(&f);
+        if p.is_absolute() {
+            p
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    /// Running, advancing its counter, on its one image: the original is unharmed.
+    pub fn assert_unharmed(&self) {
+        assert_eq!(self.status(), "running", "the original is not running");
+        let before = self.counter();
+        wait_until(
+            "the original's counter to advance",
+            Duration::from_secs(20),
+            || self.counter() > before + 10,
+        );
+        assert_eq!(
+            self.active_image(),
+            self.image,
+            "the original's disk chain is not back to one image"
+        );
+        let backing =
+            self.qmp("query-block", json!({}))[0]["inserted"]["image"]["backing-filename"].clone();
+        assert!(
+            backing.is_null(),
+            "the original's image has a backing file now: {backing}"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&self.dir)
+            .expect("vm dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".coldclone-"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "overlays left beside the image: {leftovers:?}"
+        );
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A config for one VM, a repository and a state folder under `dir`.
+pub struct Setup {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Setup {
+    pub fn new(dir: &Path, vm_qmp: &Path, extra_vm: &str, extra_top: &str) -> Setup {
+        let state = dir.join("state");
+        let config = dir.join("coldclone.toml");
+        std::fs::write(dir.join("password"), "test password\n").expect("pw");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\n{extra_top}\n[repository]\npassword_file = \"{}\"\n\n[[vm]]\nname = \"t1\"\nqmp = \"{}\"\nstop_timeout_secs = 60\n{extra_vm}\n",
+                state.display(),
+                dir.join("password").display(),
+                vm_qmp.display()
+            ),
+        )
+        .expect("config");
+        let s = Setup {
+            dir: dir.to_path_buf(),
+            config,
+            state,
+        };
+        let out = s.coldclone(None, &["init"]);
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s
+    }
+
+    pub fn command(&self, ns: Option<&str>, args: &[&str]) -> Command {
+        let mut c = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        c.arg("--config").arg(&self.config).args(args);
+        c.env_remove("COLDCLONE_PASSWORD");
+        c
+    }
+
+    pub fn coldclone(&self, ns: Option<&str>, args: &[&str]) -> Output {
+        self.command(ns, args).output().expect("run coldclone")
+    }
+
+    /// `backup --json`: exit status and the report.
+    pub fn backup(&self, ns: &str) -> (i32, Value, String) {
+        let out = self.coldclone(Some(ns), &["--json", "backup"]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let report = stdout
+            .lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), report, stderr)
+    }
+
+    pub fn snapshots(&self) -> Vec<Value> {
+        let out = self.coldclone(None, &["--json", "snapshots"]);
+        assert!(
+            out.status.success(),
+            "snapshots: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("snapshots json")
+    }
+
+    /// Nothing of any run is left: no journal, no work folder, no clone, no
+    /// coldclone interface in the namespace.
+    pub fn assert_nothing_left(&self, net: &TestNet) {
+        for sub in ["journal", "runs"] {
+            let d = self.state.join(sub);
+            let left: Vec<_> = std::fs::read_dir(&d)
+                .map(|r| r.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "{} still holds {left:?}", d.display());
+        }
+        let clones = sh("pgrep -af coldclone-clone- | grep -v pgrep || true");
+        assert!(
+            String::from_utf8_lossy(&clones.stdout).trim().is_empty(),
+            "clone processes left: {}",
+            String::from_utf8_lossy(&clones.stdout)
+        );
+        let ours: Vec<String> = net
+            .links()
+            .into_iter()
+            .filter(|l| l.starts_with("cc"))
+            .collect();
+        assert!(ours.is_empty(), "interfaces left in {}: {ours:?}", net.ns);
+    }
+}
+
+/// Restores the latest backup's disk d0 and checks it: e2fsck clean, state
+/// clean (unmounted), both counters equal. Returns the counter.
+pub fn assert_restored_disk_is_clean(setup: &Setup, snapshot: Option<&str>) -> u64 {
+    let img = setup.dir.join("restored.raw");
+    let _ = std::fs::remove_file(&img);
+    let mut args = vec!["restore", "t1", "--disk", "d0", "--to"];
+    let img_s = img.display().to_string();
+    args.push(&img_s);
+    if let Some(s) = snapshot {
+        args.push("--snapshot");
+        args.push(s);
+    }
+    let out = setup.coldclone(None, &args);
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck found errors: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let dump = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&img)
+        .output()
+        .expect("dumpe2fs");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.lines()
+            .any(|l| l.starts_with("Filesystem state:") && l.trim_end().ends_with("clean")),
+        "the file system was not unmounted cleanly"
+    );
+    let cat = |f: &str| {
+        let o = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("cat /{f}"))
+            .arg(&img)
+            .output()
+            .expect("debugfs");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let (a, b) = (cat("a.txt"), cat("b.txt"));
+    assert!(!a.is_empty(), "a.txt is empty in the backup");
+    assert_eq!(a, b, "the two counters differ: a torn copy");
+    let _ = std::fs::remove_file(&img);
+    a.parse().unwrap_or(0)
+}
+
+/// Captures ICMP echo requests from `src` on the original's bridge.
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+    src: String,
+}
+
+impl Capture {
+    pub fn start(net: &TestNet, dir: &Path, src: &str) -> Capture {
+        let file = dir.join("capture.pcap");
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &net.ns, "tcpdump", "-i", "obr", "-n", "-U", "-w",
+            ])
+            .arg(&file)
+            .arg("icmp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(1500));
+        Capture {
+            child,
+            file,
+            src: src.to_string(),
+        }
+    }
+
+    /// Stops the capture; returns the ICMP echo sequence numbers seen from `src`.
+    pub fn stop(mut self) -> Vec<u64> {
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let _ = self.child.wait();
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&self.file)
+            .output()
+            .expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("IP {} >", self.src)) && l.contains("echo request"))
+            .filter_map(|l| {
+                l.split("seq ")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+}
+
+/// Sequence numbers that were sent twice: a second sender with the guest's
+/// memory (a clone) on the original's network.
+pub fn duplicates(seqs: &[u64]) -> Vec<u64> {
+    let mut seen = std::collections::BTreeSet::new();
+    seqs.iter().filter(|s| !seen.insert(**s)).copied().collect()
+}

@@ -1,0 +1,302 @@
+//! The whole pipeline on real QEMU guests (TCG): backups, isolation, faults.
+//! Every test here needs root, QEMU, iproute2 and tcpdump (`needs_root_qemu_`).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+fn start(tag: &str, opts: VmOptions) -> Option<(TempDir, TestNet, Vm)> {
+    if !rig_available() {
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let net = TestNet::new();
+    let vm = Vm::start(&net, dir.path(), opts);
+    Some((dir, net, vm))
+}
+
+#[test]
+fn needs_root_qemu_backup_of_a_writing_guest_is_clean_and_the_original_unharmed() {
+    let _s = serial();
+    let Some((dir, net, vm)) = start(
+        "backup",
+        VmOptions {
+            with_nic: true,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let setup = Setup::new(dir.path(), &vm.qmp, "", "");
+    let counter_before = vm.counter();
+    let (code, report, stderr) = setup.backup(&net.ns);
+    assert_eq!(code, 0, "backup failed: {report} {stderr}");
+    assert_eq!(report["status"], "ok");
+    assert_eq!(report["consistency"], "clean-shutdown");
+    assert_eq!(report["backend"], "qemu");
+    assert_eq!(report["clone_stop"], "acpi");
+    let pause = report["original_pause_ms"]
+        .as_f64()
+        .expect("original_pause_ms");
+    assert!(pause > 0.0 && pause < 5000.0, "pause {pause} ms");
+    for k in ["checkpoint", "restore", "stop", "archive", "total"] {
+        assert!(
+            report["durations_ms"][k].as_u64().is_some(),
+            "durations_ms.{k} missing"
+        );
+    }
+    assert_eq!(report["disks"][0]["name"], "d0");
+    assert_eq!(report["disks"][0]["bytes"], 64 << 20);
+    assert!(report["isolated_network"]["bridge"]
+        .as_str()
+        .is_some_and(|b| b.starts_with("ccbr")));
+
+    let in_backup = assert_restored_disk_is_clean(&setup, None);
+    assert!(
+        in_backup >= counter_before,
+        "the backup's counter {in_backup} is older than before the backup {counter_before}"
+    );
+    vm.assert_unharmed();
+    setup.assert_nothing_left(&net);
+
+    // A second backup is incremental: the unchanged blocks cost nothing.
+    let (code, report2, stderr) = setup.backup(&net.ns);
+    assert_eq!(code, 0, "second backup failed: {report2} {stderr}");
+    let stored = report2["disks"][0]["stored_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        stored < 8 << 20,
+        "the second backup stored {stored} bytes of a 64 MiB disk"
+    );
+    let snaps = setup.snapshots();
+    assert_eq!(snaps.len(), 2);
+    let second = report2["snapshot_id"]
+        .as_str()
+        .expect("snapshot id")
+        .to_string();
+    assert!(assert_restored_disk_is_clean(&setup, Some(&second)) >= in_backup);
+    vm.assert_unharmed();
+    setup.assert_nothing_left(&net);
+}
+
+#[test]
+fn needs_root_qemu_the_clone_never_reaches_the_original_network() {
+    let _s = serial();
+    let Some((dir, net, vm)) = start(
+        "isolation",
+        VmOptions {
+            with_nic: true,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let setup = Setup::new(dir.path(), &vm.qmp, "", "");
+    let cap = Capture::start(&net, dir.path(), &vm.guest_ip);
+    let (code, report, stderr) = setup.backup(&net.ns);
+    // Let the original ping on for a while after the backup.
+    std::thread::sleep(Duration::from_secs(2));
+    let seqs = cap.stop();
+    assert_eq!(code, 0, "backup failed: {report} {stderr}");
+    assert!(
+        seqs.len() > 10,
+        "the capture saw too few of the original's pings: {}",
+        seqs.len()
+    );
+    // The clone resumes with the original's memory: its pinger goes on with
+    // sequence numbers the original already sent. None may appear here.
+    assert!(
+        duplicates(&seqs).is_empty(),
+        "the clone's pings reached the original's network: {:?}",
+        duplicates(&seqs)
+    );
+    // The clone did run (and ping) on its own bridge: its console shows the power button.
+    assert_eq!(report["consistency"], "clean-shutdown");
+    vm.assert_unharmed();
+    setup.assert_nothing_left(&net);
+}
+
+#[test]
+fn needs_root_qemu_a_clone_whose_isolation_check_fails_is_never_resumed() {
+    let _s = serial();
+    let Some((dir, net, vm)) = start(
+        "badbridge",
+        VmOptions {
+            with_nic: true,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    // The operator names the original's own bridge (it has an address and an
+    // uplink port): the check must refuse it and the clone must never run.
+    let setup = Setup::new(dir.path(), &vm.qmp, "", "[isolation]\nbridge = \"obr\"\n");
+    let cap = Capture::start(&net, dir.path(), &vm.guest_ip);
+    let (code, report, stderr) = setup.backup(&net.ns);
+    std::thread::sleep(Duration::from_secs(2));
+    let seqs = cap.stop();
+    assert_eq!(
+        code, 1,
+        "a backup with a failed isolation check must fail: {report} {stderr}"
+    );
+    let err = report["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("obr") && err.contains("failed verification"),
+        "unclear error: {err}"
+    );
+    assert!(
+        err.contains("IP address") && err.contains("unexpected port"),
+        "the problems are not named: {err}"
+    );
+    assert!(
+        report["clone_stop"].is_null(),
+        "the clone was asked to stop, so it ran"
+    );
+    assert!(
+        duplicates(&seqs).is_empty(),
+        "the clone ran on the original's network: {:?}",
+        duplicates(&seqs)
+    );
+    assert!(setup.snapshots().is_empty(), "a failed run stored a backup");
+    // The operator's bridge is not ours: still there, untouched.
+    assert!(net.links().contains(&"obr".to_string()));
+    vm.assert_unharmed();
+    setup.assert_nothing_left(&net);
+}
+
+#[test]
+fn needs_root_qemu_kill_9_at_every_step_then_recover_leaves_nothing() {
+    let _s = serial();
+    let Some((dir, net, vm)) = start(
+        "faults",
+        VmOptions {
+            with_nic: true,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let setup = Setup::new(dir.path(), &vm.qmp, "", "");
+    let steps = [
+        "checkpoint:paused",
+        "checkpoint:disks-snapshotted",
+        "checkpoint:memory-saved",
+        "isolate:bridge-ready",
+        "restore:clone-started",
+        "restore:memory-loaded",
+        "restore:isolation-verified",
+        "restore:clone-running",
+        "stop:requested",
+        "stop:stopped",
+        "archive:disk-stored",
+    ];
+    for step in steps {
+        let mut child = setup
+            .command(Some(&net.ns), &["--json", "backup"])
+            .env("COLDCLONE_TEST_HALT_AT", step)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn coldclone");
+        let journal_dir = setup.state.join("journal");
+        wait_until(
+            &format!("coldclone to reach {step}"),
+            Duration::from_secs(120),
+            || {
+                std::fs::read_dir(&journal_dir)
+                    .map(|d| {
+                        d.flatten().any(|e| {
+                            std::fs::read_to_string(e.path())
+                                .unwrap_or_default()
+                                .contains(&format!("\"name\":\"{step}\""))
+                        })
+                    })
+                    .unwrap_or(false)
+            },
+        );
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+        let out = setup.coldclone(Some(&net.ns), &["--json", "recover"]);
+        assert!(
+            out.status.success(),
+            "recover after a kill at {step} failed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rec: Value = serde_json::from_slice(&out.stdout).expect("recover json");
+        assert_eq!(rec.as_array().map(Vec::len), Some(1), "after {step}: {rec}");
+        vm.assert_unharmed();
+        setup.assert_nothing_left(&net);
+        assert!(
+            setup.snapshots().is_empty(),
+            "a killed run left a backup visible (killed at {step})"
+        );
+        let mem_images = sh(&format!("find {} -name memory.bin", setup.state.display()));
+        assert!(String::from_utf8_lossy(&mem_images.stdout)
+            .trim()
+            .is_empty());
+    }
+    // And after all that, a normal backup still works.
+    let (code, report, stderr) = setup.backup(&net.ns);
+    assert_eq!(code, 0, "{report} {stderr}");
+    assert_restored_disk_is_clean(&setup, None);
+}
+
+#[test]
+fn needs_root_qemu_a_clone_that_ignores_the_power_button() {
+    let _s = serial();
+    let opts = VmOptions {
+        ignore_power_button: true,
+        ..Default::default()
+    };
+    let Some((dir, net, vm)) = start("ignore", opts) else {
+        return;
+    };
+    let setup = Setup::new(
+        dir.path(),
+        &vm.qmp,
+        "",
+        "[defaults]\nstop_timeout_secs = 5\n",
+    );
+    // Setup's [[vm]] says 60 s; a per-VM setting wins, so write a config where it is 5.
+    let cfg = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace("stop_timeout_secs = 60\n", "");
+    std::fs::write(&setup.config, &cfg).unwrap();
+    let (code, report, _) = setup.backup(&net.ns);
+    assert_eq!(code, 1, "{report}");
+    let err = report["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("did not power off within 5 s"),
+        "unclear error: {err}"
+    );
+    assert!(report["snapshot_id"].is_null());
+    assert!(setup.snapshots().is_empty(), "no backup may be recorded");
+    vm.assert_unharmed();
+    setup.assert_nothing_left(&net);
+
+    // With on_clone_failure = "crash" the killed clone's disk is kept, labelled crash.
+    std::fs::write(
+        &setup.config,
+        cfg.replace(
+            "stop_timeout_secs = 5\n",
+            "stop_timeout_secs = 5\non_clone_failure = \"crash\"\n",
+        ),
+    )
+    .unwrap();
+    let (code, report, stderr) = setup.backup(&net.ns);
+    assert_eq!(code, 0, "{report} {stderr}");
+    assert_eq!(report["consistency"], "crash");
+    assert!(report["warnings"][0]
+        .as_str()
+        .unwrap_or("")
+        .contains("crash-consistent"));
+    let snaps = setup.snapshots();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0]["consistency"], "crash");
+    vm.assert_unharmed();
+    setup.assert_nothing_left(&net);
+}

@@ -6,7 +6,7 @@
 //! tell a crashed run's journal from a live one: it undoes, newest first,
 //! what a crashed run created and never removed, and touches nothing else.
 
-use coldclone_backends::{BackendError, Hypervisor, Journal, Resource};
+use coldclone_backends::{BackendError, Journal, Resource};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -197,7 +197,6 @@ impl Journal for RunJournal {
 /// Knows how to undo every kind of resource: the backend's own, and the
 /// repository's partial backups.
 pub struct Undo<'a> {
-    pub backend: &'a dyn Hypervisor,
     /// Withdraws the disk snapshots tagged with a run id.
     pub forget_run: &'a dyn Fn(&str) -> Result<(), String>,
 }
@@ -206,10 +205,7 @@ impl Undo<'_> {
     pub fn undo(&self, r: &Resource) -> Result<(), String> {
         match r {
             Resource::RepositoryBackup { run } => (self.forget_run)(run),
-            _ => self
-                .backend
-                .recover(r)
-                .map_err(|e: BackendError| e.to_string()),
+            _ => coldclone_backends::recover_resource(r).map_err(|e: BackendError| e.to_string()),
         }
     }
 }

@@ -212,7 +212,13 @@ pub struct PausedClone {
     pub taps: Vec<String>,
     pub disks: Vec<CloneDisk>,
     pub console_log: PathBuf,
-    pub(crate) detail: qemu::QemuClone,
+    pub(crate) detail: CloneDetail,
+}
+
+/// Backend-specific state of a clone.
+#[derive(Debug)]
+pub(crate) enum CloneDetail {
+    Qemu(qemu::QemuClone),
 }
 
 #[derive(Debug, Clone)]
@@ -275,6 +281,13 @@ pub trait Hypervisor {
     /// Undoes one resource this backend created. Never touches anything else.
     fn recover(&self, resource: &Resource) -> Result<()>;
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod;
+}
+
+/// Undoes any resource, whichever backend created it (used by `recover`).
+pub fn recover_resource(resource: &Resource) -> Result<()> {
+    // Resources shared by all backends, and QEMU's own. (A backend with
+    // resources of its own adds a match on their variants here.)
+    qemu::QemuBackend::default().recover(resource)
 }
 
 /// The backend for a locator.

@@ -3,7 +3,6 @@
 use crate::config::Config;
 use crate::journal::{recover_run, stale_runs, Recovered, Undo};
 use anyhow::Result;
-use coldclone_backends::qemu::QemuBackend;
 use coldclone_repository::Repository;
 
 /// Withdraws every disk snapshot a run stored (a backup that did not finish).
@@ -20,7 +19,6 @@ pub fn forget_run(repo: &Repository, run: &str) -> Result<(), String> {
 
 /// Recovers every crashed run; returns what was done.
 pub fn recover_all(cfg: &Config) -> Result<Vec<Recovered>> {
-    let backend = QemuBackend::default();
     let repo = std::cell::OnceCell::new();
     let forget = |run: &str| {
         let repo = match repo.get() {
@@ -33,7 +31,6 @@ pub fn recover_all(cfg: &Config) -> Result<Vec<Recovered>> {
         forget_run(repo, run)
     };
     let undo = Undo {
-        backend: &backend,
         forget_run: &forget,
     };
     let mut out = Vec::new();

@@ -14,7 +14,6 @@ pub fn run(mut run: Run, ctx: &RunContext) -> Result<(), PipelineError> {
     }
     let forget = |r: &str| crate::commands::recover::forget_run(ctx.repo, r);
     let undo = Undo {
-        backend: run.backend.as_ref(),
         forget_run: &forget,
     };
     let failed = run.journal.undo_all(&undo);

@@ -16,9 +16,9 @@ pub mod qmp;
 
 use crate::util::{self, absolute, run_tool};
 use crate::{
-    io_err, BackendError, Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk,
-    Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod, VmDetail, VmInfo,
-    VmLocator,
+    io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
+    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
+    VmDetail, VmInfo, VmLocator,
 };
 use qmp::{Event, Qmp};
 use serde_json::{json, Value};
@@ -80,6 +80,12 @@ impl Default for QemuBackend {
             memory_save_timeout: Duration::from_secs(1800),
             clone_start_timeout: Duration::from_secs(120),
         }
+    }
+}
+
+fn qemu_clone(detail: &mut CloneDetail) -> &mut QemuClone {
+    match detail {
+        CloneDetail::Qemu(c) => c,
     }
 }
 
@@ -744,7 +750,7 @@ impl Hypervisor for QemuBackend {
             taps: cmd.taps.clone(),
             disks: clone_disks,
             console_log,
-            detail: QemuClone {
+            detail: CloneDetail::Qemu(QemuClone {
                 qmp: None,
                 child: None,
                 marker: clone_name.to_string(),
@@ -752,12 +758,12 @@ impl Hypervisor for QemuBackend {
                 tap_journal_ids: tap_ids,
                 namespace: net.namespace.clone(),
                 stopped: false,
-            },
+            }),
         };
         let connected = Qmp::connect_retry(&qmp_path, self.clone_start_timeout, &mut || {
             matches!(child.try_wait(), Ok(None))
         });
-        clone.detail.child = Some(child);
+        qemu_clone(&mut clone.detail).child = Some(child);
         let mut q = match connected {
             Ok(q) => q,
             Err(e) => {
@@ -796,7 +802,7 @@ impl Hypervisor for QemuBackend {
             ));
         }
         journal.milestone("restore:memory-loaded")?;
-        clone.detail.qmp = Some(q);
+        qemu_clone(&mut clone.detail).qmp = Some(q);
         Ok(clone)
     }
 
@@ -813,8 +819,7 @@ impl Hypervisor for QemuBackend {
                 )));
             }
         }
-        let q = clone
-            .detail
+        let q = qemu_clone(&mut clone.detail)
             .qmp
             .as_mut()
             .ok_or_else(|| BackendError::Clone("no QMP connection to the clone".into()))?;
@@ -831,8 +836,7 @@ impl Hypervisor for QemuBackend {
                 "QEMU guests are stopped with the ACPI power button".into(),
             ));
         }
-        let q = clone
-            .detail
+        let q = qemu_clone(&mut clone.detail)
             .qmp
             .as_mut()
             .ok_or_else(|| BackendError::Clone("no QMP connection to the clone".into()))?;
@@ -842,7 +846,7 @@ impl Hypervisor for QemuBackend {
     fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome> {
         let start = Instant::now();
         let mut outcome = CloneOutcome::Killed;
-        if let Some(q) = clone.detail.qmp.as_mut() {
+        if let Some(q) = qemu_clone(&mut clone.detail).qmp.as_mut() {
             match q.wait_event("the clone to shut down", timeout, &|e| e.name == "SHUTDOWN") {
                 Ok(ev) => {
                     let reason = ev.data.get("reason").and_then(Value::as_str).unwrap_or("");
@@ -858,7 +862,7 @@ impl Hypervisor for QemuBackend {
                 Err(e) => return Err(e),
             }
         }
-        let child = clone.detail.child.as_mut();
+        let child = qemu_clone(&mut clone.detail).child.as_mut();
         if let Some(child) = child {
             let left = timeout
                 .saturating_sub(start.elapsed())
@@ -877,28 +881,30 @@ impl Hypervisor for QemuBackend {
                 }
             }
         }
-        clone.detail.qmp = None;
-        clone.detail.stopped = true;
+        qemu_clone(&mut clone.detail).qmp = None;
+        qemu_clone(&mut clone.detail).stopped = true;
         Ok(outcome)
     }
 
     fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()> {
-        clone.detail.qmp = None;
-        if let Some(mut child) = clone.detail.child.take() {
+        let taps = clone.taps.clone();
+        let d = qemu_clone(&mut clone.detail);
+        d.qmp = None;
+        if let Some(mut child) = d.child.take() {
             if matches!(child.try_wait(), Ok(None)) {
                 let _ = child.kill();
             }
             let _ = child.wait();
         }
-        for pid in util::find_processes_with_marker(&clone.detail.marker) {
+        for pid in util::find_processes_with_marker(&d.marker) {
             util::kill_and_wait(pid, Duration::from_secs(10));
         }
-        journal.removed(clone.detail.process_journal_id)?;
-        for (t, id) in clone.taps.iter().zip(clone.detail.tap_journal_ids.iter()) {
-            network_isolation::delete_link(&clone.detail.namespace, t)?;
+        journal.removed(d.process_journal_id)?;
+        for (t, id) in taps.iter().zip(d.tap_journal_ids.iter()) {
+            network_isolation::delete_link(&d.namespace, t)?;
             journal.removed(*id)?;
         }
-        clone.detail.stopped = true;
+        d.stopped = true;
         Ok(())
     }
 

@@ -100,7 +100,7 @@ impl Default for InitOptions {
 }
 
 /// Default chunk size (chosen by measurement, see docs/performance.md).
-pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
+pub const DEFAULT_CHUNK_SIZE: u32 = 16 << 10;
 
 /// Number of chunk ids per map blob.
 pub(crate) const MAP_ENTRIES: usize = 8192;

@@ -165,6 +165,12 @@ pub(crate) fn parse_pack_header(
     Ok(out)
 }
 
+thread_local! {
+    /// Creating a zstd context costs more than decompressing a small chunk: one per thread.
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
+}
+
 /// Decrypt, decompress and verify one blob; `raw` is its stored bytes.
 pub(crate) fn open_blob(
     key: &MasterKey,
@@ -178,7 +184,11 @@ pub(crate) fn open_blob(
             RepoError::corrupt(what, format!("blob {} fails authentication", to_hex(&e.id)))
         })?;
     let data = if e.flags & FLAG_ZSTD != 0 {
-        zstd::bulk::decompress(&plain, e.raw_len as usize).map_err(|err| {
+        DCTX.with(|d| match d.borrow_mut().as_mut() {
+            Some(d) => d.decompress(&plain, e.raw_len as usize),
+            None => zstd::bulk::decompress(&plain, e.raw_len as usize),
+        })
+        .map_err(|err| {
             RepoError::corrupt(
                 what,
                 format!("blob {} does not decompress: {err}", to_hex(&e.id)),
@@ -314,10 +324,6 @@ impl Index {
                 flags: b.flags,
             });
         }
-    }
-
-    pub(crate) fn get(&self, id: &Id) -> Option<&BlobLoc> {
-        self.blobs.get(id)
     }
 
     pub(crate) fn contains(&self, id: &Id) -> bool {

@@ -142,6 +142,10 @@ impl Backend for LocalBackend {
     fn exists(&self, key: &str) -> Result<bool> {
         Ok(self.path(key).exists())
     }
+
+    fn cleanup_tmp(&self, min_age_secs: i64) {
+        remove_stale_tmp(&self.root, min_age_secs);
+    }
 }
 
 /// Remove leftover temporary files older than `min_age_secs` (from killed writers).

@@ -37,4 +37,6 @@ pub(crate) trait Backend: Send + Sync {
     fn parallel_requests(&self) -> usize {
         1
     }
+    /// Remove temporary objects of killed writers older than `min_age_secs`.
+    fn cleanup_tmp(&self, _min_age_secs: i64) {}
 }

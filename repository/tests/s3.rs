@@ -1,0 +1,181 @@
+//! Against a real S3-compatible server started here: moto_server (PyPI `moto[server]`).
+mod common;
+use coldclone_repository::*;
+use common::*;
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have_moto() -> bool {
+    Command::new("moto_server")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Start moto_server on a free port; install it with pip when missing.
+fn start_server() -> Option<Server> {
+    if !have_moto() {
+        eprintln!("moto_server not found: installing it with pip (moto[server])");
+        let _ = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--break-system-packages",
+                "moto[server]",
+            ])
+            .status();
+    }
+    if !have_moto() {
+        if std::env::var_os("CI").is_some() {
+            panic!("moto_server is required in CI: pip install 'moto[server]'");
+        }
+        eprintln!("SKIPPED: moto_server cannot be installed here (pip install 'moto[server]')");
+        return None;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start moto_server");
+    let s = Server { child, port };
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "moto_server did not listen within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some(s)
+}
+
+fn loc(port: u16, prefix: &str) -> Location {
+    Location::S3 {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        bucket: "coldclone-test".into(),
+        prefix: prefix.into(),
+        region: "us-east-1".into(),
+        access_key: "testing".into(),
+        secret_key: "testing".into(),
+    }
+}
+
+#[test]
+fn s3_repository_full_cycle_and_concurrent_writers() {
+    let Some(server) = start_server() else { return };
+    let loc = loc(server.port, "fleet/repo1");
+    let mut o = opts(16384);
+    o.pack_size = 1 << 20;
+    let repo = Repository::init_with(&loc, "pw", &o).unwrap();
+    assert!(matches!(
+        Repository::init_with(&loc, "pw", &o),
+        Err(RepoError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        Repository::open(&loc, "nope"),
+        Err(RepoError::WrongPassword(_))
+    ));
+
+    // Several writers ("hosts") at once, each with its own handle, into one repository.
+    // They share half their data, so they also race on the same chunks.
+    let shared = random_bytes(99, 1 << 20);
+    let imgs: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            let mut v = shared.clone();
+            v.extend(disk_image(10 + i, 3 << 20));
+            v
+        })
+        .collect();
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = imgs
+            .iter()
+            .enumerate()
+            .map(|(i, img)| {
+                let loc = loc.clone();
+                s.spawn(move || {
+                    let r = Repository::open(&loc, "pw").unwrap();
+                    r.backup_disk(
+                        &MemSource(img.clone()),
+                        meta(&format!("vm{i}"), "xvda"),
+                        &BackupOptions::default(),
+                        &NoProgress,
+                    )
+                    .unwrap()
+                    .snapshot_id
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let repo2 = Repository::open(&loc, "pw").unwrap();
+    assert_eq!(repo2.snapshots().unwrap().len(), 3);
+    let c = repo2.check(true).unwrap();
+    assert!(c.ok, "{c:?}");
+    let dir = TempDir::new("s3");
+    for (i, id) in ids.iter().enumerate() {
+        let out = dir.path().join(format!("out{i}"));
+        repo2.restore(id, &out, &NoProgress).unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == imgs[i],
+            "restore {i} differs"
+        );
+    }
+
+    // Incremental with changed ranges over S3.
+    let mut img = imgs[0].clone();
+    img[2_000_000..2_004_096].copy_from_slice(&random_bytes(5, 4096));
+    let inc = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("vm0", "xvda"),
+            &BackupOptions {
+                parent: Some(ids[0].clone()),
+                changed_ranges: Some(vec![2_000_000..2_004_096]),
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    assert!(inc.bytes_read <= 2 * 16384);
+    let out = dir.path().join("inc");
+    repo.restore(&inc.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == img);
+
+    // forget + prune over S3.
+    repo.forget(&ids[1]).unwrap();
+    let p = repo.prune(&RetentionPolicy::default(), false).unwrap();
+    assert_eq!(p.kept.len(), 3);
+    assert!(p.bytes_freed > 0, "{p:?}");
+    let c = repo.check(true).unwrap();
+    assert!(c.ok, "{c:?}");
+    repo.restore(&ids[2], &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == imgs[2]);
+
+    // Another prefix in the same bucket is another (absent) repository.
+    assert!(matches!(
+        Repository::open(&self::loc(server.port, "elsewhere"), "pw"),
+        Err(RepoError::NotFound { .. })
+    ));
+}

@@ -153,7 +153,7 @@ fn s3_repository_full_cycle_and_concurrent_writers() {
             meta("vm0", "xvda"),
             &BackupOptions {
                 parent: Some(ids[0].clone()),
-                changed_ranges: Some(vec![2_000_000..2_004_096]),
+                changed_ranges: Some(std::iter::once(2_000_000..2_004_096).collect()),
             },
             &NoProgress,
         )

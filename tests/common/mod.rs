@@ -164,6 +164,8 @@ pub struct VmOptions {
     pub ignore_power_button: bool,
     pub memory_mib: u32,
     pub with_nic: bool,
+    /// MiB of guest RAM to fill with non-zero data before the guest reports up.
+    pub fill_mib: u32,
 }
 
 /// An "original" VM: the test guest writing its counter, pinging the peer.
@@ -196,6 +198,9 @@ impl Vm {
                 " cc_ip={guest_ip}/24 cc_peer=10.77.{}.1",
                 net.subnet
             ));
+        }
+        if opts.fill_mib > 0 {
+            append.push_str(&format!(" cc_fill_mb={}", opts.fill_mib));
         }
         if opts.ignore_power_button {
             append.push_str(" cc_ignore_powerbutton=1");

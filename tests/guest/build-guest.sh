@@ -10,6 +10,7 @@
 # Kernel command line knobs read by /init:
 #   cc_ip=ADDR/LEN cc_peer=ADDR  bring eth0 up and ping the peer 5 times a second
 #   cc_ignore_powerbutton=1      a guest that ignores the power button
+#   cc_fill_mb=N                 fill N MiB of RAM with non-zero data (benchmarks: a busy guest)
 # Needs: apt-get (downloads two Debian packages once), cpio, mkfs.ext4.
 set -euo pipefail
 OUT=$(realpath -m "${1:-target/test-guest}")
@@ -51,6 +52,9 @@ if [ -n "$IP" ]; then
   ip link set eth0 up && ip addr add "$IP" dev eth0 && echo "NET UP $IP"
   [ -n "$PEER" ] && ( ping -i 0.2 "$PEER" > /dev/null 2>&1 & )
 fi
+FILL=$(arg cc_fill_mb)
+# Non-zero pages: QEMU skips zero pages, so an idle guest would flatter every method.
+[ -n "$FILL" ] && yes "coldclone fills guest memory with non-zero pages" | head -c "${FILL}m" > /fill && echo "FILLED $FILL MiB"
 echo "GUEST UP $(cat /proc/uptime)"
 # The writer: a.txt then b.txt, as fast as it can; it stops when /tmp/stop appears.
 ( n=$(cat /data/a.txt 2>/dev/null || echo 0); while [ ! -e /tmp/stop ]; do n=$((n+1)); echo $n > /data/a.txt; echo $n > /data/b.txt; done; echo $n > /tmp/final ) &

@@ -108,6 +108,23 @@ fn migration_status(ev: &Event) -> Option<&str> {
         .flatten()
 }
 
+/// `cont`, retried while QEMU is still finalizing a migration that has just
+/// reported `completed` (it refuses with "Migration is not finalized yet").
+pub fn cont(q: &mut Qmp) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match q.execute("cont", json!({})) {
+            Ok(_) => return Ok(()),
+            Err(BackendError::QmpCommand { desc, .. })
+                if desc.contains("not finalized") && start.elapsed() < Duration::from_secs(30) =>
+            {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads the migration capabilities we are about to change, to put them back later.
 fn current_capabilities(q: &mut Qmp, names: &[&str]) -> Result<Vec<(String, bool)>> {
     let caps = q.execute("query-migrate-capabilities", json!({}))?;
@@ -255,8 +272,8 @@ impl QemuBackend {
     fn resume_if_paused(q: &mut Qmp) -> Result<()> {
         cancel_migration(q)?;
         let st = q.status()?;
-        if st == "paused" || st == "postmigrate" {
-            q.execute("cont", json!({}))?;
+        if matches!(st.as_str(), "paused" | "postmigrate" | "finish-migrate") {
+            cont(q)?;
         }
         Ok(())
     }
@@ -392,7 +409,7 @@ impl QemuBackend {
                     done.data
                 )));
             }
-            q.execute("cont", json!({}))?;
+            cont(q)?;
             let resume = q.wait_event("the original to resume", Duration::from_secs(30), &|e| {
                 e.name == "RESUME"
             })?;
@@ -823,7 +840,7 @@ impl Hypervisor for QemuBackend {
             .qmp
             .as_mut()
             .ok_or_else(|| BackendError::Clone("no QMP connection to the clone".into()))?;
-        q.execute("cont", json!({}))?;
+        cont(q)?;
         q.wait_event("the clone to run", Duration::from_secs(30), &|e| {
             e.name == "RESUME"
         })?;

@@ -1,0 +1,148 @@
+//! Bad input: a clear error naming the problem, a non-zero exit, nothing created.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_coldclone");
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.join("repo")).output();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir(tag: &str) -> Dir {
+    let p = std::env::temp_dir().join(format!("coldclone-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    Dir(p)
+}
+
+fn config(d: &Path, qmp: &str) -> PathBuf {
+    std::fs::write(d.join("pw"), "pw\n").unwrap();
+    let cfg = d.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{0}/state\"\n[repository]\npath = \"{0}/repo\"\npassword_file = \"{0}/pw\"\n[[vm]]\nname = \"web1\"\nqmp = \"{qmp}\"\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn run(cfg: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).arg("--config").arg(cfg).args(args).env_remove("COLDCLONE_PASSWORD").output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// No journal, no work folder, no snapshot: the run created nothing.
+fn assert_nothing_created(d: &Path, cfg: &Path) {
+    for sub in ["state/journal", "state/runs"] {
+        let n = std::fs::read_dir(d.join(sub)).map(|r| r.count()).unwrap_or(0);
+        assert_eq!(n, 0, "{sub} is not empty");
+    }
+    let o = run(cfg, &["--json", "snapshots"]);
+    if o.status.success() {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v.as_array().map(Vec::len), Some(0), "a snapshot was recorded");
+    }
+}
+
+#[test]
+fn every_verb_has_help() {
+    for verb in ["backup", "init", "snapshots", "restore", "recover", "doctor"] {
+        let o = Command::new(BIN).args([verb, "--help"]).output().unwrap();
+        assert!(o.status.success(), "{verb} --help failed");
+        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"), "{verb} --help");
+    }
+}
+
+#[test]
+fn a_malformed_config_is_named_with_its_line() {
+    let d = dir("malformed");
+    let cfg = d.0.join("bad.toml");
+    std::fs::write(&cfg, "state_dir = \"/tmp/x\"\n[[vm]\nname = 1\n").unwrap();
+    let o = run(&cfg, &["backup"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("bad.toml") && e.contains("line 2"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    // And a missing one.
+    let o = run(&d.0.join("nope.toml"), &["backup"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot read config file") && stderr(&o).contains("nope.toml"));
+}
+
+#[test]
+fn an_unknown_vm_is_refused_before_anything_happens() {
+    let d = dir("unknown");
+    let cfg = config(&d.0, "/nonexistent/web1.qmp");
+    assert!(run(&cfg, &["init"]).status.success());
+    let o = run(&cfg, &["backup", "db9"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(e.contains("unknown VM \"db9\"") && e.contains("web1"), "{e}");
+    assert_nothing_created(&d.0, &cfg);
+}
+
+#[test]
+fn an_unreachable_qmp_socket_fails_the_vm_and_creates_nothing() {
+    let d = dir("noqmp");
+    let sock = d.0.join("gone.qmp");
+    let cfg = config(&d.0, &sock.display().to_string());
+    assert!(run(&cfg, &["init"]).status.success());
+    let o = run(&cfg, &["--json", "backup"]);
+    assert_eq!(o.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(
+        String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").as_bytes(),
+    )
+    .expect("one JSON report");
+    assert_eq!(report["status"], "failed");
+    let e = report["error"].as_str().unwrap_or("");
+    assert!(e.contains("cannot reach the VM's QMP socket") && e.contains("gone.qmp"), "{e}");
+    assert_nothing_created(&d.0, &cfg);
+}
+
+#[test]
+fn a_missing_password_or_repository_is_explained() {
+    let d = dir("nopw");
+    let cfg = config(&d.0, "/x.qmp");
+    let o = run(&cfg, &["backup"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot open the repository"), "{}", stderr(&o));
+    std::fs::remove_file(d.0.join("pw")).unwrap();
+    let o = run(&cfg, &["init"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("password file"), "{}", stderr(&o));
+}
+
+#[test]
+fn needs_root_an_unwritable_repository_is_refused_before_the_vm_is_touched() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: needs root to make a read-only bind mount");
+        return;
+    }
+    let d = dir("rorepo");
+    let cfg = config(&d.0, "/nonexistent.qmp");
+    assert!(run(&cfg, &["init"]).status.success());
+    let repo = d.0.join("repo");
+    let m = Command::new("sh")
+        .arg("-c")
+        .arg(format!("mount --bind {0} {0} && mount -o remount,ro,bind {0}", repo.display()))
+        .status()
+        .unwrap();
+    assert!(m.success(), "could not make a read-only bind mount");
+    let o = run(&cfg, &["backup"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("not writable") && e.contains("repo"), "{e}");
+    assert_nothing_created(&d.0, &cfg);
+}

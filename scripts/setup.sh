@@ -1,0 +1,36 @@
+#!/bin/bash
+# Installs what coldclone's build, demo and tests need on Debian 12, as root:
+# QEMU, qemu-img, iproute2, e2fsprogs, tcpdump, the test guest's build tools,
+# the peers the benchmarks compare against, and a Rust toolchain new enough
+# for the workspace (Debian's rustc-web/cargo-web when the system has none).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+need_apt=()
+for pair in qemu-system-x86_64:qemu-system-x86 ip:iproute2 e2fsck:e2fsprogs tcpdump:tcpdump cpio:cpio \
+            gcc:build-essential pkg-config:pkg-config xz:xz-utils zstd:zstd curl:curl python3:python3 \
+            pip3:python3-pip restic:restic borg:borgbackup /usr/bin/time:time; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+# qemu-img separately: some images carry a newer qemu-utils that conflicts when both come at once.
+if ! command -v qemu-img >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends qemu-utils
+fi
+# Rust >= 1.89 (std's File::try_lock). Debian 12's rustc is 1.63; rustc-web is current.
+rust_ok() {
+  command -v cargo >/dev/null 2>&1 || return 1
+  local v; v=$(rustc --version 2>/dev/null | awk '{print $2}')
+  [ "$(printf '%s\n1.89.0\n' "$v" | sort -V | head -1)" = "1.89.0" ]
+}
+if ! rust_ok; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends rustc-web cargo-web
+fi
+rust_ok || { echo "setup: no Rust >= 1.89 could be installed" >&2; exit 1; }
+# The repository's S3 tests start a real S3-compatible server (moto) on 127.0.0.1.
+if ! command -v moto_server >/dev/null 2>&1; then
+  pip3 install -q 'moto[server]' 2>/dev/null || pip3 install -q --break-system-packages 'moto[server]'
+fi

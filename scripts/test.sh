@@ -1,0 +1,16 @@
+#!/bin/bash
+# Runs every test: unit tests, the real-QEMU pipeline tests, the network
+# isolation tests and the repository tests (real S3 server). Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --workspace --all-targets
+mkdir -p target
+# The QEMU tests serialize their guests themselves (2 cores, TCG).
+set +e
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
+rc=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary.
+awk '/^test result:/ {p+=$4; f+=$6; i+=$8} END {print p " passed, " f " failed, " i " skipped"}' target/test-output.txt
+exit "$rc"

@@ -87,10 +87,36 @@ impl<'a> Packer<'a> {
             }
         };
         if let Some(b) = batch {
-            let n = self.repo.save_index(&b)?;
-            self.stored_bytes.fetch_add(n, Ordering::Relaxed);
+            self.save_index_or_restore(b)?;
         }
         Ok(())
+    }
+
+    /// Index `packs`; on failure keep them in the unindexed list so that `abandon` sees them.
+    fn save_index_or_restore(&self, packs: Vec<PackDesc>) -> Result<()> {
+        match self.repo.save_index(&packs) {
+            Ok(n) => {
+                self.stored_bytes.fetch_add(n, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok(mut u) = self.unindexed.lock() {
+                    u.extend(packs);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// After a failure: delete the packs this writer wrote that no index lists yet. Nobody
+    /// else can use them (others only dedup against indexed packs), so this is safe, and it
+    /// gives back the space at once (for example after the storage ran full).
+    pub(crate) fn abandon(&self) {
+        if let Ok(mut u) = self.unindexed.lock() {
+            for p in u.drain(..) {
+                let _ = self.repo.backend.delete(&pack_key(&p.id));
+            }
+        }
     }
 
     /// Write the open pack and an index for all packs not yet indexed.
@@ -101,8 +127,7 @@ impl<'a> Packer<'a> {
         }
         let rest = std::mem::take(&mut *self.unindexed.lock().map_err(|_| poisoned())?);
         if !rest.is_empty() {
-            let n = self.repo.save_index(&rest)?;
-            self.stored_bytes.fetch_add(n, Ordering::Relaxed);
+            self.save_index_or_restore(rest)?;
         }
         Ok(())
     }
@@ -357,7 +382,8 @@ pub(crate) fn backup_disk(
     });
 
     if let Some(e) = first_err.into_inner().ok().flatten() {
-        // Packs already written stay as unreferenced data: harmless, removed by prune.
+        // Indexed packs already written stay as unreferenced data: harmless, prune removes them.
+        packer.abandon();
         return Err(e);
     }
     let zero_chunks =
@@ -376,12 +402,17 @@ pub(crate) fn backup_disk(
         let fresh = !index.contains(&id) && new_ids.lock().map_err(|_| poisoned())?.insert(id);
         if fresh {
             let (flags, sealed) = seal_blob(&repo.key, &mut comp, &id, KIND_MAP, &b);
-            packer.add(id, KIND_MAP, flags, &sealed, b.len() as u32)?;
+            if let Err(e) = packer.add(id, KIND_MAP, flags, &sealed, b.len() as u32) {
+                packer.abandon();
+                return Err(e);
+            }
         }
         map_ids.push(to_hex(&id));
     }
-    packer.flush()?;
-    lock.check_fresh()?;
+    if let Err(e) = packer.flush().and_then(|_| lock.check_fresh()) {
+        packer.abandon();
+        return Err(e);
+    }
 
     let now = now_unix();
     let mut snap = Snapshot {

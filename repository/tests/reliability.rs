@@ -1,0 +1,199 @@
+//! kill -9 during a backup, and a full file system.
+mod common;
+use coldclone_repository::*;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CHILD_ENV: &str = "COLDCLONE_TEST_KILL_CHILD_REPO";
+
+/// Not a test on its own: the body of the child process `kill9_during_backup` kills.
+#[test]
+fn kill9_child_helper() {
+    let Ok(repo) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let r = Repository::open(&Location::Local(PathBuf::from(repo)), "pw").unwrap();
+    let img = random_bytes(4242, 192 << 20);
+    r.backup_disk(
+        &MemSource(img),
+        meta("victim", "xvda"),
+        &BackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    // Only reached when the parent failed to kill in time.
+    std::process::exit(3);
+}
+
+fn count_files(dir: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !e.file_name().to_string_lossy().starts_with(".tmp") {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[test]
+fn kill9_during_backup_leaves_a_valid_repository() {
+    let dir = TempDir::new("kill9");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let mut o = opts(16384);
+    o.pack_size = 1 << 20;
+    let repo = Repository::init_with(&loc, "pw", &o).unwrap();
+    let before = repo
+        .backup_disk(
+            &MemSource(random_bytes(1, 1 << 20)),
+            meta("keep", "xvda"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "kill9_child_helper",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &root)
+        .spawn()
+        .unwrap();
+    // Kill it once it has written packs (and at least one index), mid-backup.
+    let t = Instant::now();
+    loop {
+        if count_files(&root.join("index")) >= 2 && count_files(&root.join("data")) >= 40 {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("child ended before it could be killed: {st}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "child too slow");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let st = child.wait().unwrap();
+    assert!(!st.success());
+
+    let repo = Repository::open(&loc, "pw").unwrap();
+    // The partial backup is invisible, the earlier one intact.
+    let snaps = repo.snapshots().unwrap();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert_eq!(snaps[0].id, before.snapshot_id);
+    let c = repo.check(true).unwrap();
+    assert!(c.ok, "{c:?}");
+    // The dead backup's lock does not block prune (its process is gone); prune keeps the
+    // repository sound and removes the indexed leftovers.
+    let p = repo.prune(&RetentionPolicy::default(), false).unwrap();
+    assert!(p.packs_deleted > 0, "{p:?}");
+    assert!(repo.check(true).unwrap().ok);
+    // And backups go on.
+    let img = random_bytes(7, 2 << 20);
+    let s = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("after", "xvda"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    let out = dir.path().join("out");
+    repo.restore(&s.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == img);
+}
+
+struct Mount(PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_gives_a_clear_error_and_no_damage() {
+    let dir = TempDir::new("full");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var_os("CI").is_some() {
+            panic!("cannot mount a tmpfs (needs root)");
+        }
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _m = Mount(mnt.clone());
+    let root = mnt.join("repo");
+    let loc = Location::Local(root.clone());
+    let mut o = opts(16384);
+    o.pack_size = 1 << 20;
+    let repo = Repository::init_with(&loc, "pw", &o).unwrap();
+    let small = random_bytes(1, 1 << 20);
+    let first = repo
+        .backup_disk(
+            &MemSource(small.clone()),
+            meta("vm", "a"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    let e = repo
+        .backup_disk(
+            &MemSource(random_bytes(2, 16 << 20)),
+            meta("vm", "b"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap_err();
+    assert!(matches!(e, RepoError::StorageFull { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("storage full") && msg.contains("not damaged"),
+        "{msg}"
+    );
+    // No temporary files left behind, the failed backup invisible, the repository sound.
+    let mut tmp = 0;
+    for d in std::fs::read_dir(root.join("data")).unwrap().flatten() {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            if f.file_name().to_string_lossy().starts_with(".tmp") {
+                tmp += 1;
+            }
+        }
+    }
+    assert_eq!(tmp, 0);
+    assert_eq!(repo.snapshots().unwrap().len(), 1);
+    let c = repo.check(true).unwrap();
+    assert!(c.ok, "{c:?}");
+    // Prune frees the space the failed backup took; then a small backup fits again.
+    repo.prune(&RetentionPolicy::default(), false).unwrap();
+    let out = dir.path().join("out");
+    repo.restore(&first.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == small);
+    repo.backup_disk(
+        &MemSource(random_bytes(3, 1 << 20)),
+        meta("vm", "c"),
+        &BackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(repo.check(true).unwrap().ok);
+}

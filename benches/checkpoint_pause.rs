@@ -32,12 +32,21 @@ fn savevm(vm: &Vm) -> f64 {
     let mut q = Qmp::connect(&vm.qmp).expect("qmp");
     q.clear_events();
     let out = q
-        .execute("human-monitor-command", json!({"command-line": "savevm coldclone-bench"}))
+        .execute(
+            "human-monitor-command",
+            json!({"command-line": "savevm coldclone-bench"}),
+        )
         .expect("savevm");
-    assert!(out.as_str().unwrap_or("").trim().is_empty(), "savevm said: {out}");
+    assert!(
+        out.as_str().unwrap_or("").trim().is_empty(),
+        "savevm said: {out}"
+    );
     let p = pause_of(&mut q);
-    q.execute("human-monitor-command", json!({"command-line": "delvm coldclone-bench"}))
-        .expect("delvm");
+    q.execute(
+        "human-monitor-command",
+        json!({"command-line": "delvm coldclone-bench"}),
+    )
+    .expect("delvm");
     p
 }
 
@@ -49,12 +58,18 @@ fn stop_migrate_cont(vm: &Vm, dir: &std::path::Path) -> f64 {
         json!({"capabilities": [{"capability": "events", "state": true}]}),
     )
     .expect("caps");
-    q.execute("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 40}))
-        .expect("bandwidth");
+    q.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 40}),
+    )
+    .expect("bandwidth");
     q.clear_events();
     q.execute("stop", json!({})).expect("stop");
-    q.execute("migrate", json!({"uri": format!("exec:cat > {}", file.display())}))
-        .expect("migrate");
+    q.execute(
+        "migrate",
+        json!({"uri": format!("exec:cat > {}", file.display())}),
+    )
+    .expect("migrate");
     q.wait_event("migration", Duration::from_secs(900), &|e| {
         e.name == "MIGRATION" && matches!(e.data["status"].as_str(), Some("completed" | "failed"))
     })
@@ -85,7 +100,10 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let reps: usize = std::env::var("BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let reps: usize = std::env::var("BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let mut rows = Vec::new();
     for mib in sizes {
         let dir = TempDir::new(&format!("bench{mib}"));
@@ -100,14 +118,22 @@ fn main() {
                 ..Default::default()
             },
         );
-        eprintln!("{mib} MiB guest up and filled in {:.0} s", t.elapsed().as_secs_f64());
+        eprintln!(
+            "{mib} MiB guest up and filled in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
         let setup = Setup::new(dir.path(), &vm.qmp, "", "");
-        let (mut cc, mut cc_disk, mut cc_total, mut sv, mut plain) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut cc, mut cc_disk, mut cc_total, mut sv, mut plain) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..reps {
             let (code, report, stderr) = setup.backup(&net.ns);
             assert_eq!(code, 0, "coldclone backup failed: {report} {stderr}");
             cc.push(report["original_pause_ms"].as_f64().unwrap_or(f64::NAN));
-            cc_disk.push(report["original_pause"]["disk_snapshot_ms"].as_f64().unwrap_or(f64::NAN));
+            cc_disk.push(
+                report["original_pause"]["disk_snapshot_ms"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+            );
             cc_total.push(report["durations_ms"]["total"].as_f64().unwrap_or(f64::NAN) / 1000.0);
             sv.push(savevm(&vm));
             plain.push(stop_migrate_cont(&vm, dir.path()));

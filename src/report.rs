@@ -8,6 +8,8 @@ pub struct Durations {
     pub restore: u64,
     pub stop: u64,
     pub archive: u64,
+    /// Clone removal, original's overlay merged back (block-commit), files removed.
+    pub cleanup: u64,
     pub total: u64,
 }
 

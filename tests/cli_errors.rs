@@ -35,7 +35,13 @@ fn config(d: &Path, qmp: &str) -> PathBuf {
 }
 
 fn run(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).arg("--config").arg(cfg).args(args).env_remove("COLDCLONE_PASSWORD").output().unwrap()
+    Command::new(BIN)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env_remove("COLDCLONE_PASSWORD")
+        .output()
+        .unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -45,22 +51,38 @@ fn stderr(o: &Output) -> String {
 /// No journal, no work folder, no snapshot: the run created nothing.
 fn assert_nothing_created(d: &Path, cfg: &Path) {
     for sub in ["state/journal", "state/runs"] {
-        let n = std::fs::read_dir(d.join(sub)).map(|r| r.count()).unwrap_or(0);
+        let n = std::fs::read_dir(d.join(sub))
+            .map(|r| r.count())
+            .unwrap_or(0);
         assert_eq!(n, 0, "{sub} is not empty");
     }
     let o = run(cfg, &["--json", "snapshots"]);
     if o.status.success() {
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(v.as_array().map(Vec::len), Some(0), "a snapshot was recorded");
+        assert_eq!(
+            v.as_array().map(Vec::len),
+            Some(0),
+            "a snapshot was recorded"
+        );
     }
 }
 
 #[test]
 fn every_verb_has_help() {
-    for verb in ["backup", "init", "snapshots", "restore", "recover", "doctor"] {
+    for verb in [
+        "backup",
+        "init",
+        "snapshots",
+        "restore",
+        "recover",
+        "doctor",
+    ] {
         let o = Command::new(BIN).args([verb, "--help"]).output().unwrap();
         assert!(o.status.success(), "{verb} --help failed");
-        assert!(String::from_utf8_lossy(&o.stdout).contains("Usage"), "{verb} --help");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Usage"),
+            "{verb} --help"
+        );
     }
 }
 
@@ -88,7 +110,10 @@ fn an_unknown_vm_is_refused_before_anything_happens() {
     let o = run(&cfg, &["backup", "db9"]);
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
-    assert!(e.contains("unknown VM \"db9\"") && e.contains("web1"), "{e}");
+    assert!(
+        e.contains("unknown VM \"db9\"") && e.contains("web1"),
+        "{e}"
+    );
     assert_nothing_created(&d.0, &cfg);
 }
 
@@ -101,12 +126,19 @@ fn an_unreachable_qmp_socket_fails_the_vm_and_creates_nothing() {
     let o = run(&cfg, &["--json", "backup"]);
     assert_eq!(o.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(
-        String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").as_bytes(),
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .as_bytes(),
     )
     .expect("one JSON report");
     assert_eq!(report["status"], "failed");
     let e = report["error"].as_str().unwrap_or("");
-    assert!(e.contains("cannot reach the VM's QMP socket") && e.contains("gone.qmp"), "{e}");
+    assert!(
+        e.contains("cannot reach the VM's QMP socket") && e.contains("gone.qmp"),
+        "{e}"
+    );
     assert_nothing_created(&d.0, &cfg);
 }
 
@@ -116,7 +148,11 @@ fn a_missing_password_or_repository_is_explained() {
     let cfg = config(&d.0, "/x.qmp");
     let o = run(&cfg, &["backup"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("cannot open the repository"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot open the repository"),
+        "{}",
+        stderr(&o)
+    );
     std::fs::remove_file(d.0.join("pw")).unwrap();
     let o = run(&cfg, &["init"]);
     assert_eq!(o.status.code(), Some(2));
@@ -136,7 +172,10 @@ fn needs_root_an_unwritable_repository_is_refused_before_the_vm_is_touched() {
     let repo = d.0.join("repo");
     let m = Command::new("sh")
         .arg("-c")
-        .arg(format!("mount --bind {0} {0} && mount -o remount,ro,bind {0}", repo.display()))
+        .arg(format!(
+            "mount --bind {0} {0} && mount -o remount,ro,bind {0}",
+            repo.display()
+        ))
         .status()
         .unwrap();
     assert!(m.success(), "could not make a read-only bind mount");

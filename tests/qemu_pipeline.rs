@@ -17,16 +17,36 @@ fn start(tag: &str, opts: VmOptions) -> Option<(TempDir, TestNet, Vm)> {
     Some((dir, net, vm))
 }
 
-#[test]
-fn needs_root_qemu_backup_of_a_writing_guest_is_clean_and_the_original_unharmed() {
-    let _s = serial();
-    let Some((dir, net, vm)) = start(
-        "backup",
+/// A guest with a NIC on the original's network, pinging the peer there.
+fn networked(tag: &str) -> Option<(TempDir, TestNet, Vm)> {
+    start(
+        tag,
         VmOptions {
             with_nic: true,
             ..Default::default()
         },
-    ) else {
+    )
+}
+
+/// `backup --json` while capturing the guest's pings on the original's
+/// network; returns the exit code, the report and the ping sequence numbers.
+fn backup_captured(
+    setup: &Setup,
+    net: &TestNet,
+    vm: &Vm,
+    dir: &std::path::Path,
+) -> (i32, Value, String, Vec<u64>) {
+    let cap = Capture::start(net, dir, &vm.guest_ip);
+    let (code, report, stderr) = setup.backup(&net.ns);
+    // Let the original ping on for a while after the backup.
+    std::thread::sleep(Duration::from_secs(2));
+    (code, report, stderr, cap.stop())
+}
+
+#[test]
+fn needs_root_qemu_backup_of_a_writing_guest_is_clean_and_the_original_unharmed() {
+    let _s = serial();
+    let Some((dir, net, vm)) = networked("backup") else {
         return;
     };
     let setup = Setup::new(dir.path(), &vm.qmp, "", "");
@@ -85,21 +105,11 @@ fn needs_root_qemu_backup_of_a_writing_guest_is_clean_and_the_original_unharmed(
 #[test]
 fn needs_root_qemu_the_clone_never_reaches_the_original_network() {
     let _s = serial();
-    let Some((dir, net, vm)) = start(
-        "isolation",
-        VmOptions {
-            with_nic: true,
-            ..Default::default()
-        },
-    ) else {
+    let Some((dir, net, vm)) = networked("isolation") else {
         return;
     };
     let setup = Setup::new(dir.path(), &vm.qmp, "", "");
-    let cap = Capture::start(&net, dir.path(), &vm.guest_ip);
-    let (code, report, stderr) = setup.backup(&net.ns);
-    // Let the original ping on for a while after the backup.
-    std::thread::sleep(Duration::from_secs(2));
-    let seqs = cap.stop();
+    let (code, report, stderr, seqs) = backup_captured(&setup, &net, &vm, dir.path());
     assert_eq!(code, 0, "backup failed: {report} {stderr}");
     assert!(
         seqs.len() > 10,
@@ -113,7 +123,7 @@ fn needs_root_qemu_the_clone_never_reaches_the_original_network() {
         "the clone's pings reached the original's network: {:?}",
         duplicates(&seqs)
     );
-    // The clone did run (and ping) on its own bridge: its console shows the power button.
+    // The clone did run (and so ping, on its own bridge) until it powered off.
     assert_eq!(report["consistency"], "clean-shutdown");
     vm.assert_unharmed();
     setup.assert_nothing_left(&net);
@@ -122,22 +132,13 @@ fn needs_root_qemu_the_clone_never_reaches_the_original_network() {
 #[test]
 fn needs_root_qemu_a_clone_whose_isolation_check_fails_is_never_resumed() {
     let _s = serial();
-    let Some((dir, net, vm)) = start(
-        "badbridge",
-        VmOptions {
-            with_nic: true,
-            ..Default::default()
-        },
-    ) else {
+    let Some((dir, net, vm)) = networked("badbridge") else {
         return;
     };
     // The operator names the original's own bridge (it has an address and an
     // uplink port): the check must refuse it and the clone must never run.
     let setup = Setup::new(dir.path(), &vm.qmp, "", "[isolation]\nbridge = \"obr\"\n");
-    let cap = Capture::start(&net, dir.path(), &vm.guest_ip);
-    let (code, report, stderr) = setup.backup(&net.ns);
-    std::thread::sleep(Duration::from_secs(2));
-    let seqs = cap.stop();
+    let (code, report, stderr, seqs) = backup_captured(&setup, &net, &vm, dir.path());
     assert_eq!(
         code, 1,
         "a backup with a failed isolation check must fail: {report} {stderr}"
@@ -170,13 +171,7 @@ fn needs_root_qemu_a_clone_whose_isolation_check_fails_is_never_resumed() {
 #[test]
 fn needs_root_qemu_kill_9_at_every_step_then_recover_leaves_nothing() {
     let _s = serial();
-    let Some((dir, net, vm)) = start(
-        "faults",
-        VmOptions {
-            with_nic: true,
-            ..Default::default()
-        },
-    ) else {
+    let Some((dir, net, vm)) = networked("faults") else {
         return;
     };
     let setup = Setup::new(dir.path(), &vm.qmp, "", "");
@@ -299,4 +294,82 @@ fn needs_root_qemu_a_clone_that_ignores_the_power_button() {
     assert_eq!(snaps[0]["consistency"], "crash");
     vm.assert_unharmed();
     setup.assert_nothing_left(&net);
+}
+
+#[test]
+fn needs_root_qemu_clones_in_their_own_network_namespace() {
+    let _s = serial();
+    let Some((dir, net, vm)) = start(
+        "netns",
+        VmOptions {
+            with_nic: true,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let iso_ns = format!("cciso{}", std::process::id());
+    let setup = Setup::new(
+        dir.path(),
+        &vm.qmp,
+        "",
+        &format!("[isolation]\nnetns = \"{iso_ns}\"\n"),
+    );
+    let (code, report, stderr, seqs) = backup_captured(&setup, &net, &vm, dir.path());
+    assert_eq!(code, 0, "{report} {stderr}");
+    assert_eq!(report["isolated_network"]["namespace"], iso_ns.as_str());
+    assert!(
+        duplicates(&seqs).is_empty(),
+        "the clone reached the original's network"
+    );
+    assert!(
+        !std::path::Path::new("/run/netns").join(&iso_ns).exists(),
+        "the namespace made for the run was not removed"
+    );
+    assert_restored_disk_is_clean(&setup, None);
+    vm.assert_unharmed();
+    setup.assert_nothing_left(&net);
+}
+
+#[test]
+fn needs_root_qemu_doctor_checks_the_host_and_the_vms() {
+    let _s = serial();
+    let Some((dir, net, vm)) = start("doctor", VmOptions::default()) else {
+        return;
+    };
+    let setup = Setup::new(dir.path(), &vm.qmp, "", "");
+    let out = setup.coldclone(Some(&net.ns), &["--json", "doctor"]);
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).expect("doctor json");
+    let vm_check = checks
+        .iter()
+        .find(|c| c["name"] == "vm t1")
+        .expect("a check for vm t1");
+    assert_eq!(vm_check["ok"], true, "{vm_check}");
+    assert!(
+        vm_check["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("256 MiB"),
+        "{vm_check}"
+    );
+    assert!(checks
+        .iter()
+        .any(|c| c["name"] == "repository" && c["ok"] == true));
+    assert_eq!(out.status.code(), Some(0), "{checks:?}");
+    // A VM whose socket is gone is reported, and doctor exits 4.
+    drop(vm);
+    let out = setup.coldclone(Some(&net.ns), &["--json", "doctor"]);
+    assert_eq!(out.status.code(), Some(4));
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).expect("doctor json");
+    let vm_check = checks
+        .iter()
+        .find(|c| c["name"] == "vm t1")
+        .expect("a check for vm t1");
+    assert!(
+        vm_check["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot reach"),
+        "{vm_check}"
+    );
 }

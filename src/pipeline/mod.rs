@@ -132,7 +132,9 @@ fn run_steps(
         report.consistency = Some(consistency);
         Ok::<(), PipelineError>(())
     })();
+    let t = Instant::now();
     let cleaned = cleanup::run(run, ctx);
+    report.durations_ms.cleanup = t.elapsed().as_millis() as u64;
     match (result, cleaned) {
         (Err(e), Err(c)) => Err(PipelineError::Other(format!(
             "{e}; and clean-up failed too: {c}"

@@ -3,7 +3,7 @@
 //! written afterwards under write protection) vs QEMU's own `savevm` vs a
 //! plain `stop` / migrate to a file / `cont`.
 //!
-//! Pauses are QEMU's own STOP→RESUME event timestamps. The guests fill 60 %
+//! Pauses are QEMU's own STOP→RESUME event timestamps. The guests fill 45 %
 //! of their RAM with non-zero data first (QEMU skips zero pages, so an idle
 //! guest would flatter every method). Needs root and QEMU.
 //!
@@ -114,7 +114,7 @@ fn main() {
             dir.path(),
             VmOptions {
                 memory_mib: mib,
-                fill_mib: mib * 6 / 10,
+                fill_mib: mib * 45 / 100,
                 ..Default::default()
             },
         );
@@ -149,7 +149,7 @@ fn main() {
         ));
     }
     println!();
-    println!("original's pause per checkpoint (median of {reps}; QEMU STOP->RESUME timestamps; 60% of RAM non-zero)");
+    println!("original's pause per checkpoint (median of {reps}; QEMU STOP->RESUME timestamps; 45% of RAM non-zero)");
     println!(
         "| guest RAM | coldclone pause ms | of which disk snapshot ms | savevm pause ms | stop+migrate+cont pause ms | savevm / coldclone | coldclone whole backup s |"
     );

@@ -48,6 +48,32 @@ pub struct RepositoryConfig {
     pub path: Option<PathBuf>,
     /// A file holding the repository password (else $COLDCLONE_PASSWORD).
     pub password_file: Option<PathBuf>,
+    /// S3-compatible object storage instead of a folder: endpoint URL.
+    pub s3_endpoint: Option<String>,
+    pub s3_bucket: Option<String>,
+    /// Objects go under this prefix (default "coldclone").
+    pub s3_prefix: Option<String>,
+    /// Default "us-east-1".
+    pub s3_region: Option<String>,
+    /// A file with two lines `access_key = ...` and `secret_key = ...` (TOML);
+    /// else $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY.
+    pub s3_credentials_file: Option<PathBuf>,
+}
+
+/// How many backups `prune` keeps per VM and disk.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Keep {
+    #[serde(default)]
+    pub last: u32,
+    #[serde(default)]
+    pub daily: u32,
+    #[serde(default)]
+    pub weekly: u32,
+    #[serde(default)]
+    pub monthly: u32,
+    #[serde(default)]
+    pub yearly: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -78,6 +104,8 @@ pub struct VmPolicy {
     /// Seconds the clone gets to power off after the request (default 300).
     pub stop_timeout_secs: Option<u64>,
     pub on_clone_failure: Option<OnCloneFailure>,
+    /// Retention for `prune` (default: last 7, daily 7, weekly 4, monthly 6, yearly 1).
+    pub keep: Option<Keep>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +116,7 @@ pub struct VmConfig {
     pub qmp: Option<PathBuf>,
     pub stop_timeout_secs: Option<u64>,
     pub on_clone_failure: Option<OnCloneFailure>,
+    pub keep: Option<Keep>,
 }
 
 impl VmConfig {
@@ -103,7 +132,16 @@ impl VmConfig {
 pub struct EffectivePolicy {
     pub stop_timeout_secs: u64,
     pub on_clone_failure: OnCloneFailure,
+    pub keep: Keep,
 }
+
+pub const DEFAULT_KEEP: Keep = Keep {
+    last: 7,
+    daily: 7,
+    weekly: 4,
+    monthly: 6,
+    yearly: 1,
+};
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -155,6 +193,19 @@ impl Config {
                 )));
             }
         }
+        let r = &self.repository;
+        let s3_set = r.s3_endpoint.is_some() || r.s3_bucket.is_some();
+        if s3_set && (r.s3_endpoint.is_none() || r.s3_bucket.is_none()) {
+            return Err(invalid(
+                "repository: s3_endpoint and s3_bucket go together".into(),
+            ));
+        }
+        if s3_set && r.path.is_some() {
+            return Err(invalid(
+                "repository: give either path (a folder) or s3_endpoint + s3_bucket, not both"
+                    .into(),
+            ));
+        }
         for n in [&self.isolation.bridge].into_iter().flatten() {
             network_isolation::check_ifname(n)
                 .map_err(|e| invalid(format!("isolation.bridge: {e}")))?;
@@ -183,6 +234,7 @@ impl Config {
                 .on_clone_failure
                 .or(self.defaults.on_clone_failure)
                 .unwrap_or_default(),
+            keep: vm.keep.or(self.defaults.keep).unwrap_or(DEFAULT_KEEP),
         }
     }
 }

@@ -66,6 +66,23 @@ enum Cmd {
         #[arg(long)]
         snapshot: Option<String>,
     },
+    /// Verify the repository: structure, or every chunk with --read-data.
+    Check {
+        /// Read and verify every stored chunk (slow), and name the backups a damaged chunk hurts.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Remove backups from the repository's list (by snapshot id, or run id for all its disks).
+    Forget {
+        #[arg(required = true)]
+        snapshots: Vec<String>,
+    },
+    /// Apply the retention policy (`keep` in the config) and free unreferenced data.
+    Prune {
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Remove what crashed runs left behind (clones, overlays, taps, bridges, files).
     Recover,
     /// Check that this host can run backups: tools, rights, memory, repository, VMs.
@@ -145,6 +162,21 @@ fn run(cli: Cli) -> Result<u8> {
                 &to,
                 json,
             )?;
+            Ok(exit::OK)
+        }
+        Cmd::Check { read_data } => Ok(
+            if commands::check::run(&load_config(&cli.config)?, read_data, json)? {
+                exit::OK
+            } else {
+                exit::NOT_CLEAN
+            },
+        ),
+        Cmd::Forget { snapshots } => {
+            commands::forget::run(&load_config(&cli.config)?, &snapshots, json)?;
+            Ok(exit::OK)
+        }
+        Cmd::Prune { dry_run } => {
+            commands::prune::run(&load_config(&cli.config)?, dry_run, json)?;
             Ok(exit::OK)
         }
         Cmd::Recover => {

@@ -100,6 +100,29 @@ fn needs_root_qemu_backup_of_a_writing_guest_is_clean_and_the_original_unharmed(
     assert!(assert_restored_disk_is_clean(&setup, Some(&second)) >= in_backup);
     vm.assert_unharmed();
     setup.assert_nothing_left(&net);
+
+    // The repository verbs over what the pipeline stored.
+    let check = setup.coldclone(None, &["--json", "check", "--read-data"]);
+    assert!(
+        check.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let first = report["snapshot_id"].as_str().expect("first run id");
+    let forget = setup.coldclone(None, &["forget", first]);
+    assert!(
+        forget.status.success(),
+        "forget: {}",
+        String::from_utf8_lossy(&forget.stderr)
+    );
+    let prune = setup.coldclone(None, &["--json", "prune"]);
+    assert!(
+        prune.status.success(),
+        "prune: {}",
+        String::from_utf8_lossy(&prune.stderr)
+    );
+    assert_eq!(setup.snapshots().len(), 1);
+    assert!(assert_restored_disk_is_clean(&setup, None) >= in_backup);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use coldclone_repository::Repository;
 
 pub fn run(cfg: &Config, json: bool) -> Result<()> {
-    let loc = location(cfg);
+    let loc = location(cfg)?;
     let pw = password(cfg)?;
     let repo = Repository::init(&loc, &pw)
         .with_context(|| format!("cannot create a repository at {loc}"))?;

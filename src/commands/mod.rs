@@ -1,8 +1,11 @@
 //! One module per CLI verb, over the library.
 
 pub mod backup;
+pub mod check;
 pub mod doctor;
+pub mod forget;
 pub mod init;
+pub mod prune;
 pub mod recover;
 pub mod restore;
 pub mod snapshots;
@@ -32,12 +35,50 @@ pub fn password(cfg: &Config) -> Result<String> {
     }
 }
 
-pub fn location(cfg: &Config) -> Location {
-    Location::Local(cfg.repository_path())
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3Credentials {
+    access_key: String,
+    secret_key: String,
+}
+
+/// The repository's location: a folder, or S3 with credentials from a file or the environment.
+pub fn location(cfg: &Config) -> Result<Location> {
+    let r = &cfg.repository;
+    let (Some(endpoint), Some(bucket)) = (&r.s3_endpoint, &r.s3_bucket) else {
+        return Ok(Location::Local(cfg.repository_path()));
+    };
+    let (access_key, secret_key) = match &r.s3_credentials_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the S3 credentials file {}", f.display()))?;
+            let c: S3Credentials = toml::from_str(&text).with_context(|| {
+                format!(
+                    "the S3 credentials file {} must hold access_key = \"...\" and secret_key = \"...\"",
+                    f.display()
+                )
+            })?;
+            (c.access_key, c.secret_key)
+        }
+        None => match (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY")) {
+            (Ok(a), Ok(s)) => (a, s),
+            _ => bail!(
+                "no S3 credentials: set repository.s3_credentials_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ),
+        },
+    };
+    Ok(Location::S3 {
+        endpoint: endpoint.clone(),
+        bucket: bucket.clone(),
+        prefix: r.s3_prefix.clone().unwrap_or_else(|| "coldclone".into()),
+        region: r.s3_region.clone().unwrap_or_else(|| "us-east-1".into()),
+        access_key,
+        secret_key,
+    })
 }
 
 pub fn open_repository(cfg: &Config) -> Result<Repository> {
-    let loc = location(cfg);
+    let loc = location(cfg)?;
     let pw = password(cfg)?;
     Repository::open(&loc, &pw).with_context(|| format!("cannot open the repository at {loc}"))
 }

@@ -54,7 +54,11 @@ if [ -n "$IP" ]; then
 fi
 FILL=$(arg cc_fill_mb)
 # Non-zero pages: QEMU skips zero pages, so an idle guest would flatter every method.
-[ -n "$FILL" ] && yes "coldclone fills guest memory with non-zero pages" | head -c "${FILL}m" > /fill && echo "FILLED $FILL MiB"
+# (1 MiB written N times with cat: far faster under TCG than yes | head.)
+if [ -n "$FILL" ]; then
+  yes "coldclone fills guest memory with non-zero pages" | head -c 1m > /chunk
+  i=0; while [ $i -lt "$FILL" ]; do cat /chunk; i=$((i+1)); done > /fill && echo "FILLED $FILL MiB"
+fi
 echo "GUEST UP $(cat /proc/uptime)"
 # The writer: a.txt then b.txt, as fast as it can; it stops when /tmp/stop appears.
 ( n=$(cat /data/a.txt 2>/dev/null || echo 0); while [ ! -e /tmp/stop ]; do n=$((n+1)); echo $n > /data/a.txt; echo $n > /data/b.txt; done; echo $n > /tmp/final ) &

@@ -1,0 +1,37 @@
+//! `coldclone forget SNAPSHOT...`: remove backups from the list (prune frees the space).
+
+use super::open_repository;
+use crate::config::Config;
+use anyhow::Result;
+
+pub fn run(cfg: &Config, ids: &[String], json: bool) -> Result<()> {
+    let repo = open_repository(cfg)?;
+    let snaps = repo.snapshots()?;
+    let mut forgotten = Vec::new();
+    for id in ids {
+        // A run id forgets every disk of that backup.
+        let by_run: Vec<String> = snaps
+            .iter()
+            .filter(|s| s.tags.get("run") == Some(id))
+            .map(|s| s.id.clone())
+            .collect();
+        let targets = if by_run.is_empty() {
+            vec![id.clone()]
+        } else {
+            by_run
+        };
+        for t in targets {
+            repo.forget(&t)?;
+            forgotten.push(t);
+        }
+    }
+    if json {
+        println!("{}", serde_json::json!({ "forgotten": forgotten }));
+    } else {
+        for f in &forgotten {
+            println!("forgot {}", f.get(..8).unwrap_or(f));
+        }
+        println!("run `coldclone prune` to free their space");
+    }
+    Ok(())
+}

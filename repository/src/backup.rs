@@ -171,9 +171,9 @@ fn mark(v: &mut [bool], ranges: &[Range<u64>], cs: u64, len: u64) {
     }
 }
 
+/// Up to `per_batch` chunks (not necessarily adjacent): chunk `idx[k]` is at `k * cs` in `buf`.
 struct Batch {
-    first: usize,
-    count: usize,
+    idx: Vec<u32>,
     buf: Vec<u8>,
 }
 
@@ -186,7 +186,9 @@ pub(crate) fn backup_disk(
 ) -> Result<BackupSummary> {
     let start = Instant::now();
     let lock = repo.lock(false, "backup")?;
+    let t_lock = start.elapsed();
     let index = repo.load_index()?;
+    let t_index = start.elapsed();
     let cs = repo.config.chunk_size as u64;
     let len = source.len();
     let n = len.div_ceil(cs) as usize;
@@ -194,7 +196,15 @@ pub(crate) fn backup_disk(
 
     // Which chunks may hold data.
     let mut maybe_data = vec![true; n];
-    match source.data_ranges() {
+    // With a parent and a changed-block map only the touched chunks are read, and a touched
+    // chunk that became a hole reads as zeros: the allocation map would not save anything.
+    let by_map = opts.parent.is_some() && opts.changed_ranges.is_some();
+    let ranges = if by_map {
+        Ok(None)
+    } else {
+        source.data_ranges()
+    };
+    match ranges {
         Ok(Some(r)) => {
             maybe_data = vec![false; n];
             mark(&mut maybe_data, &r, cs, len);
@@ -241,6 +251,7 @@ pub(crate) fn backup_disk(
             "changed ranges given without a parent snapshot: ignored, reading everything"
         );
     }
+    let t_plan = start.elapsed();
     let skipped: u64 = (0..n)
         .filter(|&i| !need[i])
         .map(|i| chunk_len(i, cs, len))
@@ -282,32 +293,49 @@ pub(crate) fn backup_disk(
         let (abort_r, fail_r, bytes_read_r) = (&abort, &fail, &bytes_read);
         s.spawn(move || {
             let mut i = 0usize;
-            while i < n {
+            loop {
                 if abort_r.load(Ordering::Relaxed) {
                     return;
                 }
-                if !need[i] {
+                // Gather the next chunks to read; scattered chunks share one batch, so that
+                // an incremental's many small reads do not cost a hand-over each.
+                let mut idx: Vec<u32> = Vec::with_capacity(per_batch);
+                while i < n && idx.len() < per_batch {
+                    if need[i] {
+                        idx.push(i as u32);
+                    }
                     i += 1;
-                    continue;
                 }
-                let first = i;
-                while i < n && need[i] && i - first < per_batch {
-                    i += 1;
-                }
-                let count = i - first;
-                let off = first as u64 * cs;
-                let blen = ((count as u64 * cs).min(len - off)) as usize;
-                let Ok(mut buf) = pool_rx.recv() else { return };
-                buf.resize(blen, 0);
-                if let Err(e) = read_full(source, &mut buf, off) {
-                    fail_r(RepoError::Source {
-                        offset: off,
-                        source: e,
-                    });
+                if idx.is_empty() {
                     return;
                 }
-                bytes_read_r.fetch_add(blen as u64, Ordering::Relaxed);
-                if work_tx.send(Batch { first, count, buf }).is_err() {
+                let Ok(mut buf) = pool_rx.recv() else { return };
+                let last = *idx.last().unwrap_or(&0) as usize;
+                let blen = (idx.len() - 1) * cs as usize + chunk_len(last, cs, len) as usize;
+                buf.resize(blen, 0);
+                // One read per run of adjacent chunks.
+                let mut k = 0;
+                while k < idx.len() {
+                    let mut e = k + 1;
+                    while e < idx.len() && idx[e] == idx[e - 1] + 1 {
+                        e += 1;
+                    }
+                    let off = idx[k] as u64 * cs;
+                    let a = k * cs as usize;
+                    let z = ((e - 1) * cs as usize
+                        + chunk_len(idx[e - 1] as usize, cs, len) as usize)
+                        .min(blen);
+                    if let Err(err) = read_full(source, &mut buf[a..z], off) {
+                        fail_r(RepoError::Source {
+                            offset: off,
+                            source: err,
+                        });
+                        return;
+                    }
+                    bytes_read_r.fetch_add((z - a) as u64, Ordering::Relaxed);
+                    k = e;
+                }
+                if work_tx.send(Batch { idx, buf }).is_err() {
                     return;
                 }
             }
@@ -340,8 +368,7 @@ pub(crate) fn backup_disk(
                         continue;
                     }
                     ids.clear();
-                    for (k, data) in batch.buf.chunks(cs as usize).enumerate().take(batch.count) {
-                        let _ = k;
+                    for data in batch.buf.chunks(cs as usize).take(batch.idx.len()) {
                         if is_zero(data) {
                             zero_chunks.fetch_add(1, Ordering::Relaxed);
                             ids.push(ZERO_ID);
@@ -371,7 +398,9 @@ pub(crate) fn backup_disk(
                         new_chunks.fetch_add(1, Ordering::Relaxed);
                     }
                     if let Ok(mut m) = results.lock() {
-                        m[batch.first..batch.first + ids.len()].copy_from_slice(&ids);
+                        for (i, id) in batch.idx.iter().zip(&ids) {
+                            m[*i as usize] = *id;
+                        }
                     }
                     progress.advance(batch.buf.len() as u64);
                     let _ = pool_tx.send(batch.buf);
@@ -389,6 +418,7 @@ pub(crate) fn backup_disk(
     let zero_chunks =
         zero_chunks.into_inner() + need.iter().filter(|&&x| !x).count() as u64 - reused_unread;
 
+    let t_data = start.elapsed();
     // Map blobs.
     let mut comp = zstd::bulk::Compressor::new(3)
         .map_err(|e| RepoError::InvalidArgument(format!("zstd: {e}")))?;
@@ -434,6 +464,13 @@ pub(crate) fn backup_disk(
     };
     // The snapshot is written last: until it exists, the backup is invisible.
     let sn = repo.save_snapshot(&snap)?;
+    tracing::debug!(
+        "backup timings: lock {t_lock:?}, index {t_index:?}, plan {t_plan:?}, data {t_data:?}, done {:?}",
+        start.elapsed()
+    );
+    if std::env::var_os("COLDCLONE_TIMINGS").is_some() {
+        eprintln!("backup timings: lock {t_lock:?}, index {t_index:?}, plan {t_plan:?}, data {t_data:?}, done {:?}", start.elapsed());
+    }
     snap.stored_bytes += sn;
     drop(lock);
     Ok(BackupSummary {

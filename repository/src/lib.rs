@@ -352,7 +352,8 @@ impl Repository {
         backup::backup_disk(self, source, meta, opts, progress)
     }
 
-    /// All snapshots, oldest first. Unreadable snapshot files are an error.
+    /// All snapshots, oldest first. A damaged snapshot file is left out with a warning
+    /// (tracing) so that the others stay usable; `check` reports it.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let mut out = Vec::new();
         for o in self.backend.list("snapshots")? {
@@ -360,10 +361,27 @@ impl Repository {
             match self.load_snapshot(&id) {
                 Ok(s) => out.push(s),
                 Err(e) if e.is_not_found() => continue, // forgotten meanwhile
+                Err(e @ RepoError::Corrupt { .. }) => {
+                    tracing::warn!("snapshot {id} left out: {e}");
+                }
                 Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| (a.time_unix, &a.id).cmp(&(b.time_unix, &b.id)));
+        Ok(out)
+    }
+
+    /// All snapshots; any unreadable one is an error (prune must see every snapshot).
+    pub(crate) fn snapshots_strict(&self) -> Result<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        for o in self.backend.list("snapshots")? {
+            let id = o.key.trim_start_matches("snapshots/").to_string();
+            match self.load_snapshot(&id) {
+                Ok(s) => out.push(s),
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            }
+        }
         Ok(out)
     }
 

@@ -153,7 +153,11 @@ pub(crate) fn prune(
         dry_run,
         ..Default::default()
     };
-    let snaps = repo.snapshots()?;
+    let snaps = repo.snapshots_strict().map_err(|e| {
+        RepoError::Aborted(format!(
+            "prune stopped before deleting anything: a snapshot cannot be read ({e}); run `coldclone check`, then `coldclone forget` the damaged snapshot"
+        ))
+    })?;
     let keep = select_kept(&snaps, policy);
     let (kept, removed): (Vec<&Snapshot>, Vec<&Snapshot>) =
         snaps.iter().partition(|s| keep.contains(&s.id));

@@ -84,9 +84,86 @@ fn loc(port: u16, prefix: &str) -> Location {
 }
 
 #[test]
-fn s3_repository_full_cycle_and_concurrent_writers() {
+fn moto_s3_repository_full_cycle_and_concurrent_writers() {
     let Some(server) = start_server() else { return };
-    let loc = loc(server.port, "fleet/repo1");
+    full_cycle(server.port);
+}
+
+/// s3s-fs (crates.io: `cargo install s3s-fs@0.14.1 --features binary --locked`) stores
+/// objects as files and checks AWS signatures, which moto does not.
+#[test]
+fn s3s_fs_repository_full_cycle_and_signatures() {
+    let ok = Command::new("s3s-fs")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !ok.map(|s| s.success()).unwrap_or(false) {
+        if std::env::var_os("COLDCLONE_REQUIRE_S3S").is_some() {
+            panic!("s3s-fs is required: cargo install s3s-fs@0.14.1 --features binary --locked");
+        }
+        eprintln!("SKIPPED: s3s-fs not installed (cargo install s3s-fs@0.14.1 --features binary --locked)");
+        return;
+    }
+    let dir = TempDir::new("s3s");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = Command::new("s3s-fs")
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--access-key",
+            "testing",
+            "--secret-key",
+            "testing",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start s3s-fs");
+    let _server = Server { child, port };
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "s3s-fs did not listen within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A wrong secret is refused by the server: the signature is really checked.
+    let Location::S3 {
+        endpoint,
+        bucket,
+        prefix,
+        region,
+        access_key,
+        ..
+    } = loc(port, "sig")
+    else {
+        unreachable!()
+    };
+    let bad = Location::S3 {
+        endpoint,
+        bucket,
+        prefix,
+        region,
+        access_key,
+        secret_key: "wrong".into(),
+    };
+    let e = Repository::init_with(&bad, "pw", &opts(16384))
+        .err()
+        .expect("a wrong secret key must fail");
+    assert!(matches!(e, RepoError::S3 { .. }), "{e}");
+    full_cycle(port);
+}
+
+fn full_cycle(port: u16) {
+    let loc = loc(port, "fleet/repo1");
     let mut o = opts(16384);
     o.pack_size = 1 << 20;
     let repo = Repository::init_with(&loc, "pw", &o).unwrap();
@@ -175,7 +252,7 @@ fn s3_repository_full_cycle_and_concurrent_writers() {
 
     // Another prefix in the same bucket is another (absent) repository.
     assert!(matches!(
-        Repository::open(&self::loc(server.port, "elsewhere"), "pw"),
+        Repository::open(&self::loc(port, "elsewhere"), "pw"),
         Err(RepoError::NotFound { .. })
     ));
 }

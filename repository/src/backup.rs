@@ -6,7 +6,7 @@
 
 use crate::crypto::{random_id, Id, MasterKey};
 use crate::error::{RepoError, Result};
-use crate::pack::{pack_key, PackBuilder, PackDesc, FLAG_ZSTD, KIND_DATA, KIND_MAP};
+use crate::pack::{pack_key, Index, PackBuilder, PackDesc, FLAG_ZSTD, KIND_DATA, KIND_MAP};
 use crate::source::{read_full, DiskSource, Progress};
 use crate::util::{is_zero, now_unix, rfc3339, to_hex, IdSet};
 use crate::{
@@ -158,23 +158,172 @@ pub(crate) fn seal_blob(
     }
 }
 
-fn mark(v: &mut [bool], ranges: &[Range<u64>], cs: u64, len: u64) {
-    for r in ranges {
-        let end = r.end.min(len);
-        if r.start >= end {
-            continue;
-        }
-        let (a, b) = ((r.start / cs) as usize, ((end - 1) / cs) as usize);
-        for x in &mut v[a..=b] {
-            *x = true;
+/// Sort and merge ranges; clip them to `len`.
+fn normalize(mut r: Vec<Range<u64>>, len: u64) -> Vec<Range<u64>> {
+    r.retain(|x| x.start < x.end.min(len));
+    r.sort_by_key(|x| x.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(r.len());
+    for x in r {
+        let x = x.start..x.end.min(len);
+        match out.last_mut() {
+            Some(l) if x.start <= l.end => l.end = l.end.max(x.end),
+            _ => out.push(x),
         }
     }
+    out
+}
+
+/// Walks sorted, disjoint ranges segment by segment.
+struct RangeCursor {
+    ranges: Vec<Range<u64>>,
+    pos: usize,
+}
+
+impl RangeCursor {
+    /// Mark in `out` the chunks `first..first+out.len()` that intersect a range.
+    fn mark(&mut self, first: usize, out: &mut [bool], cs: u64) {
+        let a = first as u64 * cs;
+        let b = (first + out.len()) as u64 * cs;
+        while self.pos < self.ranges.len() && self.ranges[self.pos].end <= a {
+            self.pos += 1;
+        }
+        let mut j = self.pos;
+        while j < self.ranges.len() && self.ranges[j].start < b {
+            let r = &self.ranges[j];
+            let s = (r.start.max(a) / cs) as usize - first;
+            let e = ((r.end.min(b) - 1) / cs) as usize - first;
+            for x in &mut out[s..=e] {
+                *x = true;
+            }
+            j += 1;
+        }
+    }
+}
+
+/// A map segment being filled by the workers.
+struct Segment {
+    ids: Vec<Id>,
+    remaining: usize,
 }
 
 /// Up to `per_batch` chunks (not necessarily adjacent): chunk `idx[k]` is at `k * cs` in `buf`.
 struct Batch {
     idx: Vec<u32>,
     buf: Vec<u8>,
+}
+
+struct Shared<'a> {
+    repo: &'a Repository,
+    index: &'a Index,
+    packer: Packer<'a>,
+    new_ids: Mutex<IdSet>,
+    segments: Mutex<std::collections::HashMap<usize, Segment>>,
+    map_ids: Mutex<Vec<Option<String>>>,
+    abort: AtomicBool,
+    first_err: Mutex<Option<RepoError>>,
+}
+
+impl Shared<'_> {
+    fn fail(&self, e: RepoError) {
+        self.abort.store(true, Ordering::SeqCst);
+        if let Ok(mut f) = self.first_err.lock() {
+            if f.is_none() {
+                *f = Some(e);
+            }
+        }
+    }
+
+    /// Store one blob unless the repository (or this backup) has it already.
+    fn store(
+        &self,
+        comp: &mut zstd::bulk::Compressor<'_>,
+        id: Id,
+        kind: u8,
+        data: &[u8],
+    ) -> Result<bool> {
+        if self.index.contains(&id) || !self.new_ids.lock().map_err(|_| poisoned())?.insert(id) {
+            return Ok(false);
+        }
+        let (flags, sealed) = seal_blob(&self.repo.key, comp, &id, kind, data);
+        self.packer
+            .add(id, kind, flags, &sealed, data.len() as u32)?;
+        Ok(true)
+    }
+
+    /// A segment is complete: store its map blob.
+    fn finish_segment(
+        &self,
+        comp: &mut zstd::bulk::Compressor<'_>,
+        seg: usize,
+        ids: &[Id],
+    ) -> Result<()> {
+        let mut b = Vec::with_capacity(ids.len() * 32);
+        for id in ids {
+            b.extend_from_slice(id);
+        }
+        let id = self.repo.key.chunk_id(&b);
+        self.store(comp, id, KIND_MAP, &b)?;
+        self.map_ids.lock().map_err(|_| poisoned())?[seg] = Some(to_hex(&id));
+        Ok(())
+    }
+
+    /// Record chunk ids computed by a worker; finish the segments they complete.
+    fn record(&self, comp: &mut zstd::bulk::Compressor<'_>, idx: &[u32], ids: &[Id]) -> Result<()> {
+        let mut done = Vec::new();
+        {
+            let mut segs = self.segments.lock().map_err(|_| poisoned())?;
+            for (i, id) in idx.iter().zip(ids) {
+                let (sg, k) = (*i as usize / MAP_ENTRIES, *i as usize % MAP_ENTRIES);
+                let Some(s) = segs.get_mut(&sg) else { continue };
+                s.ids[k] = *id;
+                s.remaining -= 1;
+                if s.remaining == 0 {
+                    if let Some(s) = segs.remove(&sg) {
+                        done.push((sg, s.ids));
+                    }
+                }
+            }
+        }
+        for (sg, ids) in done {
+            self.finish_segment(comp, sg, &ids)?;
+        }
+        Ok(())
+    }
+}
+
+fn compressor(level: i32) -> Result<zstd::bulk::Compressor<'static>> {
+    zstd::bulk::Compressor::new(level)
+        .map_err(|e| RepoError::InvalidArgument(format!("zstd level {level}: {e}")))
+}
+
+/// The parent's chunk ids of segment `seg`, or None when they cannot be used.
+fn parent_segment(
+    repo: &Repository,
+    index: &Index,
+    parent: &Snapshot,
+    seg: usize,
+    count: usize,
+) -> Result<Option<Vec<Id>>> {
+    let Some(h) = parent.map.get(seg) else {
+        return Ok(None);
+    };
+    let id = crate::util::id_from_hex(h).ok_or_else(|| {
+        RepoError::corrupt(format!("snapshots/{}", parent.id), "map id is not hex")
+    })?;
+    let b = repo.read_blob(index, &id)?;
+    if b.len() % 32 != 0 || b.len() / 32 < count {
+        return Ok(None);
+    }
+    Ok(Some(
+        b.chunks_exact(32)
+            .take(count)
+            .map(|c| {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(c);
+                a
+            })
+            .collect(),
+    ))
 }
 
 pub(crate) fn backup_disk(
@@ -186,100 +335,82 @@ pub(crate) fn backup_disk(
 ) -> Result<BackupSummary> {
     let start = Instant::now();
     let lock = repo.lock(false, "backup")?;
-    let t_lock = start.elapsed();
     let index = repo.load_index()?;
     let t_index = start.elapsed();
     let cs = repo.config.chunk_size as u64;
     let len = source.len();
     let n = len.div_ceil(cs) as usize;
+    let nseg = n.div_ceil(MAP_ENTRIES);
     progress.set_total(len);
 
-    // Which chunks may hold data.
-    let mut maybe_data = vec![true; n];
-    // With a parent and a changed-block map only the touched chunks are read, and a touched
-    // chunk that became a hole reads as zeros: the allocation map would not save anything.
-    let by_map = opts.parent.is_some() && opts.changed_ranges.is_some();
+    // The parent, and whether its chunk ids can stand for unread chunks.
+    let parent = match &opts.parent {
+        Some(p) => Some(repo.find_snapshot(p)?),
+        None => None,
+    };
+    let by_map = match (&parent, &opts.changed_ranges) {
+        (Some(p), Some(_)) if p.chunk_size as u64 == cs => true,
+        (Some(p), Some(_)) => {
+            tracing::warn!(
+                "parent {} has another chunk size; reading everything",
+                p.short_id()
+            );
+            false
+        }
+        (None, Some(_)) => {
+            tracing::warn!(
+                "changed ranges given without a parent snapshot: ignored, reading everything"
+            );
+            false
+        }
+        _ => false,
+    };
+    // Chunks wholly inside both the parent's and this size can be taken from the parent.
+    let whole = parent
+        .as_ref()
+        .map(|p| (p.size.min(len) / cs) as usize)
+        .unwrap_or(0);
+    let mut changed = RangeCursor {
+        ranges: normalize(opts.changed_ranges.clone().unwrap_or_default(), len),
+        pos: 0,
+    };
+    // With a changed-block map only the touched chunks are read, and a touched chunk that
+    // became a hole reads as zeros: the allocation map would not save anything then.
     let ranges = if by_map {
         Ok(None)
     } else {
         source.data_ranges()
     };
-    match ranges {
-        Ok(Some(r)) => {
-            maybe_data = vec![false; n];
-            mark(&mut maybe_data, &r, cs, len);
+    let mut data = match ranges {
+        Ok(r) => r.map(|r| RangeCursor {
+            ranges: normalize(r, len),
+            pos: 0,
+        }),
+        Err(e) => {
+            tracing::warn!("no allocation map for the source ({e}); reading all of it");
+            None
         }
-        Ok(None) => {}
-        Err(e) => tracing::warn!("no allocation map for the source ({e}); reading all of it"),
-    }
-
-    // Parent and changed ranges: chunks outside the changed ranges keep the parent's ids.
-    let mut map: Vec<Id> = vec![ZERO_ID; n];
-    let mut need: Vec<bool> = maybe_data.clone();
-    let mut parent_id = None;
-    let mut reused_unread = 0u64;
-    if let Some(p) = &opts.parent {
-        let ps = repo.find_snapshot(p)?;
-        parent_id = Some(ps.id.clone());
-        if let Some(changed) = &opts.changed_ranges {
-            if ps.chunk_size as u64 != cs {
-                tracing::warn!(
-                    "parent {} has another chunk size; reading everything",
-                    ps.short_id()
-                );
-            } else {
-                let pmap = repo.load_map(&ps, &index)?;
-                let mut touched = vec![false; n];
-                mark(&mut touched, changed, cs, len);
-                // Chunks wholly inside both the old and the new size, untouched, keep their ids.
-                let whole = (ps.size.min(len) / cs) as usize;
-                for i in 0..whole {
-                    if !maybe_data[i] || touched[i] {
-                        continue;
-                    }
-                    let pid = pmap[i];
-                    if pid == ZERO_ID || index.contains(&pid) {
-                        map[i] = pid;
-                        need[i] = false;
-                        reused_unread += 1;
-                    }
-                }
-            }
-        }
-    } else if opts.changed_ranges.is_some() {
-        tracing::warn!(
-            "changed ranges given without a parent snapshot: ignored, reading everything"
-        );
-    }
-    let t_plan = start.elapsed();
-    let skipped: u64 = (0..n)
-        .filter(|&i| !need[i])
-        .map(|i| chunk_len(i, cs, len))
-        .sum();
-    progress.advance(skipped);
+    };
 
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
         .clamp(1, 8);
     let per_batch = (BATCH_BYTES as u64 / cs).max(1) as usize;
-    let packer = Packer::new(repo);
-    let new_ids: Mutex<IdSet> = Mutex::new(IdSet::default());
-    let results: Mutex<&mut Vec<Id>> = Mutex::new(&mut map);
-    let abort = AtomicBool::new(false);
-    let first_err: Mutex<Option<RepoError>> = Mutex::new(None);
+    let sh = Shared {
+        repo,
+        index: &index,
+        packer: Packer::new(repo),
+        new_ids: Mutex::new(IdSet::default()),
+        segments: Mutex::new(std::collections::HashMap::new()),
+        map_ids: Mutex::new(vec![None; nseg]),
+        abort: AtomicBool::new(false),
+        first_err: Mutex::new(None),
+    };
     let bytes_read = AtomicU64::new(0);
     let new_chunks = AtomicU64::new(0);
     let zero_chunks = AtomicU64::new(0);
-    let fail = |e: RepoError| {
-        abort.store(true, Ordering::SeqCst);
-        if let Ok(mut f) = first_err.lock() {
-            if f.is_none() {
-                *f = Some(e);
-            }
-        }
-    };
-
+    let reused_unread = AtomicU64::new(0);
     let nbuf = workers * 2 + 1;
     let (pool_tx, pool_rx) = mpsc::sync_channel::<Vec<u8>>(nbuf);
     for _ in 0..nbuf {
@@ -287,29 +418,21 @@ pub(crate) fn backup_disk(
     }
     let (work_tx, work_rx) = mpsc::sync_channel::<Batch>(nbuf);
     let work_rx = Mutex::new(work_rx);
+
     std::thread::scope(|s| {
-        // Reader.
-        let need = &need;
-        let (abort_r, fail_r, bytes_read_r) = (&abort, &fail, &bytes_read);
+        // Reader: plans one map segment at a time, reads what must be read.
+        let (sh_r, bytes_read_r, zero_r, reused_r, parent) =
+            (&sh, &bytes_read, &zero_chunks, &reused_unread, &parent);
         s.spawn(move || {
-            let mut i = 0usize;
-            loop {
-                if abort_r.load(Ordering::Relaxed) {
-                    return;
-                }
-                // Gather the next chunks to read; scattered chunks share one batch, so that
-                // an incremental's many small reads do not cost a hand-over each.
-                let mut idx: Vec<u32> = Vec::with_capacity(per_batch);
-                while i < n && idx.len() < per_batch {
-                    if need[i] {
-                        idx.push(i as u32);
-                    }
-                    i += 1;
-                }
-                if idx.is_empty() {
-                    return;
-                }
-                let Ok(mut buf) = pool_rx.recv() else { return };
+            let mut comp = match compressor(3) {
+                Ok(c) => c,
+                Err(e) => return sh_r.fail(e),
+            };
+            let mut pending: Vec<u32> = Vec::with_capacity(per_batch);
+            let send = |idx: Vec<u32>| -> Result<()> {
+                let Ok(mut buf) = pool_rx.recv() else {
+                    return Ok(());
+                };
                 let last = *idx.last().unwrap_or(&0) as usize;
                 let blen = (idx.len() - 1) * cs as usize + chunk_len(last, cs, len) as usize;
                 buf.resize(blen, 0);
@@ -325,33 +448,100 @@ pub(crate) fn backup_disk(
                     let z = ((e - 1) * cs as usize
                         + chunk_len(idx[e - 1] as usize, cs, len) as usize)
                         .min(blen);
-                    if let Err(err) = read_full(source, &mut buf[a..z], off) {
-                        fail_r(RepoError::Source {
-                            offset: off,
-                            source: err,
-                        });
-                        return;
-                    }
+                    read_full(source, &mut buf[a..z], off).map_err(|err| RepoError::Source {
+                        offset: off,
+                        source: err,
+                    })?;
                     bytes_read_r.fetch_add((z - a) as u64, Ordering::Relaxed);
                     k = e;
                 }
-                if work_tx.send(Batch { idx, buf }).is_err() {
-                    return;
+                let _ = work_tx.send(Batch { idx, buf });
+                Ok(())
+            };
+            let mut run = || -> Result<()> {
+                for seg in 0..nseg {
+                    if sh_r.abort.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    let first = seg * MAP_ENTRIES;
+                    let cnt = MAP_ENTRIES.min(n - first);
+                    let mut maybe = vec![data.is_none(); cnt];
+                    if let Some(d) = data.as_mut() {
+                        d.mark(first, &mut maybe, cs);
+                    }
+                    let mut ids = vec![ZERO_ID; cnt];
+                    let mut need = maybe.clone();
+                    if by_map && first < whole {
+                        let mut touched = vec![false; cnt];
+                        changed.mark(first, &mut touched, cs);
+                        if let Some(p) = parent.as_ref() {
+                            if let Some(pids) =
+                                parent_segment(repo, sh_r.index, p, seg, cnt.min(whole - first))?
+                            {
+                                for (k, pid) in pids.iter().enumerate() {
+                                    if maybe[k]
+                                        && !touched[k]
+                                        && (*pid == ZERO_ID || sh_r.index.contains(pid))
+                                    {
+                                        ids[k] = *pid;
+                                        need[k] = false;
+                                        reused_r.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let mut skipped = 0;
+                    let mut remaining = 0;
+                    for (k, nd) in need.iter().enumerate() {
+                        if *nd {
+                            remaining += 1;
+                        } else {
+                            skipped += chunk_len(first + k, cs, len);
+                            if !maybe[k] {
+                                zero_r.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    progress.advance(skipped);
+                    if remaining == 0 {
+                        sh_r.finish_segment(&mut comp, seg, &ids)?;
+                        continue;
+                    }
+                    sh_r.segments
+                        .lock()
+                        .map_err(|_| poisoned())?
+                        .insert(seg, Segment { ids, remaining });
+                    for (k, nd) in need.iter().enumerate() {
+                        if *nd {
+                            pending.push((first + k) as u32);
+                            if pending.len() == per_batch {
+                                send(std::mem::replace(
+                                    &mut pending,
+                                    Vec::with_capacity(per_batch),
+                                ))?;
+                            }
+                        }
+                    }
                 }
+                if !pending.is_empty() {
+                    send(std::mem::take(&mut pending))?;
+                }
+                Ok(())
+            };
+            if let Err(e) = run() {
+                sh_r.fail(e);
             }
+            drop(work_tx);
         });
 
         for _ in 0..workers {
-            let (work_rx, pool_tx) = (&work_rx, pool_tx.clone());
-            let (packer, new_ids, results, index) = (&packer, &new_ids, &results, &index);
-            let (abort, fail, new_chunks, zero_chunks) = (&abort, &fail, &new_chunks, &zero_chunks);
+            let (work_rx, pool_tx, sh) = (&work_rx, pool_tx.clone(), &sh);
+            let (new_chunks, zero_chunks) = (&new_chunks, &zero_chunks);
             s.spawn(move || {
-                let mut comp = match zstd::bulk::Compressor::new(repo.config.compression_level) {
+                let mut comp = match compressor(repo.config.compression_level) {
                     Ok(c) => c,
-                    Err(e) => {
-                        fail(RepoError::InvalidArgument(format!("zstd: {e}")));
-                        return;
-                    }
+                    Err(e) => return sh.fail(e),
                 };
                 let mut ids: Vec<Id> = Vec::with_capacity(per_batch);
                 loop {
@@ -362,12 +552,13 @@ pub(crate) fn backup_disk(
                             Err(_) => return,
                         }
                     };
-                    if abort.load(Ordering::Relaxed) {
+                    if sh.abort.load(Ordering::Relaxed) {
                         // Drain, and give buffers back, so the reader never blocks forever.
                         let _ = pool_tx.send(batch.buf);
                         continue;
                     }
                     ids.clear();
+                    let mut res = Ok(());
                     for data in batch.buf.chunks(cs as usize).take(batch.idx.len()) {
                         if is_zero(data) {
                             zero_chunks.fetch_add(1, Ordering::Relaxed);
@@ -376,31 +567,20 @@ pub(crate) fn backup_disk(
                         }
                         let id = repo.key.chunk_id(data);
                         ids.push(id);
-                        if index.contains(&id) {
-                            continue;
-                        }
-                        let fresh = match new_ids.lock() {
-                            Ok(mut set) => set.insert(id),
-                            Err(_) => {
-                                fail(poisoned());
+                        match sh.store(&mut comp, id, KIND_DATA, data) {
+                            Ok(true) => {
+                                new_chunks.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                res = Err(e);
                                 break;
                             }
-                        };
-                        if !fresh {
-                            continue;
                         }
-                        let (flags, sealed) = seal_blob(&repo.key, &mut comp, &id, KIND_DATA, data);
-                        if let Err(e) = packer.add(id, KIND_DATA, flags, &sealed, data.len() as u32)
-                        {
-                            fail(e);
-                            break;
-                        }
-                        new_chunks.fetch_add(1, Ordering::Relaxed);
                     }
-                    if let Ok(mut m) = results.lock() {
-                        for (i, id) in batch.idx.iter().zip(&ids) {
-                            m[*i as usize] = *id;
-                        }
+                    let res = res.and_then(|_| sh.record(&mut comp, &batch.idx, &ids));
+                    if let Err(e) = res {
+                        sh.fail(e);
                     }
                     progress.advance(batch.buf.len() as u64);
                     let _ = pool_tx.send(batch.buf);
@@ -409,40 +589,35 @@ pub(crate) fn backup_disk(
         }
         drop(pool_tx);
     });
-
-    if let Some(e) = first_err.into_inner().ok().flatten() {
-        // Indexed packs already written stay as unreferenced data: harmless, prune removes them.
-        packer.abandon();
-        return Err(e);
-    }
-    let zero_chunks =
-        zero_chunks.into_inner() + need.iter().filter(|&&x| !x).count() as u64 - reused_unread;
-
     let t_data = start.elapsed();
-    // Map blobs.
-    let mut comp = zstd::bulk::Compressor::new(3)
-        .map_err(|e| RepoError::InvalidArgument(format!("zstd: {e}")))?;
-    let mut map_ids = Vec::new();
-    for seg in map.chunks(MAP_ENTRIES) {
-        let mut b = Vec::with_capacity(seg.len() * 32);
-        for id in seg {
-            b.extend_from_slice(id);
+
+    let Shared {
+        packer,
+        map_ids,
+        first_err,
+        ..
+    } = sh;
+    let mut result = match first_err.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => map_ids.into_inner().map_err(|_| poisoned()).and_then(|m| {
+            m.into_iter()
+                .collect::<Option<Vec<String>>>()
+                .ok_or_else(|| RepoError::Aborted("a map segment was not completed".into()))
+        }),
+    };
+    if result.is_ok() {
+        if let Err(e) = packer.flush().and_then(|_| lock.check_fresh()) {
+            result = Err(e);
         }
-        let id = repo.key.chunk_id(&b);
-        let fresh = !index.contains(&id) && new_ids.lock().map_err(|_| poisoned())?.insert(id);
-        if fresh {
-            let (flags, sealed) = seal_blob(&repo.key, &mut comp, &id, KIND_MAP, &b);
-            if let Err(e) = packer.add(id, KIND_MAP, flags, &sealed, b.len() as u32) {
-                packer.abandon();
-                return Err(e);
-            }
+    }
+    let map_ids = match result {
+        Ok(m) => m,
+        Err(e) => {
+            // Indexed packs already written stay as unreferenced data: prune removes them.
+            packer.abandon();
+            return Err(e);
         }
-        map_ids.push(to_hex(&id));
-    }
-    if let Err(e) = packer.flush().and_then(|_| lock.check_fresh()) {
-        packer.abandon();
-        return Err(e);
-    }
+    };
 
     let now = now_unix();
     let mut snap = Snapshot {
@@ -457,21 +632,24 @@ pub(crate) fn backup_disk(
         tags: meta.tags,
         size: len,
         chunk_size: cs as u32,
-        parent: parent_id,
+        parent: parent.map(|p| p.id),
         bytes_read: bytes_read.load(Ordering::Relaxed),
         stored_bytes: packer.stored_bytes.load(Ordering::Relaxed),
         map: map_ids,
     };
     // The snapshot is written last: until it exists, the backup is invisible.
     let sn = repo.save_snapshot(&snap)?;
+    snap.stored_bytes += sn;
     tracing::debug!(
-        "backup timings: lock {t_lock:?}, index {t_index:?}, plan {t_plan:?}, data {t_data:?}, done {:?}",
+        "backup timings: index {t_index:?}, data {t_data:?}, done {:?}",
         start.elapsed()
     );
     if std::env::var_os("COLDCLONE_TIMINGS").is_some() {
-        eprintln!("backup timings: lock {t_lock:?}, index {t_index:?}, plan {t_plan:?}, data {t_data:?}, done {:?}", start.elapsed());
+        eprintln!(
+            "backup timings: index {t_index:?}, data {t_data:?}, done {:?}",
+            start.elapsed()
+        );
     }
-    snap.stored_bytes += sn;
     drop(lock);
     Ok(BackupSummary {
         snapshot_id: snap.id,
@@ -479,8 +657,8 @@ pub(crate) fn backup_disk(
         bytes_read: snap.bytes_read,
         stored_bytes: snap.stored_bytes,
         new_chunks: new_chunks.into_inner(),
-        zero_chunks,
-        reused_unread_chunks: reused_unread,
+        zero_chunks: zero_chunks.into_inner(),
+        reused_unread_chunks: reused_unread.into_inner(),
         duration: start.elapsed(),
     })
 }
@@ -488,4 +666,25 @@ pub(crate) fn backup_disk(
 pub(crate) fn chunk_len(i: usize, cs: u64, len: u64) -> u64 {
     let off = i as u64 * cs;
     cs.min(len.saturating_sub(off))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_normalize_and_mark() {
+        let r = normalize(vec![10..20, 0..5, 15..30, 100..200, 40..40], 150);
+        assert_eq!(r, vec![0..5, 10..30, 100..150]);
+        let mut c = RangeCursor { ranges: r, pos: 0 };
+        let mut a = vec![false; 4]; // chunks 0..4 of 10 bytes
+        c.mark(0, &mut a, 10);
+        assert_eq!(a, vec![true, true, true, false]);
+        let mut b = vec![false; 4]; // chunks 8..12
+        c.mark(8, &mut b, 10);
+        assert_eq!(b, vec![false, false, true, true]);
+        let mut z = vec![false; 2]; // chunks 20..22: beyond
+        c.mark(20, &mut z, 10);
+        assert_eq!(z, vec![false, false]);
+    }
 }

@@ -5,7 +5,10 @@ use crate::error::{RepoError, Result};
 use crate::pack::{open_blob, pack_key, BlobEntry};
 use crate::source::Progress;
 use crate::util::IdMap;
-use crate::{Repository, RestoreSummary, ZERO_ID};
+use crate::{Repository, RestoreSummary, MAP_ENTRIES, ZERO_ID};
+
+/// Map segments restored per round (2 GiB of disk at 16 KiB chunks).
+const GROUP_SEGMENTS: usize = 16;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -32,7 +35,6 @@ pub(crate) fn restore(
     let snap = repo.find_snapshot(id)?;
     let _lock = repo.lock(false, "restore")?;
     let index = repo.load_index()?;
-    let map = repo.load_map(&snap, &index)?;
     let tdisp = target.display().to_string();
     let terr = |e: std::io::Error| RepoError::Target {
         path: tdisp.clone(),
@@ -71,10 +73,147 @@ pub(crate) fn restore(
     let len = snap.size;
     progress.set_total(len);
 
+    if cs == 0 || snap.map.len() != (len.div_ceil(cs) as usize).div_ceil(MAP_ENTRIES) {
+        return Err(RepoError::corrupt(
+            format!("snapshots/{}", snap.id),
+            "the number of map segments does not fit the disk size",
+        ));
+    }
+    let n = len.div_ceil(cs) as usize;
+    let written = AtomicU64::new(0);
+    // A group of map segments at a time, so that memory does not grow with the disk.
+    for group in snap.map.chunks(GROUP_SEGMENTS).enumerate() {
+        let (g, segs) = group;
+        let first = g * GROUP_SEGMENTS * MAP_ENTRIES;
+        let mut map: Vec<Id> = Vec::with_capacity(segs.len() * MAP_ENTRIES);
+        for h in segs {
+            let id = crate::util::id_from_hex(h).ok_or_else(|| {
+                RepoError::corrupt(format!("snapshots/{}", snap.id), "map id is not hex")
+            })?;
+            let b = repo.read_blob(&index, &id)?;
+            if b.len() % 32 != 0 {
+                return Err(RepoError::corrupt(
+                    format!("map blob {h}"),
+                    "length is not a multiple of 32",
+                ));
+            }
+            map.extend(b.chunks_exact(32).map(|c| {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(c);
+                a
+            }));
+        }
+        let expect = (n - first).min(segs.len() * MAP_ENTRIES);
+        if map.len() != expect {
+            return Err(RepoError::corrupt(
+                format!("snapshots/{}", snap.id),
+                format!(
+                    "map segment group {g} lists {} chunks, {expect} expected",
+                    map.len()
+                ),
+            ));
+        }
+        restore_group(
+            repo,
+            &index,
+            &snap.id,
+            &map,
+            first,
+            &file,
+            is_blockdev,
+            cs,
+            len,
+            &written,
+            progress,
+            &terr,
+        )?;
+    }
+    file.sync_all().map_err(terr)?;
+    Ok(RestoreSummary {
+        snapshot_id: snap.id,
+        target: target.to_path_buf(),
+        bytes: len,
+        bytes_written: written.into_inner(),
+        duration: start.elapsed(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn restore_pack(
+    repo: &Repository,
+    pid: &Id,
+    wants: &mut [Want],
+    file: &File,
+    cs: u64,
+    len: u64,
+    written: &AtomicU64,
+    progress: &dyn Progress,
+    terr: &(dyn Fn(std::io::Error) -> RepoError + Sync),
+) -> Result<()> {
+    let key = pack_key(pid);
+    wants.sort_by_key(|w| w.entry.offset);
+    let mut i = 0;
+    while i < wants.len() {
+        // A run of blobs read with one request.
+        let start = wants[i].entry.offset as u64;
+        let mut end = start + wants[i].entry.stored_len as u64;
+        let mut j = i + 1;
+        while j < wants.len() {
+            let o = wants[j].entry.offset as u64;
+            if o > end + MAX_GAP || o + wants[j].entry.stored_len as u64 - start > 64 << 20 {
+                break;
+            }
+            end = end.max(o + wants[j].entry.stored_len as u64);
+            j += 1;
+        }
+        let buf = repo.backend.get_range(&key, start, end - start)?;
+        for w in &wants[i..j] {
+            let a = (w.entry.offset as u64 - start) as usize;
+            let data = open_blob(
+                &repo.key,
+                &w.entry,
+                &buf[a..a + w.entry.stored_len as usize],
+                &key,
+            )?;
+            for &c in &w.chunks {
+                let off = c as u64 * cs;
+                let l = crate::backup::chunk_len(c as usize, cs, len) as usize;
+                if data.len() < l {
+                    return Err(RepoError::corrupt(
+                        &key,
+                        "chunk shorter than its place in the disk",
+                    ));
+                }
+                file.write_all_at(&data[..l], off).map_err(terr)?;
+                written.fetch_add(l as u64, Ordering::Relaxed);
+                progress.advance(l as u64);
+            }
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn restore_group(
+    repo: &Repository,
+    index: &crate::pack::Index,
+    snap_id: &str,
+    map: &[Id],
+    first: usize,
+    file: &File,
+    is_blockdev: bool,
+    cs: u64,
+    len: u64,
+    written: &AtomicU64,
+    progress: &dyn Progress,
+    terr: &(dyn Fn(std::io::Error) -> RepoError + Sync),
+) -> Result<()> {
     // Plan: pack -> blobs wanted -> chunk positions.
     let mut by_blob: IdMap<Vec<u32>> = IdMap::default();
     let mut zero_chunks = Vec::new();
-    for (i, id) in map.iter().enumerate() {
+    for (j, id) in map.iter().enumerate() {
+        let i = first + j;
         if *id == ZERO_ID {
             zero_chunks.push(i as u32);
         } else {
@@ -85,7 +224,7 @@ pub(crate) fn restore(
     for (id, chunks) in by_blob {
         let (pid, entry) = index.entry(&id).ok_or_else(|| {
             RepoError::corrupt(
-                format!("snapshots/{}", snap.id),
+                format!("snapshots/{snap_id}"),
                 format!(
                     "chunk {} is in no index (data lost?)",
                     crate::util::to_hex(&id)
@@ -101,7 +240,6 @@ pub(crate) fn restore(
         .iter()
         .map(|&i| crate::backup::chunk_len(i as usize, cs, len))
         .sum();
-    let written = AtomicU64::new(0);
     let abort = AtomicBool::new(false);
     let first_err: Mutex<Option<RepoError>> = Mutex::new(None);
     let fail = |e: RepoError| {
@@ -159,71 +297,8 @@ pub(crate) fn restore(
             });
         }
     });
-    if let Some(e) = first_err.into_inner().ok().flatten() {
-        return Err(e);
+    match first_err.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    file.sync_all().map_err(terr)?;
-    Ok(RestoreSummary {
-        snapshot_id: snap.id,
-        target: target.to_path_buf(),
-        bytes: len,
-        bytes_written: written.into_inner(),
-        duration: start.elapsed(),
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn restore_pack(
-    repo: &Repository,
-    pid: &Id,
-    wants: &mut [Want],
-    file: &File,
-    cs: u64,
-    len: u64,
-    written: &AtomicU64,
-    progress: &dyn Progress,
-    terr: &dyn Fn(std::io::Error) -> RepoError,
-) -> Result<()> {
-    let key = pack_key(pid);
-    wants.sort_by_key(|w| w.entry.offset);
-    let mut i = 0;
-    while i < wants.len() {
-        // A run of blobs read with one request.
-        let start = wants[i].entry.offset as u64;
-        let mut end = start + wants[i].entry.stored_len as u64;
-        let mut j = i + 1;
-        while j < wants.len() {
-            let o = wants[j].entry.offset as u64;
-            if o > end + MAX_GAP || o + wants[j].entry.stored_len as u64 - start > 64 << 20 {
-                break;
-            }
-            end = end.max(o + wants[j].entry.stored_len as u64);
-            j += 1;
-        }
-        let buf = repo.backend.get_range(&key, start, end - start)?;
-        for w in &wants[i..j] {
-            let a = (w.entry.offset as u64 - start) as usize;
-            let data = open_blob(
-                &repo.key,
-                &w.entry,
-                &buf[a..a + w.entry.stored_len as usize],
-                &key,
-            )?;
-            for &c in &w.chunks {
-                let off = c as u64 * cs;
-                let l = crate::backup::chunk_len(c as usize, cs, len) as usize;
-                if data.len() < l {
-                    return Err(RepoError::corrupt(
-                        &key,
-                        "chunk shorter than its place in the disk",
-                    ));
-                }
-                file.write_all_at(&data[..l], off).map_err(terr)?;
-                written.fetch_add(l as u64, Ordering::Relaxed);
-                progress.advance(l as u64);
-            }
-        }
-        i = j;
-    }
-    Ok(())
 }

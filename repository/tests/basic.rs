@@ -332,3 +332,65 @@ fn restore_to_a_block_device_writes_every_byte() {
     assert_eq!(src.len(), 4 << 20);
     assert!(src.data_ranges().unwrap().is_none());
 }
+
+#[test]
+fn large_sparse_disk_spans_many_map_segments() {
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new("segments");
+    let img = dir.path().join("big.img");
+    let f = std::fs::File::create(&img).unwrap();
+    // 4 KiB chunks: a map segment covers 32 MiB, a restore group 512 MiB.
+    let size = 600u64 << 20;
+    f.set_len(size).unwrap();
+    let offsets = [
+        0u64,
+        (32 << 20) - 6000,
+        100 << 20,
+        (512 << 20) - 3000,
+        size - 5000,
+    ];
+    for (k, off) in offsets.iter().enumerate() {
+        f.write_all_at(&random_bytes(k as u64 + 1, 5000), *off)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(4096)).unwrap();
+    let full = repo
+        .backup_disk(
+            &FileSource::open(&img).unwrap(),
+            meta("vm", "d"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(repo.find_snapshot(&full.snapshot_id).unwrap().map.len(), 19);
+
+    // Change bytes in three segments, one of them past the first restore group.
+    let changes = [(40u64 << 20) + 1, (300 << 20) + 7, (550 << 20) + 4090];
+    for (k, off) in changes.iter().enumerate() {
+        f.write_all_at(&random_bytes(50 + k as u64, 100), *off)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    let inc = repo
+        .backup_disk(
+            &FileSource::open(&img).unwrap(),
+            meta("vm", "d"),
+            &BackupOptions {
+                parent: Some(full.snapshot_id.clone()),
+                changed_ranges: Some(changes.iter().map(|o| *o..*o + 100).collect()),
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    // The last change crosses a chunk boundary: four chunks read.
+    assert_eq!(inc.bytes_read, 4 * 4096);
+    let out = dir.path().join("out.img");
+    repo.restore(&inc.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap(),
+        "incremental restore differs"
+    );
+    assert!(repo.check(true).unwrap().ok);
+}

@@ -9,7 +9,7 @@
 #   SIZE_MIB=1024 CHUNKS="16384 65536" benches/repository.sh
 set -euo pipefail
 SIZE_MIB=${SIZE_MIB:-4096}
-CHUNKS=${CHUNKS:-16384}
+CHUNKS=${CHUNKS:-16384 65536}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export RESTIC_PASSWORD=bench-password BORG_PASSPHRASE=bench-password CC_PASSWORD=bench-password
 export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
@@ -35,6 +35,7 @@ cleanup() { cd /; umount "$W" 2>/dev/null || true; rmdir "$W" 2>/dev/null || tru
 trap cleanup EXIT
 cd "$W"
 
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 MB=$(python3 -c "print($SIZE_MIB*1048576/1e6)")
 T=$W/time.txt
 # run NAME CMD... : time a command, remember seconds and peak RSS (KiB)
@@ -92,6 +93,8 @@ for cs in $CHUNKS; do
     $CC mutate img.img 1 7 ranges1
     run sh -c "$CC backup cc-repo img.img $FULL_ID ranges1 > inc.json"
     I_S=$SECS; I_R=$RSS; I_B=$(( $(dus cc-repo) - F_B ))
+    # backup_disk's own time (without process start and the password key derivation)
+    LIB=$(python3 -c "import json;f=json.load(open('full.json'))['duration'];i=json.load(open('inc.json'))['duration'];a=f['secs']+f['nanos']/1e9;b=i['secs']+i['nanos']/1e9;print(f'{a:.2f} s / {b:.2f} s = {a/b:.1f}x')")
     INC_ID=$(python3 -c "import json;print(json.load(open('inc.json'))['snapshot_id'])")
     run sh -c "$CC restore cc-repo $INC_ID out.img > /dev/null"
     R_S=$SECS
@@ -103,13 +106,13 @@ for cs in $CHUNKS; do
     N_S=$SECS; N_R=$RSS; N_B=$(( $(dus cc-repo) - B0 ))
     k=$((cs/1024))
     row "coldclone ($k KiB chunks): full" "$(mbps "$F_S")" "$(mbytes "$F_B")" "$((F_R/1024))" "$(mbps "$R_S")" "$F_S s"
-    row "coldclone ($k KiB): incremental with changed-block map" "$(mbps "$I_S")" "$(mbytes "$I_B")" "$((I_R/1024))" "-" "$I_S s ($(python3 -c "print(f'{$F_S/max($I_S,0.001):.1f}')")x faster than full)"
+    row "coldclone ($k KiB): incremental with changed-block map" "$(mbps "$I_S")" "$(mbytes "$I_B")" "$((I_R/1024))" "-" "$I_S s ($(python3 -c "print(f'{$F_S/max($I_S,0.001):.1f}')")x faster than full; backup_disk alone $LIB)"
     row "coldclone ($k KiB): incremental without map (another 1 %)" "$(mbps "$N_S")" "$(mbytes "$N_B")" "$((N_R/1024))" "-" "$N_S s"
     rm -rf cc-repo
 done
 
 echo
-echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%Y-%m-%d); image ${SIZE_MIB} MiB on tmpfs"
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%Y-%m-%d); image ${SIZE_MIB} MiB on tmpfs; load average before $LOAD0, after $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| tool | backup MB/s | bytes added (MB) | peak RSS (MiB) | restore MB/s | time |"
 echo "| --- | ---: | ---: | ---: | ---: | --- |"

@@ -29,7 +29,7 @@ pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress
 use backend::Backend;
 use crypto::{Id, MasterKey};
 use error::Result;
-use pack::{Index, INDEX_KIND, KIND_MAP};
+use pack::{Index, INDEX_KIND};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -72,6 +72,50 @@ impl std::fmt::Display for Location {
                 prefix
             ),
         }
+    }
+}
+
+impl Location {
+    /// Parse a repository location: a path, or `s3:<endpoint>/<bucket>[/<prefix>]`
+    /// (e.g. `s3:http://127.0.0.1:9000/backups/fleet`). S3 credentials and region come from
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_REGION` (or
+    /// `AWS_DEFAULT_REGION`; default `us-east-1`); callers may overwrite the fields after.
+    pub fn parse(s: &str) -> Result<Location> {
+        let Some(rest) = s.strip_prefix("s3:") else {
+            if s.is_empty() {
+                return Err(RepoError::InvalidArgument(
+                    "empty repository location".into(),
+                ));
+            }
+            return Ok(Location::Local(PathBuf::from(s)));
+        };
+        let (scheme, after) = rest.split_once("://").ok_or_else(|| {
+            RepoError::InvalidArgument(format!(
+                "S3 location {s:?} must look like s3:https://host[:port]/bucket[/prefix]"
+            ))
+        })?;
+        let mut parts = after.splitn(3, '/');
+        let host = parts.next().unwrap_or_default();
+        let bucket = parts.next().unwrap_or_default();
+        let prefix = parts.next().unwrap_or_default().trim_matches('/');
+        if host.is_empty() || bucket.is_empty() {
+            return Err(RepoError::InvalidArgument(format!(
+                "S3 location {s:?} needs a host and a bucket: s3:https://host[:port]/bucket[/prefix]"
+            )));
+        }
+        let env = |k: &str| std::env::var(k).unwrap_or_default();
+        let region = [env("AWS_REGION"), env("AWS_DEFAULT_REGION")]
+            .into_iter()
+            .find(|r| !r.is_empty())
+            .unwrap_or_else(|| "us-east-1".into());
+        Ok(Location::S3 {
+            endpoint: format!("{scheme}://{host}"),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            region,
+            access_key: env("AWS_ACCESS_KEY_ID"),
+            secret_key: env("AWS_SECRET_ACCESS_KEY"),
+        })
     }
 }
 
@@ -443,6 +487,21 @@ impl Repository {
         prune::prune(self, policy, dry_run)
     }
 
+    /// Remove lock objects whose holder is gone (older than 30 minutes without refresh, or
+    /// of a process of this host that no longer exists). Returns how many were removed.
+    pub fn remove_stale_locks(&self) -> Result<usize> {
+        let now = util::now_unix();
+        let host = util::hostname();
+        let mut n = 0;
+        for (key, info) in lock::list_locks(self.backend.as_ref())? {
+            if info.map(|i| i.is_stale(now, &host)).unwrap_or(true) {
+                self.backend.delete(&key)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     // ---- internals ----
 
     pub(crate) fn load_snapshot(&self, id: &str) -> Result<Snapshot> {
@@ -543,4 +602,39 @@ impl Repository {
 }
 
 pub(crate) const ZERO_ID: Id = [0u8; 32];
-pub(crate) const _KIND_MAP: u8 = KIND_MAP;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn repository_is_shareable_between_threads() {
+        assert_send_sync::<Repository>();
+    }
+
+    #[test]
+    fn locations_parse() {
+        assert_eq!(
+            Location::parse("/srv/repo").unwrap(),
+            Location::Local("/srv/repo".into())
+        );
+        assert!(Location::parse("").is_err());
+        assert!(Location::parse("s3:nohost").is_err());
+        assert!(Location::parse("s3:http://h:9000").is_err());
+        match Location::parse("s3:http://127.0.0.1:9000/bkt/a/b/").unwrap() {
+            Location::S3 {
+                endpoint,
+                bucket,
+                prefix,
+                ..
+            } => {
+                assert_eq!(endpoint, "http://127.0.0.1:9000");
+                assert_eq!(bucket, "bkt");
+                assert_eq!(prefix, "a/b");
+            }
+            l => panic!("{l:?}"),
+        }
+    }
+}

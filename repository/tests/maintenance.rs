@@ -199,6 +199,8 @@ fn prune_is_refused_while_a_lock_is_live() {
     let lock = serde_json::json!({"host": "some-other-host", "pid": 1, "time_unix": 1000, "exclusive": false, "purpose": "backup"});
     std::fs::write(root.join("locks/feedface"), lock.to_string()).unwrap();
     repo.prune(&RetentionPolicy::default(), false).unwrap();
+    assert_eq!(repo.remove_stale_locks().unwrap(), 1);
+    assert!(!root.join("locks/feedface").exists());
     // An exclusive lock blocks backups.
     let lock = serde_json::json!({"host": "some-other-host", "pid": 1, "time_unix":
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),

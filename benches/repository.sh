@@ -39,12 +39,12 @@ LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 MB=$(python3 -c "print($SIZE_MIB*1048576/1e6)")
 T=$W/time.txt
 # run NAME CMD... : time a command, remember seconds and peak RSS (KiB)
-run() { /usr/bin/time -f "%e %M" -o "$T" "$@"; read -r SECS RSS < "$T"; }
+run() { /usr/bin/time -f "%e %M %U %S" -o "$T" "$@"; read -r SECS RSS U S < "$T"; CPU=$(python3 -c "print(f'{$U+$S:.1f}')"); }
 mbps() { python3 -c "print(f'{$MB/max($1,0.001):.0f}')"; }
 mbytes() { python3 -c "print(f'{$1/1e6:.0f}')"; }
 dus() { du -sb "$1" | cut -f1; }
 ROWS=()
-row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 |"); }
+row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
 
 # The same image (seed 42) for every tool, regenerated to spare memory.
 fresh() { rm -f img.img; $CC genimage img.img "$SIZE_MIB" 42; }
@@ -52,35 +52,35 @@ fresh() { rm -f img.img; $CC genimage img.img "$SIZE_MIB" 42; }
 # read limit and zstd
 fresh
 run sh -c 'cat img.img > /dev/null'
-row "cat > /dev/null (read limit)" "$(mbps "$SECS")" "-" "$((RSS/1024))" "-" "-"
+row "cat > /dev/null (read limit)" "$(mbps "$SECS")" "-" "$((RSS/1024))" "-" "$CPU" "$SECS s"
 run sh -c 'zstd -T0 -q -c img.img > img.zst'
-row "zstd -T0 (level 3) of the raw image" "$(mbps "$SECS")" "$(mbytes "$(stat -c %s img.zst)")" "$((RSS/1024))" "-" "-"
+row "zstd -T0 (level 3) of the raw image" "$(mbps "$SECS")" "$(mbytes "$(stat -c %s img.zst)")" "$((RSS/1024))" "-" "$CPU" "$SECS s"
 rm -f img.zst
 
 # restic
 fresh
 restic init -q -r restic-repo >/dev/null
 run sh -c 'restic backup -q -r restic-repo --stdin --stdin-filename disk.img < img.img'
-F_S=$SECS; F_R=$RSS; F_B=$(dus restic-repo)
+F_S=$SECS; F_R=$RSS; F_C=$CPU; F_B=$(dus restic-repo)
 $CC mutate img.img 1 7 ranges1
 run sh -c 'restic backup -q -r restic-repo --stdin --stdin-filename disk.img < img.img'
-I_S=$SECS; I_R=$RSS; I_B=$(( $(dus restic-repo) - F_B ))
+I_S=$SECS; I_R=$RSS; I_C=$CPU; I_B=$(( $(dus restic-repo) - F_B ))
 run sh -c 'restic dump -q -r restic-repo latest /disk.img > out.img'
-row "restic $(restic version | cut -d' ' -f2) --stdin: full" "$(mbps "$F_S")" "$(mbytes "$F_B")" "$((F_R/1024))" "$(mbps "$SECS")" "$F_S s"
-row "restic: incremental (1 % of 4 KiB blocks)" "$(mbps "$I_S")" "$(mbytes "$I_B")" "$((I_R/1024))" "-" "$I_S s"
+row "restic $(restic version | cut -d' ' -f2) --stdin: full" "$(mbps "$F_S")" "$(mbytes "$F_B")" "$((F_R/1024))" "$(mbps "$SECS")" "$F_C" "$F_S s"
+row "restic: incremental (1 % of 4 KiB blocks)" "$(mbps "$I_S")" "$(mbytes "$I_B")" "$((I_R/1024))" "-" "$I_C" "$I_S s"
 rm -rf restic-repo out.img
 
 # borg
 fresh
 borg init -e repokey borg-repo >/dev/null 2>&1
 run sh -c 'borg create borg-repo::full - < img.img'
-F_S=$SECS; F_R=$RSS; F_B=$(dus borg-repo)
+F_S=$SECS; F_R=$RSS; F_C=$CPU; F_B=$(dus borg-repo)
 $CC mutate img.img 1 7 ranges1
 run sh -c 'borg create borg-repo::inc - < img.img'
-I_S=$SECS; I_R=$RSS; I_B=$(( $(dus borg-repo) - F_B ))
+I_S=$SECS; I_R=$RSS; I_C=$CPU; I_B=$(( $(dus borg-repo) - F_B ))
 run sh -c 'borg extract --stdout borg-repo::inc > out.img'
-row "borg $(borg --version | cut -d' ' -f2) create (lz4): full" "$(mbps "$F_S")" "$(mbytes "$F_B")" "$((F_R/1024))" "$(mbps "$SECS")" "$F_S s"
-row "borg: incremental (1 % of 4 KiB blocks)" "$(mbps "$I_S")" "$(mbytes "$I_B")" "$((I_R/1024))" "-" "$I_S s"
+row "borg $(borg --version | cut -d' ' -f2) create (lz4): full" "$(mbps "$F_S")" "$(mbytes "$F_B")" "$((F_R/1024))" "$(mbps "$SECS")" "$F_C" "$F_S s"
+row "borg: incremental (1 % of 4 KiB blocks)" "$(mbps "$I_S")" "$(mbytes "$I_B")" "$((I_R/1024))" "-" "$I_C" "$I_S s"
 rm -rf borg-repo out.img
 
 # coldclone
@@ -88,11 +88,11 @@ for cs in $CHUNKS; do
     fresh
     $CC init cc-repo "$cs"
     run sh -c "$CC backup cc-repo img.img > full.json"
-    F_S=$SECS; F_R=$RSS; F_B=$(dus cc-repo)
+    F_S=$SECS; F_R=$RSS; F_C=$CPU; F_B=$(dus cc-repo)
     FULL_ID=$(python3 -c "import json;print(json.load(open('full.json'))['snapshot_id'])")
     $CC mutate img.img 1 7 ranges1
     run sh -c "$CC backup cc-repo img.img $FULL_ID ranges1 > inc.json"
-    I_S=$SECS; I_R=$RSS; I_B=$(( $(dus cc-repo) - F_B ))
+    I_S=$SECS; I_R=$RSS; I_C=$CPU; I_B=$(( $(dus cc-repo) - F_B ))
     # backup_disk's own time (without process start and the password key derivation)
     LIB=$(python3 -c "import json;f=json.load(open('full.json'))['duration'];i=json.load(open('inc.json'))['duration'];a=f['secs']+f['nanos']/1e9;b=i['secs']+i['nanos']/1e9;print(f'{a:.2f} s / {b:.2f} s = {a/b:.1f}x')")
     INC_ID=$(python3 -c "import json;print(json.load(open('inc.json'))['snapshot_id'])")
@@ -103,17 +103,17 @@ for cs in $CHUNKS; do
     B0=$(dus cc-repo)
     $CC mutate img.img 1 8 ranges2
     run sh -c "$CC backup cc-repo img.img $INC_ID > inc2.json"
-    N_S=$SECS; N_R=$RSS; N_B=$(( $(dus cc-repo) - B0 ))
+    N_S=$SECS; N_R=$RSS; N_C=$CPU; N_B=$(( $(dus cc-repo) - B0 ))
     k=$((cs/1024))
-    row "coldclone ($k KiB chunks): full" "$(mbps "$F_S")" "$(mbytes "$F_B")" "$((F_R/1024))" "$(mbps "$R_S")" "$F_S s"
-    row "coldclone ($k KiB): incremental with changed-block map" "$(mbps "$I_S")" "$(mbytes "$I_B")" "$((I_R/1024))" "-" "$I_S s ($(python3 -c "print(f'{$F_S/max($I_S,0.001):.1f}')")x faster than full; backup_disk alone $LIB)"
-    row "coldclone ($k KiB): incremental without map (another 1 %)" "$(mbps "$N_S")" "$(mbytes "$N_B")" "$((N_R/1024))" "-" "$N_S s"
+    row "coldclone ($k KiB chunks): full" "$(mbps "$F_S")" "$(mbytes "$F_B")" "$((F_R/1024))" "$(mbps "$R_S")" "$F_C" "$F_S s"
+    row "coldclone ($k KiB): incremental with changed-block map" "$(mbps "$I_S")" "$(mbytes "$I_B")" "$((I_R/1024))" "-" "$I_C" "$I_S s ($(python3 -c "print(f'{$F_S/max($I_S,0.001):.1f}')")x faster than full; backup_disk alone $LIB)"
+    row "coldclone ($k KiB): incremental without map (another 1 %)" "$(mbps "$N_S")" "$(mbytes "$N_B")" "$((N_R/1024))" "-" "$N_C" "$N_S s"
     rm -rf cc-repo
 done
 
 echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(date -u +%Y-%m-%d); image ${SIZE_MIB} MiB on tmpfs; load average before $LOAD0, after $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "| tool | backup MB/s | bytes added (MB) | peak RSS (MiB) | restore MB/s | time |"
-echo "| --- | ---: | ---: | ---: | ---: | --- |"
+echo "| tool | backup MB/s | bytes added (MB) | peak RSS (MiB) | restore MB/s | CPU s (user+sys) | wall time |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | --- |"
 printf '%s\n' "${ROWS[@]}"

@@ -244,7 +244,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn short_id(&self) -> &str {
-        &self.id[..self.id.len().min(8)]
+        self.id.get(..8).unwrap_or(&self.id)
     }
 }
 

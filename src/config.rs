@@ -32,9 +32,83 @@ pub struct Config {
     #[serde(default)]
     pub isolation: IsolationConfig,
     #[serde(default)]
+    pub run: RunConfig,
+    #[serde(default)]
     pub defaults: VmPolicy,
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmConfig>,
+}
+
+/// How one invocation schedules its VMs.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// VMs (so clones) in flight at once (default 1).
+    pub max_parallel: Option<usize>,
+    /// Memory the clones may use at once, in MiB (default: the host's
+    /// available memory at the start, less the reserve).
+    pub memory_budget_mib: Option<u64>,
+    /// Memory always left to the host, in MiB (default 1024).
+    pub memory_reserve_mib: Option<u64>,
+    /// How long a VM that does not fit waits for room before it is skipped (default 3600).
+    pub wait_for_memory_secs: Option<u64>,
+    /// Prometheus textfile to write after each run (node_exporter's textfile collector).
+    pub metrics_file: Option<PathBuf>,
+}
+
+/// Shrinking the original's memory before its checkpoint: a smaller memory
+/// image and a clone that fits in less RAM. Undone after the backup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonPolicy {
+    /// "50%" of the VM's memory, or a size: "512MiB", "2GiB".
+    pub target: String,
+    /// Never below this many MiB (default 256).
+    pub floor_mib: Option<u64>,
+    /// How long to wait for the guest to give the memory back (default 60).
+    pub timeout_secs: Option<u64>,
+}
+
+impl BalloonPolicy {
+    /// The target in bytes for a VM with `memory_bytes` of RAM.
+    pub fn target_bytes(&self, memory_bytes: u64) -> Result<u64, String> {
+        let t = self.target.trim();
+        let bytes = if let Some(p) = t.strip_suffix('%') {
+            let pct: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("balloon target {t:?}: not a percentage"))?;
+            if !(1.0..=100.0).contains(&pct) {
+                return Err(format!("balloon target {t:?}: must be 1% to 100%"));
+            }
+            (memory_bytes as f64 * pct / 100.0) as u64
+        } else {
+            parse_size(t)?
+        };
+        let floor = self.floor_mib.unwrap_or(256) << 20;
+        Ok(bytes.max(floor).min(memory_bytes))
+    }
+}
+
+/// "512MiB", "2GiB", "1024M", "1G" → bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?}: expected a number and a unit, like 512MiB"))?;
+    let mult = match unit.trim() {
+        "MiB" | "M" | "MB" => 1 << 20,
+        "GiB" | "G" | "GB" => 1 << 30,
+        "KiB" | "K" | "KB" => 1 << 10,
+        other => {
+            return Err(format!(
+                "size {s:?}: unknown unit {other:?} (use MiB or GiB)"
+            ))
+        }
+    };
+    Ok(n * mult)
 }
 
 fn default_state_dir() -> PathBuf {
@@ -106,6 +180,9 @@ pub struct VmPolicy {
     pub on_clone_failure: Option<OnCloneFailure>,
     /// Retention for `prune` (default: last 7, daily 7, weekly 4, monthly 6, yearly 1).
     pub keep: Option<Keep>,
+    /// Higher runs first (default 0).
+    pub priority: Option<i32>,
+    pub balloon: Option<BalloonPolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,13 +194,24 @@ pub struct VmConfig {
     pub stop_timeout_secs: Option<u64>,
     pub on_clone_failure: Option<OnCloneFailure>,
     pub keep: Option<Keep>,
+    pub priority: Option<i32>,
+    pub balloon: Option<BalloonPolicy>,
+    /// QEMU: "background-snapshot" (default: the pause does not wait for RAM
+    /// to be written) or "pre-switchover" (RAM copied while the VM runs).
+    pub checkpoint_method: Option<String>,
+    /// QEMU, pre-switchover: QEMU's downtime target in ms (default 20).
+    pub downtime_limit_ms: Option<u64>,
 }
 
 impl VmConfig {
     pub fn locator(&self) -> Option<VmLocator> {
-        self.qmp
-            .as_ref()
-            .map(|q| VmLocator::Qemu { qmp: q.clone() })
+        self.qmp.as_ref().map(|q| VmLocator::Qemu {
+            qmp: q.clone(),
+            options: coldclone_backends::qemu::QemuOptions {
+                checkpoint_method: self.checkpoint_method.clone(),
+                downtime_limit_ms: self.downtime_limit_ms,
+            },
+        })
     }
 }
 
@@ -133,6 +221,8 @@ pub struct EffectivePolicy {
     pub stop_timeout_secs: u64,
     pub on_clone_failure: OnCloneFailure,
     pub keep: Keep,
+    pub priority: i32,
+    pub balloon: Option<BalloonPolicy>,
 }
 
 pub const DEFAULT_KEEP: Keep = Keep {
@@ -186,6 +276,16 @@ impl Config {
                     vm.name
                 )));
             }
+            if let Some(b) = vm.balloon.as_ref().or(self.defaults.balloon.as_ref()) {
+                b.target_bytes(1 << 40)
+                    .map_err(|e| invalid(format!("vm {:?}: {e}", vm.name)))?;
+            }
+            coldclone_backends::qemu::QemuOptions {
+                checkpoint_method: vm.checkpoint_method.clone(),
+                downtime_limit_ms: None,
+            }
+            .method()
+            .map_err(|e| invalid(format!("vm {:?}: {e}", vm.name)))?;
             if vm.stop_timeout_secs == Some(0) {
                 return Err(invalid(format!(
                     "vm {:?}: stop_timeout_secs must be > 0",
@@ -235,6 +335,8 @@ impl Config {
                 .or(self.defaults.on_clone_failure)
                 .unwrap_or_default(),
             keep: vm.keep.or(self.defaults.keep).unwrap_or(DEFAULT_KEEP),
+            priority: vm.priority.or(self.defaults.priority).unwrap_or(0),
+            balloon: vm.balloon.clone().or_else(|| self.defaults.balloon.clone()),
         }
     }
 }
@@ -270,6 +372,36 @@ stop_timeout_secs = 600
         let db = c.vm("db1").unwrap();
         assert_eq!(c.policy(db).stop_timeout_secs, 600);
         assert_eq!(c.policy(db).on_clone_failure, OnCloneFailure::Fail);
+    }
+
+    #[test]
+    fn balloon_targets_and_sizes() {
+        let b = BalloonPolicy {
+            target: "50%".into(),
+            floor_mib: None,
+            timeout_secs: None,
+        };
+        assert_eq!(b.target_bytes(1 << 30), Ok(512 << 20));
+        assert_eq!(b.target_bytes(300 << 20), Ok(256 << 20), "the floor holds");
+        let b = BalloonPolicy {
+            target: "2GiB".into(),
+            floor_mib: Some(64),
+            timeout_secs: None,
+        };
+        assert_eq!(
+            b.target_bytes(1 << 30),
+            Ok(1 << 30),
+            "never above the VM's memory"
+        );
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(BalloonPolicy {
+            target: "150%".into(),
+            floor_mib: None,
+            timeout_secs: None
+        }
+        .target_bytes(1 << 30)
+        .is_err());
     }
 
     #[test]

@@ -56,6 +56,60 @@ pub fn journal_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("journal")
 }
 
+/// Finished runs' journals: the record of when each clone lived (the
+/// scheduler's tests read it); the newest `HISTORY_KEEP` are kept.
+pub fn history_dir(state_dir: &Path) -> PathBuf {
+    journal_dir(state_dir).join("done")
+}
+
+const HISTORY_KEEP: usize = 200;
+
+/// Moves a journal with nothing open into the history, trimming the oldest.
+fn archive_journal(path: &Path) -> Result<(), JournalError> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| JournalError::Io { path: p, source }
+    };
+    let dir = path
+        .parent()
+        .map(|p| p.join("done"))
+        .unwrap_or_else(|| PathBuf::from("done"));
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    std::fs::rename(path, dir.join(name)).map_err(io(path))?;
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let mut old: Vec<(std::time::SystemTime, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if old.len() > HISTORY_KEEP {
+            old.sort();
+            for (_, p) in &old[..old.len() - HISTORY_KEEP] {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every entry of the finished runs in the history, per run.
+pub fn history(state_dir: &Path) -> Vec<Vec<Entry>> {
+    let Ok(rd) = std::fs::read_dir(history_dir(state_dir)) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .collect()
+}
+
 pub struct RunJournal {
     path: PathBuf,
     file: File,
@@ -141,15 +195,12 @@ impl RunJournal {
         failed
     }
 
-    /// Ends a run whose resources are all gone: the journal is deleted.
+    /// Ends a run whose resources are all gone: the journal moves to the history.
     pub fn finish(self) -> Result<(), JournalError> {
         if !self.open.is_empty() {
             return Ok(());
         }
-        std::fs::remove_file(&self.path).map_err(|source| JournalError::Io {
-            path: self.path.clone(),
-            source,
-        })
+        archive_journal(&self.path)
     }
 }
 
@@ -320,10 +371,7 @@ pub fn recover_run(run: &StaleRun, undo: &Undo) -> Result<Recovered, JournalErro
         }
     }
     if rec.failed.is_empty() {
-        std::fs::remove_file(&run.path).map_err(|source| JournalError::Io {
-            path: run.path.clone(),
-            source,
-        })?;
+        archive_journal(&run.path)?;
     }
     Ok(rec)
 }

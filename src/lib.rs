@@ -4,9 +4,11 @@
 pub mod commands;
 pub mod config;
 pub mod journal;
+pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
+pub mod schedule;
 
 /// Exit codes (documented in docs/cli.md).
 pub mod exit {

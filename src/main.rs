@@ -43,6 +43,9 @@ enum Cmd {
         /// Back up every VM in the config.
         #[arg(long)]
         all: bool,
+        /// If another run holds the lock, wait for it instead of exiting.
+        #[arg(long)]
+        wait: bool,
     },
     /// Create the repository named in the config.
     Init,
@@ -123,17 +126,18 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<u8> {
     let json = cli.json;
     match cli.command {
-        Cmd::Backup { vms, all } => {
+        Cmd::Backup { vms, all, wait } => {
             let cfg = load_config(&cli.config)?;
-            let Some(_lock) = commands::backup::take_run_lock(&cfg)? else {
+            let Some(_lock) = commands::backup::take_run_lock(&cfg, wait)? else {
                 eprintln!(
-                    "coldclone: another coldclone backup is running (pid {}, lock {}); try again when it has finished",
+                    "coldclone: another coldclone backup is running (pid {}, lock {}); try again when it has finished, or use --wait",
                     commands::backup::lock_holder(&cfg),
                     cfg.state_dir.join("coldclone.lock").display()
                 );
                 return Ok(exit::LOCKED);
             };
             let reports = commands::backup::run(&cfg, &vms, all, json)?;
+            // Skipped VMs count as failures: they have no new backup.
             Ok(if reports.iter().all(|r| r.status == "ok") {
                 exit::OK
             } else {
@@ -181,7 +185,7 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Recover => {
             let cfg = load_config(&cli.config)?;
-            let Some(_lock) = commands::backup::take_run_lock(&cfg)? else {
+            let Some(_lock) = commands::backup::take_run_lock(&cfg, false)? else {
                 eprintln!("coldclone: a backup is running; recover after it has finished");
                 return Ok(exit::LOCKED);
             };

@@ -36,14 +36,30 @@ pub struct PauseSplit {
 }
 
 #[derive(Debug, Clone, Serialize)]
+pub struct BalloonReport {
+    /// The original's memory before; it is set back to this at clean-up.
+    pub original_bytes: u64,
+    pub target_bytes: u64,
+    /// What the guest had given back when the checkpoint was taken.
+    pub reached_bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct VmReport {
     pub vm: String,
     pub backend: String,
     pub run_id: String,
     /// The backup's id: the run id, carried as tag `run` by every disk snapshot.
     pub snapshot_id: Option<String>,
-    /// "ok" or "failed"
+    /// "ok", "failed", or "skipped" (it could not fit in the memory budget)
     pub status: &'static str,
+    /// Memory its clone was budgeted (MiB).
+    pub clone_memory_mib: Option<u64>,
+    pub balloon: Option<BalloonReport>,
+    /// When the backup started and ended (seconds since the epoch).
+    pub started_at: f64,
+    pub finished_at: f64,
     /// "clean-shutdown" or "crash" when a backup was stored.
     pub consistency: Option<&'static str>,
     pub checkpoint_method: Option<&'static str>,
@@ -68,6 +84,10 @@ impl VmReport {
             run_id: run_id.to_string(),
             snapshot_id: None,
             status: "failed",
+            clone_memory_mib: None,
+            balloon: None,
+            started_at: 0.0,
+            finished_at: 0.0,
             consistency: None,
             checkpoint_method: None,
             original_pause_ms: None,
@@ -97,6 +117,11 @@ impl VmReport {
                 self.disks.iter().map(|d| d.stored_bytes).sum::<u64>(),
                 self.durations_ms.total as f64 / 1000.0
             ),
+            "skipped" => format!(
+                "{}: SKIPPED: {}",
+                self.vm,
+                self.error.as_deref().unwrap_or("no reason given")
+            ),
             _ => format!(
                 "{}: FAILED: {}",
                 self.vm,
@@ -104,4 +129,113 @@ impl VmReport {
             ),
         }
     }
+}
+
+/// The run as a whole (the last line of `backup --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub vms: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub clean_shutdown: usize,
+    pub crash: usize,
+    pub bytes_read: u64,
+    pub bytes_stored: u64,
+    pub duration_ms: u64,
+}
+
+impl Summary {
+    pub fn of(reports: &[VmReport], duration_ms: u64) -> Summary {
+        let count = |f: &dyn Fn(&VmReport) -> bool| reports.iter().filter(|r| f(r)).count();
+        Summary {
+            vms: reports.len(),
+            ok: count(&|r| r.status == "ok"),
+            failed: count(&|r| r.status == "failed"),
+            skipped: count(&|r| r.status == "skipped"),
+            clean_shutdown: count(&|r| r.consistency == Some("clean-shutdown")),
+            crash: count(&|r| r.consistency == Some("crash")),
+            bytes_read: reports
+                .iter()
+                .flat_map(|r| &r.disks)
+                .map(|d| d.bytes_read)
+                .sum(),
+            bytes_stored: reports
+                .iter()
+                .flat_map(|r| &r.disks)
+                .map(|d| d.stored_bytes)
+                .sum(),
+            duration_ms,
+        }
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+/// The end-of-run table for people.
+pub fn table(reports: &[VmReport], summary: &Summary) -> String {
+    let mut rows = vec![[
+        "VM".to_string(),
+        "STATUS".into(),
+        "CONSISTENCY".into(),
+        "PAUSE".into(),
+        "READ".into(),
+        "STORED".into(),
+        "TIME".into(),
+        "NOTE".into(),
+    ]];
+    for r in reports {
+        rows.push([
+            r.vm.clone(),
+            r.status.to_string(),
+            r.consistency.unwrap_or("-").to_string(),
+            r.original_pause_ms
+                .map(|p| format!("{p:.0} ms"))
+                .unwrap_or_else(|| "-".into()),
+            human_bytes(r.disks.iter().map(|d| d.bytes_read).sum()),
+            human_bytes(r.disks.iter().map(|d| d.stored_bytes).sum()),
+            format!("{:.1} s", r.durations_ms.total as f64 / 1000.0),
+            r.error
+                .clone()
+                .or_else(|| r.warnings.first().cloned())
+                .unwrap_or_default(),
+        ]);
+    }
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row.iter()).take(7) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, c) in row.iter().enumerate() {
+            if i < 7 {
+                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            } else {
+                line.push_str(c);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "{} VM(s): {} ok, {} failed, {} skipped; {} read, {} stored, {:.1} s\n",
+        summary.vms,
+        summary.ok,
+        summary.failed,
+        summary.skipped,
+        human_bytes(summary.bytes_read),
+        human_bytes(summary.bytes_stored),
+        summary.duration_ms as f64 / 1000.0
+    ));
+    out
 }

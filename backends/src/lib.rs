@@ -81,6 +81,8 @@ pub enum Resource {
         qmp: PathBuf,
         capabilities: Vec<(String, bool)>,
         max_bandwidth: Option<u64>,
+        #[serde(default)]
+        downtime_limit: Option<u64>,
     },
     /// A qcow2 overlay that the original now writes into, on top of its
     /// frozen image (undo: commit it back into the image, delete it).
@@ -115,6 +117,8 @@ pub enum Resource {
     /// does not finish archiving every disk has them withdrawn (the
     /// repository, not the backend, undoes this one).
     RepositoryBackup { run: String },
+    /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
+    Balloon { qmp: PathBuf, restore_bytes: u64 },
 }
 
 /// Write-ahead record of what a run creates.
@@ -131,7 +135,11 @@ pub trait Journal {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "backend", rename_all = "snake_case")]
 pub enum VmLocator {
-    Qemu { qmp: PathBuf },
+    Qemu {
+        qmp: PathBuf,
+        #[serde(default)]
+        options: qemu::QemuOptions,
+    },
 }
 
 /// What a backend learned about a running VM.
@@ -169,7 +177,7 @@ pub struct PauseTimes {
     pub memory_ms: f64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Checkpoint {
     pub method: &'static str,
     pub memory_image: PathBuf,
@@ -281,6 +289,17 @@ pub trait Hypervisor {
     /// Undoes one resource this backend created. Never touches anything else.
     fn recover(&self, resource: &Resource) -> Result<()>;
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod;
+    /// The guest's current memory (after ballooning), if the backend can tell.
+    fn memory_actual(&self, _vm: &VmInfo) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Asks the guest to balloon to `target_bytes`; journals how to undo it. Does not wait.
+    fn balloon(&self, _vm: &VmInfo, _target_bytes: u64, _journal: &mut dyn Journal) -> Result<u64> {
+        Err(BackendError::Unsupported(format!(
+            "ballooning is not available for {} VMs",
+            self.name()
+        )))
+    }
 }
 
 /// Undoes any resource, whichever backend created it (used by `recover`).
@@ -293,6 +312,6 @@ pub fn recover_resource(resource: &Resource) -> Result<()> {
 /// The backend for a locator.
 pub fn backend_for(locator: &VmLocator) -> Box<dyn Hypervisor> {
     match locator {
-        VmLocator::Qemu { .. } => Box::new(qemu::QemuBackend::default()),
+        VmLocator::Qemu { options, .. } => Box::new(qemu::QemuBackend::with_options(options)),
     }
 }

@@ -2,9 +2,11 @@
 
 use super::{host_name, open_repository, probe_writable};
 use crate::config::Config;
-use crate::pipeline::{backup_vm, RunContext};
+use crate::pipeline::RunContext;
 use crate::progress::stderr_is_terminal;
 use crate::report::VmReport;
+use crate::report::{table, Summary};
+use crate::schedule::{run_all, Limits};
 use anyhow::{bail, Context, Result};
 use coldclone_repository::Location;
 use std::fs::{File, OpenOptions};
@@ -17,7 +19,7 @@ pub struct RunLock {
 
 /// One coldclone backup at a time per state folder: two runs would fight over
 /// host memory and could both try to clean each other's resources.
-pub fn take_run_lock(cfg: &Config) -> Result<Option<RunLock>> {
+pub fn take_run_lock(cfg: &Config, wait: bool) -> Result<Option<RunLock>> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create the state folder {}", cfg.state_dir.display()))?;
     let path = cfg.state_dir.join("coldclone.lock");
@@ -29,7 +31,12 @@ pub fn take_run_lock(cfg: &Config) -> Result<Option<RunLock>> {
         .open(&path)
         .with_context(|| format!("cannot open the run lock {}", path.display()))?;
     if file.try_lock().is_err() {
-        return Ok(None);
+        if !wait {
+            return Ok(None);
+        }
+        tracing::warn!("another coldclone run holds the lock; waiting for it to finish (--wait)");
+        file.lock()
+            .with_context(|| format!("waiting for the run lock {}", path.display()))?;
     }
     file.set_len(0)?;
     writeln!(file, "{}", std::process::id())?;
@@ -80,15 +87,33 @@ pub fn run(cfg: &Config, names: &[String], all: bool, json: bool) -> Result<Vec<
         host: host_name(),
         show_progress: stderr_is_terminal() && !json,
     };
-    let mut reports = Vec::new();
-    for vm in vms {
-        let report = backup_vm(&ctx, vm);
+    let limits = Limits::from_config(cfg);
+    tracing::info!(?limits, "scheduling {} VM(s)", vms.len());
+    let start = std::time::Instant::now();
+    let reports = run_all(&ctx, vms, limits, &mut |r| {
+        // Each VM's report as soon as it is done: a long night shows progress.
         if json {
-            println!("{}", serde_json::to_string(&report)?);
+            if let Ok(line) = serde_json::to_string(r) {
+                println!("{line}");
+            }
         } else {
-            println!("{}", report.summary_line());
+            println!("{}", r.summary_line());
         }
-        reports.push(report);
+    });
+    let summary = Summary::of(&reports, start.elapsed().as_millis() as u64);
+    if json {
+        println!("{}", serde_json::json!({ "summary": summary }));
+    } else {
+        print!("\n{}", table(&reports, &summary));
+    }
+    if let Some(file) = &cfg.run.metrics_file {
+        if let Err(e) = crate::metrics::write(&cfg.state_dir, file, &reports) {
+            tracing::error!("could not write the metrics file {}: {e}", file.display());
+            eprintln!(
+                "coldclone: could not write the metrics file {}: {e}",
+                file.display()
+            );
+        }
     }
     Ok(reports)
 }

@@ -2,6 +2,7 @@
 //! checkpoint → isolate → restore the clone → clean stop → archive → clean up.
 
 pub mod archive;
+pub mod balloon;
 pub mod checkpoint;
 pub mod cleanup;
 pub mod isolate;
@@ -64,6 +65,7 @@ pub fn backup_vm(ctx: &RunContext, vm: &VmConfig) -> VmReport {
     let run_id = new_run_id();
     let mut report = VmReport::new(&vm.name, &run_id);
     let start = Instant::now();
+    report.started_at = crate::journal::now();
     let span = tracing::info_span!("backup", vm = %vm.name, run = %run_id);
     let _enter = span.enter();
     match run_steps(ctx, vm, &run_id, &mut report) {
@@ -77,6 +79,7 @@ pub fn backup_vm(ctx: &RunContext, vm: &VmConfig) -> VmReport {
         }
     }
     report.durations_ms.total = start.elapsed().as_millis() as u64;
+    report.finished_at = crate::journal::now();
     report
 }
 
@@ -112,6 +115,9 @@ fn run_steps(
         clone: None,
     };
     let result = (|| {
+        if let Some(policy) = run.policy.balloon.clone() {
+            balloon::shrink(&mut run, &info, &policy, report)?;
+        }
         let t = Instant::now();
         let checkpoint = checkpoint::run(&mut run, &info, report)?;
         report.durations_ms.checkpoint = t.elapsed().as_millis() as u64;

@@ -166,12 +166,16 @@ pub struct VmOptions {
     pub with_nic: bool,
     /// MiB of guest RAM to fill with non-zero data before the guest reports up.
     pub fill_mib: u32,
+    /// A virtio-balloon device.
+    pub balloon: bool,
 }
 
 /// An "original" VM: the test guest writing its counter, pinging the peer.
 pub struct Vm {
     pub dir: PathBuf,
     pub qmp: PathBuf,
+    /// A second QMP socket for the test to watch the VM while coldclone holds the first.
+    pub observe_qmp: PathBuf,
     pub image: PathBuf,
     pub log: PathBuf,
     pub guest_ip: String,
@@ -190,6 +194,7 @@ impl Vm {
             .expect("qemu-img");
         assert!(st.success());
         let qmp = dir.join("vm.qmp");
+        let observe_qmp = dir.join("observe.qmp");
         let log = dir.join("vm.log");
         let guest_ip = format!("10.77.{}.2", net.subnet);
         let mut append = "console=ttyS0 quiet panic=-1".to_string();
@@ -238,6 +243,10 @@ impl Vm {
             "-qmp",
             &format!("unix:{},server=on,wait=off", qmp.display()),
         ])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", observe_qmp.display()),
+        ])
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).expect("log"))
@@ -252,10 +261,14 @@ impl Vm {
         } else {
             cmd.args(["-nic", "none"]);
         }
+        if opts.balloon {
+            cmd.args(["-device", "virtio-balloon-pci,id=balloon0"]);
+        }
         let child = cmd.spawn().expect("start qemu");
         let vm = Vm {
             dir: dir.to_path_buf(),
             qmp,
+            observe_qmp,
             image,
             log,
             guest_ip,
@@ -297,6 +310,24 @@ impl Vm {
     pub fn qmp(&self, cmd: &str, args: Value) -> Value {
         let mut q = Qmp::connect(&self.qmp).expect("connect to the original's QMP");
         q.execute(cmd, args).expect("QMP command")
+    }
+
+    /// A QMP command on the observer socket (never competes with coldclone).
+    pub fn observe(&self, cmd: &str, args: Value) -> Option<Value> {
+        let mut q = match Qmp::connect(&self.observe_qmp) {
+            Ok(q) => q,
+            Err(e) => {
+                eprintln!("observer QMP {}: {e}", self.observe_qmp.display());
+                return None;
+            }
+        };
+        match q.execute(cmd, args) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                eprintln!("observer QMP {cmd}: {e}");
+                None
+            }
+        }
     }
 
     pub fn status(&self) -> String {
@@ -377,17 +408,17 @@ pub struct Setup {
 }
 
 impl Setup {
-    pub fn new(dir: &Path, vm_qmp: &Path, extra_vm: &str, extra_top: &str) -> Setup {
+    /// A config with `body` (sections and [[vm]]s) after the state folder and repository.
+    pub fn with_body(dir: &Path, top: &str, body: &str) -> Setup {
         let state = dir.join("state");
         let config = dir.join("coldclone.toml");
         std::fs::write(dir.join("password"), "test password\n").expect("pw");
         std::fs::write(
             &config,
             format!(
-                "state_dir = \"{}\"\n{extra_top}\n[repository]\npassword_file = \"{}\"\n\n[[vm]]\nname = \"t1\"\nqmp = \"{}\"\nstop_timeout_secs = 60\n{extra_vm}\n",
+                "state_dir = \"{}\"\n{top}\n[repository]\npassword_file = \"{}\"\n\n{body}\n",
                 state.display(),
-                dir.join("password").display(),
-                vm_qmp.display()
+                dir.join("password").display()
             ),
         )
         .expect("config");
@@ -403,6 +434,17 @@ impl Setup {
             String::from_utf8_lossy(&out.stderr)
         );
         s
+    }
+
+    pub fn new(dir: &Path, vm_qmp: &Path, extra_vm: &str, extra_top: &str) -> Setup {
+        Setup::with_body(
+            dir,
+            extra_top,
+            &format!(
+                "[[vm]]\nname = \"t1\"\nqmp = \"{}\"\nstop_timeout_secs = 60\n{extra_vm}\n",
+                vm_qmp.display()
+            ),
+        )
     }
 
     pub fn command(&self, ns: Option<&str>, args: &[&str]) -> Command {
@@ -450,8 +492,14 @@ impl Setup {
     pub fn assert_nothing_left(&self, net: &TestNet) {
         for sub in ["journal", "runs"] {
             let d = self.state.join(sub);
+            // Finished runs' journals move to journal/done: a record, not a leftover.
             let left: Vec<_> = std::fs::read_dir(&d)
-                .map(|r| r.flatten().map(|e| e.path()).collect())
+                .map(|r| {
+                    r.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| !p.ends_with("done"))
+                        .collect()
+                })
                 .unwrap_or_default();
             assert!(left.is_empty(), "{} still holds {left:?}", d.display());
         }

@@ -27,7 +27,7 @@ KM=$(ls -d pkgs/k/lib/modules/*)/kernel
 rm -rf ir && mkdir -p ir/bin ir/proc ir/sys ir/dev ir/data ir/tmp ir/lib/modules ir/etc/acpi/PWRF
 cp pkgs/bb/bin/busybox ir/bin/
 # Load order matters (modules.dep is not used): virtio_ring before virtio, failover before virtio_net.
-MODS="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk drivers/input/evdev drivers/acpi/button net/core/failover drivers/net/net_failover drivers/net/virtio_net"
+MODS="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk drivers/input/evdev drivers/acpi/button drivers/virtio/virtio_balloon net/core/failover drivers/net/net_failover drivers/net/virtio_net"
 for m in $MODS; do
   f=$(ls "$KM/$m".ko* 2>/dev/null | head -1)
   [ -n "$f" ] || { echo "module $m missing in the kernel package" >&2; exit 1; }
@@ -41,7 +41,7 @@ cat > ir/init <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mkdir -p /tmp /var/run; mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk evdev button failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk evdev button virtio_balloon failover net_failover virtio_net; do
   insmod /lib/modules/$m.ko 2>/dev/null || echo "INSMOD $m failed"
 done
 for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done

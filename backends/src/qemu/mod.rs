@@ -67,16 +67,65 @@ impl std::fmt::Debug for QemuClone {
     }
 }
 
-/// Timeouts for the QEMU backend.
+/// How the QEMU backend takes its checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointMethod {
+    /// `background-snapshot`: RAM written after the VM resumes, under
+    /// userfaultfd write protection; the pause is device state + disk
+    /// snapshot + write-protecting RAM.
+    BackgroundSnapshot,
+    /// `pause-before-switchover`: RAM copied while the VM runs; the pause is
+    /// the last dirty pages (bounded by `downtime_limit_ms`) + disk snapshot.
+    PreSwitchover,
+}
+
+/// Per-VM settings of the QEMU backend, from the config.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QemuOptions {
+    /// "background-snapshot" (default) or "pre-switchover".
+    pub checkpoint_method: Option<String>,
+    /// QEMU's downtime target for pre-switchover, in ms (default 20).
+    pub downtime_limit_ms: Option<u64>,
+}
+
+impl QemuOptions {
+    pub fn method(&self) -> std::result::Result<CheckpointMethod, String> {
+        match self.checkpoint_method.as_deref() {
+            None | Some("background-snapshot") => Ok(CheckpointMethod::BackgroundSnapshot),
+            Some("pre-switchover") => Ok(CheckpointMethod::PreSwitchover),
+            Some(other) => Err(format!(
+                "checkpoint_method {other:?}: use \"background-snapshot\" or \"pre-switchover\""
+            )),
+        }
+    }
+}
+
+/// Settings and timeouts of the QEMU backend.
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
+    pub method: CheckpointMethod,
+    /// QEMU's downtime target for the pre-switchover method.
+    pub downtime_limit_ms: u64,
     pub memory_save_timeout: Duration,
     pub clone_start_timeout: Duration,
+}
+
+impl QemuBackend {
+    pub fn with_options(options: &QemuOptions) -> QemuBackend {
+        let d = QemuBackend::default();
+        QemuBackend {
+            method: options.method().unwrap_or(d.method),
+            downtime_limit_ms: options.downtime_limit_ms.unwrap_or(d.downtime_limit_ms),
+            ..d
+        }
+    }
 }
 
 impl Default for QemuBackend {
     fn default() -> Self {
         QemuBackend {
+            method: CheckpointMethod::BackgroundSnapshot,
+            downtime_limit_ms: 20,
             memory_save_timeout: Duration::from_secs(1800),
             clone_start_timeout: Duration::from_secs(120),
         }
@@ -86,12 +135,14 @@ impl Default for QemuBackend {
 fn qemu_clone(detail: &mut CloneDetail) -> &mut QemuClone {
     match detail {
         CloneDetail::Qemu(c) => c,
+        _ => unreachable!("the QEMU backend was handed another backend's clone"),
     }
 }
 
 fn qemu_vm(vm: &VmInfo) -> &QemuVm {
     match &vm.detail {
         VmDetail::Qemu(q) => q,
+        _ => unreachable!("the QEMU backend was handed another backend's VM"),
     }
 }
 
@@ -156,6 +207,7 @@ fn restore_migration_settings(
     q: &mut Qmp,
     caps: &[(String, bool)],
     bandwidth: Option<u64>,
+    downtime: Option<u64>,
 ) -> Result<()> {
     // One at a time: turning background-snapshot off while events is listed
     // first would be refused as a whole if any single one is refused.
@@ -164,6 +216,9 @@ fn restore_migration_settings(
     }
     if let Some(bw) = bandwidth {
         q.execute("migrate-set-parameters", json!({ "max-bandwidth": bw }))?;
+    }
+    if let Some(d) = downtime {
+        q.execute("migrate-set-parameters", json!({ "downtime-limit": d }))?;
     }
     Ok(())
 }
@@ -461,7 +516,11 @@ impl Hypervisor for QemuBackend {
     }
 
     fn inspect(&self, vm: &VmLocator) -> Result<VmInfo> {
-        let VmLocator::Qemu { qmp: path } = vm;
+        let VmLocator::Qemu { qmp: path, .. } = vm else {
+            return Err(BackendError::Unsupported(
+                "the QEMU backend was handed another backend's VM".into(),
+            ));
+        };
         let mut q = Qmp::connect(path)?;
         let pid = q.peer_pid()?;
         let argv = util::process_cmdline(pid).ok_or_else(|| {
@@ -586,25 +645,38 @@ impl Hypervisor for QemuBackend {
         let memory_image = work_dir.join("memory.bin");
         let mem_uri = format!("exec:cat > {}", shell_quote(&memory_image));
 
-        // Try background-snapshot; fall back to pause-before-switchover.
-        let mut method = "background-snapshot";
+        // The configured method; background-snapshot falls back to
+        // pause-before-switchover where QEMU refuses it.
+        let mut method = match self.method {
+            CheckpointMethod::BackgroundSnapshot => "background-snapshot",
+            CheckpointMethod::PreSwitchover => "pause-before-switchover",
+        };
         let mut caps = current_capabilities(
             &mut q,
             &["events", "background-snapshot", "pause-before-switchover"],
         )?;
         let params = q.execute("query-migrate-parameters", json!({}))?;
         let old_bandwidth = params.get("max-bandwidth").and_then(Value::as_u64);
+        let old_downtime = params.get("downtime-limit").and_then(Value::as_u64);
         let mig_id = journal.will_create(&Resource::OriginalMigration {
             qmp: qv.qmp.clone(),
             capabilities: caps.clone(),
             max_bandwidth: old_bandwidth,
+            downtime_limit: old_downtime,
         })?;
         let want_bg = vec![
             ("events".to_string(), true),
             ("background-snapshot".to_string(), true),
         ];
-        if let Err(e) = set_capabilities(&mut q, &want_bg) {
-            tracing::warn!("background-snapshot unavailable ({e}); using pause-before-switchover");
+        let bg = if method == "background-snapshot" {
+            set_capabilities(&mut q, &want_bg)
+        } else {
+            Err(BackendError::Unsupported("not chosen".into()))
+        };
+        if let Err(e) = bg {
+            if method == "background-snapshot" {
+                tracing::warn!("background-snapshot unavailable ({e}); using pause-before-switchover");
+            }
             method = "pause-before-switchover";
             set_capabilities(
                 &mut q,
@@ -617,7 +689,7 @@ impl Hypervisor for QemuBackend {
         // RAM is written to a local file: QEMU's default 128 MiB/s cap only slows it.
         q.execute(
             "migrate-set-parameters",
-            json!({"max-bandwidth": 1u64 << 40}),
+            json!({"max-bandwidth": 1u64 << 40, "downtime-limit": self.downtime_limit_ms}),
         )?;
 
         let mut disks = Vec::new();
@@ -655,7 +727,7 @@ impl Hypervisor for QemuBackend {
             self.checkpoint_pre_switchover(&mut q, &actions, &mem_uri, journal)
         };
         // Put the original's migration settings back on every path.
-        let restored = restore_migration_settings(&mut q, &caps, old_bandwidth);
+        let restored = restore_migration_settings(&mut q, &caps, old_bandwidth, old_downtime);
         let (pause, _mig) = match result {
             Ok(r) => r,
             Err(e) => {
@@ -680,6 +752,7 @@ impl Hypervisor for QemuBackend {
             memory_image_bytes,
             pause,
             disks,
+            ..Default::default()
         })
     }
 
@@ -985,10 +1058,11 @@ impl Hypervisor for QemuBackend {
                 qmp,
                 capabilities,
                 max_bandwidth,
+                downtime_limit,
             } => match Qmp::connect(qmp) {
                 Ok(mut q) => {
                     cancel_migration(&mut q)?;
-                    restore_migration_settings(&mut q, capabilities, *max_bandwidth)?;
+                    restore_migration_settings(&mut q, capabilities, *max_bandwidth, *downtime_limit)?;
                     Self::resume_if_paused(&mut q)
                 }
                 Err(BackendError::QmpConnect { .. }) => Ok(()),
@@ -1040,6 +1114,13 @@ impl Hypervisor for QemuBackend {
             Resource::Namespace { name } => {
                 network_isolation::delete_namespace(name).map_err(Into::into)
             }
+            Resource::Balloon { qmp, restore_bytes } => match Qmp::connect(qmp) {
+                Ok(mut q) => q
+                    .execute("balloon", json!({ "value": restore_bytes }))
+                    .map(|_| ()),
+                Err(BackendError::QmpConnect { .. }) => Ok(()),
+                Err(e) => Err(e),
+            },
             Resource::RepositoryBackup { .. } => Err(BackendError::Unsupported(
                 "a partial backup is withdrawn by the repository, not by a backend".into(),
             )),
@@ -1048,6 +1129,36 @@ impl Hypervisor for QemuBackend {
 
     fn stop_methods(&self, _vm: &VmInfo) -> StopMethod {
         StopMethod::Acpi
+    }
+
+    fn memory_actual(&self, vm: &VmInfo) -> Result<Option<u64>> {
+        let mut q = Qmp::connect(&qemu_vm(vm).qmp)?;
+        match q.execute("query-balloon", json!({})) {
+            Ok(v) => Ok(v.get("actual").and_then(Value::as_u64)),
+            // No balloon device: the guest has all its memory.
+            Err(BackendError::QmpCommand { class, .. }) if class == "DeviceNotActive" => Ok(Some(vm.memory_bytes)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn balloon(&self, vm: &VmInfo, target_bytes: u64, journal: &mut dyn Journal) -> Result<u64> {
+        let qmp = qemu_vm(vm).qmp.clone();
+        let mut q = Qmp::connect(&qmp)?;
+        let before = match q.execute("query-balloon", json!({})) {
+            Ok(v) => v.get("actual").and_then(Value::as_u64).unwrap_or(vm.memory_bytes),
+            Err(BackendError::QmpCommand { class, .. }) if class == "DeviceNotActive" => {
+                return Err(BackendError::Unsupported(
+                    "the VM has no balloon device (-device virtio-balloon-pci)".into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        journal.will_create(&Resource::Balloon {
+            qmp,
+            restore_bytes: before,
+        })?;
+        q.execute("balloon", json!({ "value": target_bytes }))?;
+        Ok(before)
     }
 }
 

@@ -1,0 +1,199 @@
+//! A Prometheus textfile (node_exporter's textfile collector) after every
+//! run: per VM the last success time, last consistency, pause, bytes read and
+//! stored, duration, and whether the last run succeeded. The last success
+//! survives failed runs (kept in STATE_DIR/metrics-state.json), so an alert
+//! on its age fires when backups silently stop.
+
+use crate::report::VmReport;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VmMetrics {
+    pub last_run_time: f64,
+    pub last_run_success: bool,
+    pub last_run_skipped: bool,
+    pub last_success_time: Option<f64>,
+    pub last_consistency: Option<String>,
+    pub pause_ms: Option<f64>,
+    pub bytes_read: u64,
+    pub bytes_stored: u64,
+    pub duration_seconds: f64,
+}
+
+pub type State = BTreeMap<String, VmMetrics>;
+
+fn load(path: &Path) -> State {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// Folds this run's reports into the kept state.
+pub fn update(mut state: State, reports: &[VmReport]) -> State {
+    for r in reports {
+        let m = state.entry(r.vm.clone()).or_default();
+        m.last_run_time = r.finished_at;
+        m.last_run_success = r.status == "ok";
+        m.last_run_skipped = r.status == "skipped";
+        if r.status == "ok" {
+            m.last_success_time = Some(r.finished_at);
+            m.last_consistency = r.consistency.map(str::to_string);
+            m.pause_ms = r.original_pause_ms;
+            m.bytes_read = r.disks.iter().map(|d| d.bytes_read).sum();
+            m.bytes_stored = r.disks.iter().map(|d| d.stored_bytes).sum();
+        }
+        m.duration_seconds = r.durations_ms.total as f64 / 1000.0;
+    }
+    state
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub fn render(state: &State) -> String {
+    let mut out = String::new();
+    let metric =
+        |out: &mut String, name: &str, help: &str, kind: &str, rows: Vec<(String, f64)>| {
+            let _ = writeln!(out, "# HELP coldclone_{name} {help}");
+            let _ = writeln!(out, "# TYPE coldclone_{name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "coldclone_{name}{{{labels}}} {v}");
+            }
+        };
+    let per = |f: &dyn Fn(&VmMetrics) -> Option<f64>| -> Vec<(String, f64)> {
+        state
+            .iter()
+            .filter_map(|(vm, m)| f(m).map(|v| (format!("vm=\"{}\"", label(vm)), v)))
+            .collect()
+    };
+    metric(
+        &mut out,
+        "last_success_timestamp_seconds",
+        "When the VM's last good backup finished.",
+        "gauge",
+        per(&|m| m.last_success_time),
+    );
+    metric(
+        &mut out,
+        "last_run_timestamp_seconds",
+        "When the VM's last backup attempt finished.",
+        "gauge",
+        per(&|m| Some(m.last_run_time)),
+    );
+    metric(
+        &mut out,
+        "last_run_success",
+        "1 if the VM's last backup attempt succeeded.",
+        "gauge",
+        per(&|m| Some(f64::from(u8::from(m.last_run_success)))),
+    );
+    metric(
+        &mut out,
+        "last_run_skipped",
+        "1 if the VM was skipped for lack of memory in its last run.",
+        "gauge",
+        per(&|m| Some(f64::from(u8::from(m.last_run_skipped)))),
+    );
+    let consistency: Vec<(String, f64)> = state
+        .iter()
+        .filter_map(|(vm, m)| {
+            m.last_consistency.as_ref().map(|c| {
+                (
+                    format!("vm=\"{}\",consistency=\"{}\"", label(vm), label(c)),
+                    1.0,
+                )
+            })
+        })
+        .collect();
+    metric(
+        &mut out,
+        "last_success_consistency",
+        "The consistency of the VM's last good backup (clean-shutdown or crash).",
+        "gauge",
+        consistency,
+    );
+    metric(
+        &mut out,
+        "last_pause_milliseconds",
+        "How long the original was paused in its last good backup.",
+        "gauge",
+        per(&|m| m.pause_ms),
+    );
+    metric(
+        &mut out,
+        "last_bytes_read",
+        "Bytes read from the VM's disks in its last good backup.",
+        "gauge",
+        per(&|m| Some(m.bytes_read as f64)),
+    );
+    metric(
+        &mut out,
+        "last_bytes_stored",
+        "Bytes added to the repository by the VM's last good backup.",
+        "gauge",
+        per(&|m| Some(m.bytes_stored as f64)),
+    );
+    metric(
+        &mut out,
+        "last_duration_seconds",
+        "How long the VM's last backup attempt took.",
+        "gauge",
+        per(&|m| Some(m.duration_seconds)),
+    );
+    out
+}
+
+/// Updates the kept state and writes the textfile atomically (temp + rename).
+pub fn write(state_dir: &Path, metrics_file: &Path, reports: &[VmReport]) -> std::io::Result<()> {
+    let state_path = state_dir.join("metrics-state.json");
+    let state = update(load(&state_path), reports);
+    let tmp = state_path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &state_path)?;
+    let text = render(&state);
+    let tmp = metrics_file.with_extension("prom.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, metrics_file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_keeps_the_last_success() {
+        let mut ok = VmReport::new("web1", "r1");
+        ok.status = "ok";
+        ok.consistency = Some("clean-shutdown");
+        ok.finished_at = 100.0;
+        ok.original_pause_ms = Some(12.5);
+        let state = update(State::new(), &[ok]);
+        let mut bad = VmReport::new("web1", "r2");
+        bad.finished_at = 200.0;
+        let state = update(state, &[bad]);
+        let text = render(&state);
+        assert!(
+            text.contains("coldclone_last_success_timestamp_seconds{vm=\"web1\"} 100"),
+            "{text}"
+        );
+        assert!(
+            text.contains("coldclone_last_run_success{vm=\"web1\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("coldclone_last_run_timestamp_seconds{vm=\"web1\"} 200"),
+            "{text}"
+        );
+        assert!(text.contains("consistency=\"clean-shutdown\""), "{text}");
+    }
+}

@@ -9,6 +9,7 @@
 
 pub mod qemu;
 pub mod util;
+pub mod xl;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -58,6 +59,10 @@ pub enum BackendError {
     Journal(String),
     #[error(transparent)]
     Network(#[from] network_isolation::IsolationError),
+    #[error("xenstore: {0}")]
+    Xenstore(String),
+    #[error("the snapshot {lv} overflowed: its copy-on-write space filled up while the backup ran, so its contents are invalid and it is not archived; give classic snapshots more room (xl_snapshot_size) or use thin volumes")]
+    SnapshotOverflow { lv: String },
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -117,6 +122,25 @@ pub enum Resource {
     /// does not finish archiving every disk has them withdrawn (the
     /// repository, not the backend, undoes this one).
     RepositoryBackup { run: String },
+    /// xl: the original domain was paused by us (undo: unpause it if it is
+    /// still paused and is the same domain, by UUID).
+    XlOriginalPaused {
+        domain: String,
+        uuid: String,
+        /// The memory image a save was writing (recover waits for that xl to end).
+        #[serde(default)]
+        image: Option<PathBuf>,
+    },
+    /// xl: the original's balloon target we lowered (undo: set it back).
+    XlBalloon {
+        domain: String,
+        uuid: String,
+        target_kib: u64,
+    },
+    /// xl: an LVM snapshot of one of the original's disks (undo: lvremove it).
+    LvmSnapshot { vg: String, lv: String, origin: String },
+    /// xl: a clone domain (undo: xl destroy it, if it is still ours by name).
+    XlDomain { name: String },
     /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
     Balloon { qmp: PathBuf, restore_bytes: u64 },
 }
@@ -140,6 +164,12 @@ pub enum VmLocator {
         #[serde(default)]
         options: qemu::QemuOptions,
     },
+    /// A domain of the local Xen host, driven with `xl` (coldclone runs in dom0).
+    Xl {
+        domain: String,
+        #[serde(default)]
+        options: xl::XlOptions,
+    },
 }
 
 /// What a backend learned about a running VM.
@@ -158,6 +188,7 @@ pub struct VmInfo {
 #[derive(Debug, Clone)]
 pub enum VmDetail {
     Qemu(qemu::QemuVm),
+    Xl(xl::XlVm),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -184,6 +215,12 @@ pub struct Checkpoint {
     pub memory_image_bytes: u64,
     pub pause: PauseTimes,
     pub disks: Vec<FrozenDisk>,
+    /// Things the user should know about the original after the checkpoint
+    /// (e.g. xl's monitor process ended); the report lists them.
+    pub warnings: Vec<String>,
+    /// The guest's memory when it was saved (after any balloon), where the
+    /// backend needs it to size the clone.
+    pub guest_memory_bytes: Option<u64>,
 }
 
 /// A disk as it was at the checkpoint.
@@ -227,6 +264,7 @@ pub struct PausedClone {
 #[derive(Debug)]
 pub(crate) enum CloneDetail {
     Qemu(qemu::QemuClone),
+    Xl(xl::XlClone),
 }
 
 #[derive(Debug, Clone)]
@@ -306,12 +344,19 @@ pub trait Hypervisor {
 pub fn recover_resource(resource: &Resource) -> Result<()> {
     // Resources shared by all backends, and QEMU's own. (A backend with
     // resources of its own adds a match on their variants here.)
-    qemu::QemuBackend::default().recover(resource)
+    match resource {
+        Resource::XlOriginalPaused { .. }
+        | Resource::XlBalloon { .. }
+        | Resource::LvmSnapshot { .. }
+        | Resource::XlDomain { .. } => xl::XlBackend::default().recover(resource),
+        _ => qemu::QemuBackend::default().recover(resource),
+    }
 }
 
 /// The backend for a locator.
 pub fn backend_for(locator: &VmLocator) -> Box<dyn Hypervisor> {
     match locator {
         VmLocator::Qemu { options, .. } => Box::new(qemu::QemuBackend::with_options(options)),
+        VmLocator::Xl { options, .. } => Box::new(xl::XlBackend::with_options(options.clone())),
     }
 }

@@ -1124,6 +1124,7 @@ impl Hypervisor for QemuBackend {
             Resource::RepositoryBackup { .. } => Err(BackendError::Unsupported(
                 "a partial backup is withdrawn by the repository, not by a backend".into(),
             )),
+            other => crate::xl::XlBackend::default().recover(other),
         }
     }
 

@@ -1,0 +1,618 @@
+//! Xen `xl` backend: coldclone runs in dom0 and drives the `xl` toolstack,
+//! reads xenstore, and snapshots LVM disks.
+//!
+//! Checkpoint: (balloon down) → `xl save -p` (memory image; the domain ends
+//! resumed but paused) → `lvcreate -s` of every writable disk while paused →
+//! `xl unpause` on every path → (balloon back). The clone: `xl restore -p -e`
+//! with a rewritten config (see [`cfg`]), unpaused only after the pipeline
+//! verified its bridge; stopped with `xl shutdown` (PV, PVH, HVM with PV
+//! drivers) or the ACPI power button (`xl trigger power`, HVM); the wait is
+//! on xenstore's `@releaseDomain` watch.
+//!
+//! Known trap, reported as a warning: `xl save` ends the original's `xl
+//! create` monitor process, so its on_poweroff/on_reboot/on_crash actions are
+//! no longer applied (xl has no way to re-attach one); see docs/xl.md.
+
+pub mod cfg;
+pub mod cli;
+pub mod lvm;
+pub mod xs;
+
+use crate::{
+    io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork,
+    CloneOutcome, DiskInfo, FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource,
+    Result, StopMethod, VmDetail, VmInfo, VmLocator,
+};
+use cli::{state, xl, xl_bounded};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Per-VM settings of the xl backend (from the `[[vm]]` section).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XlOptions {
+    /// Size of classic (non-thin) LVM snapshots, as lvcreate takes it:
+    /// "512m", "2g", or "20%ORIGIN" (the default). Thin snapshots need none.
+    pub snapshot_size: Option<String>,
+}
+
+/// What the backend knows about a running domain.
+#[derive(Debug, Clone)]
+pub struct XlVm {
+    pub name: String,
+    pub domid: u32,
+    pub uuid: String,
+    /// "pv", "pvh" or "hvm".
+    pub kind: String,
+    /// `xl list -l` as read at inspection.
+    pub config: Value,
+    pub disks: Vec<XlDisk>,
+}
+
+#[derive(Debug, Clone)]
+pub struct XlDisk {
+    pub vdev: String,
+    pub lv: lvm::Lv,
+}
+
+/// A clone domain.
+#[derive(Debug)]
+pub struct XlClone {
+    name: String,
+    journal_id: u64,
+    /// Classic snapshots under the clone, checked for overflow once it stopped.
+    snapshots: Vec<PathBuf>,
+    stopped: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct XlBackend {
+    pub options: XlOptions,
+}
+
+const SAVE_TIMEOUT: Duration = Duration::from_secs(1800);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(1800);
+
+fn xl_vm(vm: &VmInfo) -> Result<&XlVm> {
+    match &vm.detail {
+        VmDetail::Xl(x) => Ok(x),
+        _ => Err(BackendError::Unsupported(
+            "the xl backend was handed another backend's VM".into(),
+        )),
+    }
+}
+
+fn xl_clone(detail: &mut CloneDetail) -> Result<&mut XlClone> {
+    match detail {
+        CloneDetail::Xl(c) => Ok(c),
+        _ => Err(BackendError::Unsupported(
+            "the xl backend was handed another backend's clone".into(),
+        )),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The domain named `name`, if it is still the one with `uuid`.
+fn same_domain(name: &str, uuid: &str) -> Result<Option<cli::DomState>> {
+    Ok(state(name)?.filter(|d| d.uuid == uuid))
+}
+
+fn memory_target_kib(domid: u32) -> Result<Option<u64>> {
+    xs::read_u64(&format!("/local/domain/{domid}/memory/target"))
+}
+
+/// Unpauses the original, retrying a few times: it must never stay paused.
+fn unpause_original(name: &str, uuid: &str) -> Result<()> {
+    let mut last = None;
+    for _ in 0..5 {
+        match same_domain(name, uuid) {
+            Ok(Some(d)) if !d.paused() => return Ok(()),
+            Ok(None) => return Ok(()),
+            _ => {}
+        }
+        match xl(&["unpause", name]) {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::error!(domain = name, "xl unpause failed: {e}; retrying");
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| BackendError::Checkpoint(format!("cannot unpause {name}"))))
+}
+
+impl XlBackend {
+    pub fn with_options(options: XlOptions) -> Self {
+        XlBackend { options }
+    }
+
+    fn disk_snapshots(
+        &self,
+        x: &XlVm,
+        short: &str,
+        journal: &mut dyn Journal,
+        disks: &mut Vec<FrozenDisk>,
+    ) -> Result<()> {
+        let size = self.options.snapshot_size.as_deref().unwrap_or("20%ORIGIN");
+        for d in &x.disks {
+            let name = format!("{}-cc{short}", d.lv.name);
+            journal.will_create(&Resource::LvmSnapshot {
+                vg: d.lv.vg.clone(),
+                lv: name.clone(),
+                origin: d.lv.name.clone(),
+            })?;
+            lvm::snapshot(&d.lv, &name, size)?;
+            disks.push(FrozenDisk {
+                name: d.vdev.clone(),
+                frozen_file: PathBuf::from(format!("/dev/{}/{name}", d.lv.vg)),
+                format: "raw".into(),
+                bytes: d.lv.bytes,
+                original_overlay: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Classic snapshots that overflowed, among `paths`.
+    fn overflowed(paths: &[PathBuf]) -> Result<Option<String>> {
+        for p in paths {
+            if let Some(lv) = lvm::lookup(p)? {
+                if lv.overflowed() {
+                    return Ok(Some(lv.full_name()));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+impl Hypervisor for XlBackend {
+    fn name(&self) -> &'static str {
+        "xl"
+    }
+
+    fn inspect(&self, vm: &VmLocator) -> Result<VmInfo> {
+        let VmLocator::Xl { domain, .. } = vm else {
+            return Err(BackendError::Unsupported(
+                "the xl backend was handed another backend's VM".into(),
+            ));
+        };
+        let st = state(domain)?.ok_or_else(|| {
+            BackendError::Unsupported(format!(
+                "there is no domain named {domain} on this host (see `xl list`)"
+            ))
+        })?;
+        let config = cli::config(domain)?;
+        cfg::refuse_unclonable(&config)?;
+        let kind = cfg::domain_type(&config);
+        let mut disks = Vec::new();
+        let mut infos = Vec::new();
+        for d in cfg::disks(&config) {
+            let vdev = d
+                .get("vdev")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let pdev = PathBuf::from(d.get("pdev_path").and_then(Value::as_str).unwrap_or_default());
+            let rw = d.get("readwrite").and_then(Value::as_i64) == Some(1);
+            let cdrom = d.get("is_cdrom").and_then(Value::as_i64) == Some(1);
+            if !rw || cdrom {
+                continue; // shared read-only with the clone, not archived
+            }
+            let lv = lvm::lookup(&pdev)?.ok_or_else(|| {
+                BackendError::Unsupported(format!(
+                    "disk {vdev} of {domain} ({}) is not an LVM logical volume: the xl backend snapshots LVM volumes only",
+                    pdev.display()
+                ))
+            })?;
+            infos.push(DiskInfo {
+                name: vdev.clone(),
+                file: lv.path.clone(),
+                format: if lv.is_thin() { "lvm-thin" } else { "lvm" }.into(),
+                read_only: false,
+                bytes: lv.bytes,
+            });
+            disks.push(XlDisk { vdev, lv });
+        }
+        let nics = config
+            .pointer("/config/nics")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let memory_kib = memory_target_kib(st.domid)?.unwrap_or(st.mem_mib * 1024);
+        Ok(VmInfo {
+            name: domain.clone(),
+            backend: "xl",
+            running: !st.paused() && !st.shut_down(),
+            memory_bytes: memory_kib * 1024,
+            disks: infos,
+            nics,
+            detail: VmDetail::Xl(XlVm {
+                name: domain.clone(),
+                domid: st.domid,
+                uuid: st.uuid,
+                kind,
+                config,
+                disks,
+            }),
+        })
+    }
+
+    fn checkpoint(
+        &self,
+        vm: &VmInfo,
+        work_dir: &Path,
+        journal: &mut dyn Journal,
+    ) -> Result<Checkpoint> {
+        let x = xl_vm(vm)?;
+        let now = same_domain(&x.name, &x.uuid)?.ok_or_else(|| {
+            BackendError::Checkpoint(format!("domain {} went away since it was inspected", x.name))
+        })?;
+        if now.paused() || now.shut_down() {
+            // Never unpause what we did not pause.
+            return Err(BackendError::Checkpoint(format!(
+                "domain {} is not running (state {}); coldclone checkpoints running domains only",
+                x.name, now.flags
+            )));
+        }
+        let run = work_dir
+            .file_name()
+            .and_then(|s| s.to_str())
+            .unwrap_or("run");
+        let short = &run[run.len().saturating_sub(6)..];
+        let image = work_dir.join("memory.xl");
+        // The memory the image will hold: the target now (after any balloon).
+        let guest_kib = memory_target_kib(x.domid)?.unwrap_or(vm.memory_bytes / 1024);
+        let result = (|| {
+            journal.will_create(&Resource::File {
+                path: image.clone(),
+            })?;
+            let paused_id = journal.will_create(&Resource::XlOriginalPaused {
+                domain: x.name.clone(),
+                uuid: x.uuid.clone(),
+                image: Some(image.clone()),
+            })?;
+            let image_s = image.display().to_string();
+            let t0 = Instant::now();
+            let saved = xl_bounded(&["save", "-p", &x.name, &image_s], SAVE_TIMEOUT);
+            let memory = t0.elapsed();
+            if let Err(e) = saved {
+                // xl resumes the domain itself when a save fails; make sure.
+                unpause_original(&x.name, &x.uuid)?;
+                journal.removed(paused_id)?;
+                return Err(BackendError::Checkpoint(format!("xl save failed: {e}")));
+            }
+            let snap = (|| {
+                journal.milestone("checkpoint:memory-saved")?;
+                let t = Instant::now();
+                let mut disks = Vec::new();
+                let r = self.disk_snapshots(x, short, journal, &mut disks);
+                let disk_time = t.elapsed();
+                r?;
+                journal.milestone("checkpoint:disks-snapshotted")?;
+                Ok::<_, BackendError>((disks, disk_time))
+            })();
+            // Every path out of here resumes the original.
+            let unpaused = unpause_original(&x.name, &x.uuid);
+            let total = t0.elapsed();
+            unpaused?;
+            journal.removed(paused_id)?;
+            let (disks, disk_time) = snap?;
+            let memory_image_bytes = std::fs::metadata(&image).map_err(io_err(&image))?.len();
+            Ok(Checkpoint {
+                method: "xl-save-pause",
+                memory_image: image.clone(),
+                memory_image_bytes,
+                pause: PauseTimes {
+                    total_ms: ms(total),
+                    disk_snapshot_ms: ms(disk_time),
+                    memory_ms: ms(memory),
+                },
+                disks,
+                guest_memory_bytes: Some(guest_kib * 1024),
+                ..Default::default()
+            })
+        })();
+        let mut ckpt = result?;
+        ckpt.warnings.push(format!(
+            "xl's monitor process of domain {} ended with `xl save`: its on_poweroff/on_reboot/on_crash \
+             actions no longer apply (a shutdown leaves it listed until `xl destroy`; a reboot stops it); \
+             see docs/xl.md",
+            x.name
+        ));
+        tracing::info!(
+            memory_ms = ckpt.pause.memory_ms,
+            disk_ms = ckpt.pause.disk_snapshot_ms,
+            "xl checkpoint taken"
+        );
+        Ok(ckpt)
+    }
+
+    fn restore_clone(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        net: &CloneNetwork,
+        clone_name: &str,
+        work_dir: &Path,
+        journal: &mut dyn Journal,
+    ) -> Result<PausedClone> {
+        let x = xl_vm(vm)?;
+        if net.namespace.0.is_some() {
+            return Err(BackendError::Unsupported(
+                "xl plugs vifs into bridges of dom0's own network namespace: remove isolation.netns for xl VMs".into(),
+            ));
+        }
+        let snapshots: Vec<(String, String)> = checkpoint
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.frozen_file.display().to_string()))
+            .collect();
+        let b = x.config.pointer("/config/b_info");
+        let max_kib = b
+            .and_then(|b| b.get("max_memkb"))
+            .and_then(Value::as_u64)
+            .unwrap_or(vm.memory_bytes / 1024);
+        // The memory the image holds: the target at the save (after any balloon).
+        let memory_kib = checkpoint.guest_memory_bytes.unwrap_or(vm.memory_bytes) / 1024;
+        let text = cfg::render(&cfg::CloneSpec {
+            name: clone_name,
+            original: &x.config,
+            memory_kib,
+            max_memory_kib: max_kib,
+            snapshots: &snapshots,
+            bridge: &net.bridge,
+            vif_prefix: &net.tap_prefix,
+        })?;
+        let cfg_path = work_dir.join("clone.cfg");
+        journal.will_create(&Resource::File {
+            path: cfg_path.clone(),
+        })?;
+        std::fs::write(&cfg_path, text).map_err(io_err(&cfg_path))?;
+        let journal_id = journal.will_create(&Resource::XlDomain {
+            name: clone_name.to_string(),
+        })?;
+        let cfg_s = cfg_path.display().to_string();
+        let img_s = checkpoint.memory_image.display().to_string();
+        // -p: paused until the isolation is verified; -e: no monitor process
+        // (nothing to orphan if we crash; the clone is destroyed by us).
+        xl_bounded(&["restore", "-p", "-e", &cfg_s, &img_s], RESTORE_TIMEOUT)
+            .map_err(|e| BackendError::Clone(format!("xl restore failed: {e}")))?;
+        journal.milestone("restore:clone-started")?;
+        let st = state(clone_name)?
+            .ok_or_else(|| BackendError::Clone(format!("{clone_name} is not listed after xl restore")))?;
+        if !st.paused() {
+            return Err(BackendError::Clone(format!(
+                "{clone_name} runs (state {}) before its isolation was verified",
+                st.flags
+            )));
+        }
+        journal.milestone("restore:memory-loaded")?;
+        let classic: Vec<PathBuf> = checkpoint
+            .disks
+            .iter()
+            .map(|d| d.frozen_file.clone())
+            .collect();
+        Ok(PausedClone {
+            name: clone_name.to_string(),
+            taps: cfg::vif_names(&x.config, &net.tap_prefix),
+            disks: checkpoint
+                .disks
+                .iter()
+                .map(|d| CloneDisk {
+                    name: d.name.clone(),
+                    overlay: d.frozen_file.clone(),
+                    bytes: d.bytes,
+                })
+                .collect(),
+            console_log: PathBuf::from(format!("/var/log/xen/console/guest-{clone_name}.log")),
+            detail: CloneDetail::Xl(XlClone {
+                name: clone_name.to_string(),
+                journal_id,
+                snapshots: classic,
+                stopped: false,
+            }),
+        })
+    }
+
+    fn resume_clone(
+        &self,
+        clone: &mut PausedClone,
+        verified: &network_isolation::Verified,
+    ) -> Result<()> {
+        for t in &clone.taps {
+            if !verified.ports.contains(t) {
+                return Err(BackendError::Clone(format!(
+                    "vif {t} was not among the verified ports of {}",
+                    verified.bridge
+                )));
+            }
+        }
+        let c = xl_clone(&mut clone.detail)?;
+        xl(&["unpause", &c.name])?;
+        match state(&c.name)? {
+            Some(s) if !s.paused() => Ok(()),
+            Some(s) => Err(BackendError::Clone(format!(
+                "{} is still paused after xl unpause (state {})",
+                c.name, s.flags
+            ))),
+            None => Err(BackendError::Clone(format!("{} vanished on unpause", c.name))),
+        }
+    }
+
+    fn request_stop(&self, clone: &mut PausedClone, method: StopMethod) -> Result<()> {
+        let c = xl_clone(&mut clone.detail)?;
+        match method {
+            // Writes control/shutdown=poweroff and waits (up to 60 s) for the guest's acknowledgement.
+            StopMethod::Pv => xl_bounded(&["shutdown", &c.name], Duration::from_secs(90)).map(|_| ()),
+            StopMethod::Acpi => {
+                // `xl trigger` exits 0 even when the trigger failed: read its stderr.
+                let out = Command::new("xl")
+                    .args(["trigger", &c.name, "power"])
+                    .output()
+                    .map_err(|source| BackendError::Spawn {
+                        command: "xl trigger".into(),
+                        source,
+                    })?;
+                let err = String::from_utf8_lossy(&out.stderr);
+                if !out.status.success() || err.contains("failed") {
+                    return Err(BackendError::Tool {
+                        command: format!("xl trigger {} power", c.name),
+                        stderr: err.trim().to_string(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome> {
+        let c = xl_clone(&mut clone.detail)?;
+        let name = c.name.clone();
+        let mut last = None;
+        let stopped = xs::wait_release_domain(timeout, || {
+            let s = state(&name)?;
+            let done = s.as_ref().is_none_or(|s| s.shut_down());
+            last = s;
+            Ok(done)
+        })?;
+        let outcome = match (&last, stopped) {
+            (Some(s), true) if s.powered_off() => CloneOutcome::StoppedByGuest,
+            (s, _) => {
+                tracing::warn!(state = ?s, "the clone did not power off by itself; destroying it");
+                CloneOutcome::Killed
+            }
+        };
+        if state(&name)?.is_some() {
+            xl(&["destroy", &name])?;
+        }
+        c.stopped = true;
+        // An overflowed classic snapshot is not a backup, however the clone ended.
+        if let Some(lv) = Self::overflowed(&c.snapshots)? {
+            return Err(BackendError::SnapshotOverflow { lv });
+        }
+        Ok(outcome)
+    }
+
+    fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()> {
+        let c = xl_clone(&mut clone.detail)?;
+        if state(&c.name)?.is_some() {
+            xl(&["destroy", &c.name])?;
+        }
+        c.stopped = true;
+        journal.removed(c.journal_id)
+    }
+
+    /// The snapshot LV itself is the stopped disk: `dest` becomes a symlink
+    /// to it, which the repository reads as a block device (no copy).
+    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()> {
+        let lv = lvm::lookup(&disk.overlay)?.ok_or_else(|| {
+            BackendError::Clone(format!("snapshot {} is gone", disk.overlay.display()))
+        })?;
+        if lv.overflowed() {
+            return Err(BackendError::SnapshotOverflow { lv: lv.full_name() });
+        }
+        crate::util::remove_file_if_exists(dest)?;
+        std::os::unix::fs::symlink(&lv.path, dest).map_err(io_err(dest))
+    }
+
+    fn release_checkpoint(
+        &self,
+        _vm: &VmInfo,
+        _checkpoint: &Checkpoint,
+        _journal: &mut dyn Journal,
+    ) -> Result<()> {
+        // The original's disks never changed; snapshots and the image are
+        // journaled and removed with the run.
+        Ok(())
+    }
+
+    fn recover(&self, resource: &Resource) -> Result<()> {
+        match resource {
+            Resource::XlOriginalPaused {
+                domain,
+                uuid,
+                image,
+            } => {
+                if let Some(img) = image {
+                    // A save still writing after our crash ends paused: wait for it.
+                    cli::wait_for_xl_processes(&img.display().to_string(), SAVE_TIMEOUT);
+                }
+                match same_domain(domain, uuid)? {
+                    Some(d) if d.paused() => xl(&["unpause", domain]).map(|_| ()),
+                    _ => Ok(()),
+                }
+            }
+            Resource::XlBalloon {
+                domain,
+                uuid,
+                target_kib,
+            } => match same_domain(domain, uuid)? {
+                Some(_) => xl(&["mem-set", domain, &format!("{target_kib}k")]).map(|_| ()),
+                None => Ok(()),
+            },
+            Resource::LvmSnapshot { vg, lv, origin } => lvm::remove_snapshot(vg, lv, origin),
+            Resource::XlDomain { name } => {
+                cli::wait_for_xl_processes(name, Duration::from_secs(120));
+                if state(name)?.is_some() {
+                    xl(&["destroy", name])?;
+                }
+                Ok(())
+            }
+            // Files, folders and bridges are the shared kinds.
+            other => crate::qemu::QemuBackend::default().recover(other),
+        }
+    }
+
+    /// The domain's actual memory (xl's Mem column: the guest's balloon
+    /// driver reports nothing back through xenstore).
+    fn memory_actual(&self, vm: &VmInfo) -> Result<Option<u64>> {
+        let x = xl_vm(vm)?;
+        Ok(same_domain(&x.name, &x.uuid)?.map(|d| d.mem_mib << 20))
+    }
+
+    /// `xl mem-set`: writes memory/target (and lowers maxmem); read back from
+    /// xenstore to be sure it took. Returns the target it replaced, in bytes.
+    fn balloon(&self, vm: &VmInfo, target_bytes: u64, journal: &mut dyn Journal) -> Result<u64> {
+        let x = xl_vm(vm)?;
+        let target_path = format!("/local/domain/{}/memory/target", x.domid);
+        let before = xs::read_u64(&target_path)?
+            .ok_or_else(|| BackendError::Xenstore(format!("{target_path} is missing")))?;
+        let kib = target_bytes / 1024;
+        journal.will_create(&Resource::XlBalloon {
+            domain: x.name.clone(),
+            uuid: x.uuid.clone(),
+            target_kib: before,
+        })?;
+        xl(&["mem-set", &x.name, &format!("{kib}k")])?;
+        let written = xs::read_u64(&target_path)?;
+        if written != Some(kib) {
+            return Err(BackendError::Checkpoint(format!(
+                "xl mem-set {} {kib}k left {target_path} at {written:?}",
+                x.name
+            )));
+        }
+        Ok(before * 1024)
+    }
+
+    fn stop_methods(&self, vm: &VmInfo) -> StopMethod {
+        let Ok(x) = xl_vm(vm) else {
+            return StopMethod::Pv;
+        };
+        if x.kind != "hvm" {
+            return StopMethod::Pv;
+        }
+        // An HVM guest with PV drivers acknowledges PV shutdown; one without
+        // only understands the ACPI power button.
+        match xs::read(&format!("/local/domain/{}/control/feature-poweroff", x.domid)) {
+            Ok(Some(v)) if v == "1" => StopMethod::Pv,
+            _ => StopMethod::Acpi,
+        }
+    }
+}

@@ -1,0 +1,241 @@
+#!/bin/bash
+# Runs in the lab's dom0 as /lab/run.sh (tests/xl_lab.rs puts it there with the coldclone
+# binary). Sets up LVM and the original's bridge, starts the test guests, then runs each
+# scenario named in /lab/scenarios and writes what it saw under /lab/out/<scenario>/:
+#   report.json   coldclone's --json report(s)      stderr.txt   coldclone's log
+#   checks        key=value lines the Rust test asserts on
+# Scenarios: backup thin kill-after-save kill-after-restore overflow hvm
+set -u
+export PATH=/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export RUST_LOG=${RUST_LOG:-info}
+CC=/lab/coldclone
+OUT=/lab/out
+T0=$(date +%s.%N)
+since() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}'; }
+log() { echo "[lab $(since "$T0")s] $*"; }
+conslog() { echo "/var/log/xen/console/guest-$1.log"; }
+counter() { grep -o 'HB a=[0-9]*' "$(conslog "$1")" 2>/dev/null | tail -1 | cut -d= -f2; }
+
+# ---- host set-up: LVM (classic + thin), the original's bridge, coldclone's config ----------
+pvcreate -q -y /dev/vdb && vgcreate -q vg0 /dev/vdb
+lvcreate -q -y -T -L 256M vg0/pool
+mkdir -p /etc/coldclone /var/lib/coldclone
+echo "lab password" > /etc/coldclone/password
+ip link add xenbr0 type bridge && ip link set xenbr0 up
+
+# guest NAME TYPE(classic|thin) EXTRA_CMDLINE [MEMORY_MIB]
+guest() {
+  local name=$1 kind=$2 extra=$3 mem=${4:-128}
+  if [ "$kind" = thin ]; then lvcreate -q -y -V 32M -T vg0/pool -n "$name"; else lvcreate -q -y -L 32M -n "$name" vg0; fi
+  mkfs.ext4 -q "/dev/vg0/$name"
+  cat > "/root/$name.cfg" <<EOF
+name = "$name"
+type = "pv"
+kernel = "/root/domu/vmlinuz"
+ramdisk = "/root/domu/initrd.gz"
+extra = "console=hvc0 quiet $extra"
+memory = $mem
+vcpus = 1
+disk = [ 'phy:/dev/vg0/$name,xvda,w' ]
+vif = [ 'bridge=xenbr0' ]
+on_poweroff = "destroy"
+EOF
+  xl create -q "/root/$name.cfg" || { log "xl create $name FAILED"; return 1; }
+  for _ in $(seq 120); do [ "$(counter "$name")" ] && [ "$(counter "$name")" -gt 20 ] && return 0; sleep 1; done
+  log "guest $name did not start writing"; tail -20 "$(conslog "$name")"; return 1
+}
+
+config() { # the coldclone config: every lab VM, state in /var/lib/coldclone
+  cat > /etc/coldclone/coldclone.toml <<EOF
+state_dir = "/var/lib/coldclone"
+[repository]
+password_file = "/etc/coldclone/password"
+[defaults]
+stop_timeout_secs = 120
+[[vm]]
+name = "g1"
+xl_domain = "g1"
+xl_snapshot_size = "16m"
+[vm.balloon]
+target = "96MiB"
+floor_mib = 64
+timeout_secs = 60
+[[vm]]
+name = "g2"
+xl_domain = "g2"
+[[vm]]
+name = "g3"
+xl_domain = "g3"
+xl_snapshot_size = "8m"
+[[vm]]
+name = "h1"
+xl_domain = "h1"
+xl_snapshot_size = "16m"
+stop_timeout_secs = 300
+EOF
+}
+
+# Everything a run could leave: LVs, domains, bridges, files, journals, processes.
+leftovers() {
+  local f=$1
+  echo "lvs=$(lvs --noheadings -o lv_name vg0 | tr -d ' ' | grep -- '-cc' | tr '\n' ' ')" >> "$f"
+  echo "domains=$(xl list | awk 'NR>1{print $1}' | grep coldclone | tr '\n' ' ')" >> "$f"
+  echo "bridges=$(ip -o link show type bridge | awk -F': ' '{print $2}' | grep '^cc' | tr '\n' ' ')" >> "$f"
+  echo "vifs=$(ip -o link | awk -F': ' '{print $2}' | grep '^cc' | tr '\n' ' ')" >> "$f"
+  echo "journal=$(ls /var/lib/coldclone/journal 2>/dev/null | tr '\n' ' ')" >> "$f"
+  echo "runs=$(ls /var/lib/coldclone/runs 2>/dev/null | tr '\n' ' ')" >> "$f"
+  echo "xl_processes=$(ps -eo args | grep '^xl ' | grep -c coldclone)" >> "$f"
+}
+
+# The original: its state flags, and whether its counter moves on.
+original() {
+  local name=$1 f=$2 a b
+  echo "original_state=$(xl list "$name" | awk 'NR==2{print $5}')" >> "$f"
+  echo "original_mem_mib=$(xl list "$name" | awk 'NR==2{print $3}')" >> "$f"
+  echo "original_target_kib=$(xenstore-read "/local/domain/$(xl domid "$name")/memory/target")" >> "$f"
+  a=$(counter "$name"); sleep 4; b=$(counter "$name")
+  echo "original_counter_before=$a" >> "$f"; echo "original_counter_after=$b" >> "$f"
+}
+
+# Restores the latest backup of VM $1's disk xvda and checks it.
+check_archive() {
+  local vm=$1 f=$2 img=/tmp/restored-$1.raw
+  rm -f "$img"
+  if "$CC" restore "$vm" --disk xvda --to "$img" >> "$(dirname "$f")/stderr.txt" 2>&1; then
+    echo "restored=1" >> "$f"
+    e2fsck -fn "$img" > "$(dirname "$f")/e2fsck.txt" 2>&1; echo "e2fsck_rc=$?" >> "$f"
+    echo "fs_state=$(dumpe2fs -h "$img" 2>/dev/null | awk -F: '/^Filesystem state/{gsub(/ /,"",$2); print $2}')" >> "$f"
+    echo "counter_a=$(debugfs -R 'cat /a.txt' "$img" 2>/dev/null)" >> "$f"
+    echo "counter_b=$(debugfs -R 'cat /b.txt' "$img" 2>/dev/null)" >> "$f"
+  else
+    echo "restored=0" >> "$f"
+  fi
+  rm -f "$img"
+}
+
+# Runs a backup in the background halted at a milestone, kills it with SIGKILL there.
+backup_killed_at() {
+  local vm=$1 milestone=$2 d=$3 pid
+  COLDCLONE_TEST_HALT_AT=$milestone "$CC" --json backup "$vm" > "$d/report.json" 2> "$d/stderr.txt" &
+  pid=$!
+  for _ in $(seq 600); do
+    grep -qs "\"name\":\"$milestone\"" /var/lib/coldclone/journal/*.jsonl && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.5
+  done
+  sleep 1
+  echo "reached=$(grep -ls "\"name\":\"$milestone\"" /var/lib/coldclone/journal/*.jsonl | wc -l)" >> "$d/checks"
+  kill -9 $pid; wait $pid 2>/dev/null
+  echo "after_kill_original_state=$(xl list "$vm" | awk 'NR==2{print $5}')" >> "$d/checks"
+  echo "after_kill_lvs=$(lvs --noheadings -o lv_name vg0 | tr -d ' ' | grep -c -- '-cc')" >> "$d/checks"
+  echo "after_kill_domains=$(xl list | grep -c coldclone)" >> "$d/checks"
+  local t=$(date +%s.%N)
+  "$CC" --json recover > "$d/recover.json" 2>> "$d/stderr.txt"; echo "recover_rc=$?" >> "$d/checks"
+  echo "recover_s=$(since "$t")" >> "$d/checks"
+}
+
+scenario_backup() {
+  local d=$OUT/backup f=$OUT/backup/checks
+  echo "counter_before=$(counter g1)" >> "$f"
+  # Follow the balloon target through the backup.
+  ( D=$(xl domid g1); while [ -e /tmp/sampling ]; do echo "$(since "$T0") $(xenstore-read /local/domain/$D/memory/target) $(xl list g1 | awk 'NR==2{print $3}')"; sleep 0.5; done ) > "$d/balloon.txt" &
+  touch /tmp/sampling
+  local t=$(date +%s.%N)
+  "$CC" --json backup g1 > "$d/report.json" 2> "$d/stderr.txt"; echo "rc=$?" >> "$f"
+  echo "backup_s=$(since "$t")" >> "$f"
+  rm -f /tmp/sampling; wait
+  echo "balloon_min_target_kib=$(awk '{print $2}' "$d/balloon.txt" | sort -n | head -1)" >> "$f"
+  echo "balloon_last_target_kib=$(tail -1 "$d/balloon.txt" | awk '{print $2}')" >> "$f"
+  check_archive g1 "$f"
+  original g1 "$f"
+  leftovers "$f"
+  echo "snapshots=$("$CC" --json snapshots 2>/dev/null | grep -o '"vm": *"g1"' | wc -l)" >> "$f"
+  cp "$(conslog "coldclone-clone-$(grep -o '"run_id":"[^"]*"' "$d/report.json" | head -1 | cut -d'"' -f4)")" "$d/clone-console.txt" 2>/dev/null
+}
+
+scenario_thin() {
+  local d=$OUT/thin f=$OUT/thin/checks
+  local t=$(date +%s.%N)
+  "$CC" --json backup g2 > "$d/report.json" 2> "$d/stderr.txt"; echo "rc=$?" >> "$f"
+  echo "backup_s=$(since "$t")" >> "$f"
+  check_archive g2 "$f"
+  original g2 "$f"
+  leftovers "$f"
+}
+
+scenario_kill-after-save() {
+  local d=$OUT/kill-after-save
+  backup_killed_at g2 checkpoint:memory-saved "$d"
+  original g2 "$d/checks"; leftovers "$d/checks"
+}
+
+scenario_kill-after-restore() {
+  local d=$OUT/kill-after-restore
+  backup_killed_at g2 restore:memory-loaded "$d"
+  original g2 "$d/checks"; leftovers "$d/checks"
+}
+
+scenario_overflow() {
+  local d=$OUT/overflow f=$OUT/overflow/checks
+  guest g3 classic "cc_shutdown_write_mb=24" || { echo "guest_failed=1" >> "$f"; return; }
+  "$CC" --json backup g3 > "$d/report.json" 2> "$d/stderr.txt"; echo "rc=$?" >> "$f"
+  echo "snapshots=$("$CC" --json snapshots 2>/dev/null | grep -o '"vm": *"g3"' | wc -l)" >> "$f"
+  original g3 "$f"; leftovers "$f"
+  xl destroy g3
+}
+
+scenario_hvm() {
+  # An HVM guest booting the same kernel and initramfs, without PV drivers (so the ACPI
+  # power button is its only way to hear a shutdown request).
+  local d=$OUT/hvm f=$OUT/hvm/checks
+  lvcreate -q -y -L 32M -n h1 vg0 && mkfs.ext4 -q /dev/vg0/h1
+  cat > /root/h1.cfg <<EOF
+name = "h1"
+type = "hvm"
+kernel = "/root/domu/vmlinuz"
+ramdisk = "/root/domu/initrd.gz"
+cmdline = "console=ttyS0 quiet xen_emul_unplug=never"
+memory = 128
+vcpus = 1
+xen_platform_pci = 0
+vnc = 0
+serial = "pty"
+disk = [ 'phy:/dev/vg0/h1,hda,w' ]
+vif = [ ]
+EOF
+  local t=$(date +%s.%N)
+  xl create -q /root/h1.cfg > "$d/create.txt" 2>&1; echo "create_rc=$?" >> "$f"
+  ( timeout 400 xl console h1 > "$d/console.txt" 2>&1 & )
+  for _ in $(seq 360); do grep -q 'HB a=' "$d/console.txt" 2>/dev/null && break; xl list h1 >/dev/null 2>&1 || break; sleep 1; done
+  echo "boot_s=$(since "$t")" >> "$f"
+  echo "up=$(grep -c 'HB a=' "$d/console.txt")" >> "$f"
+  if grep -q 'HB a=' "$d/console.txt"; then
+    t=$(date +%s.%N)
+    timeout 900 "$CC" --json backup h1 > "$d/report.json" 2> "$d/stderr.txt"; echo "rc=$?" >> "$f"
+    echo "backup_s=$(since "$t")" >> "$f"
+    check_archive h1 "$f"
+  fi
+  leftovers "$f"
+  xl destroy h1 2>/dev/null
+}
+
+log "dom0 ready; xl info: $(xl info | grep -E 'virt_caps' | tr -s ' ')"
+config
+"$CC" init > /dev/null 2>&1 || "$CC" init
+NEED_G1=0; NEED_G2=0
+for s in $(cat /lab/scenarios); do
+  case $s in backup) NEED_G1=1 ;; thin|kill-*) NEED_G2=1 ;; esac
+done
+[ $NEED_G1 = 1 ] && { guest g1 classic "" || echo "g1 failed"; }
+[ $NEED_G2 = 1 ] && { guest g2 thin "" || echo "g2 failed"; }
+log "guests up: $(xl list | awk 'NR>1{print $1}' | tr '\n' ' ')"
+for s in $(cat /lab/scenarios); do
+  mkdir -p "$OUT/$s"
+  log "scenario $s"
+  t=$(date +%s.%N)
+  "scenario_$s"
+  echo "scenario_s=$(since "$t")" >> "$OUT/$s/checks"
+  log "scenario $s done in $(since "$t")s"
+  sync
+done
+log "all done"

@@ -1,7 +1,9 @@
 //! The original's pause per checkpoint against guest RAM, in one run:
-//! coldclone (background-snapshot: stop, disk snapshot, device state; RAM is
-//! written afterwards under write protection) vs QEMU's own `savevm` vs a
-//! plain `stop` / migrate to a file / `cont`.
+//! coldclone with each of its two checkpoint methods (background-snapshot:
+//! stop, disk snapshot, device state, write-protect RAM, resume, then write
+//! RAM; pre-switchover: copy RAM while the VM runs, pause for the last dirty
+//! pages + disk snapshot) vs QEMU's own `savevm` vs a plain `stop` / migrate
+//! to a file / `cont`.
 //!
 //! Pauses are QEMU's own STOP→RESUME event timestamps. The guests fill 45 %
 //! of their RAM with non-zero data first (QEMU skips zero pages, so an idle
@@ -80,6 +82,17 @@ fn stop_migrate_cont(vm: &Vm, dir: &std::path::Path) -> f64 {
     p
 }
 
+struct Row {
+    mib: u32,
+    bg: f64,
+    bg_disk: f64,
+    bg_total: f64,
+    pbs: f64,
+    pbs_total: f64,
+    savevm: f64,
+    plain: f64,
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -123,41 +136,65 @@ fn main() {
             t.elapsed().as_secs_f64()
         );
         let setup = Setup::new(dir.path(), &vm.qmp, "", "");
-        let (mut cc, mut cc_disk, mut cc_total, mut sv, mut plain) =
-            (vec![], vec![], vec![], vec![], vec![]);
+        let pbs_dir = dir.path().join("pbs");
+        std::fs::create_dir_all(&pbs_dir).expect("pbs dir");
+        let setup_pbs = Setup::new(
+            &pbs_dir,
+            &vm.qmp,
+            "checkpoint_method = \"pre-switchover\"\n",
+            "",
+        );
+        let (mut cc, mut cc_disk, mut cc_total) = (vec![], vec![], vec![]);
+        let (mut pbs, mut pbs_total, mut sv, mut plain) = (vec![], vec![], vec![], vec![]);
+        let ms = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         for _ in 0..reps {
             let (code, report, stderr) = setup.backup(&net.ns);
             assert_eq!(code, 0, "coldclone backup failed: {report} {stderr}");
-            cc.push(report["original_pause_ms"].as_f64().unwrap_or(f64::NAN));
-            cc_disk.push(
-                report["original_pause"]["disk_snapshot_ms"]
-                    .as_f64()
-                    .unwrap_or(f64::NAN),
+            assert_eq!(report["checkpoint_method"], "background-snapshot");
+            cc.push(ms(&report, "original_pause_ms"));
+            cc_disk.push(ms(&report["original_pause"], "disk_snapshot_ms"));
+            cc_total.push(ms(&report["durations_ms"], "total") / 1000.0);
+            let (code, report, stderr) = setup_pbs.backup(&net.ns);
+            assert_eq!(
+                code, 0,
+                "coldclone backup (pre-switchover) failed: {report} {stderr}"
             );
-            cc_total.push(report["durations_ms"]["total"].as_f64().unwrap_or(f64::NAN) / 1000.0);
+            assert_eq!(report["checkpoint_method"], "pause-before-switchover");
+            pbs.push(ms(&report, "original_pause_ms"));
+            pbs_total.push(ms(&report["durations_ms"], "total") / 1000.0);
             sv.push(savevm(&vm));
             plain.push(stop_migrate_cont(&vm, dir.path()));
         }
         vm.assert_unharmed();
-        rows.push((
+        rows.push(Row {
             mib,
-            median(&mut cc),
-            median(&mut cc_disk),
-            median(&mut cc_total),
-            median(&mut sv),
-            median(&mut plain),
-        ));
+            bg: median(&mut cc),
+            bg_disk: median(&mut cc_disk),
+            bg_total: median(&mut cc_total),
+            pbs: median(&mut pbs),
+            pbs_total: median(&mut pbs_total),
+            savevm: median(&mut sv),
+            plain: median(&mut plain),
+        });
     }
     println!();
     println!("original's pause per checkpoint (median of {reps}; QEMU STOP->RESUME timestamps; 45% of RAM non-zero)");
     println!(
-        "| guest RAM | coldclone pause ms | of which disk snapshot ms | savevm pause ms | stop+migrate+cont pause ms | savevm / coldclone | coldclone whole backup s |"
+        "| guest RAM | coldclone background-snapshot ms | (disk snapshot ms) | coldclone pre-switchover ms | savevm ms | stop+migrate+cont ms | savevm / best coldclone | whole backup s (bg / pre-sw) |"
     );
-    println!("|---|---|---|---|---|---|---|");
-    for (mib, cc, disk, total, sv, plain) in rows {
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
         println!(
-            "| {mib} MiB | {cc:.1} | {disk:.1} | {sv:.0} | {plain:.0} | {:.0}x | {total:.1} |",
-            sv / cc
+            "| {} MiB | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0}x | {:.1} / {:.1} |",
+            r.mib,
+            r.bg,
+            r.bg_disk,
+            r.pbs,
+            r.savevm,
+            r.plain,
+            r.savevm / r.bg.min(r.pbs),
+            r.bg_total,
+            r.pbs_total
         );
     }
 }

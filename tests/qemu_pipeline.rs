@@ -396,3 +396,35 @@ fn needs_root_qemu_doctor_checks_the_host_and_the_vms() {
         "{vm_check}"
     );
 }
+
+#[test]
+fn needs_root_qemu_pre_switchover_checkpoints_are_clean_and_isolated_too() {
+    let _s = serial();
+    let Some((dir, net, vm)) = networked("preswitch") else {
+        return;
+    };
+    let setup = Setup::new(
+        dir.path(),
+        &vm.qmp,
+        "checkpoint_method = \"pre-switchover\"\n",
+        "",
+    );
+    let (code, report, stderr, seqs) = backup_captured(&setup, &net, &vm, dir.path());
+    assert_eq!(code, 0, "{report} {stderr}");
+    assert_eq!(report["checkpoint_method"], "pause-before-switchover");
+    assert!(
+        duplicates(&seqs).is_empty(),
+        "the clone reached the original's network"
+    );
+    assert_restored_disk_is_clean(&setup, None);
+    vm.assert_unharmed();
+    // The original's migration settings are as they were.
+    let caps = vm.qmp("query-migrate-capabilities", serde_json::json!({}));
+    for c in caps.as_array().unwrap() {
+        if c["capability"] == "pause-before-switchover" || c["capability"] == "background-snapshot"
+        {
+            assert_eq!(c["state"], false, "{c}");
+        }
+    }
+    setup.assert_nothing_left(&net);
+}

@@ -356,6 +356,10 @@ pub fn clone_command(original: &[Opt], spec: &CloneSpec) -> Result<CloneCommand>
         args.push("-serial".into());
         args.push(format!("file:{}", spec.console_log));
     }
+    // -S: never start by itself. A memory image saved from a running VM
+    // (pre-switchover) would otherwise start the clone as soon as it is
+    // loaded, before its network is verified.
+    args.push("-S".into());
     for (k, v) in [
         ("name", spec.name.to_string()),
         ("uuid", spec.uuid.to_string()),

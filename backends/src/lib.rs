@@ -138,7 +138,11 @@ pub enum Resource {
         target_kib: u64,
     },
     /// xl: an LVM snapshot of one of the original's disks (undo: lvremove it).
-    LvmSnapshot { vg: String, lv: String, origin: String },
+    LvmSnapshot {
+        vg: String,
+        lv: String,
+        origin: String,
+    },
     /// xl: a clone domain (undo: xl destroy it, if it is still ours by name).
     XlDomain { name: String },
     /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
@@ -330,6 +334,10 @@ pub trait Hypervisor {
     /// The guest's current memory (after ballooning), if the backend can tell.
     fn memory_actual(&self, _vm: &VmInfo) -> Result<Option<u64>> {
         Ok(None)
+    }
+    /// Whether [`Hypervisor::balloon`] can work for this VM (for `doctor`).
+    fn balloon_supported(&self, _vm: &VmInfo) -> bool {
+        false
     }
     /// Asks the guest to balloon to `target_bytes`; journals how to undo it. Does not wait.
     fn balloon(&self, _vm: &VmInfo, _target_bytes: u64, _journal: &mut dyn Journal) -> Result<u64> {

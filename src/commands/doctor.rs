@@ -92,22 +92,78 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
                 Err(e) => format!("{e:#}"),
             },
         });
+        let lock_holder = super::backup::lock_holder(cfg);
+        let lock_free = super::backup::take_run_lock(cfg, false)
+            .ok()
+            .flatten()
+            .is_some();
+        out.push(Check {
+            name: "run lock".into(),
+            ok: true,
+            detail: if lock_free {
+                "free".into()
+            } else {
+                format!("held by a running backup (pid {lock_holder})")
+            },
+        });
+        let limits = crate::schedule::Limits::from_config(cfg);
+        out.push(Check {
+            name: "memory budget".into(),
+            ok: limits.budget_bytes > 0,
+            detail: format!(
+                "{} MiB for clones, {} at a time, {} MiB kept for the host",
+                limits.budget_bytes >> 20,
+                limits.max_parallel,
+                limits.reserve_bytes >> 20
+            ),
+        });
+        if let Some(m) = &cfg.run.metrics_file {
+            let dir = m.parent().unwrap_or(std::path::Path::new("."));
+            let ok = super::probe_writable(dir).is_ok();
+            out.push(Check {
+                name: "metrics file".into(),
+                ok,
+                detail: format!(
+                    "{} ({})",
+                    m.display(),
+                    if ok {
+                        "folder writable"
+                    } else {
+                        "folder NOT writable"
+                    }
+                ),
+            });
+        }
         for vm in &cfg.vms {
             let Some(loc) = vm.locator() else { continue };
             let backend = backend_for(&loc);
             let r = backend.inspect(&loc);
-            let needed = r.as_ref().map(|i| i.memory_bytes).unwrap_or(0);
+            let policy = cfg.policy(vm);
+            let needed = crate::schedule::clone_need_bytes(cfg, vm);
+            if let (Ok(info), Some(_)) = (&r, &policy.balloon) {
+                let balloon_ok = backend.balloon_supported(info);
+                out.push(Check {
+                    name: format!("vm {} balloon", vm.name),
+                    ok: balloon_ok,
+                    detail: if balloon_ok {
+                        "the balloon answers".into()
+                    } else {
+                        "a balloon policy is set but the VM has no working balloon device".into()
+                    },
+                });
+            }
             out.push(Check {
                 name: format!("vm {}", vm.name),
-                ok: r.is_ok() && avail.is_some_and(|a| a > needed),
+                ok: r.is_ok() && avail.is_some_and(|a| a > needed) && needed <= limits.budget_bytes,
                 detail: match r {
                     Ok(i) => format!(
-                        "{} running={} {} MiB RAM, {} disk(s), {} NIC(s); its clone needs about that much free memory",
+                        "{} running={} {} MiB RAM, {} disk(s), {} NIC(s); its clone needs {} MiB",
                         i.name,
                         i.running,
                         i.memory_bytes >> 20,
                         i.disks.len(),
-                        i.nics
+                        i.nics,
+                        needed >> 20
                     ),
                     Err(e) => e.to_string(),
                 },

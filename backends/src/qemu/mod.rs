@@ -675,7 +675,9 @@ impl Hypervisor for QemuBackend {
         };
         if let Err(e) = bg {
             if method == "background-snapshot" {
-                tracing::warn!("background-snapshot unavailable ({e}); using pause-before-switchover");
+                tracing::warn!(
+                    "background-snapshot unavailable ({e}); using pause-before-switchover"
+                );
             }
             method = "pause-before-switchover";
             set_capabilities(
@@ -1062,7 +1064,12 @@ impl Hypervisor for QemuBackend {
             } => match Qmp::connect(qmp) {
                 Ok(mut q) => {
                     cancel_migration(&mut q)?;
-                    restore_migration_settings(&mut q, capabilities, *max_bandwidth, *downtime_limit)?;
+                    restore_migration_settings(
+                        &mut q,
+                        capabilities,
+                        *max_bandwidth,
+                        *downtime_limit,
+                    )?;
                     Self::resume_if_paused(&mut q)
                 }
                 Err(BackendError::QmpConnect { .. }) => Ok(()),
@@ -1137,16 +1144,27 @@ impl Hypervisor for QemuBackend {
         match q.execute("query-balloon", json!({})) {
             Ok(v) => Ok(v.get("actual").and_then(Value::as_u64)),
             // No balloon device: the guest has all its memory.
-            Err(BackendError::QmpCommand { class, .. }) if class == "DeviceNotActive" => Ok(Some(vm.memory_bytes)),
+            Err(BackendError::QmpCommand { class, .. }) if class == "DeviceNotActive" => {
+                Ok(Some(vm.memory_bytes))
+            }
             Err(e) => Err(e),
         }
+    }
+
+    fn balloon_supported(&self, vm: &VmInfo) -> bool {
+        Qmp::connect(&qemu_vm(vm).qmp)
+            .and_then(|mut q| q.execute("query-balloon", json!({})))
+            .is_ok()
     }
 
     fn balloon(&self, vm: &VmInfo, target_bytes: u64, journal: &mut dyn Journal) -> Result<u64> {
         let qmp = qemu_vm(vm).qmp.clone();
         let mut q = Qmp::connect(&qmp)?;
         let before = match q.execute("query-balloon", json!({})) {
-            Ok(v) => v.get("actual").and_then(Value::as_u64).unwrap_or(vm.memory_bytes),
+            Ok(v) => v
+                .get("actual")
+                .and_then(Value::as_u64)
+                .unwrap_or(vm.memory_bytes),
             Err(BackendError::QmpCommand { class, .. }) if class == "DeviceNotActive" => {
                 return Err(BackendError::Unsupported(
                     "the VM has no balloon device (-device virtio-balloon-pci)".into(),

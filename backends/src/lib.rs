@@ -9,6 +9,7 @@
 
 pub mod qemu;
 pub mod util;
+pub mod xapi;
 pub mod xl;
 
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,8 @@ pub enum BackendError {
     Journal(String),
     #[error(transparent)]
     Network(#[from] network_isolation::IsolationError),
+    #[error("XAPI: {0}")]
+    Xapi(#[from] xapi::XapiError),
     #[error("xenstore: {0}")]
     Xenstore(String),
     #[error("the snapshot {lv} overflowed: its copy-on-write space filled up while the backup ran, so its contents are invalid and it is not archived; give classic snapshots more room (xl_snapshot_size) or use thin volumes")]
@@ -147,6 +150,17 @@ pub enum Resource {
     XlDomain { name: String },
     /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
     Balloon { qmp: PathBuf, restore_bytes: u64 },
+    /// A XAPI VM made for the run (checkpoint or clone), by its unique name
+    /// label (undo: destroy its VDIs, then the VM).
+    XapiVm {
+        target: xapi::XapiTarget,
+        name_label: String,
+    },
+    /// A XAPI network with no PIF made for the run (undo: network.destroy).
+    XapiNetwork {
+        target: xapi::XapiTarget,
+        name_label: String,
+    },
 }
 
 /// Write-ahead record of what a run creates.
@@ -174,6 +188,17 @@ pub enum VmLocator {
         #[serde(default)]
         options: xl::XlOptions,
     },
+    /// A VM of a XenServer / XCP-ng pool, driven through XAPI.
+    Xapi {
+        /// The pool master, `https://host`.
+        url: String,
+        /// Name label or uuid.
+        vm: String,
+        /// `username = ...` / `password = ...`; else $COLDCLONE_XAPI_USERNAME/_PASSWORD.
+        credentials_file: Option<PathBuf>,
+        #[serde(default)]
+        options: xapi::XapiOptions,
+    },
 }
 
 /// What a backend learned about a running VM.
@@ -193,6 +218,7 @@ pub struct VmInfo {
 pub enum VmDetail {
     Qemu(qemu::QemuVm),
     Xl(xl::XlVm),
+    Xapi(xapi::XapiVm),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -269,6 +295,7 @@ pub struct PausedClone {
 pub(crate) enum CloneDetail {
     Qemu(qemu::QemuClone),
     Xl(xl::XlClone),
+    Xapi(xapi::XapiClone),
 }
 
 #[derive(Debug, Clone)]
@@ -331,6 +358,25 @@ pub trait Hypervisor {
     /// Undoes one resource this backend created. Never touches anything else.
     fn recover(&self, resource: &Resource) -> Result<()>;
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod;
+    /// Makes the clone's isolated network when the hypervisor owns it (XAPI:
+    /// a network with no PIF), journaled. `None`: the pipeline makes a Linux
+    /// bridge (QEMU, xl).
+    fn isolated_network(
+        &self,
+        _vm: &VmInfo,
+        _run_id: &str,
+        _journal: &mut dyn Journal,
+    ) -> Result<Option<CloneNetwork>> {
+        Ok(None)
+    }
+    /// Checks the paused clone's isolation when the hypervisor owns the
+    /// network. `None`: the pipeline checks its bridge with `network_isolation::verify`.
+    fn verify_isolation(
+        &self,
+        _clone: &mut PausedClone,
+    ) -> Result<Option<network_isolation::Verified>> {
+        Ok(None)
+    }
     /// The guest's current memory (after ballooning), if the backend can tell.
     fn memory_actual(&self, _vm: &VmInfo) -> Result<Option<u64>> {
         Ok(None)
@@ -357,6 +403,9 @@ pub fn recover_resource(resource: &Resource) -> Result<()> {
         | Resource::XlBalloon { .. }
         | Resource::LvmSnapshot { .. }
         | Resource::XlDomain { .. } => xl::XlBackend::default().recover(resource),
+        Resource::XapiVm { .. } | Resource::XapiNetwork { .. } => {
+            xapi::XapiBackend::default().recover(resource)
+        }
         _ => qemu::QemuBackend::default().recover(resource),
     }
 }
@@ -366,5 +415,8 @@ pub fn backend_for(locator: &VmLocator) -> Box<dyn Hypervisor> {
     match locator {
         VmLocator::Qemu { options, .. } => Box::new(qemu::QemuBackend::with_options(options)),
         VmLocator::Xl { options, .. } => Box::new(xl::XlBackend::with_options(options.clone())),
+        VmLocator::Xapi { options, .. } => {
+            Box::new(xapi::XapiBackend::with_options(options.clone()))
+        }
     }
 }

@@ -1,0 +1,790 @@
+//! A small XAPI client: JSON-RPC 2.0 over HTTP(S) (`POST /jsonrpc`),
+//! `Async.*` calls with task polling, `event.from`, and the raw VDI export
+//! (`GET /export_raw_vdi`). XAPI's error descriptions become [`XapiError`]s.
+//!
+//! Credentials come from a file or the environment, never from argv. TLS
+//! certificates are verified against the web PKI roots; a host with a
+//! self-signed certificate (XAPI's default) is trusted only by pinning the
+//! SHA-256 fingerprint of its certificate.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// XAPI's null reference.
+pub const NULL_REF: &str = "OpaqueRef:NULL";
+/// Environment variables read when no credentials file is given.
+pub const ENV_USER: &str = "COLDCLONE_XAPI_USERNAME";
+pub const ENV_PASSWORD: &str = "COLDCLONE_XAPI_PASSWORD";
+
+#[derive(Debug, thiserror::Error)]
+pub enum XapiError {
+    #[error("XAPI at {url} refused the login of {user}: {detail} (check xapi_credentials_file or ${ENV_USER}/${ENV_PASSWORD})")]
+    AuthenticationFailed {
+        url: String,
+        user: String,
+        detail: String,
+    },
+    #[error("{method}: the XAPI session is no longer valid (SESSION_INVALID), even after logging in again")]
+    SessionInvalid { method: String },
+    #[error("{method}: XAPI has no {class} {reference} (HANDLE_INVALID)")]
+    HandleInvalid {
+        method: String,
+        class: String,
+        reference: String,
+    },
+    #[error("{method}: the VM is {actual}, the call needs it {expected} (VM_BAD_POWER_STATE)")]
+    BadPowerState {
+        method: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{method}: the VM lacks a feature this needs (VM_LACKS_FEATURE): a clean shutdown needs PV drivers (guest tools), a checkpoint needs a VM that can suspend")]
+    LacksFeature { method: String },
+    #[error("{method} failed: {code} {params:?}")]
+    Api {
+        method: String,
+        code: String,
+        params: Vec<String>,
+    },
+    #[error("HTTP to XAPI at {url} failed: {detail}")]
+    Transport { url: String, detail: String },
+    #[error("XAPI sent an unexpected reply to {method}: {detail}")]
+    Protocol { method: String, detail: String },
+    #[error("XAPI credentials: {0}")]
+    Credentials(String),
+    #[error("TLS settings for {url}: {detail}")]
+    Tls { url: String, detail: String },
+    #[error("exporting VDI {vdi} failed after {attempts} attempts: {detail}")]
+    Export {
+        vdi: String,
+        attempts: u32,
+        detail: String,
+    },
+    #[error("timed out after {seconds}s waiting for {what}")]
+    Timeout { what: String, seconds: u64 },
+}
+
+impl XapiError {
+    /// The XAPI error code, for errors that carry one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            XapiError::SessionInvalid { .. } => Some("SESSION_INVALID"),
+            XapiError::HandleInvalid { .. } => Some("HANDLE_INVALID"),
+            XapiError::BadPowerState { .. } => Some("VM_BAD_POWER_STATE"),
+            XapiError::LacksFeature { .. } => Some("VM_LACKS_FEATURE"),
+            XapiError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Maps XAPI's error description (code first, then parameters).
+    pub fn from_description(method: &str, desc: &[String]) -> XapiError {
+        let code = desc.first().cloned().unwrap_or_else(|| "UNKNOWN".into());
+        let p = |i: usize| desc.get(i).cloned().unwrap_or_default();
+        let method = method.to_string();
+        match code.as_str() {
+            "SESSION_INVALID" => XapiError::SessionInvalid { method },
+            "HANDLE_INVALID" => XapiError::HandleInvalid {
+                method,
+                class: p(1),
+                reference: p(2),
+            },
+            "VM_BAD_POWER_STATE" => XapiError::BadPowerState {
+                method,
+                expected: p(2),
+                actual: p(3),
+            },
+            "VM_LACKS_FEATURE" => XapiError::LacksFeature { method },
+            _ => XapiError::Api {
+                method,
+                code,
+                params: desc.get(1..).unwrap_or(&[]).to_vec(),
+            },
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, XapiError>;
+
+/// Where a pool master is and how to log in; stored in run journals (no secrets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XapiTarget {
+    /// `https://host` (or `http://` for the simulator).
+    pub url: String,
+    /// A file with `username = ...` and `password = ...` lines; else the environment.
+    pub credentials_file: Option<PathBuf>,
+    /// SHA-256 of the host's certificate (hex, colons allowed): trust it even if self-signed.
+    #[serde(default)]
+    pub tls_fingerprint_sha256: Option<String>,
+}
+
+#[derive(Clone)]
+struct Credentials {
+    user: String,
+    password: String,
+}
+
+fn read_credentials(t: &XapiTarget) -> Result<Credentials> {
+    if let Some(path) = &t.credentials_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| XapiError::Credentials(format!("cannot read {}: {e}", path.display())))?;
+        let mut user = None;
+        let mut password = None;
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"').to_string();
+            match k.trim() {
+                "username" | "user" => user = Some(v),
+                "password" => password = Some(v),
+                _ => {}
+            }
+        }
+        return match (user, password) {
+            (Some(user), Some(password)) => Ok(Credentials { user, password }),
+            _ => Err(XapiError::Credentials(format!(
+                "{} needs two lines: username = \"...\" and password = \"...\"",
+                path.display()
+            ))),
+        };
+    }
+    match (std::env::var(ENV_USER), std::env::var(ENV_PASSWORD)) {
+        (Ok(user), Ok(password)) => Ok(Credentials { user, password }),
+        _ => Err(XapiError::Credentials(format!(
+            "no xapi_credentials_file is configured and ${ENV_USER} / ${ENV_PASSWORD} are not set"
+        ))),
+    }
+}
+
+/// Parses "AB:CD:..." or "abcd..." into 32 bytes.
+pub fn parse_fingerprint(s: &str) -> std::result::Result<[u8; 32], String> {
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != ':' && !c.is_whitespace())
+        .collect();
+    if hex.len() != 64 {
+        return Err(format!(
+            "a SHA-256 fingerprint has 64 hex digits, {s:?} has {}",
+            hex.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| format!("{s:?} is not hexadecimal"))?;
+    }
+    Ok(out)
+}
+
+mod pin {
+    //! A certificate verifier that trusts exactly one certificate, by its SHA-256.
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, Error, SignatureScheme};
+    use sha2::Digest;
+
+    #[derive(Debug)]
+    pub struct Pinned {
+        pub sha256: [u8; 32],
+        pub provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    }
+
+    impl ServerCertVerifier for Pinned {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+            if got == self.sha256 {
+                Ok(ServerCertVerified::assertion())
+            } else {
+                Err(Error::General(format!(
+                    "the host's certificate has SHA-256 {}, not the pinned fingerprint",
+                    got.iter()
+                        .map(|b| format!("{b:02X}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                )))
+            }
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.provider.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.provider
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+}
+
+fn agent_for(t: &XapiTarget) -> Result<ureq::Agent> {
+    let mut b = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(20))
+        // event.from waits up to 30 s; an export may pause while the host works.
+        .timeout_read(Duration::from_secs(120))
+        .timeout_write(Duration::from_secs(120));
+    if let Some(fp) = &t.tls_fingerprint_sha256 {
+        let sha256 = parse_fingerprint(fp).map_err(|detail| XapiError::Tls {
+            url: t.url.clone(),
+            detail,
+        })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| XapiError::Tls {
+                url: t.url.clone(),
+                detail: e.to_string(),
+            })?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(pin::Pinned { sha256, provider }))
+            .with_no_client_auth();
+        b = b.tls_config(Arc::new(config));
+    }
+    Ok(b.build())
+}
+
+/// A logged-in XAPI session. Logs out when dropped.
+pub struct Client {
+    target: XapiTarget,
+    url: String,
+    agent: ureq::Agent,
+    creds: Credentials,
+    session: Mutex<String>,
+    next_id: AtomicU64,
+    /// Poll interval ceiling for tasks (short for the simulator, fine for real hosts).
+    pub poll_max: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("url", &self.url).finish()
+    }
+}
+
+fn is_read_only(method: &str) -> bool {
+    let m = method.rsplit('.').next().unwrap_or("");
+    m.starts_with("get_") || method == "event.from" || method == "VDI.list_changed_blocks"
+}
+
+impl Client {
+    pub fn login(target: &XapiTarget) -> Result<Client> {
+        let creds = read_credentials(target)?;
+        let url = target.url.trim_end_matches('/').to_string();
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(XapiError::Tls {
+                url,
+                detail: "the XAPI URL must start with https:// (or http://)".into(),
+            });
+        }
+        let c = Client {
+            target: target.clone(),
+            agent: agent_for(target)?,
+            url,
+            creds,
+            session: Mutex::new(String::new()),
+            next_id: AtomicU64::new(1),
+            poll_max: Duration::from_millis(500),
+        };
+        c.relogin()?;
+        Ok(c)
+    }
+
+    pub fn target(&self) -> &XapiTarget {
+        &self.target
+    }
+
+    fn session(&self) -> String {
+        self.session
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    fn relogin(&self) -> Result<()> {
+        let r = self.rpc(
+            "session.login_with_password",
+            vec![
+                json!(self.creds.user),
+                json!(self.creds.password),
+                json!("2.21"),
+                json!("coldclone"),
+            ],
+        );
+        let s = match r {
+            Ok(v) => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| XapiError::Protocol {
+                    method: "session.login_with_password".into(),
+                    detail: format!("the session is not a string: {v}"),
+                })?,
+            Err(XapiError::Api { code, params, .. }) if code == "SESSION_AUTHENTICATION_FAILED" => {
+                return Err(XapiError::AuthenticationFailed {
+                    url: self.url.clone(),
+                    user: self.creds.user.clone(),
+                    detail: params.join(" "),
+                })
+            }
+            Err(XapiError::Api { code, params, .. }) if code == "HOST_IS_SLAVE" => {
+                return Err(XapiError::Api {
+                    method: "session.login_with_password".into(),
+                    code: "HOST_IS_SLAVE".into(),
+                    params: vec![format!(
+                        "this host is a pool member; give the pool master's address ({})",
+                        params.join(" ")
+                    )],
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        match self.session.lock() {
+            Ok(mut g) => *g = s,
+            Err(p) => *p.into_inner() = s,
+        }
+        Ok(())
+    }
+
+    /// One JSON-RPC exchange.
+    fn rpc(&self, method: &str, params: Vec<Value>) -> Result<Value> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let body = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
+        let transport = |detail: String| XapiError::Transport {
+            url: self.url.clone(),
+            detail: format!("{method}: {detail}"),
+        };
+        let resp = self
+            .agent
+            .post(&format!("{}/jsonrpc", self.url))
+            .set("Content-Type", "application/json")
+            .send_string(&body.to_string());
+        let text = match resp {
+            Ok(r) => r.into_string().map_err(|e| transport(e.to_string()))?,
+            Err(ureq::Error::Status(code, r)) => {
+                let t = r.into_string().unwrap_or_default();
+                return Err(transport(format!(
+                    "HTTP {code}: {}",
+                    t.chars().take(300).collect::<String>()
+                )));
+            }
+            Err(e) => return Err(transport(e.to_string())),
+        };
+        let v: Value = serde_json::from_str(&text).map_err(|e| XapiError::Protocol {
+            method: method.into(),
+            detail: format!("not JSON ({e})"),
+        })?;
+        if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
+            // JSON-RPC 2.0: {code, message, data}; 1.0: an array of strings.
+            let desc: Vec<String> = match e {
+                Value::Array(a) => a.iter().map(value_string).collect(),
+                _ => std::iter::once(e.get("message").map(value_string).unwrap_or_default())
+                    .chain(
+                        e.get("data")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .map(value_string),
+                    )
+                    .collect(),
+            };
+            return Err(XapiError::from_description(method, &desc));
+        }
+        v.get("result").cloned().ok_or_else(|| XapiError::Protocol {
+            method: method.into(),
+            detail: "neither result nor error".into(),
+        })
+    }
+
+    /// Calls `method(session, args..)`. A SESSION_INVALID (expired session, a
+    /// toolstack restart) logs in again and repeats the call once; read-only
+    /// calls are repeated after a transport error.
+    pub fn call(&self, method: &str, args: Vec<Value>) -> Result<Value> {
+        let mut relogged = false;
+        let mut transport_tries = 0;
+        loop {
+            let mut params = vec![json!(self.session())];
+            params.extend(args.iter().cloned());
+            match self.rpc(method, params) {
+                Err(XapiError::SessionInvalid { .. }) if !relogged => {
+                    tracing::warn!(method, "XAPI session expired; logging in again");
+                    relogged = true;
+                    self.relogin()?;
+                }
+                Err(XapiError::Transport { .. }) if is_read_only(method) && transport_tries < 3 => {
+                    transport_tries += 1;
+                    std::thread::sleep(Duration::from_millis(200 * transport_tries));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    pub fn call_str(&self, method: &str, args: Vec<Value>) -> Result<String> {
+        let v = self.call(method, args)?;
+        v.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| XapiError::Protocol {
+                method: method.into(),
+                detail: format!("expected a string, got {v}"),
+            })
+    }
+
+    pub fn record(&self, class: &str, reference: &str) -> Result<Value> {
+        self.call(&format!("{class}.get_record"), vec![json!(reference)])
+    }
+
+    /// `Async.<method>`, then waits for its task; returns the task's result.
+    pub fn call_async(&self, method: &str, args: Vec<Value>, timeout: Duration) -> Result<String> {
+        let task = self.call_str(&format!("Async.{method}"), args)?;
+        self.wait_task(&task, method, timeout)
+    }
+
+    /// Waits for a task to finish, destroys it, and returns its result.
+    pub fn wait_task(&self, task: &str, what: &str, timeout: Duration) -> Result<String> {
+        let r = self.poll_task(task, what, timeout);
+        if r.is_err() {
+            // Let a task we stopped watching finish before it is dropped, so
+            // whatever it creates exists when the journal's clean-up looks.
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                match self.record("task", task) {
+                    Ok(rec) if str_field(&rec, "status") == "pending" => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.destroy_task(task);
+        r
+    }
+
+    fn poll_task(&self, task: &str, what: &str, timeout: Duration) -> Result<String> {
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(5);
+        loop {
+            let rec = self.record("task", task)?;
+            match str_field(&rec, "status").as_str() {
+                "pending" | "cancelling" => {}
+                "success" => return Ok(task_result(&str_field(&rec, "result"))),
+                _ => {
+                    let info: Vec<String> = rec
+                        .get("error_info")
+                        .and_then(Value::as_array)
+                        .map(|a| a.iter().map(value_string).collect())
+                        .unwrap_or_default();
+                    return Err(XapiError::from_description(what, &info));
+                }
+            }
+            if start.elapsed() > timeout {
+                let _ = self.call("task.cancel", vec![json!(task)]);
+                return Err(XapiError::Timeout {
+                    what: what.into(),
+                    seconds: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(self.poll_max);
+        }
+    }
+
+    /// Best effort, tried twice: a task left behind is clutter on the host.
+    pub fn destroy_task(&self, task: &str) {
+        for _ in 0..2 {
+            match self.call("task.destroy", vec![json!(task)]) {
+                Ok(_) | Err(XapiError::HandleInvalid { .. }) => return,
+                Err(e) => tracing::warn!(task, "task.destroy: {e}"),
+            }
+        }
+    }
+
+    /// Streams a VDI's raw contents into `dest` (sparse: zero 4 KiB blocks are
+    /// holes). XAPI sends no length, so a connection that drops looks like the
+    /// end of the data: the size is checked against the VDI's, and a short or
+    /// failed transfer is tried again, up to `attempts` times.
+    pub fn export_raw_vdi(
+        &self,
+        vdi_ref: &str,
+        vdi_uuid: &str,
+        expected: u64,
+        dest: &Path,
+        attempts: u32,
+    ) -> Result<()> {
+        let mut last = String::new();
+        for attempt in 1..=attempts {
+            match self.export_once(vdi_ref, vdi_uuid, expected, dest) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(vdi = vdi_uuid, attempt, "export failed: {e}");
+                    last = e.to_string();
+                    std::thread::sleep(Duration::from_millis(200 * attempt as u64));
+                }
+            }
+        }
+        Err(XapiError::Export {
+            vdi: vdi_uuid.into(),
+            attempts,
+            detail: last,
+        })
+    }
+
+    fn export_once(&self, vdi_ref: &str, vdi_uuid: &str, expected: u64, dest: &Path) -> Result<()> {
+        let task = self.call_str(
+            "task.create",
+            vec![
+                json!("coldclone export"),
+                json!(format!("raw export of VDI {vdi_uuid}")),
+            ],
+        )?;
+        let r = self.stream_export(vdi_ref, &task, expected, dest);
+        // The host finishes the task when its side of the transfer ends.
+        let t = self.poll_task(&task, "export_raw_vdi", Duration::from_secs(60));
+        self.destroy_task(&task);
+        r?;
+        t.map(|_| ())
+    }
+
+    fn stream_export(&self, vdi_ref: &str, task: &str, expected: u64, dest: &Path) -> Result<()> {
+        let url = format!("{}/export_raw_vdi", self.url);
+        let get = |session: &str| {
+            self.agent
+                .get(&url)
+                .query("session_id", session)
+                .query("task_id", task)
+                .query("vdi", vdi_ref)
+                .query("format", "raw")
+                .call()
+        };
+        let resp = match get(&self.session()) {
+            Err(ureq::Error::Status(401, _)) => {
+                self.relogin()?;
+                get(&self.session())
+            }
+            r => r,
+        };
+        let resp = resp.map_err(|e| XapiError::Transport {
+            url: url.clone(),
+            detail: e.to_string(),
+        })?;
+        let io = |e: std::io::Error| XapiError::Transport {
+            url: url.clone(),
+            detail: format!("{}: {e}", dest.display()),
+        };
+        let mut out = std::fs::File::create(dest).map_err(io)?;
+        let mut body = resp.into_reader();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let mut n = 0;
+            // Fill the buffer: block-aligned holes need whole blocks.
+            while n < buf.len() {
+                match body.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            for block in buf[..n].chunks(4096) {
+                if block.iter().all(|b| *b == 0) {
+                    out.seek(SeekFrom::Current(block.len() as i64))
+                        .map_err(io)?;
+                } else {
+                    out.write_all(block).map_err(io)?;
+                }
+            }
+            total += n as u64;
+            if n < buf.len() {
+                break;
+            }
+        }
+        out.set_len(total).map_err(io)?;
+        out.sync_all().map_err(io)?;
+        if total != expected {
+            return Err(XapiError::Transport {
+                url,
+                detail: format!("the export ended after {total} of {expected} bytes"),
+            });
+        }
+        Ok(())
+    }
+
+    /// `VDI.list_changed_blocks(from, to)` as byte ranges of the disk.
+    pub fn changed_ranges(
+        &self,
+        from: &str,
+        to: &str,
+        size: u64,
+    ) -> Result<Vec<std::ops::Range<u64>>> {
+        let b64 = self.call_str("VDI.list_changed_blocks", vec![json!(from), json!(to)])?;
+        cbt_ranges(&b64, size).map_err(|detail| XapiError::Protocol {
+            method: "VDI.list_changed_blocks".into(),
+            detail,
+        })
+    }
+
+    pub fn logout(&self) {
+        let s = self.session();
+        if !s.is_empty() {
+            let _ = self.rpc("session.logout", vec![json!(s)]);
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.logout();
+    }
+}
+
+/// A CBT bitmap (base64, one bit per 64 KiB, most significant bit first) as
+/// merged byte ranges, clipped to `size`.
+pub fn cbt_ranges(b64: &str, size: u64) -> std::result::Result<Vec<std::ops::Range<u64>>, String> {
+    use base64::Engine;
+    const BLOCK: u64 = 64 << 10;
+    let bits = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| format!("the changed-block bitmap is not base64: {e}"))?;
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for (i, byte) in bits.iter().enumerate() {
+        for bit in 0..8u64 {
+            if byte & (0x80 >> bit) == 0 {
+                continue;
+            }
+            let start = (i as u64 * 8 + bit) * BLOCK;
+            if start >= size {
+                break;
+            }
+            let end = (start + BLOCK).min(size);
+            match out.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => out.push(start..end),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A task's result is an XML-RPC value even over JSON-RPC: `<value>OpaqueRef:..</value>`.
+pub fn task_result(s: &str) -> String {
+    let t = s.trim();
+    let t = t.strip_prefix("<value>").unwrap_or(t);
+    let t = t.strip_suffix("</value>").unwrap_or(t);
+    let t = t.strip_prefix("<string>").unwrap_or(t);
+    t.strip_suffix("</string>").unwrap_or(t).to_string()
+}
+
+/// A string field (XAPI sends 64-bit ints as strings, some clients as numbers).
+pub fn str_field(v: &Value, key: &str) -> String {
+    v.get(key).map(value_string).unwrap_or_default()
+}
+
+pub fn value_string(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+pub fn u64_field(v: &Value, key: &str) -> u64 {
+    match v.get(key) {
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+pub fn refs(v: &Value, key: &str) -> Vec<String> {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(value_string).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cbt_bitmaps_become_merged_ranges() {
+        // 0b1100_0001, 0b1000_0000: blocks 0,1,7,8.
+        let b64 = "wYA=";
+        let r = cbt_ranges(b64, 1 << 30).unwrap();
+        assert_eq!(r, vec![0..(128 << 10), (7 * 65536)..(9 * 65536)]);
+        // Clipped to the disk.
+        assert_eq!(cbt_ranges("gA==", 1000).unwrap(), vec![0..1000]);
+        assert!(cbt_ranges("not base64!", 10).is_err());
+    }
+
+    #[test]
+    fn fingerprints_parse_with_or_without_colons() {
+        let hex = "AB".repeat(32);
+        assert_eq!(parse_fingerprint(&hex).unwrap(), [0xab; 32]);
+        let colons = vec!["ab"; 32].join(":");
+        assert_eq!(parse_fingerprint(&colons).unwrap(), [0xab; 32]);
+        assert!(parse_fingerprint("abcd").is_err());
+    }
+
+    #[test]
+    fn task_results_are_xml_values() {
+        assert_eq!(task_result("<value>OpaqueRef:1</value>"), "OpaqueRef:1");
+        assert_eq!(task_result(""), "");
+    }
+
+    #[test]
+    fn error_descriptions_map_to_types() {
+        let d = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = XapiError::from_description(
+            "VM.resume",
+            &d(&["VM_BAD_POWER_STATE", "OpaqueRef:a", "suspended", "halted"]),
+        );
+        assert!(
+            matches!(e, XapiError::BadPowerState { ref expected, ref actual, .. } if expected == "suspended" && actual == "halted")
+        );
+        assert_eq!(
+            XapiError::from_description("x", &d(&["SESSION_INVALID", "r"])).code(),
+            Some("SESSION_INVALID")
+        );
+        let e = XapiError::from_description("VM.clone", &d(&["SR_FULL", "a"]));
+        assert!(e.to_string().contains("SR_FULL"), "{e}");
+    }
+}

@@ -1,0 +1,755 @@
+//! XAPI backend (XenServer / XCP-ng), over XAPI's JSON-RPC.
+//!
+//! checkpoint = `VM.checkpoint` (memory in a suspend VDI + disk snapshots,
+//! the original resumed by XAPI) → clone = `VM.clone` of the checkpoint, made
+//! startable (`VM.set_is_a_template false`), still suspended with its memory
+//! → every VIF `VIF.move`d to a network made for the run with no PIF →
+//! `VM.resume(start_paused)` → check that no VIF is on a network with a PIF →
+//! `VM.unpause` → `VM.clean_shutdown` → wait with `event.from` → export the
+//! clone's VDIs (`/export_raw_vdi`) → destroy clone, VDIs, checkpoint, network.
+//!
+//! Journal entries name XAPI objects by name label (unique per run, known
+//! before the object exists) and the host by URL and credential *source*.
+//! `VM.destroy` keeps VDIs, so a VM's VDIs are destroyed first, then the VM:
+//! a crash in between leaves the VM, which the next clean-up finds again.
+//!
+//! Tested against `xapi-sim`, not a real host: see docs/xapi.md.
+
+pub mod client;
+
+pub use client::{Client, XapiError, XapiTarget};
+
+use crate::{
+    BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
+    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
+    VmDetail, VmInfo, VmLocator,
+};
+use client::{refs, str_field, u64_field, NULL_REF};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Per-VM settings of the XAPI backend, from the config.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct XapiOptions {
+    /// SHA-256 fingerprint of the host's (self-signed) certificate.
+    pub tls_fingerprint_sha256: Option<String>,
+    /// coldclone runs in the host's dom0: an HVM guest without PV drivers can
+    /// be sent the ACPI power button with `xl trigger DOMID power`.
+    #[serde(default)]
+    pub dom0_acpi: bool,
+}
+
+/// What the backend learned about the original.
+#[derive(Debug, Clone)]
+pub struct XapiVm {
+    pub target: XapiTarget,
+    pub vm_ref: String,
+    pub uuid: String,
+    /// `clean_shutdown` is among the VM's allowed operations (PV drivers present).
+    pub pv_drivers: bool,
+}
+
+#[derive(Debug)]
+pub struct XapiClone {
+    vm_ref: String,
+    journal_id: u64,
+    vifs: Vec<String>,
+    /// Disk name → (VDI ref, VDI uuid, size).
+    disks: BTreeMap<String, (String, String, u64)>,
+    shutdown_task: Option<String>,
+    destroyed: bool,
+}
+
+#[derive(Default)]
+struct RunState {
+    client: Option<Arc<Client>>,
+    checkpoint: Option<(String, u64)>,
+    network: Option<(String, String)>,
+    clone_disks: BTreeMap<String, (String, String, u64)>,
+}
+
+pub struct XapiBackend {
+    options: XapiOptions,
+    state: Mutex<RunState>,
+    /// Attempts per VDI export (a dropped connection is tried again).
+    pub export_attempts: u32,
+    pub task_timeout: Duration,
+}
+
+impl XapiBackend {
+    pub fn with_options(options: XapiOptions) -> XapiBackend {
+        XapiBackend {
+            options,
+            state: Mutex::new(RunState::default()),
+            export_attempts: 3,
+            task_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn client(&self) -> Result<Arc<Client>> {
+        self.st()
+            .client
+            .clone()
+            .ok_or_else(|| BackendError::Unsupported("XAPI backend used before inspect".into()))
+    }
+}
+
+impl Default for XapiBackend {
+    fn default() -> Self {
+        Self::with_options(XapiOptions::default())
+    }
+}
+
+fn xapi_vm(vm: &VmInfo) -> Result<&XapiVm> {
+    match &vm.detail {
+        VmDetail::Xapi(x) => Ok(x),
+        #[allow(unreachable_patterns)]
+        _ => Err(BackendError::Unsupported(
+            "the XAPI backend was handed another backend's VM".into(),
+        )),
+    }
+}
+
+fn xapi_clone(detail: &mut CloneDetail) -> Result<&mut XapiClone> {
+    match detail {
+        CloneDetail::Xapi(c) => Ok(c),
+        #[allow(unreachable_patterns)]
+        _ => Err(BackendError::Unsupported(
+            "the XAPI backend was handed another backend's clone".into(),
+        )),
+    }
+}
+
+fn looks_like_uuid(s: &str) -> bool {
+    s.len() == 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+}
+
+/// The VM's disk VDIs by disk name: (VDI ref, uuid, size).
+fn vm_disks(c: &Client, vm_ref: &str) -> Result<BTreeMap<String, (String, String, u64)>> {
+    let rec = c.record("VM", vm_ref)?;
+    let mut out = BTreeMap::new();
+    for vbd in refs(&rec, "VBDs") {
+        let b = c.record("VBD", &vbd)?;
+        let vdi = str_field(&b, "VDI");
+        if str_field(&b, "type") != "Disk" || vdi == NULL_REF || vdi.is_empty() {
+            continue;
+        }
+        // Keyed by userdevice: device names are only known while attached.
+        let name = format!("xvd{}", userdevice_letter(&str_field(&b, "userdevice")));
+        let v = c.record("VDI", &vdi)?;
+        out.insert(
+            name,
+            (vdi, str_field(&v, "uuid"), u64_field(&v, "virtual_size")),
+        );
+    }
+    Ok(out)
+}
+
+fn userdevice_letter(u: &str) -> char {
+    u.parse::<u8>()
+        .ok()
+        .filter(|n| *n < 26)
+        .map(|n| (b'a' + n) as char)
+        .unwrap_or('z')
+}
+
+/// Destroys a VM we made, and its VDIs first (`VM.destroy` keeps them), its
+/// suspend image included. A running one is powered off first.
+fn destroy_vm_and_disks(c: &Client, vm_ref: &str) -> Result<()> {
+    let rec = match c.record("VM", vm_ref) {
+        Ok(r) => r,
+        Err(XapiError::HandleInvalid { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let ps = str_field(&rec, "power_state");
+    if ps == "Running" || ps == "Paused" {
+        c.call("VM.hard_shutdown", vec![json!(vm_ref)])?;
+    }
+    let mut vdis: Vec<String> = vm_disks(c, vm_ref)?.into_values().map(|d| d.0).collect();
+    let suspend = str_field(&rec, "suspend_VDI");
+    if suspend != NULL_REF && !suspend.is_empty() {
+        vdis.push(suspend);
+    }
+    for vdi in vdis {
+        match c.call("VDI.destroy", vec![json!(vdi)]) {
+            Ok(_) | Err(XapiError::HandleInvalid { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    match c.call("VM.destroy", vec![json!(vm_ref)]) {
+        Ok(_) | Err(XapiError::HandleInvalid { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Networks never leave the host's dom0: a network with no PIF reaches nothing.
+fn network_has_pif(c: &Client, net: &str) -> Result<bool> {
+    let pifs = c.call("network.get_PIFs", vec![json!(net)])?;
+    Ok(pifs.as_array().is_none_or(|a| !a.is_empty()))
+}
+
+fn run_tag(work_dir: &Path) -> String {
+    work_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| crate::util::random_hex(4))
+}
+
+pub fn checkpoint_label(tag: &str) -> String {
+    format!("coldclone-checkpoint-{tag}")
+}
+
+pub fn network_label(tag: &str) -> String {
+    format!("coldclone-isolated-{tag}")
+}
+
+impl XapiBackend {
+    fn target_of(&self, vm: &VmInfo) -> Result<XapiTarget> {
+        Ok(xapi_vm(vm)?.target.clone())
+    }
+
+    /// Makes the run's network with no PIF (XAPI's host-internal network).
+    fn make_network(
+        &self,
+        target: &XapiTarget,
+        tag: &str,
+        journal: &mut dyn Journal,
+    ) -> Result<CloneNetwork> {
+        let c = self.client()?;
+        let label = network_label(tag);
+        journal.will_create(&Resource::XapiNetwork {
+            target: target.clone(),
+            name_label: label.clone(),
+        })?;
+        let net = c.call_str(
+            "network.create",
+            vec![json!({
+                "name_label": label,
+                "name_description": "coldclone: isolated network (no PIF) for a backup clone; removed after the run",
+                "MTU": "1500",
+                "other_config": {"coldclone_run": tag},
+                "tags": [],
+            })],
+        )?;
+        if network_has_pif(&c, &net)? {
+            return Err(BackendError::Clone(format!(
+                "the network {label} made for the clone has a PIF"
+            )));
+        }
+        let rec = c.record("network", &net)?;
+        let bridge = str_field(&rec, "bridge");
+        self.st().network = Some((net, bridge.clone()));
+        journal.milestone("isolate:xapi-network-ready")?;
+        Ok(CloneNetwork {
+            namespace: network_isolation::Namespace::current(),
+            bridge,
+            tap_prefix: String::new(),
+        })
+    }
+}
+
+impl Hypervisor for XapiBackend {
+    fn name(&self) -> &'static str {
+        "xapi"
+    }
+
+    fn inspect(&self, vm: &VmLocator) -> Result<VmInfo> {
+        let VmLocator::Xapi {
+            url,
+            vm: handle,
+            credentials_file,
+            options,
+        } = vm
+        else {
+            return Err(BackendError::Unsupported(
+                "the XAPI backend was handed another backend's VM".into(),
+            ));
+        };
+        let target = XapiTarget {
+            url: url.clone(),
+            credentials_file: credentials_file.clone(),
+            tls_fingerprint_sha256: options.tls_fingerprint_sha256.clone(),
+        };
+        let c = Arc::new(Client::login(&target)?);
+        let vm_ref = if looks_like_uuid(handle) {
+            c.call_str("VM.get_by_uuid", vec![json!(handle)])?
+        } else {
+            let mut found = vec![];
+            let all = c.call("VM.get_by_name_label", vec![json!(handle)])?;
+            for r in all.as_array().into_iter().flatten() {
+                let r = client::value_string(r);
+                let rec = c.record("VM", &r)?;
+                if rec.get("is_a_template") != Some(&json!(true))
+                    && rec.get("is_a_snapshot") != Some(&json!(true))
+                {
+                    found.push(r);
+                }
+            }
+            match found.len() {
+                1 => found.remove(0),
+                0 => {
+                    return Err(BackendError::Unsupported(format!(
+                        "XAPI at {url} has no VM named {handle:?}"
+                    )))
+                }
+                n => {
+                    return Err(BackendError::Unsupported(format!(
+                        "XAPI at {url} has {n} VMs named {handle:?}; name it by uuid"
+                    )))
+                }
+            }
+        };
+        let rec = c.record("VM", &vm_ref)?;
+        if rec.get("is_a_template") == Some(&json!(true))
+            || rec.get("is_control_domain") == Some(&json!(true))
+        {
+            return Err(BackendError::Unsupported(format!(
+                "{handle} is a template or a control domain, not a VM to back up"
+            )));
+        }
+        let allowed = refs(&rec, "allowed_operations");
+        let disks = vm_disks(&c, &vm_ref)?;
+        let info = VmInfo {
+            name: str_field(&rec, "name_label"),
+            backend: "xapi",
+            running: str_field(&rec, "power_state") == "Running",
+            memory_bytes: u64_field(&rec, "memory_static_max"),
+            disks: disks
+                .iter()
+                .map(|(name, (_, uuid, bytes))| DiskInfo {
+                    name: name.clone(),
+                    file: PathBuf::from(format!("xapi:vdi/{uuid}")),
+                    format: "raw".into(),
+                    read_only: false,
+                    bytes: *bytes,
+                })
+                .collect(),
+            nics: refs(&rec, "VIFs").len(),
+            detail: VmDetail::Xapi(XapiVm {
+                target,
+                vm_ref,
+                uuid: str_field(&rec, "uuid"),
+                pv_drivers: allowed.iter().any(|o| o == "clean_shutdown"),
+            }),
+        };
+        self.st().client = Some(c);
+        Ok(info)
+    }
+
+    fn checkpoint(
+        &self,
+        vm: &VmInfo,
+        work_dir: &Path,
+        journal: &mut dyn Journal,
+    ) -> Result<Checkpoint> {
+        let xv = xapi_vm(vm)?;
+        if !vm.running {
+            return Err(BackendError::Checkpoint(
+                "the VM is not running; coldclone backs up running VMs".into(),
+            ));
+        }
+        let c = self.client()?;
+        let label = checkpoint_label(&run_tag(work_dir));
+        let id = journal.will_create(&Resource::XapiVm {
+            target: xv.target.clone(),
+            name_label: label.clone(),
+        })?;
+        let t = Instant::now();
+        let r = c.call_async(
+            "VM.checkpoint",
+            vec![json!(xv.vm_ref), json!(label)],
+            self.task_timeout,
+        );
+        let took = t.elapsed().as_secs_f64() * 1000.0;
+        // XAPI resumes the original itself; make sure, whatever happened.
+        match c.call_str("VM.get_power_state", vec![json!(xv.vm_ref)]) {
+            Ok(ps) if ps == "Paused" => {
+                tracing::warn!("the original is paused after the checkpoint; unpausing it");
+                c.call("VM.unpause", vec![json!(xv.vm_ref)])?;
+            }
+            Ok(ps) if ps == "Suspended" => {
+                tracing::warn!("the original is suspended after the checkpoint; resuming it");
+                c.call(
+                    "VM.resume",
+                    vec![json!(xv.vm_ref), json!(false), json!(false)],
+                )?;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("cannot read the original's power state: {e}"),
+        }
+        let ckpt = r?;
+        journal.milestone("checkpoint:disks-snapshotted")?;
+        let rec = c.record("VM", &ckpt)?;
+        let suspend = str_field(&rec, "suspend_VDI");
+        let memory_image_bytes = if suspend != NULL_REF && !suspend.is_empty() {
+            u64_field(&c.record("VDI", &suspend)?, "virtual_size")
+        } else {
+            0
+        };
+        let disks = vm_disks(&c, &ckpt)?
+            .into_iter()
+            .map(|(name, (_, uuid, bytes))| FrozenDisk {
+                name,
+                frozen_file: PathBuf::from(format!("xapi:vdi/{uuid}")),
+                format: "raw".into(),
+                bytes,
+                original_overlay: None,
+            })
+            .collect();
+        self.st().checkpoint = Some((ckpt.clone(), id));
+        Ok(Checkpoint {
+            method: "xapi-checkpoint",
+            memory_image: PathBuf::from(format!("xapi:vdi/{}", str_field(&rec, "uuid"))),
+            memory_image_bytes,
+            // XAPI does not report the pause; the call's duration bounds it.
+            pause: PauseTimes {
+                total_ms: took,
+                disk_snapshot_ms: 0.0,
+                memory_ms: took,
+            },
+            disks,
+            ..Default::default()
+        })
+    }
+
+    fn isolated_network(
+        &self,
+        vm: &VmInfo,
+        run_id: &str,
+        journal: &mut dyn Journal,
+    ) -> Result<Option<CloneNetwork>> {
+        let target = self.target_of(vm)?;
+        self.make_network(&target, run_id, journal).map(Some)
+    }
+
+    fn restore_clone(
+        &self,
+        vm: &VmInfo,
+        _checkpoint: &Checkpoint,
+        _net: &CloneNetwork,
+        clone_name: &str,
+        _work_dir: &Path,
+        journal: &mut dyn Journal,
+    ) -> Result<PausedClone> {
+        let xv = xapi_vm(vm)?;
+        let c = self.client()?;
+        let (ckpt, _) = self
+            .st()
+            .checkpoint
+            .clone()
+            .ok_or_else(|| BackendError::Clone("no XAPI checkpoint to clone".into()))?;
+        let (net, _) = self.st().network.clone().ok_or_else(|| {
+            BackendError::Clone(
+                "no isolated XAPI network: the pipeline must call isolated_network first".into(),
+            )
+        })?;
+        let journal_id = journal.will_create(&Resource::XapiVm {
+            target: xv.target.clone(),
+            name_label: clone_name.to_string(),
+        })?;
+        let clone = c.call_async(
+            "VM.clone",
+            vec![json!(ckpt), json!(clone_name)],
+            self.task_timeout,
+        )?;
+        let mut pc = PausedClone {
+            name: clone_name.to_string(),
+            taps: vec![],
+            disks: vec![],
+            console_log: PathBuf::new(),
+            detail: CloneDetail::Xapi(XapiClone {
+                vm_ref: clone.clone(),
+                journal_id,
+                vifs: vec![],
+                disks: BTreeMap::new(),
+                shutdown_task: None,
+                destroyed: false,
+            }),
+        };
+        c.call("VM.set_is_a_template", vec![json!(clone), json!(false)])?;
+        let rec = c.record("VM", &clone)?;
+        let vifs = refs(&rec, "VIFs");
+        // On a suspended VM, VIF.move only changes the database: nothing runs yet.
+        for vif in &vifs {
+            c.call("VIF.move", vec![json!(vif), json!(net)])?;
+        }
+        let disks = vm_disks(&c, &clone)?;
+        pc.disks = disks
+            .iter()
+            .map(|(name, (_, uuid, bytes))| CloneDisk {
+                name: name.clone(),
+                overlay: PathBuf::from(format!("xapi:vdi/{uuid}")),
+                bytes: *bytes,
+            })
+            .collect();
+        pc.taps = vifs.clone();
+        {
+            let d = xapi_clone(&mut pc.detail)?;
+            d.vifs = vifs;
+            d.disks = disks.clone();
+        }
+        self.st().clone_disks = disks;
+        journal.milestone("restore:clone-created")?;
+        c.call_async(
+            "VM.resume",
+            vec![json!(clone), json!(true), json!(false)],
+            self.task_timeout,
+        )?;
+        let ps = c.call_str("VM.get_power_state", vec![json!(clone)])?;
+        if ps != "Paused" {
+            return Err(BackendError::Clone(format!(
+                "the clone is {ps} after a paused resume; isolation was not checked yet"
+            )));
+        }
+        journal.milestone("restore:memory-loaded")?;
+        Ok(pc)
+    }
+
+    fn verify_isolation(
+        &self,
+        clone: &mut PausedClone,
+    ) -> Result<Option<network_isolation::Verified>> {
+        let c = self.client()?;
+        let (net, bridge) = self
+            .st()
+            .network
+            .clone()
+            .ok_or_else(|| BackendError::Clone("no isolated XAPI network".into()))?;
+        let d = xapi_clone(&mut clone.detail)?;
+        let rec = c.record("VM", &d.vm_ref)?;
+        let mut problems = vec![];
+        if str_field(&rec, "power_state") != "Paused" {
+            problems.push(format!(
+                "the clone is {}, not Paused",
+                str_field(&rec, "power_state")
+            ));
+        }
+        let vifs = refs(&rec, "VIFs");
+        if vifs.len() != d.vifs.len() {
+            problems.push(format!(
+                "the clone has {} VIFs, {} were moved",
+                vifs.len(),
+                d.vifs.len()
+            ));
+        }
+        for vif in &vifs {
+            let v = c.record("VIF", vif)?;
+            let on = str_field(&v, "network");
+            if network_has_pif(&c, &on)? {
+                problems.push(format!(
+                    "VIF {} is on network {on}, which has a PIF (an uplink)",
+                    str_field(&v, "device")
+                ));
+            } else if on != net {
+                problems.push(format!(
+                    "VIF {} is on network {on}, not the run's isolated network",
+                    str_field(&v, "device")
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(BackendError::Network(
+                network_isolation::IsolationError::NotIsolated { bridge, problems },
+            ));
+        }
+        Ok(Some(network_isolation::Verified {
+            bridge,
+            namespace: None,
+            ports: vifs,
+        }))
+    }
+
+    fn resume_clone(
+        &self,
+        clone: &mut PausedClone,
+        verified: &network_isolation::Verified,
+    ) -> Result<()> {
+        let c = self.client()?;
+        let (_, bridge) = self
+            .st()
+            .network
+            .clone()
+            .ok_or_else(|| BackendError::Clone("no isolated XAPI network".into()))?;
+        let d = xapi_clone(&mut clone.detail)?;
+        if verified.bridge != bridge || d.vifs.iter().any(|v| !verified.ports.contains(v)) {
+            return Err(BackendError::Clone(
+                "the clone's VIFs are not the ones whose isolation was verified".into(),
+            ));
+        }
+        c.call("VM.unpause", vec![json!(d.vm_ref)])?;
+        Ok(())
+    }
+
+    fn request_stop(&self, clone: &mut PausedClone, method: StopMethod) -> Result<()> {
+        let c = self.client()?;
+        let d = xapi_clone(&mut clone.detail)?;
+        match method {
+            StopMethod::Pv => {
+                // Async: the guest takes its time; wait_stopped watches the VM and this task.
+                let task = c.call_str("Async.VM.clean_shutdown", vec![json!(d.vm_ref)])?;
+                d.shutdown_task = Some(task);
+                Ok(())
+            }
+            StopMethod::Acpi if self.options.dom0_acpi => {
+                let domid = c.call_str("VM.get_domid", vec![json!(d.vm_ref)])?;
+                let mut cmd = std::process::Command::new("xl");
+                cmd.args(["trigger", &domid, "power"]);
+                crate::util::run_tool(cmd).map(|_| ())
+            }
+            StopMethod::Acpi => Err(BackendError::Unsupported(
+                "this guest has no PV drivers, so VM.clean_shutdown fails (VM_LACKS_FEATURE), and XAPI has no \
+                 ACPI power-button call (VM.send_trigger is not implemented). Install the guest tools, or run \
+                 coldclone in the host's dom0 with xapi_dom0_acpi = true so the button is pressed with `xl trigger`"
+                    .into(),
+            )),
+        }
+    }
+
+    fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome> {
+        let c = self.client()?;
+        let d = xapi_clone(&mut clone.detail)?;
+        let start = Instant::now();
+        let mut classes = vec![json!(format!("vm/{}", d.vm_ref))];
+        if let Some(t) = &d.shutdown_task {
+            classes.push(json!(format!("task/{t}")));
+        }
+        let mut token = String::new();
+        let mut outcome = None;
+        while outcome.is_none() {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let batch = c.call(
+                "event.from",
+                vec![
+                    json!(classes),
+                    json!(token),
+                    json!(left.as_secs_f64().min(30.0)),
+                ],
+            )?;
+            token = str_field(&batch, "token");
+            if c.call_str("VM.get_power_state", vec![json!(d.vm_ref)])? == "Halted" {
+                outcome = Some(CloneOutcome::StoppedByGuest);
+                break;
+            }
+            if let Some(t) = &d.shutdown_task {
+                let rec = c.record("task", t)?;
+                let status = str_field(&rec, "status");
+                if status != "pending" && status != "success" {
+                    let info: Vec<String> = refs(&rec, "error_info");
+                    return Err(XapiError::from_description("VM.clean_shutdown", &info).into());
+                }
+            }
+        }
+        let outcome = match outcome {
+            Some(o) => o,
+            None => {
+                tracing::warn!("the clone did not power off in time; hard shutdown");
+                c.call("VM.hard_shutdown", vec![json!(d.vm_ref)])?;
+                CloneOutcome::Killed
+            }
+        };
+        if let Some(t) = d.shutdown_task.take() {
+            let _ = c.wait_task(&t, "VM.clean_shutdown", Duration::from_secs(30));
+        }
+        Ok(outcome)
+    }
+
+    fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()> {
+        let c = self.client()?;
+        let d = xapi_clone(&mut clone.detail)?;
+        if d.destroyed {
+            return Ok(());
+        }
+        if let Some(t) = d.shutdown_task.take() {
+            let _ = c.call("task.cancel", vec![json!(t)]);
+            c.destroy_task(&t);
+        }
+        destroy_vm_and_disks(&c, &d.vm_ref)?;
+        journal.removed(d.journal_id)?;
+        d.destroyed = true;
+        Ok(())
+    }
+
+    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()> {
+        let c = self.client()?;
+        let (vdi, uuid, size) = self
+            .st()
+            .clone_disks
+            .get(&disk.name)
+            .cloned()
+            .ok_or_else(|| BackendError::Clone(format!("no clone VDI for disk {}", disk.name)))?;
+        c.export_raw_vdi(&vdi, &uuid, size, dest, self.export_attempts)?;
+        Ok(())
+    }
+
+    fn release_checkpoint(
+        &self,
+        _vm: &VmInfo,
+        _checkpoint: &Checkpoint,
+        journal: &mut dyn Journal,
+    ) -> Result<()> {
+        let c = self.client()?;
+        let taken = self.st().checkpoint.take();
+        if let Some((ckpt, id)) = taken {
+            destroy_vm_and_disks(&c, &ckpt)?;
+            journal.removed(id)?;
+        }
+        Ok(())
+    }
+
+    fn recover(&self, resource: &Resource) -> Result<()> {
+        match resource {
+            Resource::XapiVm { target, name_label } => {
+                let c = Client::login(target)?;
+                let found = c.call("VM.get_by_name_label", vec![json!(name_label)])?;
+                for r in found.as_array().into_iter().flatten() {
+                    let r = client::value_string(r);
+                    // Only what coldclone named: its labels carry the run id.
+                    if name_label.starts_with("coldclone-") {
+                        destroy_vm_and_disks(&c, &r)?;
+                    }
+                }
+                Ok(())
+            }
+            Resource::XapiNetwork { target, name_label } => {
+                let c = Client::login(target)?;
+                let found = c.call("network.get_by_name_label", vec![json!(name_label)])?;
+                for n in found.as_array().into_iter().flatten() {
+                    let n = client::value_string(n);
+                    let rec = c.record("network", &n)?;
+                    let ours = rec
+                        .get("other_config")
+                        .and_then(|o| o.get("coldclone_run"))
+                        .is_some();
+                    if ours && refs(&rec, "PIFs").is_empty() {
+                        match c.call("network.destroy", vec![json!(n)]) {
+                            Ok(_) | Err(XapiError::HandleInvalid { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+                Ok(())
+            }
+            other => Err(BackendError::Unsupported(format!(
+                "the XAPI backend does not undo {other:?}"
+            ))),
+        }
+    }
+
+    fn stop_methods(&self, vm: &VmInfo) -> StopMethod {
+        match xapi_vm(vm) {
+            Ok(x) if x.pv_drivers => StopMethod::Pv,
+            _ => StopMethod::Acpi,
+        }
+    }
+}

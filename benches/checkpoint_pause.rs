@@ -135,7 +135,12 @@ fn main() {
             "{mib} MiB guest up and filled in {:.0} s",
             t.elapsed().as_secs_f64()
         );
-        let setup = Setup::new(dir.path(), &vm.qmp, "", "");
+        let setup = Setup::new(
+            dir.path(),
+            &vm.qmp,
+            "checkpoint_method = \"background-snapshot\"\n",
+            "",
+        );
         let pbs_dir = dir.path().join("pbs");
         std::fs::create_dir_all(&pbs_dir).expect("pbs dir");
         let setup_pbs = Setup::new(

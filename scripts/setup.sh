@@ -8,7 +8,8 @@ export DEBIAN_FRONTEND=noninteractive
 need_apt=()
 for pair in qemu-system-x86_64:qemu-system-x86 ip:iproute2 e2fsck:e2fsprogs tcpdump:tcpdump cpio:cpio \
             gcc:build-essential pkg-config:pkg-config xz:xz-utils zstd:zstd curl:curl python3:python3 \
-            pip3:python3-pip restic:restic borg:borgbackup /usr/bin/time:time; do
+            pip3:python3-pip restic:restic borg:borgbackup /usr/bin/time:time \
+            sfdisk:fdisk xfs_repair:xfsprogs blkid:util-linux debugfs:e2fsprogs; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

@@ -19,6 +19,7 @@ pub enum ConfigError {
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/coldclone/coldclone.toml";
+pub const DEFAULT_HEARTBEAT: &str = "login:";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/coldclone";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +208,10 @@ pub struct VmConfig {
     /// Xen: size of classic LVM snapshots, as lvcreate takes it ("512m",
     /// "20%ORIGIN", the default); thin volumes need none.
     pub xl_snapshot_size: Option<String>,
+    /// `audit`: the console text that says the booted backup is up (default "login:").
+    pub audit_heartbeat: Option<String>,
+    /// `audit`: a probe program run over the restored disks (exit 0 = good).
+    pub audit_probe: Option<PathBuf>,
 }
 
 impl VmConfig {

@@ -1,6 +1,7 @@
 //! coldclone: clean-shutdown-consistent backups of running VMs through an
 //! isolated clone. The binary (`main.rs`) is a thin CLI over this library.
 
+pub mod audit;
 pub mod commands;
 pub mod config;
 pub mod journal;

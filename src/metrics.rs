@@ -21,6 +21,9 @@ pub struct VmMetrics {
     pub bytes_read: u64,
     pub bytes_stored: u64,
     pub duration_seconds: f64,
+    /// When the newest backup that passed an audit was taken, and when it was audited.
+    #[serde(default)]
+    pub last_verified_good_backup_time: Option<f64>,
 }
 
 pub type State = BTreeMap<String, VmMetrics>;
@@ -150,20 +153,69 @@ pub fn render(state: &State) -> String {
     out
 }
 
+/// Records a passed audit (the backup's own time counts: the last verified-good point).
+pub fn record_audit(
+    state_dir: &Path,
+    metrics_file: &Path,
+    audit: &crate::audit::AuditReport,
+) -> std::io::Result<()> {
+    let state_path = state_dir.join("metrics-state.json");
+    let mut state = load(&state_path);
+    if audit.pass {
+        let t = state
+            .get(&audit.vm)
+            .and_then(|m| m.last_verified_good_backup_time)
+            .unwrap_or(0.0);
+        let backup_time = audit_backup_unix(audit).unwrap_or(audit.audited_at);
+        let m = state.entry(audit.vm.clone()).or_default();
+        m.last_verified_good_backup_time = Some(t.max(backup_time));
+    }
+    save(state_dir, metrics_file, &state)
+}
+
+fn audit_backup_unix(audit: &crate::audit::AuditReport) -> Option<f64> {
+    // RFC 3339 "YYYY-MM-DDTHH:MM:SS...Z" -> seconds since the epoch (UTC).
+    let t = &audit.backup_time;
+    let n = |r: std::ops::Range<usize>| t.get(r).and_then(|s| s.parse::<i64>().ok());
+    let (y, mo, d, h, mi, s) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
+    let (y2, m2) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some((days * 86400 + h * 3600 + mi * 60 + s) as f64)
+}
+
+fn save(state_dir: &Path, metrics_file: &Path, state: &State) -> std::io::Result<()> {
+    let state_path = state_dir.join("metrics-state.json");
+    let tmp = state_path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &state_path)?;
+    let tmp = metrics_file.with_extension("prom.tmp");
+    std::fs::write(&tmp, render(state))?;
+    std::fs::rename(&tmp, metrics_file)
+}
+
 /// Updates the kept state and writes the textfile atomically (temp + rename).
 pub fn write(state_dir: &Path, metrics_file: &Path, reports: &[VmReport]) -> std::io::Result<()> {
     let state_path = state_dir.join("metrics-state.json");
     let state = update(load(&state_path), reports);
-    let tmp = state_path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(&state).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, &state_path)?;
-    let text = render(&state);
-    let tmp = metrics_file.with_extension("prom.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, metrics_file)
+    save(state_dir, metrics_file, &state)
 }
 
 #[cfg(test)]

@@ -381,6 +381,14 @@ pub trait Hypervisor {
     fn memory_actual(&self, _vm: &VmInfo) -> Result<Option<u64>> {
         Ok(None)
     }
+    /// Writes a disk as it was at the checkpoint (crash-consistent: the
+    /// running original's disk at that instant) as a sparse raw image.
+    fn export_frozen_disk(&self, _disk: &FrozenDisk, _dest: &Path) -> Result<()> {
+        Err(BackendError::Unsupported(format!(
+            "crash-consistent copies are not available for {} VMs",
+            self.name()
+        )))
+    }
     /// Whether [`Hypervisor::balloon`] can work for this VM (for `doctor`).
     fn balloon_supported(&self, _vm: &VmInfo) -> bool {
         false

@@ -86,6 +86,7 @@ pub fn run(cfg: &Config, names: &[String], all: bool, json: bool) -> Result<Vec<
         repo: &repo,
         host: host_name(),
         show_progress: stderr_is_terminal() && !json,
+        crash_copy_dir: None,
     };
     let limits = Limits::from_config(cfg);
     tracing::info!(?limits, "scheduling {} VM(s)", vms.len());

@@ -1,5 +1,6 @@
 //! One module per CLI verb, over the library.
 
+pub mod audit;
 pub mod backup;
 pub mod check;
 pub mod doctor;

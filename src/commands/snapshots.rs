@@ -10,16 +10,34 @@ pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
     snaps.retain(|s| vm.is_none_or(|v| s.vm == v));
     snaps.sort_by(|a, b| a.time_unix.cmp(&b.time_unix).then(a.disk.cmp(&b.disk)));
     if json {
-        println!("{}", serde_json::to_string_pretty(&snaps)?);
+        // Each snapshot with the audit of its backup, if one was made.
+        let with_audit: Vec<serde_json::Value> = snaps
+            .iter()
+            .map(|s| {
+                let mut v = serde_json::to_value(s).unwrap_or_default();
+                let run = s.tags.get("run").map(String::as_str).unwrap_or("");
+                if let Some(a) = crate::audit::load(&cfg.state_dir, &s.vm, run) {
+                    v["audit"] = serde_json::json!({"pass": a.pass, "audited_at": a.audited_at, "reasons": a.reasons});
+                }
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&with_audit)?);
         return Ok(());
     }
     println!(
-        "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  run",
-        "id", "time", "vm", "disk", "consistency", "size", "added"
+        "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {:<6} run",
+        "id", "time", "vm", "disk", "consistency", "size", "added", "audit"
     );
     for s in &snaps {
+        let run = s.tags.get("run").map(String::as_str).unwrap_or("-");
+        let audit = match crate::audit::load(&cfg.state_dir, &s.vm, run) {
+            Some(a) if a.pass => "pass",
+            Some(_) => "FAIL",
+            None => "-",
+        };
         println!(
-            "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {}",
+            "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {:<6} {}",
             s.short_id(),
             s.time.get(..19).unwrap_or(&s.time),
             s.vm,
@@ -27,7 +45,8 @@ pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
             s.consistency,
             s.size,
             s.stored_bytes,
-            s.tags.get("run").map(String::as_str).unwrap_or("-")
+            audit,
+            run
         );
     }
     println!("{} snapshot(s)", snaps.len());

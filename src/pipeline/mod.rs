@@ -39,6 +39,9 @@ pub struct RunContext<'a> {
     pub repo: &'a Repository,
     pub host: String,
     pub show_progress: bool,
+    /// `audit --compare`: also write each disk as it was at the checkpoint
+    /// (crash-consistent) into this folder.
+    pub crash_copy_dir: Option<PathBuf>,
 }
 
 /// One VM's run: its journal, work folder and the clone while it exists.
@@ -121,6 +124,12 @@ fn run_steps(
         let t = Instant::now();
         let checkpoint = checkpoint::run(&mut run, &info, report)?;
         report.durations_ms.checkpoint = t.elapsed().as_millis() as u64;
+        if let Some(dir) = &ctx.crash_copy_dir {
+            for d in &checkpoint.disks {
+                let dest = dir.join(format!("crash-{}.raw", d.name.replace('/', "_")));
+                run.backend.export_frozen_disk(d, &dest)?;
+            }
+        }
 
         let net = isolate::prepare(&mut run, &ctx.config.isolation)?;
 

@@ -184,11 +184,16 @@ pub struct Vm {
 
 impl Vm {
     pub fn start(net: &TestNet, dir: &Path, opts: VmOptions) -> Vm {
+        Vm::start_with_disk(net, dir, opts, &guest().join("data.raw"))
+    }
+
+    /// Like `start`, with the data disk made from `data` (a raw ext4 image).
+    pub fn start_with_disk(net: &TestNet, dir: &Path, opts: VmOptions, data: &Path) -> Vm {
         let g = guest();
         let image = dir.join("vm.qcow2");
         let st = Command::new("qemu-img")
             .args(["convert", "-O", "qcow2"])
-            .arg(g.join("data.raw"))
+            .arg(data)
             .arg(&image)
             .status()
             .expect("qemu-img");

@@ -156,6 +156,9 @@ pub struct CloneSpec<'a> {
     pub disk_overlays: &'a BTreeMap<String, String>,
     /// tap names for the NICs, in order of appearance
     pub tap_prefix: &'a str,
+    /// Wait for a memory image (`-incoming defer`); false for a fresh boot
+    /// of the disks (the audit's boot test).
+    pub incoming: bool,
 }
 
 /// The result of rewriting: argv and the taps it will create.
@@ -370,10 +373,13 @@ pub fn clone_command(original: &[Opt], spec: &CloneSpec) -> Result<CloneCommand>
         ("pidfile", spec.pidfile.to_string()),
         ("display", "none".to_string()),
         ("monitor", "none".to_string()),
-        ("incoming", "defer".to_string()),
     ] {
         args.push(format!("-{k}"));
         args.push(v);
+    }
+    if spec.incoming {
+        args.push("-incoming".into());
+        args.push("defer".into());
     }
     Ok(CloneCommand { args, taps })
 }
@@ -432,6 +438,7 @@ mod tests {
                 console_log: "/run/c/console",
                 disk_overlays: &overlays,
                 tap_prefix: "ccx",
+                incoming: true,
             },
         )
         .unwrap();
@@ -474,6 +481,7 @@ mod tests {
             console_log: "c",
             disk_overlays: &overlays,
             tap_prefix: "t",
+            incoming: true,
         };
         for bad in [
             vec!["-drive", "file=x.raw,format=raw"],

@@ -11,6 +11,7 @@
 //! new qcow2 overlay while its image stays frozen for the clone; afterwards a
 //! `block-commit` merges the overlay back so the chain is one image again.
 
+pub mod boot;
 pub mod cmdline;
 pub mod qmp;
 
@@ -70,6 +71,9 @@ impl std::fmt::Debug for QemuClone {
 /// How the QEMU backend takes its checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckpointMethod {
+    /// background-snapshot below `AUTO_PRE_SWITCHOVER_BYTES` of guest RAM,
+    /// pre-switchover from there on (measured: docs/performance.md).
+    Auto,
     /// `background-snapshot`: RAM written after the VM resumes, under
     /// userfaultfd write protection; the pause is device state + disk
     /// snapshot + write-protecting RAM.
@@ -78,6 +82,9 @@ pub enum CheckpointMethod {
     /// the last dirty pages (bounded by `downtime_limit_ms`) + disk snapshot.
     PreSwitchover,
 }
+
+/// From this much guest RAM on, `auto` uses pre-switchover.
+pub const AUTO_PRE_SWITCHOVER_BYTES: u64 = 2 << 30;
 
 /// Per-VM settings of the QEMU backend, from the config.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -91,10 +98,11 @@ pub struct QemuOptions {
 impl QemuOptions {
     pub fn method(&self) -> std::result::Result<CheckpointMethod, String> {
         match self.checkpoint_method.as_deref() {
-            None | Some("background-snapshot") => Ok(CheckpointMethod::BackgroundSnapshot),
+            None | Some("auto") => Ok(CheckpointMethod::Auto),
+            Some("background-snapshot") => Ok(CheckpointMethod::BackgroundSnapshot),
             Some("pre-switchover") => Ok(CheckpointMethod::PreSwitchover),
             Some(other) => Err(format!(
-                "checkpoint_method {other:?}: use \"background-snapshot\" or \"pre-switchover\""
+                "checkpoint_method {other:?}: use \"auto\", \"background-snapshot\" or \"pre-switchover\""
             )),
         }
     }
@@ -124,7 +132,7 @@ impl QemuBackend {
 impl Default for QemuBackend {
     fn default() -> Self {
         QemuBackend {
-            method: CheckpointMethod::BackgroundSnapshot,
+            method: CheckpointMethod::Auto,
             downtime_limit_ms: 20,
             memory_save_timeout: Duration::from_secs(1800),
             clone_start_timeout: Duration::from_secs(120),
@@ -409,6 +417,48 @@ impl QemuBackend {
     /// Memory + disks with `pause-before-switchover`: RAM is sent while the VM
     /// runs; QEMU pauses it before the switch, the disks are snapshotted, then
     /// the migration ends and the VM continues.
+    /// Waits until QEMU pauses the VM before the switch-over. A guest that
+    /// dirties memory faster than it can be copied never gets there within a
+    /// tight downtime target: every 10 s without it, the target doubles (up
+    /// to 2 s), so the checkpoint always ends, with the pause that was needed.
+    fn wait_pre_switchover(&self, q: &mut Qmp) -> Result<()> {
+        let start = Instant::now();
+        let mut downtime = self.downtime_limit_ms.max(1);
+        loop {
+            let ev = q.wait_event(
+                "the memory save to reach pre-switchover",
+                Duration::from_secs(10),
+                &|e| {
+                    matches!(
+                        migration_status(e),
+                        Some("pre-switchover" | "failed" | "cancelled")
+                    )
+                },
+            );
+            match ev {
+                Ok(ev) if migration_status(&ev) == Some("pre-switchover") => return Ok(()),
+                Ok(ev) => {
+                    return Err(BackendError::Checkpoint(format!(
+                        "memory save failed: {}",
+                        ev.data
+                    )))
+                }
+                Err(BackendError::Timeout { .. }) if start.elapsed() < self.memory_save_timeout => {
+                    downtime = (downtime * 2).min(2000);
+                    tracing::warn!(
+                        downtime_ms = downtime,
+                        "the memory copy does not converge; raising QEMU's downtime target"
+                    );
+                    q.execute(
+                        "migrate-set-parameters",
+                        json!({ "downtime-limit": downtime }),
+                    )?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     fn checkpoint_pre_switchover(
         &self,
         q: &mut Qmp,
@@ -422,23 +472,7 @@ impl QemuBackend {
         q.clear_events();
         q.execute("migrate", json!({ "uri": mem_uri }))?;
         let res = (|| {
-            q.wait_event(
-                "the memory save to reach pre-switchover",
-                self.memory_save_timeout,
-                &|e| {
-                    matches!(
-                        migration_status(e),
-                        Some("pre-switchover" | "failed" | "cancelled")
-                    )
-                },
-            )
-            .and_then(|ev| match migration_status(&ev) {
-                Some("pre-switchover") => Ok(()),
-                _ => Err(BackendError::Checkpoint(format!(
-                    "memory save failed: {}",
-                    ev.data
-                ))),
-            })?;
+            self.wait_pre_switchover(q)?;
             let stop = q.wait_event("the original to stop", Duration::from_secs(30), &|e| {
                 e.name == "STOP"
             })?;
@@ -596,6 +630,7 @@ impl Hypervisor for QemuBackend {
                 console_log: "probe",
                 disk_overlays: &overlays,
                 tap_prefix: "probe",
+                incoming: true,
             },
         )?;
         Ok(VmInfo {
@@ -650,6 +685,12 @@ impl Hypervisor for QemuBackend {
         let mut method = match self.method {
             CheckpointMethod::BackgroundSnapshot => "background-snapshot",
             CheckpointMethod::PreSwitchover => "pause-before-switchover",
+            // Write-protecting a large RAM inside the pause costs more than
+            // the last dirty pages do (performance.md).
+            CheckpointMethod::Auto if vm.memory_bytes >= AUTO_PRE_SWITCHOVER_BYTES => {
+                "pause-before-switchover"
+            }
+            CheckpointMethod::Auto => "background-snapshot",
         };
         let mut caps = current_capabilities(
             &mut q,
@@ -804,6 +845,7 @@ impl Hypervisor for QemuBackend {
                 console_log: &console_log.display().to_string(),
                 disk_overlays: &overlays,
                 tap_prefix: &net.tap_prefix,
+                incoming: true,
             },
         )?;
         let mut tap_ids = Vec::new();
@@ -1149,6 +1191,25 @@ impl Hypervisor for QemuBackend {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn export_frozen_disk(&self, disk: &FrozenDisk, dest: &Path) -> Result<()> {
+        // -U: the frozen image is the running original's backing file.
+        let mut c = Command::new("qemu-img");
+        c.args([
+            "convert",
+            "-q",
+            "-U",
+            "-O",
+            "raw",
+            "-S",
+            "4k",
+            "-f",
+            &disk.format,
+        ])
+        .arg(&disk.frozen_file)
+        .arg(dest);
+        run_tool(c).map(|_| ())
     }
 
     fn balloon_supported(&self, vm: &VmInfo) -> bool {

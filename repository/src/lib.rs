@@ -4,6 +4,22 @@
 //! BLAKE3 hash of its content, compressed with zstd, sealed with XChaCha20-Poly1305 and
 //! stored once in a pack file. A snapshot lists the chunk ids of one disk (through "map"
 //! blobs). The on-disk format is specified in docs/format.md.
+//!
+//! ```no_run
+//! use coldclone_repository::*;
+//! # fn main() -> Result<(), RepoError> {
+//! let loc = Location::parse("/srv/coldclone")?;
+//! let repo = Repository::open(&loc, "password from a file or the environment")?;
+//! let disk = FileSource::open(std::path::Path::new("/dev/vg0/web1-snap")).map_err(|e| {
+//!     RepoError::Source { offset: 0, source: e }
+//! })?;
+//! let parent = repo.find_latest("web1", "xvda")?.map(|s| s.id);
+//! let meta = SnapshotMeta { vm: "web1".into(), disk: "xvda".into(), ..Default::default() };
+//! let opts = BackupOptions { parent, changed_ranges: None };
+//! let summary = repo.backup_disk(&disk, meta, &opts, &NoProgress)?;
+//! repo.restore(&summary.snapshot_id, std::path::Path::new("/tmp/web1.img"), &NoProgress)?;
+//! # Ok(()) }
+//! ```
 
 // `is_multiple_of` needs Rust 1.87; the workspace supports 1.80.
 #![allow(clippy::manual_is_multiple_of)]

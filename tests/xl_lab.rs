@@ -71,18 +71,39 @@ impl Scenario {
     }
     /// The restored archive: e2fsck clean, unmounted cleanly, both counters equal.
     fn assert_archive_clean(&self) {
-        assert_eq!(self.get("restored"), "1", "restore failed\n{}", self.context());
-        assert_eq!(self.get("e2fsck_rc"), "0", "e2fsck found errors\n{}", self.context());
+        assert_eq!(
+            self.get("restored"),
+            "1",
+            "restore failed\n{}",
+            self.context()
+        );
+        assert_eq!(
+            self.get("e2fsck_rc"),
+            "0",
+            "e2fsck found errors\n{}",
+            self.context()
+        );
         assert_eq!(self.get("fs_state"), "clean", "{}", self.context());
         let (a, b) = (self.get("counter_a"), self.get("counter_b"));
-        assert!(!a.is_empty(), "no counter in the backup\n{}", self.context());
-        assert_eq!(a, b, "the two counters differ: a torn copy\n{}", self.context());
+        assert!(
+            !a.is_empty(),
+            "no counter in the backup\n{}",
+            self.context()
+        );
+        assert_eq!(
+            a,
+            b,
+            "the two counters differ: a torn copy\n{}",
+            self.context()
+        );
     }
 }
 
 fn tail(s: &str, n: usize) -> &str {
     let start = s.len().saturating_sub(n);
-    let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
     &s[start..]
 }
 
@@ -126,7 +147,10 @@ fn recipe_hash(dir: &Path) -> String {
     files.extend(img);
     let mut h: u64 = 0xcbf29ce484222325;
     for f in files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         for b in name.bytes().chain(std::fs::read(&f).expect("recipe file")) {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x100000001b3);
@@ -214,7 +238,14 @@ fn lab() -> Option<&'static BTreeMap<String, Scenario>> {
                 .unwrap_or(Value::Null);
             let stderr = std::fs::read_to_string(d.join("stderr.txt")).unwrap_or_default();
             eprintln!("scenario {s}: {text}");
-            out.insert(s.to_string(), Scenario { checks, report, stderr });
+            out.insert(
+                s.to_string(),
+                Scenario {
+                    checks,
+                    report,
+                    stderr,
+                },
+            );
         }
         Some(out)
     })
@@ -248,10 +279,16 @@ fn needs_xen_lab_pv_backup_is_clean_and_the_original_unharmed() {
     assert_eq!(r["clone_stop"], "pv");
     assert_eq!(r["checkpoint_method"], "xl-save-pause");
     let memory = r["original_pause"]["memory_ms"].as_f64().unwrap_or(0.0);
-    let disks = r["original_pause"]["disk_snapshot_ms"].as_f64().unwrap_or(0.0);
+    let disks = r["original_pause"]["disk_snapshot_ms"]
+        .as_f64()
+        .unwrap_or(0.0);
     let total = r["original_pause_ms"].as_f64().unwrap_or(0.0);
     eprintln!("pause: total {total:.0} ms = memory save {memory:.0} ms + disk snapshots {disks:.0} ms (+ unpause)");
-    assert!(memory > 0.0 && disks > 0.0 && total >= memory + disks, "{}", s.context());
+    assert!(
+        memory > 0.0 && disks > 0.0 && total >= memory + disks,
+        "{}",
+        s.context()
+    );
     assert_eq!(r["disks"][0]["name"], "xvda");
     assert_eq!(r["disks"][0]["bytes"], 32 << 20);
     assert!(r["isolated_network"]["bridge"]
@@ -274,11 +311,20 @@ fn needs_xen_lab_ballooning_is_applied_and_undone() {
     assert_eq!(s.get("rc"), "0", "backup failed\n{}", s.context());
     // 128 MiB guest, balloon policy target 96 MiB: the target went down, and is back.
     assert_eq!(s.get("balloon_min_target_kib"), "98304", "{}", s.context());
-    assert_eq!(s.get("balloon_last_target_kib"), "131072", "{}", s.context());
+    assert_eq!(
+        s.get("balloon_last_target_kib"),
+        "131072",
+        "{}",
+        s.context()
+    );
     assert_eq!(s.get("original_target_kib"), "131072", "{}", s.context());
     // The memory image holds the ballooned guest.
     let image = s.report["memory_image_bytes"].as_u64().unwrap_or(u64::MAX);
-    assert!(image < 110 << 20, "memory image {image} bytes\n{}", s.context());
+    assert!(
+        image < 110 << 20,
+        "memory image {image} bytes\n{}",
+        s.context()
+    );
 }
 
 #[test]
@@ -292,7 +338,12 @@ fn needs_xen_lab_thin_snapshot_backup_is_clean() {
 }
 
 fn assert_recovered(s: &Scenario) {
-    assert_eq!(s.get("reached"), "1", "the run never reached the milestone\n{}", s.context());
+    assert_eq!(
+        s.get("reached"),
+        "1",
+        "the run never reached the milestone\n{}",
+        s.context()
+    );
     assert_eq!(s.get("recover_rc"), "0", "recover failed\n{}", s.context());
     s.assert_original_runs();
     s.assert_nothing_left();
@@ -300,7 +351,9 @@ fn assert_recovered(s: &Scenario) {
 
 #[test]
 fn needs_xen_lab_kill_after_save_then_recover() {
-    let Some(s) = scenario("kill-after-save") else { return };
+    let Some(s) = scenario("kill-after-save") else {
+        return;
+    };
     // Killed while the original was paused by xl save -p: recover unpauses it.
     assert!(
         s.get("after_kill_original_state").contains('p'),
@@ -312,20 +365,38 @@ fn needs_xen_lab_kill_after_save_then_recover() {
 
 #[test]
 fn needs_xen_lab_kill_after_restore_then_recover() {
-    let Some(s) = scenario("kill-after-restore") else { return };
-    assert_eq!(s.get("after_kill_domains"), "1", "no clone to recover\n{}", s.context());
+    let Some(s) = scenario("kill-after-restore") else {
+        return;
+    };
+    assert_eq!(
+        s.get("after_kill_domains"),
+        "1",
+        "no clone to recover\n{}",
+        s.context()
+    );
     assert!(s.num("after_kill_lvs") >= 1, "{}", s.context());
     assert_recovered(s);
 }
 
 #[test]
 fn needs_xen_lab_overflowed_classic_snapshot_fails_and_archives_nothing() {
-    let Some(s) = scenario("overflow") else { return };
+    let Some(s) = scenario("overflow") else {
+        return;
+    };
     assert_ne!(s.get("rc"), "0", "the backup succeeded\n{}", s.context());
     assert_eq!(s.report["status"], "failed", "{}", s.context());
     let err = s.report["error"].as_str().unwrap_or("");
-    assert!(err.contains("overflowed"), "unclear error: {err}\n{}", s.context());
-    assert_eq!(s.get("snapshots"), "0", "something was archived\n{}", s.context());
+    assert!(
+        err.contains("overflowed"),
+        "unclear error: {err}\n{}",
+        s.context()
+    );
+    assert_eq!(
+        s.get("snapshots"),
+        "0",
+        "something was archived\n{}",
+        s.context()
+    );
     s.assert_original_runs();
     s.assert_nothing_left();
 }
@@ -336,7 +407,9 @@ fn needs_xen_lab_hvm_guest_with_acpi_power_button() {
     let Some(s) = scenario("hvm") else { return };
     eprintln!("HVM try-out: {}", s.context());
     if s.get("up") == "0" {
-        eprintln!("the HVM guest did not boot under TCG within the time allowed; nothing more to check");
+        eprintln!(
+            "the HVM guest did not boot under TCG within the time allowed; nothing more to check"
+        );
     } else if s.get("rc") == "0" {
         assert_eq!(s.report["clone_stop"], "acpi", "{}", s.context());
         s.assert_archive_clean();

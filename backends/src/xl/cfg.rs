@@ -144,7 +144,10 @@ pub fn render(spec: &CloneSpec) -> Result<String> {
             line("device_model_version", quote(v));
         }
         if let Some(v) = h.get("xen_platform_pci").and_then(Value::as_str) {
-            line("xen_platform_pci", if v == "True" { "1" } else { "0" }.into());
+            line(
+                "xen_platform_pci",
+                if v == "True" { "1" } else { "0" }.into(),
+            );
         }
         for key in ["acpi", "apic", "pae", "hpet", "viridian"] {
             if let Some(v) = h.get(key).and_then(Value::as_str) {
@@ -170,7 +173,10 @@ pub fn render(spec: &CloneSpec) -> Result<String> {
                 )))
             }
         };
-        let mut s = format!("format={format}, vdev={vdev}, access={}", if rw { "rw" } else { "ro" });
+        let mut s = format!(
+            "format={format}, vdev={vdev}, access={}",
+            if rw { "rw" } else { "ro" }
+        );
         if cdrom {
             s.push_str(", devtype=cdrom");
         }
@@ -243,13 +249,28 @@ mod tests {
         .unwrap();
         assert!(cfg.contains("name = \"coldclone-clone-x\"\n"), "{cfg}");
         assert!(!cfg.contains("uuid"), "{cfg}");
-        assert!(cfg.contains("memory = 96\nmaxmem = 128\nvcpus = 1\nmaxvcpus = 2\n"), "{cfg}");
-        assert!(cfg.contains("cmdline = \"console=hvc0 \\\"q\\\"\""), "{cfg}");
+        assert!(
+            cfg.contains("memory = 96\nmaxmem = 128\nvcpus = 1\nmaxvcpus = 2\n"),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains("cmdline = \"console=hvc0 \\\"q\\\"\""),
+            "{cfg}"
+        );
         assert!(cfg.contains("target=/dev/vg0/g1-ccabc"), "{cfg}");
-        assert!(!cfg.contains("/dev/vg0/g1,") && !cfg.contains("target=/dev/vg0/g1\""), "{cfg}");
-        assert!(cfg.contains("access=ro, devtype=cdrom, target=/srv/iso/x.iso"), "{cfg}");
+        assert!(
+            !cfg.contains("/dev/vg0/g1,") && !cfg.contains("target=/dev/vg0/g1\""),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains("access=ro, devtype=cdrom, target=/srv/iso/x.iso"),
+            "{cfg}"
+        );
         assert!(cfg.contains("\"mac=00:16:3e:7a:00:01, bridge=ccbr123456, vifname=cc123456t0, script=vif-bridge\""), "{cfg}");
-        assert!(!cfg.contains("xenbr0") && !cfg.contains("vif-route"), "{cfg}");
+        assert!(
+            !cfg.contains("xenbr0") && !cfg.contains("vif-route"),
+            "{cfg}"
+        );
         assert!(cfg.contains("on_poweroff = \"preserve\""));
         assert_eq!(vif_names(&o, "cc1t"), vec!["cc1t0".to_string()]);
     }

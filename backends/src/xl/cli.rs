@@ -41,10 +41,12 @@ pub fn xl_bounded(args: &[&str], timeout: Duration) -> Result<String> {
             }
         }
     }
-    let out = child.wait_with_output().map_err(|source| BackendError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
+    let out = child
+        .wait_with_output()
+        .map_err(|source| BackendError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(BackendError::Tool {
             command,
@@ -103,7 +105,9 @@ pub fn parse_list_verbose(text: &str) -> Vec<DomState> {
 /// The state of one domain, `None` if there is no domain of that name.
 pub fn state(name: &str) -> Result<Option<DomState>> {
     match xl(&["list", "-v", name]) {
-        Ok(out) => Ok(parse_list_verbose(&out).into_iter().find(|d| d.name == name)),
+        Ok(out) => Ok(parse_list_verbose(&out)
+            .into_iter()
+            .find(|d| d.name == name)),
         Err(BackendError::Tool { stderr, .. })
             if stderr.contains("is an invalid domain identifier")
                 || stderr.contains("invalid domain") =>
@@ -132,11 +136,13 @@ pub fn config(name: &str) -> Result<Value> {
 pub fn wait_for_xl_processes(marker: &str, timeout: Duration) {
     let start = Instant::now();
     while start.elapsed() < timeout {
-        let busy = util::find_processes_with_marker(marker).into_iter().any(|pid| {
-            util::process_cmdline(pid)
-                .and_then(|a| a.first().cloned())
-                .is_some_and(|a| a == "xl" || a.ends_with("/xl"))
-        });
+        let busy = util::find_processes_with_marker(marker)
+            .into_iter()
+            .any(|pid| {
+                util::process_cmdline(pid)
+                    .and_then(|a| a.first().cloned())
+                    .is_some_and(|a| a == "xl" || a.ends_with("/xl"))
+            });
         if !busy {
             return;
         }

@@ -19,9 +19,9 @@ pub mod lvm;
 pub mod xs;
 
 use crate::{
-    io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork,
-    CloneOutcome, DiskInfo, FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource,
-    Result, StopMethod, VmDetail, VmInfo, VmLocator,
+    io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
+    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
+    VmDetail, VmInfo, VmLocator,
 };
 use cli::{state, xl, xl_bounded};
 use serde::{Deserialize, Serialize};
@@ -200,7 +200,11 @@ impl Hypervisor for XlBackend {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            let pdev = PathBuf::from(d.get("pdev_path").and_then(Value::as_str).unwrap_or_default());
+            let pdev = PathBuf::from(
+                d.get("pdev_path")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            );
             let rw = d.get("readwrite").and_then(Value::as_i64) == Some(1);
             let cdrom = d.get("is_cdrom").and_then(Value::as_i64) == Some(1);
             if !rw || cdrom {
@@ -252,7 +256,10 @@ impl Hypervisor for XlBackend {
     ) -> Result<Checkpoint> {
         let x = xl_vm(vm)?;
         let now = same_domain(&x.name, &x.uuid)?.ok_or_else(|| {
-            BackendError::Checkpoint(format!("domain {} went away since it was inspected", x.name))
+            BackendError::Checkpoint(format!(
+                "domain {} went away since it was inspected",
+                x.name
+            ))
         })?;
         if now.paused() || now.shut_down() {
             // Never unpause what we did not pause.
@@ -385,8 +392,9 @@ impl Hypervisor for XlBackend {
         xl_bounded(&["restore", "-p", "-e", &cfg_s, &img_s], RESTORE_TIMEOUT)
             .map_err(|e| BackendError::Clone(format!("xl restore failed: {e}")))?;
         journal.milestone("restore:clone-started")?;
-        let st = state(clone_name)?
-            .ok_or_else(|| BackendError::Clone(format!("{clone_name} is not listed after xl restore")))?;
+        let st = state(clone_name)?.ok_or_else(|| {
+            BackendError::Clone(format!("{clone_name} is not listed after xl restore"))
+        })?;
         if !st.paused() {
             return Err(BackendError::Clone(format!(
                 "{clone_name} runs (state {}) before its isolation was verified",
@@ -442,7 +450,10 @@ impl Hypervisor for XlBackend {
                 "{} is still paused after xl unpause (state {})",
                 c.name, s.flags
             ))),
-            None => Err(BackendError::Clone(format!("{} vanished on unpause", c.name))),
+            None => Err(BackendError::Clone(format!(
+                "{} vanished on unpause",
+                c.name
+            ))),
         }
     }
 
@@ -450,7 +461,9 @@ impl Hypervisor for XlBackend {
         let c = xl_clone(&mut clone.detail)?;
         match method {
             // Writes control/shutdown=poweroff and waits (up to 60 s) for the guest's acknowledgement.
-            StopMethod::Pv => xl_bounded(&["shutdown", &c.name], Duration::from_secs(90)).map(|_| ()),
+            StopMethod::Pv => {
+                xl_bounded(&["shutdown", &c.name], Duration::from_secs(90)).map(|_| ())
+            }
             StopMethod::Acpi => {
                 // `xl trigger` exits 0 even when the trigger failed: read its stderr.
                 let out = Command::new("xl")
@@ -610,7 +623,10 @@ impl Hypervisor for XlBackend {
         }
         // An HVM guest with PV drivers acknowledges PV shutdown; one without
         // only understands the ACPI power button.
-        match xs::read(&format!("/local/domain/{}/control/feature-poweroff", x.domid)) {
+        match xs::read(&format!(
+            "/local/domain/{}/control/feature-poweroff",
+            x.domid
+        )) {
             Ok(Some(v)) if v == "1" => StopMethod::Pv,
             _ => StopMethod::Acpi,
         }

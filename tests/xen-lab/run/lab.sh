@@ -50,6 +50,12 @@ config() { # the coldclone config: every lab VM, state in /var/lib/coldclone
 state_dir = "/var/lib/coldclone"
 [repository]
 password_file = "/etc/coldclone/password"
+# The scheduler measures dom0's own free memory, but clones live in Xen's free memory
+# (xl info free_memory): no dom0 reserve here.
+[run]
+memory_reserve_mib = 0
+memory_budget_mib = 4096
+wait_for_memory_secs = 10
 [defaults]
 stop_timeout_secs = 120
 [[vm]]

@@ -131,7 +131,7 @@ fn run_steps(
             }
         }
 
-        let net = isolate::prepare(&mut run, &ctx.config.isolation)?;
+        let net = isolate::prepare(&mut run, &info, &ctx.config.isolation)?;
 
         let t = Instant::now();
         restore::run(&mut run, &info, &checkpoint, &net, report)?;

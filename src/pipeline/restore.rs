@@ -25,7 +25,10 @@ pub fn run(
     let clone = run.clone.insert(clone);
     // Remove the checkpoint's memory image as soon as the clone has it? No:
     // it is small next to the disks and `recover` removes it with the run.
-    let verified = isolate::verify(net, &clone.taps)?;
+    let verified = match run.backend.verify_isolation(clone)? {
+        Some(v) => v,
+        None => isolate::verify(net, &clone.taps)?,
+    };
     tracing::info!(bridge = %verified.bridge, ports = ?verified.ports, "isolation verified");
     report.isolated_network = Some(IsolatedNetwork {
         bridge: verified.bridge.clone(),

@@ -22,15 +22,7 @@ pub fn run(run: &mut Run, vm: &VmInfo, report: &mut VmReport) -> Result<Checkpoi
         memory_ms: ckpt.pause.memory_ms,
     });
     report.memory_image_bytes = Some(ckpt.memory_image_bytes);
-    // Backends that balloon inside their checkpoint (xl) and what they want said.
+    // What the backend wants the user to know (xl: its monitor process ended).
     report.warnings.extend(ckpt.warnings.iter().cloned());
-    if let Some(b) = &ckpt.balloon {
-        report.balloon = Some(crate::report::BalloonReport {
-            original_bytes: b.before_kib * 1024,
-            target_bytes: b.target_kib * 1024,
-            reached_bytes: b.reached_kib * 1024,
-            seconds: b.seconds,
-        });
-    }
     Ok(ckpt)
 }

@@ -197,3 +197,86 @@ fn full_disk_gives_a_clear_error_and_no_damage() {
     .unwrap();
     assert!(repo.check(true).unwrap().ok);
 }
+
+const WRITER_ENV: &str = "COLDCLONE_TEST_WRITER_REPO";
+
+/// Not a test on its own: the body of the writer processes of `concurrent_writer_processes`.
+#[test]
+fn concurrent_writer_helper() {
+    let Ok(repo) = std::env::var(WRITER_ENV) else {
+        return;
+    };
+    let k: u64 = std::env::var("COLDCLONE_TEST_WRITER_K")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let r = Repository::open(&Location::Local(PathBuf::from(repo)), "pw").unwrap();
+    let mut img = random_bytes(777, 2 << 20); // shared by all writers
+    img.extend(random_bytes(1000 + k, 6 << 20));
+    let s = r
+        .backup_disk(
+            &MemSource(img),
+            meta(&format!("vm{k}"), "xvda"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    println!("SNAPSHOT {} {}", k, s.snapshot_id);
+}
+
+#[test]
+fn concurrent_writer_processes_share_one_repository() {
+    let dir = TempDir::new("writers");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let mut o = opts(16384);
+    o.pack_size = 1 << 20;
+    Repository::init_with(&loc, "pw", &o).unwrap();
+    let children: Vec<_> = (0..3u64)
+        .map(|k| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "concurrent_writer_helper",
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(WRITER_ENV, &root)
+                .env("COLDCLONE_TEST_WRITER_K", k.to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ids = std::collections::BTreeMap::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "a writer failed");
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            // libtest prints "test … ... " on the same line first.
+            if let Some(rest) = l.find("SNAPSHOT ").map(|p| &l[p + 9..]) {
+                let mut it = rest.split_whitespace();
+                let k: u64 = it.next().unwrap().parse().unwrap();
+                ids.insert(k, it.next().unwrap().to_string());
+            }
+        }
+    }
+    assert_eq!(ids.len(), 3);
+    let repo = Repository::open(&loc, "pw").unwrap();
+    assert_eq!(repo.snapshots().unwrap().len(), 3);
+    let c = repo.check(true).unwrap();
+    assert!(c.ok, "{c:?}");
+    for (k, id) in &ids {
+        let out = dir.path().join(format!("out{k}"));
+        repo.restore(id, &out, &NoProgress).unwrap();
+        let mut img = random_bytes(777, 2 << 20);
+        img.extend(random_bytes(1000 + k, 6 << 20));
+        assert!(
+            std::fs::read(&out).unwrap() == img,
+            "writer {k}'s disk differs"
+        );
+    }
+    // Prune after concurrent writers keeps every snapshot restorable.
+    repo.prune(&RetentionPolicy::default(), false).unwrap();
+    assert!(repo.check(true).unwrap().ok);
+}

@@ -45,7 +45,7 @@ pub struct CheckReport {
 }
 
 pub(crate) fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
-    let _lock = repo.lock(false, "check")?;
+    let _lock = repo.lock_for_reading("check")?;
     let mut rep = CheckReport {
         read_data,
         ..Default::default()

@@ -615,6 +615,29 @@ impl Repository {
     pub(crate) fn lock(&self, exclusive: bool, purpose: &str) -> Result<lock::LockGuard> {
         lock::acquire(self.backend.clone(), exclusive, purpose)
     }
+
+    /// A shared lock for a reader (restore, check). On storage that cannot be written
+    /// (a read-only mount, read-only S3 credentials) go on without one: a disaster
+    /// recovery must not need write access.
+    pub(crate) fn lock_for_reading(&self, purpose: &str) -> Result<Option<lock::LockGuard>> {
+        match self.lock(false, purpose) {
+            Ok(l) => Ok(Some(l)),
+            Err(RepoError::Io {
+                ref source,
+                ref path,
+            }) if source.raw_os_error() == Some(libc::EROFS)
+                || source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                tracing::warn!("cannot write a lock ({path}: {source}); reading without one");
+                Ok(None)
+            }
+            Err(RepoError::S3 { ref detail, .. }) if detail.contains("AccessDenied") => {
+                tracing::warn!("cannot write a lock ({detail}); reading without one");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 pub(crate) const ZERO_ID: Id = [0u8; 32];

@@ -33,7 +33,7 @@ pub(crate) fn restore(
 ) -> Result<RestoreSummary> {
     let start = Instant::now();
     let snap = repo.find_snapshot(id)?;
-    let _lock = repo.lock(false, "restore")?;
+    let _lock = repo.lock_for_reading("restore")?;
     let index = repo.load_index()?;
     let tdisp = target.display().to_string();
     let terr = |e: std::io::Error| RepoError::Target {

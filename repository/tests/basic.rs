@@ -394,3 +394,54 @@ fn large_sparse_disk_spans_many_map_segments() {
     );
     assert!(repo.check(true).unwrap().ok);
 }
+
+#[test]
+fn restore_from_a_read_only_repository() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("readonly");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    let img = random_bytes(5, 300_000);
+    let s = repo
+        .backup_disk(
+            &MemSource(img.clone()),
+            meta("vm", "d"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    // Root ignores permission bits: use a read-only bind mount when we are root, else chmod.
+    let ro = dir.path().join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(&root)
+        .arg(&ro)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+        && std::process::Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(&ro)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    let path = if mounted {
+        ro.clone()
+    } else {
+        std::fs::set_permissions(root.join("locks"), std::fs::Permissions::from_mode(0o555))
+            .unwrap();
+        root.clone()
+    };
+    let r = Repository::open(&Location::Local(path), "pw").unwrap();
+    let out = dir.path().join("out");
+    let res = r.restore(&s.snapshot_id, &out, &NoProgress);
+    let chk = r.check(false);
+    if mounted {
+        let _ = std::process::Command::new("umount").arg(&ro).status();
+    }
+    res.unwrap();
+    assert!(chk.unwrap().ok);
+    assert!(std::fs::read(&out).unwrap() == img);
+}

@@ -445,3 +445,34 @@ fn restore_from_a_read_only_repository() {
     assert!(chk.unwrap().ok);
     assert!(std::fs::read(&out).unwrap() == img);
 }
+
+#[test]
+fn empty_and_all_zero_disks() {
+    let dir = TempDir::new("empty");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    let e = repo
+        .backup_disk(
+            &MemSource(Vec::new()),
+            meta("vm", "empty"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    let z = repo
+        .backup_disk(
+            &MemSource(vec![0u8; 1 << 20]),
+            meta("vm", "zero"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(z.new_chunks, 0);
+    assert_eq!(z.zero_chunks, 64);
+    let out = dir.path().join("out");
+    repo.restore(&e.snapshot_id, &out, &NoProgress).unwrap();
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), 0);
+    repo.restore(&z.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == vec![0u8; 1 << 20]);
+    assert!(repo.check(true).unwrap().ok);
+}

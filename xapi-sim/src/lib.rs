@@ -867,7 +867,8 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
     }
     let injected = st.faults.fail_call == Some(n)
         || st.faults.fail_method.as_deref() == Some(method)
-        || st.faults.fail_method.as_deref() == method.strip_prefix("Async.");
+        || (st.faults.fail_method.is_some()
+            && st.faults.fail_method.as_deref() == method.strip_prefix("Async."));
     let fault = vec![
         "INTERNAL_ERROR".to_string(),
         format!("injected fault at call {n} ({method})"),
@@ -1462,18 +1463,28 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     let (session, task, vdi) = (get("session_id"), get("task_id"), get("vdi"));
     let mut st = lock(shared);
     st.call_log.push("export_raw_vdi".into());
+    // xapi fails the export's task when the handler refuses the request.
+    let refuse = |st: &mut State, why: &str| {
+        if st.tasks.contains_key(&task) {
+            finish_task(st, &task, err("VDI_IO_ERROR", &[why]));
+        }
+    };
     if !st.sessions.contains_key(&session) {
         return http::respond(conn, "401 Unauthorized", "text/plain", b"SESSION_INVALID");
     }
     if st.faults.fail_method.as_deref() == Some("export_raw_vdi") {
+        refuse(&mut st, "injected export fault");
         drop(st);
+        shared.changed.notify_all();
         return http::internal_error(conn, "injected export fault");
     }
     let format = q.get("format").map(String::as_str).unwrap_or("vhd");
     if format != "raw" {
+        refuse(&mut st, "format");
         return http::respond(conn, "400 Bad Request", "text/plain", b"the simulator exports format=raw only");
     }
     let Some(v) = st.vdis.get(&vdi).cloned() else {
+        refuse(&mut st, "no such VDI");
         return http::respond(conn, "404 Not Found", "text/plain", b"VDI not found");
     };
     if v.vbds.iter().any(|b| {
@@ -1482,6 +1493,7 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
             .and_then(|b| st.vms.get(&b.vm))
             .is_some_and(|m| has_domain(&m.power_state))
     }) {
+        refuse(&mut st, "VDI_IN_USE");
         return http::internal_error(conn, &format!("VDI_IN_USE {vdi}"));
     }
     let drop_after = if st.exports_dropped < st.faults.drop_export_count {

@@ -574,7 +574,7 @@ impl Client {
         )?;
         let r = self.stream_export(vdi_ref, &task, expected, dest);
         // The host finishes the task when its side of the transfer ends.
-        let t = self.poll_task(&task, "export_raw_vdi", Duration::from_secs(60));
+        let t = self.poll_task(&task, "export_raw_vdi", Duration::from_secs(30));
         self.destroy_task(&task);
         r?;
         t.map(|_| ())
@@ -663,8 +663,15 @@ impl Client {
 
     pub fn logout(&self) {
         let s = self.session();
-        if !s.is_empty() {
-            let _ = self.rpc("session.logout", vec![json!(s)]);
+        if s.is_empty() {
+            return;
+        }
+        // Tried twice: each session left behind counts against the host's limit.
+        for _ in 0..2 {
+            match self.rpc("session.logout", vec![json!(s)]) {
+                Ok(_) | Err(XapiError::SessionInvalid { .. }) => return,
+                Err(e) => tracing::warn!("session.logout: {e}"),
+            }
         }
     }
 }

@@ -1,0 +1,558 @@
+//! The XAPI backend against the XAPI simulator (`xapi-sim`), through the
+//! `Hypervisor` trait in the pipeline's order, with a real repository and a
+//! journal whose clean-up is `recover_resource`, as `coldclone` does it.
+//! No root, no real XAPI: what the simulator models is in docs/xapi.md.
+
+use coldclone_backends::{
+    self as cb, BackendError, CloneOutcome, Journal, PausedClone, Resource, VmLocator,
+};
+use coldclone_repository::{
+    BackupOptions, FileSource, InitOptions, KdfParams, Location, NoProgress, Repository,
+    SnapshotMeta,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use xapi_sim::{Faults, Sim, VmSpec};
+
+#[derive(Debug, Default)]
+struct TestJournal {
+    open: Vec<(u64, Resource)>,
+    next: u64,
+    milestones: Vec<String>,
+}
+
+impl Journal for TestJournal {
+    fn will_create(&mut self, r: &Resource) -> cb::Result<u64> {
+        self.next += 1;
+        self.open.push((self.next, r.clone()));
+        Ok(self.next)
+    }
+    fn removed(&mut self, id: u64) -> cb::Result<()> {
+        self.open.retain(|(i, _)| *i != id);
+        Ok(())
+    }
+    fn milestone(&mut self, name: &str) -> cb::Result<()> {
+        self.milestones.push(name.into());
+        Ok(())
+    }
+}
+
+impl TestJournal {
+    /// Newest first, as `coldclone`'s clean-up and `recover` do.
+    /// What fails stays in the journal for `coldclone recover`.
+    fn undo_all(&mut self) -> Vec<String> {
+        let mut failed = vec![];
+        let mut kept = vec![];
+        while let Some((id, r)) = self.open.pop() {
+            if let Err(e) = cb::recover_resource(&r) {
+                failed.push(format!("{r:?}: {e}"));
+                kept.push((id, r));
+            }
+        }
+        kept.reverse();
+        self.open = kept;
+        failed
+    }
+}
+
+struct Rig {
+    dir: PathBuf,
+    sim: Sim,
+    vm_ref: String,
+    vm_uuid: String,
+    creds: PathBuf,
+    repo: Repository,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rig(test: &str, spec: VmSpec) -> Rig {
+    let dir = std::env::temp_dir().join(format!(
+        "cc-xapi-{test}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir).expect("test dir");
+    let sim = Sim::start(&dir.join("sr")).expect("simulator");
+    sim.add_user("root", "s3cret pass");
+    let (vm_ref, vm_uuid) = sim.add_vm(&spec).expect("vm");
+    let creds = dir.join("xapi.credentials");
+    std::fs::write(&creds, "username = \"root\"\npassword = \"s3cret pass\"\n").expect("creds");
+    let repo = Repository::init_with(
+        &Location::Local(dir.join("repo")),
+        "pw",
+        &InitOptions {
+            kdf: KdfParams::insecure_for_tests(),
+            ..InitOptions::default()
+        },
+    )
+    .expect("repository");
+    Rig {
+        dir,
+        sim,
+        vm_ref,
+        vm_uuid,
+        creds,
+        repo,
+    }
+}
+
+fn locator(r: &Rig, vm: &str) -> VmLocator {
+    VmLocator::Xapi {
+        url: r.sim.url.clone(),
+        vm: vm.into(),
+        credentials_file: Some(r.creds.clone()),
+        options: Default::default(),
+    }
+}
+
+/// One archived disk: its name, the clone VDI it came from, the repository snapshot.
+#[derive(Debug)]
+struct Archived {
+    disk: String,
+    vdi_uuid: String,
+    snapshot: String,
+}
+
+#[derive(Debug)]
+struct RunResult {
+    archived: Result<Vec<Archived>, String>,
+    /// What the clean-up (destroy_clone + journal undo) could not remove.
+    leftovers: Vec<String>,
+    /// The run's journal afterwards (what `coldclone recover` would get).
+    journal: TestJournal,
+    network_bridge: Option<String>,
+}
+
+/// The pipeline's steps against the XAPI backend, then its clean-up.
+fn backup(r: &Rig, run_id: &str, stop_timeout: Duration) -> RunResult {
+    let loc = locator(r, &r.vm_uuid);
+    let backend = cb::backend_for(&loc);
+    let mut j = TestJournal::default();
+    let work = r.dir.join("runs").join(run_id);
+    std::fs::create_dir_all(&work).expect("work dir");
+    let mut clone: Option<PausedClone> = None;
+    let mut bridge = None;
+    let archived = (|| -> Result<Vec<Archived>, BackendError> {
+        let info = backend.inspect(&loc)?;
+        let ckpt = backend.checkpoint(&info, &work, &mut j)?;
+        let net = backend
+            .isolated_network(&info, run_id, &mut j)?
+            .ok_or_else(|| BackendError::Unsupported("XAPI makes its own network".into()))?;
+        bridge = Some(net.bridge.clone());
+        let c = clone.insert(backend.restore_clone(
+            &info,
+            &ckpt,
+            &net,
+            &format!("coldclone-clone-{run_id}"),
+            &work,
+            &mut j,
+        )?);
+        let verified = backend
+            .verify_isolation(c)?
+            .ok_or_else(|| BackendError::Unsupported("XAPI verifies its own network".into()))?;
+        backend.resume_clone(c, &verified)?;
+        let method = backend.stop_methods(&info);
+        backend.request_stop(c, method)?;
+        if backend.wait_stopped(c, stop_timeout)? != CloneOutcome::StoppedByGuest {
+            return Err(BackendError::Clone(
+                "the clone did not power off in time".into(),
+            ));
+        }
+        let mut out = vec![];
+        for d in c.disks.clone() {
+            let raw = work.join(format!("export-{}.raw", d.name));
+            backend.export_disk(&d, &raw)?;
+            let src = FileSource::open(&raw).map_err(|e| BackendError::Clone(e.to_string()))?;
+            let s = r
+                .repo
+                .backup_disk(
+                    &src,
+                    SnapshotMeta {
+                        vm: info.name.clone(),
+                        disk: d.name.clone(),
+                        backend: "xapi".into(),
+                        host: "test".into(),
+                        consistency: "clean-shutdown".into(),
+                        tags: BTreeMap::new(),
+                    },
+                    &BackupOptions::default(),
+                    &NoProgress,
+                )
+                .map_err(|e| BackendError::Clone(e.to_string()))?;
+            let _ = std::fs::remove_file(&raw);
+            out.push(Archived {
+                disk: d.name.clone(),
+                vdi_uuid: d
+                    .overlay
+                    .to_string_lossy()
+                    .trim_start_matches("xapi:vdi/")
+                    .to_string(),
+                snapshot: s.snapshot_id,
+            });
+        }
+        Ok(out)
+    })()
+    .map_err(|e| e.to_string());
+    let mut leftovers = vec![];
+    if let Some(c) = clone.as_mut() {
+        if let Err(e) = backend.destroy_clone(c, &mut j) {
+            eprintln!("destroy_clone: {e} (the journal clean-up retries)");
+        }
+    }
+    leftovers.extend(j.undo_all());
+    drop(backend);
+    RunResult {
+        archived,
+        leftovers,
+        journal: j,
+        network_bridge: bridge,
+    }
+}
+
+/// Nothing of any run is left on the host, and the original runs.
+fn assert_clean(r: &Rig, context: &str) {
+    // Tasks a failed call abandoned finish in the simulator's own time.
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) && !r.sim.state().tasks.is_empty() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = r.sim.state();
+    let vms: Vec<&String> = st.vms.values().map(|v| &v.name_label).collect();
+    assert_eq!(st.vms.len(), 1, "{context}: VMs left: {vms:?}");
+    let orig = st.vms.get(&r.vm_ref).expect("the original exists");
+    assert_eq!(orig.power_state, "Running", "{context}: the original must run");
+    let own: Vec<&String> = orig
+        .vbds
+        .iter()
+        .filter_map(|b| st.vbds.get(b))
+        .map(|b| &b.vdi)
+        .collect();
+    let extra: Vec<&String> = st
+        .vdis
+        .iter()
+        .filter(|(k, _)| !own.contains(k))
+        .map(|(_, v)| &v.name_label)
+        .collect();
+    assert!(extra.is_empty(), "{context}: VDIs left: {extra:?}");
+    assert_eq!(st.networks.len(), 1, "{context}: networks left: {:?}",
+        st.networks.values().map(|n| &n.name_label).collect::<Vec<_>>());
+    assert!(st.tasks.is_empty(), "{context}: tasks left: {:?}",
+        st.tasks.values().map(|t| (&t.name_label, &t.status)).collect::<Vec<_>>());
+    assert!(st.sessions.is_empty(), "{context}: {} sessions not logged out", st.sessions.len());
+    let files = std::fs::read_dir(r.dir.join("sr"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with("halted-"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(files, own.len(), "{context}: VDI files left in the SR");
+}
+
+/// Each archived disk, restored, equals the clone's disk as its guest left it.
+fn assert_archive_matches(r: &Rig, archived: &[Archived], ctx: &str) {
+    assert_eq!(archived.len(), DISKS.len(), "{ctx}");
+    for a in archived {
+        let halted = r
+            .sim
+            .state()
+            .halted_images
+            .get(&a.vdi_uuid)
+            .cloned()
+            .unwrap_or_else(|| panic!("{ctx}: disk {} was not shut down cleanly", a.disk));
+        let restored = r.dir.join(format!("restored-{}-{}", a.disk, a.snapshot));
+        r.repo
+            .restore(&a.snapshot, &restored, &NoProgress)
+            .expect("restore");
+        assert!(
+            std::fs::read(&restored).ok() == std::fs::read(&halted).ok(),
+            "{ctx}: disk {}: the archive differs from the clone's stopped VDI",
+            a.disk
+        );
+        let _ = std::fs::remove_file(&restored);
+    }
+}
+
+const DISKS: [u64; 2] = [1 << 20, 512 << 10];
+
+#[test]
+fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
+    let r = rig("happy", VmSpec::new("web1", &DISKS));
+    let out = backup(&r, "run1", Duration::from_secs(30));
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    let archived = out.archived.expect("the backup succeeds");
+    assert_eq!(archived.len(), 2);
+    for a in &archived {
+        let halted = r
+            .sim
+            .state()
+            .halted_images
+            .get(&a.vdi_uuid)
+            .cloned()
+            .unwrap_or_else(|| panic!("the clone's disk {} was shut down cleanly", a.disk));
+        let restored = r.dir.join(format!("restored-{}", a.disk));
+        r.repo
+            .restore(&a.snapshot, &restored, &NoProgress)
+            .expect("restore");
+        let (got, want) = (
+            std::fs::read(&restored).expect("restored"),
+            std::fs::read(&halted).expect("halted image"),
+        );
+        assert!(got == want, "disk {}: the archive differs from the clone's stopped VDI", a.disk);
+        let marker = b"clean shutdown of coldclone-clone-run1";
+        assert_eq!(&got[8192..8192 + marker.len()], marker, "the guest's own shutdown is in the archive");
+        assert!(
+            !got.windows(12).any(|w| w == b"the original"),
+            "writes the original made after the checkpoint are not in the backup"
+        );
+    }
+    // The clone's VIFs were only ever on the run's network, which has no PIF.
+    let st = r.sim.state();
+    let clone_att: Vec<_> = st
+        .attachments
+        .iter()
+        .filter(|a| a.vm_name == "coldclone-clone-run1")
+        .collect();
+    assert!(!clone_att.is_empty(), "the clone ran");
+    assert!(clone_att.iter().all(|a| !a.network_has_pif), "{clone_att:?}");
+    let nets: std::collections::BTreeSet<_> = clone_att.iter().map(|a| &a.network).collect();
+    assert_eq!(nets.len(), 1, "one isolated network: {nets:?}");
+    assert!(out.network_bridge.is_some_and(|b| b.starts_with("xapi")));
+    drop(st);
+    assert_clean(&r, "after a good run");
+}
+
+#[test]
+fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
+    // Count the calls of a good run, then fail each one in turn on a fresh host.
+    let total = {
+        let r = rig("count", VmSpec::new("db1", &DISKS));
+        let out = backup(&r, "count", Duration::from_secs(30));
+        out.archived.expect("the baseline run succeeds");
+        r.sim.calls()
+    };
+    let (mut failed, mut absorbed, mut recovered) = (0, vec![], 0);
+    let mut last_call = String::new();
+    for n in 1..=total {
+        let r = rig("fault", VmSpec::new("db1", &DISKS));
+        r.sim.set_faults(Faults {
+            fail_call: Some(n),
+            ..Faults::default()
+        });
+        let out = backup(&r, &format!("f{n}"), Duration::from_secs(10));
+        let called = r.sim.state().call_log.get(n as usize - 1).cloned().unwrap_or_default();
+        let ctx = format!("fault at call {n} ({called})");
+        match &out.archived {
+            Err(e) => {
+                failed += 1;
+                assert!(
+                    e.contains("INTERNAL_ERROR") || e.contains("injected"),
+                    "{ctx}: the error names XAPI's failure: {e}"
+                );
+            }
+            // A failure the backend absorbs (task.destroy is tried twice, a
+            // failed logout or a check after the fact does not spoil the
+            // data): then the backup must be exactly right.
+            Ok(archived) => {
+                absorbed.push(called.clone());
+                assert_archive_matches(&r, archived, &ctx);
+            }
+        }
+        let mut out = out;
+        if !out.leftovers.is_empty() {
+            // The pipeline reports the run failed and keeps the journal;
+            // `coldclone recover` then removes the rest.
+            recovered += 1;
+            assert!(out.leftovers.iter().all(|l| l.contains("injected")), "{ctx}: {:?}", out.leftovers);
+            let again = out.journal.undo_all();
+            assert!(again.is_empty(), "{ctx}: recover failed: {again:?}");
+        }
+        assert!(out.journal.open.is_empty(), "{ctx}: journal entries left");
+        assert_clean(&r, &ctx);
+        last_call = called;
+    }
+    eprintln!(
+        "{total} calls: {failed} faults failed the run cleanly, {} were absorbed: {absorbed:?}, {recovered} needed `recover` after a failed clean-up call (last call {last_call})",
+        absorbed.len()
+    );
+    assert!(failed > total as usize / 2);
+}
+
+#[test]
+fn xapi_export_fault_fails_cleanly() {
+    let r = rig("exportfault", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        fail_method: Some("export_raw_vdi".into()),
+        ..Faults::default()
+    });
+    let out = backup(&r, "e1", Duration::from_secs(30));
+    let e = out.archived.expect_err("every export fails");
+    assert!(e.contains("failed after 3 attempts"), "{e}");
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "export fault");
+}
+
+#[test]
+fn xapi_session_expiry_mid_run_logs_in_again() {
+    let total = {
+        let r = rig("count2", VmSpec::new("db1", &DISKS));
+        backup(&r, "c", Duration::from_secs(30)).archived.expect("baseline");
+        r.sim.calls()
+    };
+    for at in [2, total / 4, total / 2, total * 3 / 4, total - 2] {
+        let r = rig("expiry", VmSpec::new("db1", &DISKS));
+        r.sim.set_faults(Faults {
+            expire_sessions_at_call: Some(at),
+            ..Faults::default()
+        });
+        let out = backup(&r, "x", Duration::from_secs(30));
+        out.archived
+            .unwrap_or_else(|e| panic!("sessions expired at call {at}: the run must survive: {e}"));
+        assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+        assert_clean(&r, &format!("sessions expired at call {at}"));
+    }
+}
+
+#[test]
+fn xapi_slow_export_and_a_dropped_connection_are_retried() {
+    let r = rig("drop", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        export_delay_per_block: Duration::from_millis(5),
+        drop_export_after: Some(200_000),
+        drop_export_count: 1,
+        ..Faults::default()
+    });
+    let out = backup(&r, "d1", Duration::from_secs(30));
+    let archived = out.archived.expect("a dropped export is tried again");
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    for a in &archived {
+        let halted = r.sim.state().halted_images[&a.vdi_uuid].clone();
+        let restored = r.dir.join(format!("restored-{}", a.disk));
+        r.repo.restore(&a.snapshot, &restored, &NoProgress).expect("restore");
+        assert!(std::fs::read(&restored).ok() == std::fs::read(&halted).ok(), "disk {}", a.disk);
+    }
+    assert_clean(&r, "dropped export");
+
+    // A connection that always drops: a clear failure, nothing stored, nothing left.
+    let r = rig("drop2", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        drop_export_after: Some(100_000),
+        drop_export_count: 100,
+        ..Faults::default()
+    });
+    let out = backup(&r, "d2", Duration::from_secs(30));
+    let e = out.archived.expect_err("fails");
+    assert!(e.contains("ended after 100000 of"), "{e}");
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "always-dropped export");
+}
+
+#[test]
+fn xapi_hvm_guest_without_pv_drivers_fails_with_the_reason() {
+    let mut spec = VmSpec::new("win1", &DISKS);
+    spec.pv_drivers = false;
+    let r = rig("hvm", spec);
+    let out = backup(&r, "h1", Duration::from_secs(30));
+    let e = out.archived.expect_err("no way to press the power button");
+    assert!(e.contains("no ACPI power-button call"), "{e}");
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "HVM without PV drivers");
+}
+
+#[test]
+fn xapi_guest_ignoring_the_shutdown_is_killed_and_cleaned_up() {
+    let r = rig("ignore", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        guest_ignores_shutdown: true,
+        ..Faults::default()
+    });
+    let t = Instant::now();
+    let out = backup(&r, "i1", Duration::from_secs(1));
+    let e = out.archived.expect_err("no clean shutdown");
+    assert!(e.contains("did not power off"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "the wait is bounded");
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "guest ignoring the shutdown");
+}
+
+#[test]
+fn xapi_unsuspendable_vm_fails_at_the_checkpoint() {
+    let mut spec = VmSpec::new("gpu1", &DISKS);
+    spec.can_suspend = false;
+    let r = rig("nosuspend", spec);
+    let out = backup(&r, "n1", Duration::from_secs(30));
+    let e = out.archived.expect_err("cannot checkpoint");
+    assert!(e.contains("VM_LACKS_FEATURE"), "{e}");
+    assert_clean(&r, "unsuspendable");
+}
+
+#[test]
+fn xapi_bad_credentials_and_unknown_vm_are_named() {
+    let r = rig("creds", VmSpec::new("db1", &DISKS));
+    let b = cb::backend_for(&locator(&r, "no-such-vm"));
+    let e = b.inspect(&locator(&r, "no-such-vm")).expect_err("unknown").to_string();
+    assert!(e.contains("no VM named \"no-such-vm\""), "{e}");
+    let e = b.inspect(&locator(&r, "db1")).map(|i| i.name).expect("by name label");
+    assert_eq!(e, "db1");
+    drop(b);
+    std::fs::write(&r.creds, "username = \"root\"\npassword = \"wrong\"\n").expect("creds");
+    let b = cb::backend_for(&locator(&r, "db1"));
+    let e = b.inspect(&locator(&r, "db1")).expect_err("wrong password").to_string();
+    assert!(e.contains("refused the login of root") && e.contains("Authentication failure"), "{e}");
+    assert!(!e.contains("wrong"), "the password is not echoed: {e}");
+    std::fs::write(&r.creds, "password = \"x\"\n").expect("creds");
+    let e = b.inspect(&locator(&r, "db1")).expect_err("no user").to_string();
+    assert!(e.contains("username"), "{e}");
+}
+
+#[test]
+fn xapi_recover_removes_what_a_crashed_run_left() {
+    // A run that "crashed" after the clone was created: only its journal remains.
+    let r = rig("crash", VmSpec::new("db1", &DISKS));
+    let loc = locator(&r, "db1");
+    let backend = cb::backend_for(&loc);
+    let info = backend.inspect(&loc).expect("inspect");
+    let mut j = TestJournal::default();
+    let work = r.dir.join("runs/c1");
+    std::fs::create_dir_all(&work).expect("dir");
+    let ckpt = backend.checkpoint(&info, &work, &mut j).expect("checkpoint");
+    let net = backend
+        .isolated_network(&info, "c1", &mut j)
+        .expect("network")
+        .expect("some");
+    let mut c = backend
+        .restore_clone(&info, &ckpt, &net, "coldclone-clone-c1", &work, &mut j)
+        .expect("clone");
+    let v = backend.verify_isolation(&mut c).expect("verify").expect("some");
+    backend.resume_clone(&mut c, &v).expect("resume");
+    std::mem::forget(c);
+    drop(backend);
+    assert_eq!(r.sim.state().vms.len(), 3, "original, checkpoint, running clone");
+    // Journal entries survive as JSON; recover works from them alone.
+    let saved = serde_json::to_string(&j.open.iter().map(|(_, r)| r).collect::<Vec<_>>()).expect("json");
+    assert!(!saved.contains("s3cret"), "no secret in the journal: {saved}");
+    let back: Vec<Resource> = serde_json::from_str(&saved).expect("parse");
+    for res in back.iter().rev() {
+        cb::recover_resource(res).unwrap_or_else(|e| panic!("recover {res:?}: {e}"));
+    }
+    assert_clean(&r, "after recover");
+}
+
+#[test]
+fn xapi_second_backup_dedups_against_the_first() {
+    let r = rig("twice", VmSpec::new("db1", &DISKS));
+    let a = backup(&r, "t1", Duration::from_secs(30)).archived.expect("first");
+    let b = backup(&r, "t2", Duration::from_secs(30)).archived.expect("second");
+    assert_eq!(a.len(), b.len());
+    assert_ne!(a[0].snapshot, b[0].snapshot);
+    assert_clean(&r, "two runs");
+}

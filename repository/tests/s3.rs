@@ -18,19 +18,28 @@ impl Drop for Server {
     }
 }
 
-fn have_moto() -> bool {
-    Command::new("moto_server")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+/// How to run moto's server: `moto_server`, or `python3 -m moto.server` when the script
+/// is not on PATH.
+fn moto_command() -> Option<Vec<&'static str>> {
+    for cmd in [vec!["moto_server"], vec!["python3", "-m", "moto.server"]] {
+        let ok = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Some(cmd);
+        }
+    }
+    None
 }
 
 /// Start moto_server on a free port; install it with pip when missing.
 fn start_server() -> Option<Server> {
-    if !have_moto() {
+    if moto_command().is_none() {
         eprintln!("moto_server not found: installing it with pip (moto[server])");
         let _ = Command::new("python3")
             .args([
@@ -43,18 +52,19 @@ fn start_server() -> Option<Server> {
             ])
             .status();
     }
-    if !have_moto() {
+    let Some(cmd) = moto_command() else {
         if std::env::var_os("CI").is_some() {
             panic!("moto_server is required in CI: pip install 'moto[server]'");
         }
         eprintln!("SKIPPED: moto_server cannot be installed here (pip install 'moto[server]')");
         return None;
-    }
+    };
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let child = Command::new("moto_server")
+    let child = Command::new(cmd[0])
+        .args(&cmd[1..])
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -39,6 +39,8 @@ mod util;
 pub use check::{CheckReport, DamagedSnapshot};
 pub use crypto::KdfParams;
 pub use error::RepoError;
+#[doc(hidden)]
+pub use lock::set_lock_timings_for_tests;
 pub use prune::{Keep, PruneReport, RetentionPolicy};
 pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress, Progress};
 

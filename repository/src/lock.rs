@@ -6,8 +6,8 @@
 //! racing both see each other (storage lists what was written before), so at worst both
 //! give up; never do both proceed.
 //!
-//! A lock is live while it was refreshed in the last `STALE_SECS`, and, when it was taken on
-//! this host, while its process exists. Holders refresh every `REFRESH_SECS`; a holder that
+//! A lock is live while it was refreshed in the last 30 minutes, and, when it was taken on
+//! this host, while its process exists. Holders refresh every 5 minutes; a holder that
 //! could not refresh for too long fails instead of committing (its lock may have been taken
 //! for stale, so a prune may have run).
 
@@ -22,8 +22,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub(crate) const STALE_SECS: i64 = 1800;
-pub(crate) const REFRESH_SECS: u64 = 300;
+use std::sync::atomic::AtomicU64;
+
+static STALE: AtomicU64 = AtomicU64::new(1800);
+static REFRESH: AtomicU64 = AtomicU64::new(300);
+
+fn stale_secs() -> i64 {
+    STALE.load(Ordering::Relaxed) as i64
+}
+
+/// Shorten the lock timings (seconds): for tests of lock expiry and refresh only.
+#[doc(hidden)]
+pub fn set_lock_timings_for_tests(refresh_secs: u64, stale_secs: u64) {
+    REFRESH.store(refresh_secs.max(1), Ordering::Relaxed);
+    STALE.store(stale_secs.max(2), Ordering::Relaxed);
+}
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub(crate) struct LockInfo {
@@ -36,7 +49,7 @@ pub(crate) struct LockInfo {
 
 impl LockInfo {
     pub(crate) fn is_stale(&self, now: i64, my_host: &str) -> bool {
-        if now - self.time_unix > STALE_SECS {
+        if now - self.time_unix > stale_secs() {
             return true;
         }
         if self.host == my_host {
@@ -132,7 +145,7 @@ pub(crate) fn acquire(
     let thread = std::thread::Builder::new()
         .name("coldclone-lock".into())
         .spawn(move || loop {
-            match rx.recv_timeout(Duration::from_secs(REFRESH_SECS)) {
+            match rx.recv_timeout(Duration::from_secs(REFRESH.load(Ordering::Relaxed))) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let mut i = info.clone();
                     i.time_unix = now_unix();
@@ -160,7 +173,7 @@ impl LockGuard {
     /// Fail when the lock was not refreshed for so long that others may take it for stale.
     pub(crate) fn check_fresh(&self) -> Result<()> {
         let age = now_unix() - self.last_refresh.load(Ordering::SeqCst);
-        if age > STALE_SECS - 60 {
+        if age > stale_secs() - (stale_secs() / 30).max(1) {
             return Err(RepoError::Locked(format!(
                 "this process's lock {} was not refreshed for {age} s, so a prune may have run meanwhile; the backup was not committed: run it again",
                 self.key

@@ -440,6 +440,29 @@ stop_timeout_secs = 600
     }
 
     #[test]
+    fn an_xl_domain_is_a_xen_vm() {
+        let c = Config::parse(
+            "[[vm]]\nname = \"web1\"\nxl_domain = \"web1\"\nxl_snapshot_size = \"2g\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        match c.vm("web1").and_then(VmConfig::locator) {
+            Some(VmLocator::Xl { domain, options }) => {
+                assert_eq!(domain, "web1");
+                assert_eq!(options.snapshot_size.as_deref(), Some("2g"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = Config::parse(
+            "[[vm]]\nname = \"a\"\nxl_domain = \"a\"\nqmp = \"/q\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("both qmp and xl_domain"), "{e}");
+    }
+
+    #[test]
     fn mistakes_are_named() {
         for (text, needle) in [
             ("[[vm]]\nname = \"a\"\n", "names no hypervisor handle"),

@@ -18,7 +18,6 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_coldclone");
 const ALL_SCENARIOS: &str = "backup thin kill-after-save kill-after-restore overflow hvm";
 
 struct Scenario {
@@ -179,6 +178,45 @@ fn image() -> PathBuf {
     dir
 }
 
+/// The coldclone binary for dom0: an optimized build, because a debug build's
+/// Argon2id key derivation and chunking take minutes under TCG.
+/// `COLDCLONE_XEN_LAB_BIN` names one; else `cargo build --release` makes it.
+fn lab_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("COLDCLONE_XEN_LAB_BIN") {
+        return PathBuf::from(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let t = Instant::now();
+    let out = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--bin",
+            "coldclone",
+            "--message-format=json",
+        ])
+        .current_dir(workspace_root())
+        .output()
+        .expect("cargo build --release");
+    assert!(
+        out.status.success(),
+        "cargo build --release failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "coldclone")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo named no coldclone executable");
+    eprintln!(
+        "release coldclone for the lab: {} ({:.0} s)",
+        exe.display(),
+        t.elapsed().as_secs_f64()
+    );
+    exe
+}
+
 fn scenarios() -> String {
     std::env::var("COLDCLONE_XEN_LAB_SCENARIOS").unwrap_or_else(|_| ALL_SCENARIOS.to_string())
 }
@@ -195,7 +233,7 @@ fn lab() -> Option<&'static BTreeMap<String, Scenario>> {
         let _ = std::fs::remove_dir_all(&run);
         let share = run.join("share");
         std::fs::create_dir_all(&share).expect("share dir");
-        std::fs::copy(BIN, share.join("coldclone")).expect("copy coldclone");
+        std::fs::copy(lab_binary(), share.join("coldclone")).expect("copy coldclone");
         std::fs::copy(
             workspace_root().join("tests/xen-lab/run/lab.sh"),
             share.join("run.sh"),

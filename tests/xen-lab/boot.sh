@@ -5,14 +5,16 @@
 #              (without run.sh: a root shell on the console, for people)
 #   WORK_DIR   the overlay, the LVM disk (/dev/vdb in dom0, sparse) and serial.log
 # QEMU software emulation (TCG). SMAP must be hidden from Xen 4.17 under TCG or dom0
-# dies at its first instruction ("d0v0 Unhandled: vec 14, #PF").
+# dies at its first instruction ("d0v0 Unhandled: vec 14, #PF"). AVX is hidden too: with
+# QEMU 7.2's young AVX2 emulation, dom0 programs died of heap corruption ("malloc():
+# unsorted double linked list corrupted") where glibc picked its AVX2 string functions.
 set -euo pipefail
 IMG=$(realpath "$1"); SHARE=$(realpath "$2"); WORK=$(realpath -m "$3")
 mkdir -p "$WORK"
 rm -f "$WORK/rootfs.qcow2" "$WORK/lvm.img"
 qemu-img create -q -f qcow2 -b "$IMG/rootfs.ext4" -F raw "$WORK/rootfs.qcow2"
 truncate -s 2G "$WORK/lvm.img"
-QEMU=(qemu-system-x86_64 -accel tcg -cpu max,-smap,-smep -m 2048 -smp 2 -nographic -no-reboot -nic none
+QEMU=(qemu-system-x86_64 -accel tcg -cpu max,-smap,-smep,-avx,-avx2 -m 2048 -smp 2 -nographic -no-reboot -nic none
   -kernel "$IMG/boot/xen"
   -append "dom0_mem=1024M,max:1024M dom0_max_vcpus=2 console=com1 com1=115200,8n1 guest_loglvl=all noreboot"
   -initrd "$IMG/boot/vmlinuz root=/dev/vda rw init=/sbin/xenlab-init console=hvc0 quiet,$IMG/boot/initrd.img"

@@ -256,8 +256,18 @@ pub struct Snapshot {
     pub parent: Option<String>,
     pub bytes_read: u64,
     pub stored_bytes: u64,
-    /// Ids of the map blobs listing the chunk ids, `MAP_ENTRIES` per blob.
+    /// Ids of the map blobs listing the chunk ids, `MAP_ENTRIES` per blob. Stored, but left
+    /// out of the JSON of reports (it grows with the disk).
+    #[serde(skip_serializing, default)]
     pub map: Vec<String>,
+}
+
+/// A snapshot as stored: the report fields plus the map.
+#[derive(Serialize)]
+struct StoredSnapshot<'a> {
+    #[serde(flatten)]
+    snap: &'a Snapshot,
+    map: &'a [String],
 }
 
 impl Snapshot {
@@ -533,7 +543,11 @@ impl Repository {
     }
 
     pub(crate) fn save_snapshot(&self, s: &Snapshot) -> Result<u64> {
-        let body = serde_json::to_vec(s).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
+        let body = serde_json::to_vec(&StoredSnapshot {
+            snap: s,
+            map: &s.map,
+        })
+        .map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
         let sealed = self.key.seal_file(SNAPSHOT_KIND, &body);
         self.backend.put(&format!("snapshots/{}", s.id), &sealed)?;
         Ok(sealed.len() as u64)

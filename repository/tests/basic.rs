@@ -476,3 +476,22 @@ fn empty_and_all_zero_disks() {
     assert!(std::fs::read(&out).unwrap() == vec![0u8; 1 << 20]);
     assert!(repo.check(true).unwrap().ok);
 }
+
+#[test]
+fn snapshot_json_for_reports_leaves_out_the_map() {
+    let dir = TempDir::new("json");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(4096)).unwrap();
+    repo.backup_disk(
+        &MemSource(random_bytes(1, 100_000)),
+        meta("vm", "d"),
+        &BackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    let s = &repo.snapshots().unwrap()[0];
+    assert_eq!(s.map.len(), 1, "the map is read back from storage");
+    let j = serde_json::to_string(s).unwrap();
+    assert!(!j.contains("\"map\""), "{j}");
+    assert!(j.contains("\"vm\":\"vm\""));
+}

@@ -562,6 +562,14 @@ pub fn assert_restored_disk_is_clean(setup: &Setup, snapshot: Option<&str>) -> u
             .any(|l| l.starts_with("Filesystem state:") && l.trim_end().ends_with("clean")),
         "the file system was not unmounted cleanly"
     );
+    // A clean state with the journal's needs_recovery flag still set means the
+    // guest powered off without unmounting: not a clean shutdown.
+    assert!(
+        !dump
+            .lines()
+            .any(|l| l.starts_with("Filesystem features:") && l.contains("needs_recovery")),
+        "the file system's journal needs recovery: it was not unmounted"
+    );
     let cat = |f: &str| {
         let o = Command::new("debugfs")
             .arg("-R")

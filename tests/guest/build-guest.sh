@@ -65,7 +65,8 @@ echo "GUEST UP $(cat /proc/uptime)"
 if [ "$(arg cc_ignore_powerbutton)" != 1 ]; then
   acpid -d -c /etc/acpi > /dev/console 2>&1 &
 fi
-while true; do sleep 1; echo "HB a=$(cat /data/a.txt) b=$(cat /data/b.txt)"; done
+# The heartbeat reads /data too: it stops when the shutdown starts, or umount could find /data busy.
+while true; do sleep 1; [ -e /tmp/stop ] || echo "HB a=$(cat /data/a.txt) b=$(cat /data/b.txt)"; done
 INIT
 cat > ir/etc/acpi/PWRF/00000080 <<'PWR'
 #!/bin/sh
@@ -73,7 +74,9 @@ echo "POWER BUTTON"
 touch /tmp/stop
 while [ ! -e /tmp/final ]; do sleep 0.1; done
 echo "FINAL a=$(cat /data/a.txt) b=$(cat /data/b.txt)"
-sync; umount /data && echo "UNMOUNTED"
+sync
+# A well-behaved shutdown: unmount for real (retry while a reader finishes), then power off.
+for i in $(seq 50); do umount /data 2>/dev/null && echo "UNMOUNTED" && break; sleep 0.1; done
 poweroff -f
 PWR
 chmod +x ir/init ir/etc/acpi/PWRF/00000080

@@ -80,6 +80,9 @@ dumpe2fs -h "$W/restored.raw" 2>/dev/null | grep '^Filesystem state'
 A=$(debugfs -R 'cat /a.txt' "$W/restored.raw" 2>/dev/null)
 B=$(debugfs -R 'cat /b.txt' "$W/restored.raw" 2>/dev/null)
 echo "a.txt=$A b.txt=$B"
+if dumpe2fs -h "$W/restored.raw" 2>/dev/null | grep '^Filesystem features:' | grep -q needs_recovery; then
+  echo "DEMO FAILED: the journal needs recovery: the file system was not unmounted"; exit 1
+fi
 dumpe2fs -h "$W/restored.raw" 2>/dev/null | grep -q '^Filesystem state: *clean$' \
   && [ -n "$A" ] && [ "$A" = "$B" ] \
   || { echo "DEMO FAILED: the restored copy is not clean-shutdown consistent"; exit 1; }

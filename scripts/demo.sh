@@ -63,7 +63,8 @@ say "coldclone backup (while the guest writes)"
 ip netns exec "$NS" "$CC" --config "$W/coldclone.toml" -v backup
 ip netns exec "$NS" "$CC" --config "$W/coldclone.toml" --json backup > "$W/report.json"
 echo "second (incremental) backup's report:"
-python3 -m json.tool "$W/report.json"
+head -1 "$W/report.json" | python3 -m json.tool
+echo "summary: $(tail -1 "$W/report.json")"
 
 say "the original keeps running"
 a=$(counter); sleep 2; b=$(counter)

@@ -229,7 +229,10 @@ fn assert_clean(r: &Rig, context: &str) {
     let vms: Vec<&String> = st.vms.values().map(|v| &v.name_label).collect();
     assert_eq!(st.vms.len(), 1, "{context}: VMs left: {vms:?}");
     let orig = st.vms.get(&r.vm_ref).expect("the original exists");
-    assert_eq!(orig.power_state, "Running", "{context}: the original must run");
+    assert_eq!(
+        orig.power_state, "Running",
+        "{context}: the original must run"
+    );
     let own: Vec<&String> = orig
         .vbds
         .iter()
@@ -243,11 +246,28 @@ fn assert_clean(r: &Rig, context: &str) {
         .map(|(_, v)| &v.name_label)
         .collect();
     assert!(extra.is_empty(), "{context}: VDIs left: {extra:?}");
-    assert_eq!(st.networks.len(), 1, "{context}: networks left: {:?}",
-        st.networks.values().map(|n| &n.name_label).collect::<Vec<_>>());
-    assert!(st.tasks.is_empty(), "{context}: tasks left: {:?}",
-        st.tasks.values().map(|t| (&t.name_label, &t.status)).collect::<Vec<_>>());
-    assert!(st.sessions.is_empty(), "{context}: {} sessions not logged out", st.sessions.len());
+    assert_eq!(
+        st.networks.len(),
+        1,
+        "{context}: networks left: {:?}",
+        st.networks
+            .values()
+            .map(|n| &n.name_label)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        st.tasks.is_empty(),
+        "{context}: tasks left: {:?}",
+        st.tasks
+            .values()
+            .map(|t| (&t.name_label, &t.status))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        st.sessions.is_empty(),
+        "{context}: {} sessions not logged out",
+        st.sessions.len()
+    );
     let files = std::fs::read_dir(r.dir.join("sr"))
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -283,6 +303,8 @@ fn assert_archive_matches(r: &Rig, archived: &[Archived], ctx: &str) {
 }
 
 const DISKS: [u64; 2] = [1 << 20, 512 << 10];
+/// Small disks for the many runs of the fault sweep.
+const SMALL: [u64; 2] = [256 << 10, 128 << 10];
 
 #[test]
 fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
@@ -307,9 +329,17 @@ fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
             std::fs::read(&restored).expect("restored"),
             std::fs::read(&halted).expect("halted image"),
         );
-        assert!(got == want, "disk {}: the archive differs from the clone's stopped VDI", a.disk);
+        assert!(
+            got == want,
+            "disk {}: the archive differs from the clone's stopped VDI",
+            a.disk
+        );
         let marker = b"clean shutdown of coldclone-clone-run1";
-        assert_eq!(&got[8192..8192 + marker.len()], marker, "the guest's own shutdown is in the archive");
+        assert_eq!(
+            &got[8192..8192 + marker.len()],
+            marker,
+            "the guest's own shutdown is in the archive"
+        );
         assert!(
             !got.windows(12).any(|w| w == b"the original"),
             "writes the original made after the checkpoint are not in the backup"
@@ -323,7 +353,10 @@ fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
         .filter(|a| a.vm_name == "coldclone-clone-run1")
         .collect();
     assert!(!clone_att.is_empty(), "the clone ran");
-    assert!(clone_att.iter().all(|a| !a.network_has_pif), "{clone_att:?}");
+    assert!(
+        clone_att.iter().all(|a| !a.network_has_pif),
+        "{clone_att:?}"
+    );
     let nets: std::collections::BTreeSet<_> = clone_att.iter().map(|a| &a.network).collect();
     assert_eq!(nets.len(), 1, "one isolated network: {nets:?}");
     assert!(out.network_bridge.is_some_and(|b| b.starts_with("xapi")));
@@ -335,7 +368,7 @@ fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
 fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
     // Count the calls of a good run, then fail each one in turn on a fresh host.
     let total = {
-        let r = rig("count", VmSpec::new("db1", &DISKS));
+        let r = rig("count", VmSpec::new("db1", &SMALL));
         let out = backup(&r, "count", Duration::from_secs(30));
         out.archived.expect("the baseline run succeeds");
         r.sim.calls()
@@ -343,14 +376,25 @@ fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
     let (mut failed, mut absorbed, mut recovered) = (0, vec![], 0);
     let mut last_call = String::new();
     for n in 1..=total {
-        let r = rig("fault", VmSpec::new("db1", &DISKS));
+        let r = rig("fault", VmSpec::new("db1", &SMALL));
         r.sim.set_faults(Faults {
             fail_call: Some(n),
             ..Faults::default()
         });
+        let t = Instant::now();
         let out = backup(&r, &format!("f{n}"), Duration::from_secs(10));
-        let called = r.sim.state().call_log.get(n as usize - 1).cloned().unwrap_or_default();
+        let took = t.elapsed();
+        let called = r
+            .sim
+            .state()
+            .call_log
+            .get(n as usize - 1)
+            .cloned()
+            .unwrap_or_default();
         let ctx = format!("fault at call {n} ({called})");
+        if took > Duration::from_secs(1) {
+            eprintln!("{ctx}: the run took {took:?}");
+        }
         match &out.archived {
             Err(e) => {
                 failed += 1;
@@ -372,7 +416,11 @@ fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
             // The pipeline reports the run failed and keeps the journal;
             // `coldclone recover` then removes the rest.
             recovered += 1;
-            assert!(out.leftovers.iter().all(|l| l.contains("injected")), "{ctx}: {:?}", out.leftovers);
+            assert!(
+                out.leftovers.iter().all(|l| l.contains("injected")),
+                "{ctx}: {:?}",
+                out.leftovers
+            );
             let again = out.journal.undo_all();
             assert!(again.is_empty(), "{ctx}: recover failed: {again:?}");
         }
@@ -405,7 +453,9 @@ fn xapi_export_fault_fails_cleanly() {
 fn xapi_session_expiry_mid_run_logs_in_again() {
     let total = {
         let r = rig("count2", VmSpec::new("db1", &DISKS));
-        backup(&r, "c", Duration::from_secs(30)).archived.expect("baseline");
+        backup(&r, "c", Duration::from_secs(30))
+            .archived
+            .expect("baseline");
         r.sim.calls()
     };
     for at in [2, total / 4, total / 2, total * 3 / 4, total - 2] {
@@ -437,8 +487,14 @@ fn xapi_slow_export_and_a_dropped_connection_are_retried() {
     for a in &archived {
         let halted = r.sim.state().halted_images[&a.vdi_uuid].clone();
         let restored = r.dir.join(format!("restored-{}", a.disk));
-        r.repo.restore(&a.snapshot, &restored, &NoProgress).expect("restore");
-        assert!(std::fs::read(&restored).ok() == std::fs::read(&halted).ok(), "disk {}", a.disk);
+        r.repo
+            .restore(&a.snapshot, &restored, &NoProgress)
+            .expect("restore");
+        assert!(
+            std::fs::read(&restored).ok() == std::fs::read(&halted).ok(),
+            "disk {}",
+            a.disk
+        );
     }
     assert_clean(&r, "dropped export");
 
@@ -499,18 +555,33 @@ fn xapi_unsuspendable_vm_fails_at_the_checkpoint() {
 fn xapi_bad_credentials_and_unknown_vm_are_named() {
     let r = rig("creds", VmSpec::new("db1", &DISKS));
     let b = cb::backend_for(&locator(&r, "no-such-vm"));
-    let e = b.inspect(&locator(&r, "no-such-vm")).expect_err("unknown").to_string();
+    let e = b
+        .inspect(&locator(&r, "no-such-vm"))
+        .expect_err("unknown")
+        .to_string();
     assert!(e.contains("no VM named \"no-such-vm\""), "{e}");
-    let e = b.inspect(&locator(&r, "db1")).map(|i| i.name).expect("by name label");
+    let e = b
+        .inspect(&locator(&r, "db1"))
+        .map(|i| i.name)
+        .expect("by name label");
     assert_eq!(e, "db1");
     drop(b);
     std::fs::write(&r.creds, "username = \"root\"\npassword = \"wrong\"\n").expect("creds");
     let b = cb::backend_for(&locator(&r, "db1"));
-    let e = b.inspect(&locator(&r, "db1")).expect_err("wrong password").to_string();
-    assert!(e.contains("refused the login of root") && e.contains("Authentication failure"), "{e}");
+    let e = b
+        .inspect(&locator(&r, "db1"))
+        .expect_err("wrong password")
+        .to_string();
+    assert!(
+        e.contains("refused the login of root") && e.contains("Authentication failure"),
+        "{e}"
+    );
     assert!(!e.contains("wrong"), "the password is not echoed: {e}");
     std::fs::write(&r.creds, "password = \"x\"\n").expect("creds");
-    let e = b.inspect(&locator(&r, "db1")).expect_err("no user").to_string();
+    let e = b
+        .inspect(&locator(&r, "db1"))
+        .expect_err("no user")
+        .to_string();
     assert!(e.contains("username"), "{e}");
 }
 
@@ -524,7 +595,9 @@ fn xapi_recover_removes_what_a_crashed_run_left() {
     let mut j = TestJournal::default();
     let work = r.dir.join("runs/c1");
     std::fs::create_dir_all(&work).expect("dir");
-    let ckpt = backend.checkpoint(&info, &work, &mut j).expect("checkpoint");
+    let ckpt = backend
+        .checkpoint(&info, &work, &mut j)
+        .expect("checkpoint");
     let net = backend
         .isolated_network(&info, "c1", &mut j)
         .expect("network")
@@ -532,14 +605,25 @@ fn xapi_recover_removes_what_a_crashed_run_left() {
     let mut c = backend
         .restore_clone(&info, &ckpt, &net, "coldclone-clone-c1", &work, &mut j)
         .expect("clone");
-    let v = backend.verify_isolation(&mut c).expect("verify").expect("some");
+    let v = backend
+        .verify_isolation(&mut c)
+        .expect("verify")
+        .expect("some");
     backend.resume_clone(&mut c, &v).expect("resume");
     std::mem::forget(c);
     drop(backend);
-    assert_eq!(r.sim.state().vms.len(), 3, "original, checkpoint, running clone");
+    assert_eq!(
+        r.sim.state().vms.len(),
+        3,
+        "original, checkpoint, running clone"
+    );
     // Journal entries survive as JSON; recover works from them alone.
-    let saved = serde_json::to_string(&j.open.iter().map(|(_, r)| r).collect::<Vec<_>>()).expect("json");
-    assert!(!saved.contains("s3cret"), "no secret in the journal: {saved}");
+    let saved =
+        serde_json::to_string(&j.open.iter().map(|(_, r)| r).collect::<Vec<_>>()).expect("json");
+    assert!(
+        !saved.contains("s3cret"),
+        "no secret in the journal: {saved}"
+    );
     let back: Vec<Resource> = serde_json::from_str(&saved).expect("parse");
     for res in back.iter().rev() {
         cb::recover_resource(res).unwrap_or_else(|e| panic!("recover {res:?}: {e}"));
@@ -550,8 +634,12 @@ fn xapi_recover_removes_what_a_crashed_run_left() {
 #[test]
 fn xapi_second_backup_dedups_against_the_first() {
     let r = rig("twice", VmSpec::new("db1", &DISKS));
-    let a = backup(&r, "t1", Duration::from_secs(30)).archived.expect("first");
-    let b = backup(&r, "t2", Duration::from_secs(30)).archived.expect("second");
+    let a = backup(&r, "t1", Duration::from_secs(30))
+        .archived
+        .expect("first");
+    let b = backup(&r, "t2", Duration::from_secs(30))
+        .archived
+        .expect("second");
     assert_eq!(a.len(), b.len());
     assert_ne!(a[0].snapshot, b[0].snapshot);
     assert_clean(&r, "two runs");

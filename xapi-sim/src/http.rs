@@ -60,7 +60,8 @@ fn unescape(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
                     Ok(v) => {
                         out.push(v);
                         i += 3;
@@ -83,8 +84,10 @@ pub fn respond(mut stream: &TcpStream, status: &str, content_type: &str, body: &
         "HTTP/1.1 {status}\r\ncontent-length: {}\r\ncontent-type: {content_type}\r\nconnection: close\r\ncache-control: no-cache, no-store\r\n\r\n",
         body.len()
     );
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body);
+    // One write: head and body in separate segments would meet Nagle + delayed ACK.
+    let mut all = head.into_bytes();
+    all.extend_from_slice(body);
+    let _ = stream.write_all(&all);
     let _ = stream.flush();
 }
 

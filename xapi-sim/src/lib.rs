@@ -74,7 +74,7 @@ impl VmSpec {
             pv_drivers: true,
             can_suspend: true,
             cbt: false,
-            memory: 256 << 20,
+            memory: 8 << 20,
         }
     }
 }
@@ -277,6 +277,28 @@ fn fill_disk(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Copies a disk image keeping its holes (a memory image is mostly holes).
+fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut src = std::fs::File::open(from)?;
+    let len = src.metadata()?.len();
+    let mut dst = std::fs::File::create(to)?;
+    dst.set_len(len)?;
+    let mut buf = vec![0u8; CBT_BLOCK as usize];
+    let mut off = 0u64;
+    loop {
+        let n = read_full(&mut src, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            dst.seek(SeekFrom::Start(off))?;
+            dst.write_all(&buf[..n])?;
+        }
+        off += n as u64;
+    }
+    Ok(())
+}
+
 fn write_at(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
     f.seek(SeekFrom::Start(offset))?;
@@ -305,7 +327,13 @@ impl State {
     }
 
     fn record(&self, class: &str, r: &str) -> XResult<Value> {
-        let invalid = || vec!["HANDLE_INVALID".to_string(), class_name(class).to_string(), r.to_string()];
+        let invalid = || {
+            vec![
+                "HANDLE_INVALID".to_string(),
+                class_name(class).to_string(),
+                r.to_string(),
+            ]
+        };
         Ok(match class {
             "vm" => {
                 let v = self.vms.get(r).ok_or_else(invalid)?;
@@ -488,7 +516,7 @@ impl State {
             .ok_or_else(|| vec!["HANDLE_INVALID".into(), "VDI".into(), src.into()])?;
         let r = self.new_vdi(&v.name_label, v.virtual_size, &v.kind)?;
         let file = self.vdis[&r].file.clone();
-        if let Err(e) = std::fs::copy(&v.file, &file) {
+        if let Err(e) = sparse_copy(&v.file, &file) {
             return err("SR_BACKEND_FAILURE", &[&e.to_string()]);
         }
         if let Some(n) = self.vdis.get_mut(&r) {
@@ -520,7 +548,7 @@ impl State {
 
     fn add_vif(&mut self, vm: &str, network: &str, device: &str) {
         let (r, u) = new_ref();
-        let mac = format!("00:16:3e:{}", &u[0..8].as_bytes().chunks(2).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>()[..3].join(":"));
+        let mac = format!("00:16:3e:{}:{}:{}", &u[0..2], &u[2..4], &u[4..6]);
         self.vifs.insert(
             r.clone(),
             Vif {
@@ -585,7 +613,11 @@ impl State {
             .ok_or_else(|| vec!["HANDLE_INVALID".into(), "VDI".into(), r.into()])?;
         for b in &v.vbds {
             let vm = self.vbds.get(b).map(|b| b.vm.clone()).unwrap_or_default();
-            if self.vms.get(&vm).is_some_and(|m| has_domain(&m.power_state)) {
+            if self
+                .vms
+                .get(&vm)
+                .is_some_and(|m| has_domain(&m.power_state))
+            {
                 return err("VDI_IN_USE", &[r, "destroy"]);
             }
         }
@@ -628,15 +660,38 @@ fn class_name(c: &str) -> &str {
 fn arity(method: &str) -> Option<usize> {
     Some(match method {
         "session.logout" | "VM.get_all" | "network.get_all" | "task.get_all" => 0,
-        "VM.get_record" | "VM.get_power_state" | "VM.get_by_uuid" | "VM.get_by_name_label"
-        | "VM.unpause" | "VM.clean_shutdown" | "VM.hard_shutdown" | "VM.destroy"
-        | "VM.get_domid" | "VDI.get_record" | "VDI.get_by_uuid" | "VDI.destroy"
-        | "VBD.get_record" | "VIF.get_record" | "network.get_record" | "network.get_by_uuid"
-        | "network.get_by_name_label" | "network.destroy" | "network.get_PIFs"
-        | "network.create" | "PIF.get_record" | "task.get_record" | "task.destroy"
-        | "task.cancel" | "VDI.enable_cbt" => 1,
-        "VM.checkpoint" | "VM.clone" | "VM.set_is_a_template" | "VIF.move"
-        | "VDI.list_changed_blocks" | "task.create" | "VM.send_trigger" => 2,
+        "VM.get_record"
+        | "VM.get_power_state"
+        | "VM.get_by_uuid"
+        | "VM.get_by_name_label"
+        | "VM.unpause"
+        | "VM.clean_shutdown"
+        | "VM.hard_shutdown"
+        | "VM.destroy"
+        | "VM.get_domid"
+        | "VDI.get_record"
+        | "VDI.get_by_uuid"
+        | "VDI.destroy"
+        | "VBD.get_record"
+        | "VIF.get_record"
+        | "network.get_record"
+        | "network.get_by_uuid"
+        | "network.get_by_name_label"
+        | "network.destroy"
+        | "network.get_PIFs"
+        | "network.create"
+        | "PIF.get_record"
+        | "task.get_record"
+        | "task.destroy"
+        | "task.cancel"
+        | "VDI.enable_cbt" => 1,
+        "VM.checkpoint"
+        | "VM.clone"
+        | "VM.set_is_a_template"
+        | "VIF.move"
+        | "VDI.list_changed_blocks"
+        | "task.create"
+        | "VM.send_trigger" => 2,
         "VM.resume" | "event.from" => 3,
         _ => return None,
     })
@@ -802,16 +857,16 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 }
 
 fn serve(shared: &Arc<Shared>, conn: TcpStream) {
+    let _ = conn.set_nodelay(true);
     let Some(req) = http::read_request(&conn) else {
         return;
     };
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/jsonrpc") => jsonrpc(shared, &conn, &req.body),
         ("GET", "/export_raw_vdi") => export(shared, &conn, &req.query),
-        ("POST", "/") => http::internal_error(
-            &conn,
-            "the simulator speaks JSON-RPC only: POST /jsonrpc",
-        ),
+        ("POST", "/") => {
+            http::internal_error(&conn, "the simulator speaks JSON-RPC only: POST /jsonrpc")
+        }
         _ => http::respond(&conn, "404 Not Found", "text/plain", b"not found"),
     }
 }
@@ -888,7 +943,10 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
             );
         }
         if st.users.get(&u) != Some(&p) {
-            return err("SESSION_AUTHENTICATION_FAILED", &[&u, "Authentication failure"]);
+            return err(
+                "SESSION_AUTHENTICATION_FAILED",
+                &[&u, "Authentication failure"],
+            );
         }
         let (r, _) = new_ref();
         st.sessions.insert(r.clone(), u);
@@ -922,7 +980,10 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
     if name == "event.from" {
         let timeout = args
             .get(2)
-            .and_then(|t| t.as_f64().or_else(|| t.as_str().and_then(|s| s.parse().ok())))
+            .and_then(|t| {
+                t.as_f64()
+                    .or_else(|| t.as_str().and_then(|s| s.parse().ok()))
+            })
             .unwrap_or(0.0)
             .clamp(0.0, 60.0);
         let deadline = Instant::now() + Duration::from_secs_f64(timeout);
@@ -991,7 +1052,10 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
                 let t = t.clone();
                 st.tasks.remove(&task);
                 return if t.status == "success" {
-                    Ok(json!(t.result.trim_start_matches("<value>").trim_end_matches("</value>")))
+                    Ok(json!(t
+                        .result
+                        .trim_start_matches("<value>")
+                        .trim_end_matches("</value>")))
                 } else {
                     Err(t.error_info)
                 };
@@ -1059,7 +1123,11 @@ fn exec(
                 return err("VM_LACKS_FEATURE", &[&a0]);
             }
             // Suspend (memory → a suspend VDI), snapshot disks and memory, resume.
-            let mem = st.new_vdi(&format!("Suspend image for {}", v.name_label), v.memory, "suspend")?;
+            let mem = st.new_vdi(
+                &format!("Suspend image for {}", v.name_label),
+                v.memory,
+                "suspend",
+            )?;
             let file = st.vdis[&mem].file.clone();
             let _ = write_at(&file, 0, format!("memory of {}", v.uuid).as_bytes());
             let mut disks = vec![];
@@ -1088,7 +1156,10 @@ fn exec(
         "VM.clone" => {
             let v = st.vm(&a0)?.clone();
             if has_domain(&v.power_state) {
-                return err("VM_BAD_POWER_STATE", &[&a0, "halted", &lower(&v.power_state)]);
+                return err(
+                    "VM_BAD_POWER_STATE",
+                    &[&a0, "halted", &lower(&v.power_state)],
+                );
             }
             let mut disks = vec![];
             for (vdi, dev) in st.disks_of(&a0) {
@@ -1159,7 +1230,10 @@ fn exec(
         "VM.hard_shutdown" => {
             let v = st.vm(&a0)?.clone();
             if !has_domain(&v.power_state) {
-                return err("VM_BAD_POWER_STATE", &[&a0, "running", &lower(&v.power_state)]);
+                return err(
+                    "VM_BAD_POWER_STATE",
+                    &[&a0, "running", &lower(&v.power_state)],
+                );
             }
             if let Some(t) = v.shutdown_task {
                 finish_task(st, &t, err("VM_SHUTDOWN_TIMEOUT", &[&a0, "hard shutdown"]));
@@ -1198,7 +1272,7 @@ fn exec(
                     let (f, u) = (st.vdis[&vdi].file.clone(), st.vdis[&vdi].uuid.clone());
                     let _ = write_at(&f, 8192, format!("clean shutdown of {name}").as_bytes());
                     let keep = st.data_dir.join(format!("halted-{u}.img"));
-                    if std::fs::copy(&f, &keep).is_ok() {
+                    if sparse_copy(&f, &keep).is_ok() {
                         st.halted_images.insert(u, keep);
                     }
                 }
@@ -1215,7 +1289,10 @@ fn exec(
         "VM.destroy" => {
             let v = st.vm(&a0)?.clone();
             if has_domain(&v.power_state) {
-                return err("VM_BAD_POWER_STATE", &[&a0, "halted", &lower(&v.power_state)]);
+                return err(
+                    "VM_BAD_POWER_STATE",
+                    &[&a0, "halted", &lower(&v.power_state)],
+                );
             }
             // VBDs and VIFs go; VDIs stay (as in xapi).
             for b in &v.vbds {
@@ -1261,11 +1338,12 @@ fn exec(
         }
         "network.get_all" => Ok(json!(st.networks.keys().collect::<Vec<_>>())),
         "network.get_record" => st.record("network", &a0),
-        "network.get_PIFs" => Ok(json!(st
-            .networks
-            .get(&a0)
-            .ok_or_else(|| vec!["HANDLE_INVALID".into(), "network".into(), a0.clone()])?
-            .pifs)),
+        "network.get_PIFs" => Ok(json!(
+            st.networks
+                .get(&a0)
+                .ok_or_else(|| vec!["HANDLE_INVALID".into(), "network".into(), a0.clone()])?
+                .pifs
+        )),
         "network.get_by_uuid" => st
             .networks
             .iter()
@@ -1296,10 +1374,7 @@ fn exec(
                 Network {
                     uuid: u,
                     name_label: label.into(),
-                    name_description: rec
-                        .get("name_description")
-                        .map(s)
-                        .unwrap_or_default(),
+                    name_description: rec.get("name_description").map(s).unwrap_or_default(),
                     bridge,
                     pifs: vec![],
                     other_config,
@@ -1481,7 +1556,12 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     let format = q.get("format").map(String::as_str).unwrap_or("vhd");
     if format != "raw" {
         refuse(&mut st, "format");
-        return http::respond(conn, "400 Bad Request", "text/plain", b"the simulator exports format=raw only");
+        return http::respond(
+            conn,
+            "400 Bad Request",
+            "text/plain",
+            b"the simulator exports format=raw only",
+        );
     }
     let Some(v) = st.vdis.get(&vdi).cloned() else {
         refuse(&mut st, "no such VDI");
@@ -1497,14 +1577,17 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
         return http::internal_error(conn, &format!("VDI_IN_USE {vdi}"));
     }
     let drop_after = if st.exports_dropped < st.faults.drop_export_count {
-        st.faults.drop_export_after.inspect(|_| st.exports_dropped += 1)
+        st.faults
+            .drop_export_after
+            .inspect(|_| st.exports_dropped += 1)
     } else {
         None
     };
     let delay = st.faults.export_delay_per_block;
     drop(st);
     let mut out = conn;
-    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\nconnection: close\r\n\r\n";
+    let head =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\nconnection: close\r\n\r\n";
     if out.write_all(head.as_bytes()).is_err() {
         return;
     }

@@ -13,13 +13,18 @@ fn main() {
     let mut vms = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let mut val = || args.next().unwrap_or_else(|| usage(&format!("{a} needs a value")));
+        let mut val = || {
+            args.next()
+                .unwrap_or_else(|| usage(&format!("{a} needs a value")))
+        };
         match a.as_str() {
             "--listen" => listen = val(),
             "--data" => data = PathBuf::from(val()),
             "--user" => {
                 let v = val();
-                let (u, p) = v.split_once(':').unwrap_or_else(|| usage("--user USER:PASSWORD"));
+                let (u, p) = v
+                    .split_once(':')
+                    .unwrap_or_else(|| usage("--user USER:PASSWORD"));
                 user = (u.into(), p.into());
             }
             "--vm" => vms.push(val()),
@@ -39,7 +44,11 @@ fn main() {
             .next()
             .unwrap_or("16")
             .split(',')
-            .map(|d| d.parse::<u64>().unwrap_or_else(|_| usage("disk sizes are MiB")) << 20)
+            .map(|d| {
+                d.parse::<u64>()
+                    .unwrap_or_else(|_| usage("disk sizes are MiB"))
+                    << 20
+            })
             .collect();
         let mut spec = xapi_sim::VmSpec::new(name, &disks);
         if parts.next() == Some("hvm") {
@@ -50,7 +59,10 @@ fn main() {
             Err(e) => usage(&format!("cannot create VM {name}: {e}")),
         }
     }
-    println!("XAPI simulator listening on {} (JSON-RPC at /jsonrpc)", sim.url);
+    println!(
+        "XAPI simulator listening on {} (JSON-RPC at /jsonrpc)",
+        sim.url
+    );
     loop {
         std::thread::park();
     }

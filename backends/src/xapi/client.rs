@@ -582,7 +582,8 @@ impl Client {
 
     fn stream_export(&self, vdi_ref: &str, task: &str, expected: u64, dest: &Path) -> Result<()> {
         let url = format!("{}/export_raw_vdi", self.url);
-        let get = |session: &str| {
+        // (HTTP status if any, message): ureq's own error is too big to pass around.
+        let get = |session: &str| -> std::result::Result<ureq::Response, (Option<u16>, String)> {
             self.agent
                 .get(&url)
                 .query("session_id", session)
@@ -590,17 +591,24 @@ impl Client {
                 .query("vdi", vdi_ref)
                 .query("format", "raw")
                 .call()
+                .map_err(|e| match e {
+                    ureq::Error::Status(code, r) => {
+                        (Some(code), format!("HTTP {code} {}", r.status_text()))
+                    }
+                    other => (None, other.to_string()),
+                })
         };
         let resp = match get(&self.session()) {
-            Err(ureq::Error::Status(401, _)) => {
+            // The session expired (or the host restarted its toolstack).
+            Err((Some(401), _)) => {
                 self.relogin()?;
                 get(&self.session())
             }
             r => r,
         };
-        let resp = resp.map_err(|e| XapiError::Transport {
+        let resp = resp.map_err(|(_, detail)| XapiError::Transport {
             url: url.clone(),
-            detail: e.to_string(),
+            detail,
         })?;
         let io = |e: std::io::Error| XapiError::Transport {
             url: url.clone(),

@@ -212,10 +212,33 @@ pub struct VmConfig {
     pub audit_heartbeat: Option<String>,
     /// `audit`: a probe program run over the restored disks (exit 0 = good).
     pub audit_probe: Option<PathBuf>,
+    /// XenServer / XCP-ng: the pool master's URL (`https://host`).
+    pub xapi_url: Option<String>,
+    /// XAPI: the VM's name label or uuid.
+    pub xapi_vm: Option<String>,
+    /// XAPI: a file with `username = "..."` and `password = "..."` (else
+    /// $COLDCLONE_XAPI_USERNAME and $COLDCLONE_XAPI_PASSWORD).
+    pub xapi_credentials_file: Option<PathBuf>,
+    /// XAPI: SHA-256 fingerprint of the host's self-signed certificate.
+    pub xapi_tls_fingerprint_sha256: Option<String>,
+    /// XAPI: coldclone runs in the host's dom0 and may press an HVM guest's
+    /// ACPI power button with `xl trigger` (XAPI itself has no call for it).
+    pub xapi_dom0_acpi: Option<bool>,
 }
 
 impl VmConfig {
     pub fn locator(&self) -> Option<VmLocator> {
+        if let (Some(url), Some(vm)) = (&self.xapi_url, &self.xapi_vm) {
+            return Some(VmLocator::Xapi {
+                url: url.clone(),
+                vm: vm.clone(),
+                credentials_file: self.xapi_credentials_file.clone(),
+                options: coldclone_backends::xapi::XapiOptions {
+                    tls_fingerprint_sha256: self.xapi_tls_fingerprint_sha256.clone(),
+                    dom0_acpi: self.xapi_dom0_acpi.unwrap_or(false),
+                },
+            });
+        }
         if let Some(domain) = &self.xl_domain {
             return Some(VmLocator::Xl {
                 domain: domain.clone(),
@@ -289,9 +312,46 @@ impl Config {
             if !seen.insert(vm.name.clone()) {
                 return Err(invalid(format!("vm {:?} is listed twice", vm.name)));
             }
+            let xapi_set = vm.xapi_url.is_some() || vm.xapi_vm.is_some();
+            if xapi_set && (vm.xapi_url.is_none() || vm.xapi_vm.is_none()) {
+                return Err(invalid(format!(
+                    "vm {:?}: xapi_url and xapi_vm go together",
+                    vm.name
+                )));
+            }
+            if xapi_set && (vm.qmp.is_some() || vm.xl_domain.is_some()) {
+                return Err(invalid(format!(
+                    "vm {:?} names xapi_vm and qmp or xl_domain: a VM has one hypervisor handle",
+                    vm.name
+                )));
+            }
+            if let Some(u) = &vm.xapi_url {
+                if !(u.starts_with("https://") || u.starts_with("http://")) {
+                    return Err(invalid(format!(
+                        "vm {:?}: xapi_url {u:?} must start with https://",
+                        vm.name
+                    )));
+                }
+            }
+            if let Some(fp) = &vm.xapi_tls_fingerprint_sha256 {
+                coldclone_backends::xapi::client::parse_fingerprint(fp).map_err(|e| {
+                    invalid(format!(
+                        "vm {:?}: xapi_tls_fingerprint_sha256: {e}",
+                        vm.name
+                    ))
+                })?;
+            }
+            if let Some(f) = &vm.xapi_credentials_file {
+                if !f.is_absolute() {
+                    return Err(invalid(format!(
+                        "vm {:?}: xapi_credentials_file must be an absolute path",
+                        vm.name
+                    )));
+                }
+            }
             if vm.locator().is_none() {
                 return Err(invalid(format!(
-                    "vm {:?} names no hypervisor handle: add qmp = \"/path/to/vm.qmp\" (QEMU) or xl_domain = \"name\" (Xen)",
+                    "vm {:?} names no hypervisor handle: add qmp = \"/path/to/vm.qmp\" (QEMU), xl_domain = \"name\" (Xen) or xapi_url + xapi_vm (XenServer / XCP-ng)",
                     vm.name
                 )));
             }
@@ -460,6 +520,28 @@ stop_timeout_secs = 600
         .unwrap_err()
         .to_string();
         assert!(e.contains("both qmp and xl_domain"), "{e}");
+    }
+
+    #[test]
+    fn xapi_vms_parse_and_mistakes_are_named() {
+        let c = Config::parse(
+            "[[vm]]\nname = \"web\"\nxapi_url = \"https://pool1\"\nxapi_vm = \"web01\"\nxapi_credentials_file = \"/etc/coldclone/xapi.cred\"\nxapi_tls_fingerprint_sha256 = \"AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        assert!(matches!(
+            c.vm("web").unwrap().locator(),
+            Some(VmLocator::Xapi { ref url, ref vm, .. }) if url == "https://pool1" && vm == "web01"
+        ));
+        for (text, needle) in [
+            ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\n", "go together"),
+            ("[[vm]]\nname = \"a\"\nxapi_url = \"h\"\nxapi_vm = \"v\"\n", "https://"),
+            ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\nxapi_vm = \"v\"\nqmp = \"q\"\n", "one hypervisor handle"),
+            ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\nxapi_vm = \"v\"\nxapi_tls_fingerprint_sha256 = \"12\"\n", "64 hex digits"),
+        ] {
+            let e = Config::parse(text, Path::new("c.toml")).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
     }
 
     #[test]

@@ -4,11 +4,11 @@
 
 use super::{cmdline, qemu_vm, QemuBackend, Qmp};
 use crate::util::{self, run_tool};
-use crate::{io_err, BackendError, CloneNetwork, Journal, Resource, Result, VmInfo};
+use crate::{CloneNetwork, Journal, Resource, Result, VmInfo};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -71,30 +71,9 @@ impl QemuBackend {
                 incoming: false,
             },
         )?;
-        for t in &cmd.taps {
-            journal.will_create(&Resource::Tap {
-                namespace: net.namespace.0.clone(),
-                name: t.clone(),
-            })?;
-        }
-        journal.will_create(&Resource::CloneProcess {
-            marker: name.to_string(),
-            qmp: qmp_path.clone(),
-        })?;
         let log = work_dir.join("boot-qemu.log");
-        let out = std::fs::File::create(&log).map_err(io_err(&log))?;
-        let err = out.try_clone().map_err(io_err(&log))?;
-        let mut command = net.namespace.command(&qv.exe.display().to_string());
-        command
-            .args(&cmd.args)
-            .current_dir(&qv.cwd)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let mut child = command.spawn().map_err(|source| BackendError::Spawn {
-            command: qv.exe.display().to_string(),
-            source,
-        })?;
+        let (mut child, _, _) =
+            super::spawn_journaled(qv, &cmd, net, name, &qmp_path, &log, journal)?;
         let result = (|| {
             let mut q = Qmp::connect_retry(&qmp_path, self.clone_start_timeout, &mut || {
                 matches!(child.try_wait(), Ok(None))

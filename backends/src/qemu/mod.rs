@@ -848,37 +848,8 @@ impl Hypervisor for QemuBackend {
                 incoming: true,
             },
         )?;
-        let mut tap_ids = Vec::new();
-        for t in &cmd.taps {
-            tap_ids.push(journal.will_create(&Resource::Tap {
-                namespace: net.namespace.0.clone(),
-                name: t.clone(),
-            })?);
-        }
-        let process_id = journal.will_create(&Resource::CloneProcess {
-            marker: clone_name.to_string(),
-            qmp: qmp_path.clone(),
-        })?;
-        let log = std::fs::File::create(&qemu_log).map_err(io_err(&qemu_log))?;
-        let log2 = log.try_clone().map_err(io_err(&qemu_log))?;
-        let mut command = net.namespace.command(&qv.exe.display().to_string());
-        command
-            .args(&cmd.args)
-            .current_dir(&qv.cwd)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        {
-            use std::os::unix::process::CommandExt;
-            // Its own process group: a Ctrl-C meant for coldclone must not kill
-            // the clone behind the journal's back.
-            command.process_group(0);
-        }
-        tracing::debug!(?command, "starting clone");
-        let mut child = command.spawn().map_err(|source| BackendError::Spawn {
-            command: qv.exe.display().to_string(),
-            source,
-        })?;
+        let (mut child, process_id, tap_ids) =
+            spawn_journaled(qv, &cmd, net, clone_name, &qmp_path, &qemu_log, journal)?;
         let mut clone = PausedClone {
             name: clone_name.to_string(),
             taps: cmd.taps.clone(),
@@ -1261,6 +1232,52 @@ impl QemuBackend {
             }
         }
     }
+}
+
+/// Starts a QEMU made from `vm`'s command line (a clone, or an audit's boot
+/// test) in the network's namespace, its taps and process journaled first.
+/// Returns the child, the process's journal id and the taps' journal ids.
+pub(crate) fn spawn_journaled(
+    qv: &QemuVm,
+    cmd: &cmdline::CloneCommand,
+    net: &CloneNetwork,
+    marker: &str,
+    qmp_path: &Path,
+    log_path: &Path,
+    journal: &mut dyn Journal,
+) -> Result<(Child, u64, Vec<u64>)> {
+    let mut tap_ids = Vec::new();
+    for t in &cmd.taps {
+        tap_ids.push(journal.will_create(&Resource::Tap {
+            namespace: net.namespace.0.clone(),
+            name: t.clone(),
+        })?);
+    }
+    let process_id = journal.will_create(&Resource::CloneProcess {
+        marker: marker.to_string(),
+        qmp: qmp_path.to_path_buf(),
+    })?;
+    let log = std::fs::File::create(log_path).map_err(io_err(log_path))?;
+    let log2 = log.try_clone().map_err(io_err(log_path))?;
+    let mut command = net.namespace.command(&qv.exe.display().to_string());
+    command
+        .args(&cmd.args)
+        .current_dir(&qv.cwd)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    {
+        use std::os::unix::process::CommandExt;
+        // Its own process group: a Ctrl-C meant for coldclone must not kill
+        // it behind the journal's back.
+        command.process_group(0);
+    }
+    tracing::debug!(?command, "starting a QEMU of ours");
+    let child = command.spawn().map_err(|source| BackendError::Spawn {
+        command: qv.exe.display().to_string(),
+        source,
+    })?;
+    Ok((child, process_id, tap_ids))
 }
 
 /// Finds the node of `base_file` below the active layer, then commits into it.

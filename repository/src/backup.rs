@@ -144,11 +144,15 @@ pub(crate) fn seal_blob(
     id: &Id,
     kind: u8,
     data: &[u8],
+    try_compress: bool,
 ) -> (u8, Vec<u8>) {
-    let compressed = comp
-        .compress(data)
-        .ok()
-        .filter(|c| c.len() < data.len() - data.len() / 32);
+    let compressed = if try_compress {
+        comp.compress(data)
+            .ok()
+            .filter(|c| c.len() < data.len() - data.len() / 32)
+    } else {
+        None
+    };
     match compressed {
         Some(c) => (
             FLAG_ZSTD,
@@ -209,6 +213,9 @@ struct Segment {
 /// Up to `per_batch` chunks (not necessarily adjacent): chunk `idx[k]` is at `k * cs` in `buf`.
 struct Batch {
     idx: Vec<u32>,
+    /// Per chunk: its previous version was stored uncompressed (incompressible), so the
+    /// new one, which differs only a little, is not worth a zstd attempt.
+    raw: Vec<bool>,
     buf: Vec<u8>,
 }
 
@@ -240,11 +247,12 @@ impl Shared<'_> {
         id: Id,
         kind: u8,
         data: &[u8],
+        try_compress: bool,
     ) -> Result<bool> {
         if self.index.contains(&id) || !self.new_ids.lock().map_err(|_| poisoned())?.insert(id) {
             return Ok(false);
         }
-        let (flags, sealed) = seal_blob(&self.repo.key, comp, &id, kind, data);
+        let (flags, sealed) = seal_blob(&self.repo.key, comp, &id, kind, data, try_compress);
         self.packer
             .add(id, kind, flags, &sealed, data.len() as u32)?;
         Ok(true)
@@ -262,7 +270,7 @@ impl Shared<'_> {
             b.extend_from_slice(id);
         }
         let id = self.repo.key.chunk_id(&b);
-        self.store(comp, id, KIND_MAP, &b)?;
+        self.store(comp, id, KIND_MAP, &b, true)?;
         self.map_ids.lock().map_err(|_| poisoned())?[seg] = Some(to_hex(&id));
         Ok(())
     }
@@ -429,7 +437,8 @@ pub(crate) fn backup_disk(
                 Err(e) => return sh_r.fail(e),
             };
             let mut pending: Vec<u32> = Vec::with_capacity(per_batch);
-            let send = |idx: Vec<u32>| -> Result<()> {
+            let mut pending_raw: Vec<bool> = Vec::with_capacity(per_batch);
+            let send = |idx: Vec<u32>, raw: Vec<bool>| -> Result<()> {
                 let Ok(mut buf) = pool_rx.recv() else {
                     return Ok(());
                 };
@@ -455,7 +464,7 @@ pub(crate) fn backup_disk(
                     bytes_read_r.fetch_add((z - a) as u64, Ordering::Relaxed);
                     k = e;
                 }
-                let _ = work_tx.send(Batch { idx, buf });
+                let _ = work_tx.send(Batch { idx, raw, buf });
                 Ok(())
             };
             let mut run = || -> Result<()> {
@@ -471,6 +480,7 @@ pub(crate) fn backup_disk(
                     }
                     let mut ids = vec![ZERO_ID; cnt];
                     let mut need = maybe.clone();
+                    let mut raw = vec![false; cnt];
                     if by_map && first < whole {
                         let mut touched = vec![false; cnt];
                         changed.mark(first, &mut touched, cs);
@@ -486,6 +496,8 @@ pub(crate) fn backup_disk(
                                         ids[k] = *pid;
                                         need[k] = false;
                                         reused_r.fetch_add(1, Ordering::Relaxed);
+                                    } else if let Some(l) = sh_r.index.blobs.get(pid) {
+                                        raw[k] = l.flags & FLAG_ZSTD == 0;
                                     }
                                 }
                             }
@@ -515,17 +527,24 @@ pub(crate) fn backup_disk(
                     for (k, nd) in need.iter().enumerate() {
                         if *nd {
                             pending.push((first + k) as u32);
+                            pending_raw.push(raw[k]);
                             if pending.len() == per_batch {
-                                send(std::mem::replace(
-                                    &mut pending,
-                                    Vec::with_capacity(per_batch),
-                                ))?;
+                                send(
+                                    std::mem::replace(&mut pending, Vec::with_capacity(per_batch)),
+                                    std::mem::replace(
+                                        &mut pending_raw,
+                                        Vec::with_capacity(per_batch),
+                                    ),
+                                )?;
                             }
                         }
                     }
                 }
                 if !pending.is_empty() {
-                    send(std::mem::take(&mut pending))?;
+                    send(
+                        std::mem::take(&mut pending),
+                        std::mem::take(&mut pending_raw),
+                    )?;
                 }
                 Ok(())
             };
@@ -559,7 +578,8 @@ pub(crate) fn backup_disk(
                     }
                     ids.clear();
                     let mut res = Ok(());
-                    for data in batch.buf.chunks(cs as usize).take(batch.idx.len()) {
+                    let chunks = batch.buf.chunks(cs as usize).take(batch.idx.len());
+                    for (data, raw) in chunks.zip(&batch.raw) {
                         if is_zero(data) {
                             zero_chunks.fetch_add(1, Ordering::Relaxed);
                             ids.push(ZERO_ID);
@@ -567,7 +587,7 @@ pub(crate) fn backup_disk(
                         }
                         let id = repo.key.chunk_id(data);
                         ids.push(id);
-                        match sh.store(&mut comp, id, KIND_DATA, data) {
+                        match sh.store(&mut comp, id, KIND_DATA, data, !raw) {
                             Ok(true) => {
                                 new_chunks.fetch_add(1, Ordering::Relaxed);
                             }

@@ -41,7 +41,7 @@ pub use crypto::KdfParams;
 pub use error::RepoError;
 #[doc(hidden)]
 pub use lock::set_lock_timings_for_tests;
-pub use prune::{Keep, PruneReport, RetentionPolicy};
+pub use prune::{Keep, PruneReport, RetentionPolicy, SnapshotRef};
 pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress, Progress};
 
 use backend::Backend;

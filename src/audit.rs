@@ -195,7 +195,8 @@ fn check_one(image: &Path, location: String, offset: u64, bytes: u64) -> FsFindi
             let (code, out) = run_capture(Command::new("xfs_repair").args(["-n", "-f"]).arg(image));
             f.checked = true;
             f.clean = code == Some(0);
-            f.needs_recovery = out.contains("log");
+            // "ERROR: The filesystem has valuable metadata changes in a log which needs to be replayed."
+            f.needs_recovery = out.contains("needs to be replayed");
             f.fsck_exit = code;
             f.fsck_output = out;
         }
@@ -320,6 +321,81 @@ pub fn load(state_dir: &Path, vm: &str, backup: &str) -> Option<AuditReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn have(tool: &str) -> bool {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn partitions_are_found_and_xfs_is_checked() {
+        if !(have("sfdisk") && have("mkfs.xfs") && have("mkfs.ext4")) {
+            eprintln!(
+                "SKIPPED: sfdisk, mkfs.xfs or mkfs.ext4 missing (the README's setup installs them)"
+            );
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("cc-audit-parts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.raw");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(400 << 20)
+            .unwrap();
+        // Two partitions: ext4 at 1 MiB (32 MiB), xfs after it (the rest).
+        let mut sf = Command::new("sfdisk")
+            .arg("-q")
+            .arg(&img)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        sf.stdin
+            .take()
+            .unwrap()
+            .write_all(b"label: dos\nstart=2048, size=65536, type=83\nstart=67584, type=83\n")
+            .unwrap();
+        assert!(sf.wait().unwrap().success());
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "offset=1048576"])
+            .arg(&img)
+            .arg("32M")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        // mkfs.xfs has no offset option: make it in a file and copy it in.
+        let x = dir.join("x.raw");
+        std::fs::File::create(&x)
+            .unwrap()
+            .set_len((400 << 20) - 67584 * 512)
+            .unwrap();
+        assert!(Command::new("mkfs.xfs")
+            .args(["-q", "-f"])
+            .arg(&x)
+            .status()
+            .unwrap()
+            .success());
+        let data = std::fs::read(&x).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(67584 * 512)).unwrap();
+        f.write_all(&data).unwrap();
+        drop(f);
+        let found = check_disk("d0", &img, &dir);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0].location, "disk d0 partition 1");
+        assert_eq!(found[0].fs_type.as_deref(), Some("ext4"));
+        assert!(found[0].checked && found[0].clean, "{:?}", found[0]);
+        assert_eq!(found[1].fs_type.as_deref(), Some("xfs"));
+        assert!(found[1].checked && found[1].clean, "{:?}", found[1]);
+        assert!(
+            !found[0].needs_recovery && !found[1].needs_recovery,
+            "{found:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_corrupted_ext4_image_fails_and_a_fresh_one_passes() {

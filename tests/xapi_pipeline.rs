@@ -1,0 +1,228 @@
+//! The real `coldclone` binary against the XAPI simulator (`xapi-sim`): no
+//! root, no real XAPI. What the simulator models is in docs/xapi.md.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use xapi_sim::{Faults, Sim, VmSpec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_coldclone");
+
+struct Dir(PathBuf);
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Rig {
+    dir: Dir,
+    sim: Sim,
+    cfg: PathBuf,
+}
+
+fn rig(tag: &str, spec: VmSpec) -> Rig {
+    let d = std::env::temp_dir().join(format!("coldclone-xapi-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("dir");
+    let sim = Sim::start(&d.join("sr")).expect("simulator");
+    sim.add_user("root", "pool secret");
+    sim.add_vm(&spec).expect("vm");
+    std::fs::write(d.join("pw"), "pw\n").expect("pw");
+    std::fs::write(
+        d.join("xapi.cred"),
+        "username = \"root\"\npassword = \"pool secret\"\n",
+    )
+    .expect("cred");
+    let cfg = d.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state_dir = \"{0}/state\"\n[repository]\npath = \"{0}/repo\"\npassword_file = \"{0}/pw\"\n\
+             [[vm]]\nname = \"web1\"\nxapi_url = \"{1}\"\nxapi_vm = \"{2}\"\n\
+             xapi_credentials_file = \"{0}/xapi.cred\"\nstop_timeout_secs = 20\n",
+            d.display(),
+            sim.url,
+            spec.name
+        ),
+    )
+    .expect("config");
+    let r = Rig {
+        dir: Dir(d),
+        sim,
+        cfg,
+    };
+    let o = r.run(&["init"]);
+    assert!(
+        o.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    r
+}
+
+impl Rig {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(args)
+            .env_remove("COLDCLONE_PASSWORD")
+            .env_remove("COLDCLONE_XAPI_USERNAME")
+            .env_remove("COLDCLONE_XAPI_PASSWORD")
+            .output()
+            .expect("run coldclone")
+    }
+
+    fn backup(&self) -> (bool, Value, String) {
+        let o = self.run(&["--json", "backup"]);
+        let report = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+            .unwrap_or(Value::Null);
+        (
+            o.status.success(),
+            report,
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// Only the original is left, running; no network, VDI or task of a run.
+    fn assert_clean(&self) {
+        let st = self.sim.state();
+        assert_eq!(
+            st.vms.len(),
+            1,
+            "VMs left: {:?}",
+            st.vms.values().map(|v| &v.name_label).collect::<Vec<_>>()
+        );
+        assert!(st.vms.values().all(|v| v.power_state == "Running"));
+        assert_eq!(st.networks.len(), 1, "networks left");
+        assert!(
+            st.tasks.is_empty(),
+            "tasks left: {:?}",
+            st.tasks.values().map(|t| &t.name_label).collect::<Vec<_>>()
+        );
+        let own: usize = st.vms.values().map(|v| v.vbds.len()).sum();
+        assert_eq!(st.vdis.len(), own, "VDIs left");
+        assert!(
+            st.sessions.is_empty(),
+            "{} sessions left",
+            st.sessions.len()
+        );
+        let journals = std::fs::read_dir(self.dir.0.join("state/journal"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_file())
+                    .count()
+            })
+            .unwrap_or(0);
+        assert_eq!(journals, 0, "open journals left");
+    }
+}
+
+fn find<'a>(report: &'a Value, key: &str) -> Option<&'a Value> {
+    match report {
+        Value::Object(m) => m.get(key).or_else(|| m.values().find_map(|v| find(v, key))),
+        Value::Array(a) => a.iter().find_map(|v| find(v, key)),
+        _ => None,
+    }
+}
+
+fn halted_images(sim: &Sim) -> Vec<Vec<u8>> {
+    sim.state()
+        .halted_images
+        .values()
+        .map(|p| std::fs::read(p).expect("halted image"))
+        .collect()
+}
+
+fn restore(r: &Rig, disk: &str, to: &Path) -> Vec<u8> {
+    let o = r.run(&[
+        "restore",
+        "web1",
+        "--disk",
+        disk,
+        "--to",
+        &to.display().to_string(),
+    ]);
+    assert!(
+        o.status.success(),
+        "restore {disk}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::read(to).expect("restored")
+}
+
+#[test]
+fn xapi_backup_through_the_binary_archives_the_clean_clone() {
+    let r = rig("e2e", VmSpec::new("web01", &[1 << 20, 512 << 10]));
+    let (ok, report, stderr) = r.backup();
+    assert!(ok, "backup failed: {stderr}\n{report}");
+    assert_eq!(
+        find(&report, "consistency").and_then(Value::as_str),
+        Some("clean-shutdown"),
+        "{report}"
+    );
+    assert_eq!(
+        find(&report, "backend").and_then(Value::as_str),
+        Some("xapi"),
+        "{report}"
+    );
+    let halted = halted_images(&r.sim);
+    assert_eq!(halted.len(), 2);
+    for disk in ["xvda", "xvdb"] {
+        let got = restore(&r, disk, &r.dir.0.join(format!("{disk}.raw")));
+        assert!(
+            halted.iter().any(|h| *h == got),
+            "{disk}: the backup equals the clone's stopped disk"
+        );
+    }
+    // The clone only ever ran on a network with no PIF.
+    let st = r.sim.state();
+    let clone: Vec<_> = st
+        .attachments
+        .iter()
+        .filter(|a| a.vm_name.starts_with("coldclone-clone-"))
+        .collect();
+    assert!(
+        !clone.is_empty() && clone.iter().all(|a| !a.network_has_pif),
+        "{clone:?}"
+    );
+    drop(st);
+    r.assert_clean();
+}
+
+#[test]
+fn xapi_failed_run_through_the_binary_leaves_nothing() {
+    let r = rig("fail", VmSpec::new("web01", &[512 << 10]));
+    r.sim.set_faults(Faults {
+        fail_method: Some("VM.unpause".into()),
+        ..Faults::default()
+    });
+    let (ok, report, stderr) = r.backup();
+    assert!(!ok, "the run must fail: {report}");
+    let text = format!("{report}{stderr}");
+    assert!(
+        text.contains("VM.unpause") && text.contains("INTERNAL_ERROR"),
+        "a clear message: {text}"
+    );
+    r.assert_clean();
+    let o = r.run(&["--json", "snapshots"]);
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("web1"),
+        "no backup stored"
+    );
+}
+
+#[test]
+fn xapi_hvm_guest_without_tools_is_refused_with_the_reason() {
+    let mut spec = VmSpec::new("win01", &[512 << 10]);
+    spec.pv_drivers = false;
+    let r = rig("hvm", spec);
+    let (ok, report, stderr) = r.backup();
+    assert!(!ok);
+    let text = format!("{report}{stderr}");
+    assert!(text.contains("no ACPI power-button call"), "{text}");
+    r.assert_clean();
+}

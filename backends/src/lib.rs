@@ -389,6 +389,11 @@ pub trait Hypervisor {
             self.name()
         )))
     }
+    /// Memory free for clones when it is not the memory of the host coldclone
+    /// runs on (Xen: the hypervisor's free memory, not dom0's). `None`: the host's.
+    fn free_memory_for_clones(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Whether [`Hypervisor::balloon`] can work for this VM (for `doctor`).
     fn balloon_supported(&self, _vm: &VmInfo) -> bool {
         false

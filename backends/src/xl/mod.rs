@@ -614,6 +614,22 @@ impl Hypervisor for XlBackend {
         Ok(before * 1024)
     }
 
+    fn balloon_supported(&self, _vm: &VmInfo) -> bool {
+        true
+    }
+
+    /// Clones take Xen's free memory (`xl info free_memory`, MiB), not dom0's.
+    fn free_memory_for_clones(&self) -> Result<Option<u64>> {
+        let info = xl(&["info"])?;
+        Ok(info
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == "free_memory").then(|| v.trim().parse::<u64>().ok())?
+            })
+            .map(|mib| mib << 20))
+    }
+
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod {
         let Ok(x) = xl_vm(vm) else {
             return StopMethod::Pv;

@@ -161,9 +161,12 @@ fn recipe_hash(dir: &Path) -> String {
 /// The lab image, built when it is not cached.
 fn image() -> PathBuf {
     let lab = workspace_root().join("tests/xen-lab");
-    let dir = workspace_root()
-        .join("target/xen-lab")
-        .join(recipe_hash(&lab));
+    // Outside the checkout, so that a fresh clone (CI) reuses the image
+    // built for the same recipe; COLDCLONE_LAB_CACHE moves it.
+    let cache = std::env::var_os("COLDCLONE_LAB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/coldclone/xen-lab"));
+    let dir = cache.join(recipe_hash(&lab));
     if !dir.join(".done").exists() {
         let t = Instant::now();
         eprintln!("building the Xen lab image into {} (once)", dir.display());

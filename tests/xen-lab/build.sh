@@ -15,6 +15,7 @@
 # from Debian's registry when missing), mke2fs, cpio; network only for debootstrap.
 set -euo pipefail
 OUT=$(realpath -m "${1:?usage: build.sh OUTDIR}")
+mkdir -p "$(dirname "$OUT")"
 HERE=$(cd "$(dirname "$0")" && pwd)
 MIRROR=${MIRROR:-$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}

@@ -226,3 +226,78 @@ fn xapi_hvm_guest_without_tools_is_refused_with_the_reason() {
     assert!(text.contains("no ACPI power-button call"), "{text}");
     r.assert_clean();
 }
+
+#[test]
+fn xapi_kill_9_at_every_step_then_recover_leaves_nothing() {
+    let r = rig("kill", VmSpec::new("web01", &[512 << 10]));
+    let steps = [
+        "checkpoint:disks-snapshotted",
+        "isolate:bridge-ready",
+        "restore:clone-created",
+        "restore:memory-loaded",
+        "restore:isolation-verified",
+        "restore:clone-running",
+        "stop:requested",
+        "stop:stopped",
+        "archive:disk-stored",
+    ];
+    let journal_dir = r.dir.0.join("state/journal");
+    for step in steps {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&r.cfg)
+            .args(["--json", "backup"])
+            .env("COLDCLONE_TEST_HALT_AT", step)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn coldclone");
+        let t = std::time::Instant::now();
+        let reached = || {
+            std::fs::read_dir(&journal_dir)
+                .map(|d| {
+                    d.flatten().any(|e| {
+                        std::fs::read_to_string(e.path())
+                            .unwrap_or_default()
+                            .contains(&format!("\"name\":\"{step}\""))
+                    })
+                })
+                .unwrap_or(false)
+        };
+        while !reached() {
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(60),
+                "coldclone never reached {step}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+        let o = r.run(&["--json", "recover"]);
+        assert!(
+            o.status.success(),
+            "recover after a kill at {step}: {} {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // A killed process cannot log out, nor destroy a task it was waiting on
+        // (at most one: its clean-shutdown request); xapi's GC removes both
+        // (completed tasks after 65 minutes). Everything journaled is gone already.
+        let tasks = r.sim.state().tasks.len();
+        assert!(tasks <= 1, "killed at {step}: {tasks} tasks left");
+        assert!(
+            r.sim.state().tasks.values().all(|t| t.status != "pending"),
+            "killed at {step}: a pending task"
+        );
+        r.sim.gc_completed_tasks_and_idle_sessions();
+        r.assert_clean();
+        let o = r.run(&["--json", "snapshots"]);
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("\"web1\""),
+            "a killed run left a backup visible (killed at {step})"
+        );
+    }
+    let (ok, report, stderr) = r.backup();
+    assert!(ok, "a normal backup still works: {stderr} {report}");
+    r.assert_clean();
+}

@@ -833,6 +833,15 @@ impl Sim {
         })
     }
 
+    /// What xapi's database GC does after a while (`db_gc.ml`: completed tasks
+    /// after 65 minutes, idle sessions after 24 hours): for a killed client's leftovers.
+    pub fn gc_completed_tasks_and_idle_sessions(&self) {
+        self.with_state(|st| {
+            st.tasks.retain(|_, t| t.status == "pending");
+            st.sessions.clear();
+        });
+    }
+
     /// RPC calls made so far.
     pub fn calls(&self) -> u64 {
         self.state().call_log.len() as u64

@@ -451,14 +451,21 @@ fn xapi_export_fault_fails_cleanly() {
 
 #[test]
 fn xapi_session_expiry_mid_run_logs_in_again() {
-    let total = {
+    let (total, export_at) = {
         let r = rig("count2", VmSpec::new("db1", &DISKS));
         backup(&r, "c", Duration::from_secs(30))
             .archived
             .expect("baseline");
-        r.sim.calls()
+        let log = r.sim.state().call_log.clone();
+        let export = log
+            .iter()
+            .position(|c| c == "export_raw_vdi")
+            .expect("an export") as u64
+            + 1;
+        (r.sim.calls(), export)
     };
-    for at in [2, total / 4, total / 2, total * 3 / 4, total - 2] {
+    // Including the export's own request: an HTTP 401, a login, the same export again.
+    for at in [2, total / 4, total / 2, export_at, total * 3 / 4, total - 2] {
         let r = rig("expiry", VmSpec::new("db1", &DISKS));
         r.sim.set_faults(Faults {
             expire_sessions_at_call: Some(at),
@@ -468,6 +475,19 @@ fn xapi_session_expiry_mid_run_logs_in_again() {
         out.archived
             .unwrap_or_else(|e| panic!("sessions expired at call {at}: the run must survive: {e}"));
         assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+        if at == export_at {
+            let log = r.sim.state().call_log.clone();
+            assert_eq!(
+                log.get(at as usize..at as usize + 2),
+                Some(
+                    &[
+                        "session.login_with_password".to_string(),
+                        "export_raw_vdi".to_string()
+                    ][..]
+                ),
+                "the refused export logs in again and asks again"
+            );
+        }
         assert_clean(&r, &format!("sessions expired at call {at}"));
     }
 }

@@ -219,7 +219,8 @@ pub struct VmConfig {
     /// XAPI: a file with `username = "..."` and `password = "..."` (else
     /// $COLDCLONE_XAPI_USERNAME and $COLDCLONE_XAPI_PASSWORD).
     pub xapi_credentials_file: Option<PathBuf>,
-    /// XAPI: SHA-256 fingerprint of the host's self-signed certificate.
+    /// XAPI: SHA-256 fingerprint of the host's self-signed certificate (several,
+    /// comma-separated, for the pool's hosts).
     pub xapi_tls_fingerprint_sha256: Option<String>,
     /// XAPI: coldclone runs in the host's dom0 and may press an HVM guest's
     /// ACPI power button with `xl trigger` (XAPI itself has no call for it).
@@ -334,7 +335,7 @@ impl Config {
                 }
             }
             if let Some(fp) = &vm.xapi_tls_fingerprint_sha256 {
-                coldclone_backends::xapi::client::parse_fingerprint(fp).map_err(|e| {
+                coldclone_backends::xapi::client::parse_fingerprints(fp).map_err(|e| {
                     invalid(format!(
                         "vm {:?}: xapi_tls_fingerprint_sha256: {e}",
                         vm.name

@@ -652,6 +652,31 @@ fn xapi_recover_removes_what_a_crashed_run_left() {
 }
 
 #[test]
+fn xapi_export_redirected_to_another_host_is_followed() {
+    let r = rig("redirect", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        redirect_exports: true,
+        ..Faults::default()
+    });
+    let out = backup(&r, "r1", Duration::from_secs(30));
+    let archived = out.archived.expect("a redirected export works");
+    assert_archive_matches(&r, &archived, "redirected export");
+    let asked = r
+        .sim
+        .state()
+        .call_log
+        .iter()
+        .filter(|c| *c == "export_raw_vdi")
+        .count();
+    assert_eq!(
+        asked,
+        2 * DISKS.len(),
+        "each export went to the master, then where it pointed"
+    );
+    assert_clean(&r, "redirected export");
+}
+
+#[test]
 fn xapi_second_backup_dedups_against_the_first() {
     let r = rig("twice", VmSpec::new("db1", &DISKS));
     let a = backup(&r, "t1", Duration::from_secs(30))

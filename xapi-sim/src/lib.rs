@@ -48,6 +48,8 @@ pub struct Faults {
     pub drop_export_count: u32,
     /// The guest never acts on a clean shutdown request.
     pub guest_ignores_shutdown: bool,
+    /// Exports answer 302 first, as a pool master does for a VDI on another host's storage.
+    pub redirect_exports: bool,
 }
 
 /// An original VM to put on the simulated host.
@@ -1564,6 +1566,17 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
         drop(st);
         shared.changed.notify_all();
         return http::internal_error(conn, "injected export fault");
+    }
+    if st.faults.redirect_exports && !q.contains_key("redirected") {
+        drop(st);
+        let query: Vec<String> = q.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let head = format!(
+            "HTTP/1.1 302 Found\r\nlocation: /export_raw_vdi?{}&redirected=1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            query.join("&")
+        );
+        let mut c = conn;
+        let _ = c.write_all(head.as_bytes());
+        return;
     }
     let format = q.get("format").map(String::as_str).unwrap_or("vhd");
     if format != "raw" {

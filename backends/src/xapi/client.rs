@@ -118,7 +118,9 @@ pub struct XapiTarget {
     pub url: String,
     /// A file with `username = ...` and `password = ...` lines; else the environment.
     pub credentials_file: Option<PathBuf>,
-    /// SHA-256 of the host's certificate (hex, colons allowed): trust it even if self-signed.
+    /// SHA-256 of the host's certificate (hex, colons allowed): trust it even if
+    /// self-signed. Several, separated by commas: the pool's hosts (an export may be
+    /// redirected to the member that sees the VDI's storage).
     #[serde(default)]
     pub tls_fingerprint_sha256: Option<String>,
 }
@@ -162,6 +164,21 @@ fn read_credentials(t: &XapiTarget) -> Result<Credentials> {
     }
 }
 
+/// Parses one or more fingerprints separated by commas.
+pub fn parse_fingerprints(s: &str) -> std::result::Result<Vec<[u8; 32]>, String> {
+    s.split(',')
+        .filter(|f| !f.trim().is_empty())
+        .map(parse_fingerprint)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .and_then(|v| {
+            if v.is_empty() {
+                Err("no fingerprint given".into())
+            } else {
+                Ok(v)
+            }
+        })
+}
+
 /// Parses "AB:CD:..." or "abcd..." into 32 bytes.
 pub fn parse_fingerprint(s: &str) -> std::result::Result<[u8; 32], String> {
     let hex: String = s
@@ -191,7 +208,7 @@ mod pin {
 
     #[derive(Debug)]
     pub struct Pinned {
-        pub sha256: [u8; 32],
+        pub sha256: Vec<[u8; 32]>,
         pub provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
     }
 
@@ -205,7 +222,7 @@ mod pin {
             _now: UnixTime,
         ) -> Result<ServerCertVerified, Error> {
             let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
-            if got == self.sha256 {
+            if self.sha256.contains(&got) {
                 Ok(ServerCertVerified::assertion())
             } else {
                 Err(Error::General(format!(
@@ -261,7 +278,7 @@ fn agent_for(t: &XapiTarget) -> Result<ureq::Agent> {
         .timeout_read(Duration::from_secs(120))
         .timeout_write(Duration::from_secs(120));
     if let Some(fp) = &t.tls_fingerprint_sha256 {
-        let sha256 = parse_fingerprint(fp).map_err(|detail| XapiError::Tls {
+        let sha256 = parse_fingerprints(fp).map_err(|detail| XapiError::Tls {
             url: t.url.clone(),
             detail,
         })?;
@@ -777,6 +794,9 @@ mod tests {
         let colons = vec!["ab"; 32].join(":");
         assert_eq!(parse_fingerprint(&colons).unwrap(), [0xab; 32]);
         assert!(parse_fingerprint("abcd").is_err());
+        let two = format!("{hex}, {colons}");
+        assert_eq!(parse_fingerprints(&two).unwrap().len(), 2);
+        assert!(parse_fingerprints(" , ").is_err());
     }
 
     #[test]

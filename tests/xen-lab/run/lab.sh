@@ -88,7 +88,7 @@ leftovers() {
   echo "domains=$(xl list | awk 'NR>1{print $1}' | grep coldclone | tr '\n' ' ')" >> "$f"
   echo "bridges=$(ip -o link show type bridge | awk -F': ' '{print $2}' | grep '^cc' | tr '\n' ' ')" >> "$f"
   echo "vifs=$(ip -o link | awk -F': ' '{print $2}' | grep '^cc' | tr '\n' ' ')" >> "$f"
-  echo "journal=$(ls /var/lib/coldclone/journal 2>/dev/null | tr '\n' ' ')" >> "$f"
+  echo "journal=$(ls /var/lib/coldclone/journal/*.jsonl 2>/dev/null | tr '\n' ' ')" >> "$f"
   echo "runs=$(ls /var/lib/coldclone/runs 2>/dev/null | tr '\n' ' ')" >> "$f"
   echo "xl_processes=$(ps -eo args | grep '^xl ' | grep -c coldclone)" >> "$f"
 }
@@ -144,14 +144,14 @@ scenario_backup() {
   local d=$OUT/backup f=$OUT/backup/checks
   echo "counter_before=$(counter g1)" >> "$f"
   # Follow the balloon target through the backup.
-  ( D=$(xl domid g1); while [ -e /tmp/sampling ]; do echo "$(since "$T0") $(xenstore-read /local/domain/$D/memory/target) $(xl list g1 | awk 'NR==2{print $3}')"; sleep 0.5; done ) > "$d/balloon.txt" &
+  ( D=$(xl domid g1); while [ -e /tmp/sampling ]; do echo "$(since "$T0") $(xenstore-read /local/domain/$D/memory/target)"; sleep 0.5; done ) > "$d/balloon.txt" &
   touch /tmp/sampling
   local t=$(date +%s.%N)
   "$CC" --json backup g1 > "$d/report.json" 2> "$d/stderr.txt"; echo "rc=$?" >> "$f"
   echo "backup_s=$(since "$t")" >> "$f"
   rm -f /tmp/sampling; wait
-  echo "balloon_min_target_kib=$(awk '{print $2}' "$d/balloon.txt" | sort -n | head -1)" >> "$f"
-  echo "balloon_last_target_kib=$(tail -1 "$d/balloon.txt" | awk '{print $2}')" >> "$f"
+  echo "balloon_min_target_kib=$(awk '$2 ~ /^[0-9]+$/ {print $2}' "$d/balloon.txt" | sort -n | head -1)" >> "$f"
+  echo "balloon_last_target_kib=$(awk '$2 ~ /^[0-9]+$/ {print $2}' "$d/balloon.txt" | tail -1)" >> "$f"
   check_archive g1 "$f"
   original g1 "$f"
   leftovers "$f"

@@ -174,7 +174,7 @@ fn xapi_backup_through_the_binary_archives_the_clean_clone() {
     for disk in ["xvda", "xvdb"] {
         let got = restore(&r, disk, &r.dir.0.join(format!("{disk}.raw")));
         assert!(
-            halted.iter().any(|h| *h == got),
+            halted.contains(&got),
             "{disk}: the backup equals the clone's stopped disk"
         );
     }

@@ -464,7 +464,6 @@ fn xapi_session_expiry_mid_run_logs_in_again() {
             + 1;
         (r.sim.calls(), export)
     };
-    // Including the export's own request: an HTTP 401, a login, the same export again.
     for at in [2, total / 4, total / 2, export_at, total * 3 / 4, total - 2] {
         let r = rig("expiry", VmSpec::new("db1", &DISKS));
         r.sim.set_faults(Faults {
@@ -475,21 +474,36 @@ fn xapi_session_expiry_mid_run_logs_in_again() {
         out.archived
             .unwrap_or_else(|e| panic!("sessions expired at call {at}: the run must survive: {e}"));
         assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
-        if at == export_at {
-            let log = r.sim.state().call_log.clone();
-            assert_eq!(
-                log.get(at as usize..at as usize + 2),
-                Some(
-                    &[
-                        "session.login_with_password".to_string(),
-                        "export_raw_vdi".to_string()
-                    ][..]
-                ),
-                "the refused export logs in again and asks again"
-            );
-        }
         assert_clean(&r, &format!("sessions expired at call {at}"));
     }
+}
+
+#[test]
+fn xapi_session_expiry_at_the_export_logs_in_and_asks_again() {
+    let r = rig("expiry-export", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        expire_sessions_at_first_export: true,
+        ..Faults::default()
+    });
+    let out = backup(&r, "x", Duration::from_secs(30));
+    let archived = out.archived.expect("the run survives");
+    assert_archive_matches(&r, &archived, "session expired at the export");
+    let log = r.sim.state().call_log.clone();
+    let at = log
+        .iter()
+        .position(|c| c == "export_raw_vdi")
+        .expect("an export");
+    assert_eq!(
+        log.get(at + 1..at + 3),
+        Some(
+            &[
+                "session.login_with_password".to_string(),
+                "export_raw_vdi".to_string()
+            ][..]
+        ),
+        "the refused export (HTTP 401) logs in again and asks again"
+    );
+    assert_clean(&r, "session expired at the export");
 }
 
 #[test]

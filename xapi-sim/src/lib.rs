@@ -41,6 +41,8 @@ pub struct Faults {
     pub fail_method: Option<String>,
     /// At the Nth call every session becomes invalid (a toolstack restart).
     pub expire_sessions_at_call: Option<u64>,
+    /// The first export request finds every session invalid.
+    pub expire_sessions_at_first_export: bool,
     /// The export pauses this long after every 64 KiB.
     pub export_delay_per_block: Duration,
     /// The first `drop_export_count` exports close the connection after this many bytes.
@@ -1549,7 +1551,15 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     let (session, task, vdi) = (get("session_id"), get("task_id"), get("vdi"));
     let mut st = lock(shared);
     st.call_log.push("export_raw_vdi".into());
-    if st.faults.expire_sessions_at_call == Some(st.call_log.len() as u64) {
+    let first_export = st
+        .call_log
+        .iter()
+        .filter(|c| *c == "export_raw_vdi")
+        .count()
+        == 1;
+    if st.faults.expire_sessions_at_call == Some(st.call_log.len() as u64)
+        || (first_export && st.faults.expire_sessions_at_first_export)
+    {
         st.sessions.clear();
     }
     // xapi fails the export's task when the handler refuses the request.

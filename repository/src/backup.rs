@@ -664,12 +664,6 @@ pub(crate) fn backup_disk(
         "backup timings: index {t_index:?}, data {t_data:?}, done {:?}",
         start.elapsed()
     );
-    if std::env::var_os("COLDCLONE_TIMINGS").is_some() {
-        eprintln!(
-            "backup timings: index {t_index:?}, data {t_data:?}, done {:?}",
-            start.elapsed()
-        );
-    }
     drop(lock);
     Ok(BackupSummary {
         snapshot_id: snap.id,

@@ -358,6 +358,11 @@ pub trait Hypervisor {
     /// Undoes one resource this backend created. Never touches anything else.
     fn recover(&self, resource: &Resource) -> Result<()>;
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod;
+    /// Whether the clone runs on this machine and takes its memory here (the
+    /// scheduler's memory budget); XAPI clones run on the pool's host.
+    fn clone_uses_local_memory(&self) -> bool {
+        true
+    }
     /// Makes the clone's isolated network when the hypervisor owns it (XAPI:
     /// a network with no PIF), journaled. `None`: the pipeline makes a Linux
     /// bridge (QEMU, xl).

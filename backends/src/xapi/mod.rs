@@ -389,10 +389,11 @@ impl Hypervisor for XapiBackend {
         journal.milestone("checkpoint:disks-snapshotted")?;
         let rec = c.record("VM", &ckpt)?;
         let suspend = str_field(&rec, "suspend_VDI");
-        let memory_image_bytes = if suspend != NULL_REF && !suspend.is_empty() {
-            u64_field(&c.record("VDI", &suspend)?, "virtual_size")
+        let (memory_image_bytes, suspend_uuid) = if suspend != NULL_REF && !suspend.is_empty() {
+            let v = c.record("VDI", &suspend)?;
+            (u64_field(&v, "virtual_size"), str_field(&v, "uuid"))
         } else {
-            0
+            (0, String::new())
         };
         let disks = vm_disks(&c, &ckpt)?
             .into_iter()
@@ -407,7 +408,11 @@ impl Hypervisor for XapiBackend {
         self.st().checkpoint = Some((ckpt.clone(), id));
         Ok(Checkpoint {
             method: "xapi-checkpoint",
-            memory_image: PathBuf::from(format!("xapi:vdi/{}", str_field(&rec, "uuid"))),
+            memory_image: PathBuf::from(if suspend_uuid.is_empty() {
+                String::new()
+            } else {
+                format!("xapi:vdi/{suspend_uuid}")
+            }),
             memory_image_bytes,
             // XAPI does not report the pause; the call's duration bounds it.
             pause: PauseTimes {
@@ -744,6 +749,10 @@ impl Hypervisor for XapiBackend {
                 "the XAPI backend does not undo {other:?}"
             ))),
         }
+    }
+
+    fn clone_uses_local_memory(&self) -> bool {
+        false
     }
 
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod {

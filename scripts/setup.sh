@@ -31,7 +31,12 @@ if ! rust_ok; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends rustc-web cargo-web
 fi
 rust_ok || { echo "setup: no Rust >= 1.89 could be installed" >&2; exit 1; }
-# The repository's S3 tests start a real S3-compatible server (moto) on 127.0.0.1.
+# The repository's S3 tests start real S3-compatible servers on 127.0.0.1: s3s-fs
+# (file-backed, checks signatures; built once from crates.io) and moto.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  cargo install -q s3s-fs@0.14.1 --features binary --locked
+fi
 if ! command -v moto_server >/dev/null 2>&1; then
   pip3 install -q 'moto[server]' 2>/dev/null || pip3 install -q --break-system-packages 'moto[server]'
 fi

@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+# In CI the S3 tests must run against both servers, never skip.
+export COLDCLONE_REQUIRE_S3S=1
 cargo build --workspace --all-targets
 mkdir -p target
 # The QEMU tests serialize their guests themselves (2 cores, TCG).

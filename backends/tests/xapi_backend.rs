@@ -691,6 +691,28 @@ fn xapi_export_redirected_to_another_host_is_followed() {
 }
 
 #[test]
+fn xapi_clone_left_on_the_uplink_is_never_unpaused() {
+    let r = rig("noisolation", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        vif_move_noop: true,
+        ..Faults::default()
+    });
+    let out = backup(&r, "v1", Duration::from_secs(30));
+    let e = out.archived.expect_err("the isolation check fails");
+    assert!(e.contains("which has a PIF"), "{e}");
+    let st = r.sim.state();
+    let ran: Vec<_> = st
+        .attachments
+        .iter()
+        .filter(|a| a.vm_name == "coldclone-clone-v1" && a.power_state == "Running")
+        .collect();
+    assert!(ran.is_empty(), "the clone never ran: {ran:?}");
+    drop(st);
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "failed isolation");
+}
+
+#[test]
 fn xapi_second_backup_dedups_against_the_first() {
     let r = rig("twice", VmSpec::new("db1", &DISKS));
     let a = backup(&r, "t1", Duration::from_secs(30))

@@ -52,6 +52,8 @@ pub struct Faults {
     pub guest_ignores_shutdown: bool,
     /// Exports answer 302 first, as a pool master does for a VDI on another host's storage.
     pub redirect_exports: bool,
+    /// `VIF.move` answers success but moves nothing (a broken host): isolation checks must catch it.
+    pub vif_move_noop: bool,
 }
 
 /// An original VM to put on the simulated host.
@@ -1214,8 +1216,10 @@ fn exec(
             if !st.networks.contains_key(&a1) {
                 return err("HANDLE_INVALID", &["network", &a1]);
             }
-            if let Some(v) = st.vifs.get_mut(&a0) {
-                v.network = a1.clone();
+            if !st.faults.vif_move_noop {
+                if let Some(v) = st.vifs.get_mut(&a0) {
+                    v.network = a1.clone();
+                }
             }
             st.record_attachments(&vm);
             st.emit("vif", &a0, "mod");

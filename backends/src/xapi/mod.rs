@@ -57,6 +57,7 @@ pub struct XapiVm {
 pub struct XapiClone {
     vm_ref: String,
     journal_id: u64,
+    /// The clone's VIFs by uuid (refs mean nothing in a report).
     vifs: Vec<String>,
     /// Disk name → (VDI ref, VDI uuid, size).
     disks: BTreeMap<String, (String, String, u64)>,
@@ -495,6 +496,10 @@ impl Hypervisor for XapiBackend {
                 bytes: *bytes,
             })
             .collect();
+        let vifs = vifs
+            .iter()
+            .map(|v| c.record("VIF", v).map(|r| str_field(&r, "uuid")))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         pc.taps = vifs.clone();
         {
             let d = xapi_clone(&mut pc.detail)?;
@@ -545,8 +550,10 @@ impl Hypervisor for XapiBackend {
                 d.vifs.len()
             ));
         }
+        let mut ports = vec![];
         for vif in &vifs {
             let v = c.record("VIF", vif)?;
+            ports.push(str_field(&v, "uuid"));
             let on = str_field(&v, "network");
             if network_has_pif(&c, &on)? {
                 problems.push(format!(
@@ -568,7 +575,7 @@ impl Hypervisor for XapiBackend {
         Ok(Some(network_isolation::Verified {
             bridge,
             namespace: None,
-            ports: vifs,
+            ports,
         }))
     }
 

@@ -185,6 +185,9 @@ pub fn parse_fingerprint(s: &str) -> std::result::Result<[u8; 32], String> {
         .chars()
         .filter(|c| *c != ':' && !c.is_whitespace())
         .collect();
+    if !hex.is_ascii() {
+        return Err(format!("{s:?} is not hexadecimal"));
+    }
     if hex.len() != 64 {
         return Err(format!(
             "a SHA-256 fingerprint has 64 hex digits, {s:?} has {}",
@@ -797,6 +800,7 @@ mod tests {
         let two = format!("{hex}, {colons}");
         assert_eq!(parse_fingerprints(&two).unwrap().len(), 2);
         assert!(parse_fingerprints(" , ").is_err());
+        assert!(parse_fingerprint(&"é".repeat(32)).is_err(), "no panic on non-ASCII");
     }
 
     #[test]

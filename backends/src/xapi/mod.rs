@@ -666,8 +666,16 @@ impl Hypervisor for XapiBackend {
             Some(o) => o,
             None => {
                 tracing::warn!("the clone did not power off in time; hard shutdown");
-                c.call("VM.hard_shutdown", vec![json!(d.vm_ref)])?;
-                CloneOutcome::Killed
+                match c.call("VM.hard_shutdown", vec![json!(d.vm_ref)]) {
+                    Ok(_) => CloneOutcome::Killed,
+                    // It powered off by itself just as time ran out.
+                    Err(XapiError::BadPowerState { .. })
+                        if c.call_str("VM.get_power_state", vec![json!(d.vm_ref)])? == "Halted" =>
+                    {
+                        CloneOutcome::StoppedByGuest
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
         };
         if let Some(t) = d.shutdown_task.take() {

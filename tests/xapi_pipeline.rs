@@ -19,9 +19,15 @@ struct Rig {
     dir: Dir,
     sim: Sim,
     cfg: PathBuf,
+    /// Put first on coldclone's PATH (a stand-in `xl`).
+    path_prefix: Option<PathBuf>,
 }
 
 fn rig(tag: &str, spec: VmSpec) -> Rig {
+    rig_with(tag, spec, "")
+}
+
+fn rig_with(tag: &str, spec: VmSpec, extra_vm_config: &str) -> Rig {
     let d = std::env::temp_dir().join(format!("coldclone-xapi-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("dir");
@@ -40,10 +46,11 @@ fn rig(tag: &str, spec: VmSpec) -> Rig {
         format!(
             "state_dir = \"{0}/state\"\n[repository]\npath = \"{0}/repo\"\npassword_file = \"{0}/pw\"\n\
              [[vm]]\nname = \"web1\"\nxapi_url = \"{1}\"\nxapi_vm = \"{2}\"\n\
-             xapi_credentials_file = \"{0}/xapi.cred\"\nstop_timeout_secs = 20\n",
+             xapi_credentials_file = \"{0}/xapi.cred\"\nstop_timeout_secs = 20\n{3}",
             d.display(),
             sim.url,
-            spec.name
+            spec.name,
+            extra_vm_config
         ),
     )
     .expect("config");
@@ -51,6 +58,7 @@ fn rig(tag: &str, spec: VmSpec) -> Rig {
         dir: Dir(d),
         sim,
         cfg,
+        path_prefix: None,
     };
     let o = r.run(&["init"]);
     assert!(
@@ -63,8 +71,12 @@ fn rig(tag: &str, spec: VmSpec) -> Rig {
 
 impl Rig {
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--config")
+        let mut c = Command::new(BIN);
+        if let Some(p) = &self.path_prefix {
+            let path = std::env::var("PATH").unwrap_or_default();
+            c.env("PATH", format!("{}:{path}", p.display()));
+        }
+        c.arg("--config")
             .arg(&self.cfg)
             .args(args)
             .env_remove("COLDCLONE_PASSWORD")
@@ -299,5 +311,55 @@ fn xapi_kill_9_at_every_step_then_recover_leaves_nothing() {
     }
     let (ok, report, stderr) = r.backup();
     assert!(ok, "a normal backup still works: {stderr} {report}");
+    r.assert_clean();
+}
+
+#[test]
+fn xapi_hvm_guest_on_dom0_gets_the_acpi_button_through_xl_trigger() {
+    let mut spec = VmSpec::new("win01", &[512 << 10]);
+    spec.pv_drivers = false;
+    let mut r = rig_with("dom0", spec, "xapi_dom0_acpi = true\n");
+    // A stand-in for dom0's `xl`: it presses the simulated guest's power button.
+    let bin = r.dir.0.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    let xl = bin.join("xl");
+    std::fs::write(
+        &xl,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {0}/xl.log\n[ \"$1\" = trigger ] && [ \"$3\" = power ] || exit 1\n\
+             exec curl -sf -X POST \"{1}/sim/acpi_power_button?domid=$2\"\n",
+            r.dir.0.display(),
+            r.sim.url
+        ),
+    )
+    .expect("xl");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    r.path_prefix = Some(bin);
+    let (ok, report, stderr) = r.backup();
+    assert!(ok, "backup failed: {stderr}\n{report}");
+    assert_eq!(
+        find(&report, "consistency").and_then(Value::as_str),
+        Some("clean-shutdown"),
+        "{report}"
+    );
+    assert_eq!(
+        find(&report, "clone_stop").and_then(Value::as_str),
+        Some("acpi"),
+        "{report}"
+    );
+    let log = std::fs::read_to_string(r.dir.0.join("xl.log")).expect("xl was run");
+    assert!(
+        log.starts_with("trigger ") && log.trim_end().ends_with(" power"),
+        "{log}"
+    );
+    let halted = halted_images(&r.sim);
+    let got = restore(&r, "xvda", &r.dir.0.join("xvda.raw"));
+    assert!(
+        halted.contains(&got),
+        "the backup equals the clone's disk after its ACPI shutdown"
+    );
     r.assert_clean();
 }

@@ -879,6 +879,7 @@ fn serve(shared: &Arc<Shared>, conn: TcpStream) {
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/jsonrpc") => jsonrpc(shared, &conn, &req.body),
         ("GET", "/export_raw_vdi") => export(shared, &conn, &req.query),
+        ("POST", "/sim/acpi_power_button") => acpi_power_button(shared, &conn, &req.query),
         ("POST", "/") => {
             http::internal_error(&conn, "the simulator speaks JSON-RPC only: POST /jsonrpc")
         }
@@ -1085,6 +1086,62 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
     }
 }
 
+/// The guest acts on a shutdown request (PV or the ACPI button): after a
+/// moment it flushes (a marker in each of its disks), unmounts, powers off.
+fn guest_powers_off(shared: &Arc<Shared>, vm: &str, task: Option<String>) {
+    let (shared, vm) = (shared.clone(), vm.to_string());
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(30));
+        let mut st = lock(&shared);
+        if st.vms.get(&vm).map(|v| v.power_state.as_str()) != Some("Running") {
+            return;
+        }
+        let name = st.vms[&vm].name_label.clone();
+        for (vdi, _) in st.disks_of(&vm) {
+            let (f, u) = (st.vdis[&vdi].file.clone(), st.vdis[&vdi].uuid.clone());
+            let _ = write_at(&f, 8192, format!("clean shutdown of {name}").as_bytes());
+            let keep = st.data_dir.join(format!("halted-{u}.img"));
+            if sparse_copy(&f, &keep).is_ok() {
+                st.halted_images.insert(u, keep);
+            }
+        }
+        if let Some(m) = st.vms.get_mut(&vm) {
+            m.shutdown_task = None;
+        }
+        st.set_power(&vm, "Halted");
+        if let Some(task) = task {
+            finish_task(&mut st, &task, Ok(json!("")));
+        }
+        drop(st);
+        shared.changed.notify_all();
+    });
+}
+
+/// Not XAPI: what `xl trigger DOMID power` does on a real host's dom0, for a
+/// stand-in `xl` in tests (`POST /sim/acpi_power_button?domid=N`).
+fn acpi_power_button(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) {
+    let domid: i64 = q.get("domid").and_then(|d| d.parse().ok()).unwrap_or(-1);
+    let st = lock(shared);
+    let vm = st
+        .vms
+        .iter()
+        .find(|(_, v)| v.domid == domid && v.power_state == "Running")
+        .map(|(k, _)| k.clone());
+    drop(st);
+    match vm {
+        Some(vm) => {
+            guest_powers_off(shared, &vm, None);
+            http::respond(conn, "200 OK", "text/plain", b"");
+        }
+        None => http::respond(
+            conn,
+            "404 Not Found",
+            "text/plain",
+            b"no running domain with that id",
+        ),
+    }
+}
+
 fn finish_task(st: &mut State, task: &str, out: XResult<Value>) {
     if let Some(t) = st.tasks.get_mut(task) {
         match out {
@@ -1276,31 +1333,7 @@ fn exec(
             if st.faults.guest_ignores_shutdown {
                 return Ok(Value::Null);
             }
-            let (shared, vm, task) = (shared.clone(), a0.clone(), task.to_string());
-            std::thread::spawn(move || {
-                // The guest takes a moment: flushes, unmounts, powers off.
-                std::thread::sleep(Duration::from_millis(30));
-                let mut st = lock(&shared);
-                if st.vms.get(&vm).map(|v| v.power_state.as_str()) != Some("Running") {
-                    return;
-                }
-                let name = st.vms[&vm].name_label.clone();
-                for (vdi, _) in st.disks_of(&vm) {
-                    let (f, u) = (st.vdis[&vdi].file.clone(), st.vdis[&vdi].uuid.clone());
-                    let _ = write_at(&f, 8192, format!("clean shutdown of {name}").as_bytes());
-                    let keep = st.data_dir.join(format!("halted-{u}.img"));
-                    if sparse_copy(&f, &keep).is_ok() {
-                        st.halted_images.insert(u, keep);
-                    }
-                }
-                if let Some(m) = st.vms.get_mut(&vm) {
-                    m.shutdown_task = None;
-                }
-                st.set_power(&vm, "Halted");
-                finish_task(&mut st, &task, Ok(json!("")));
-                drop(st);
-                shared.changed.notify_all();
-            });
+            guest_powers_off(shared, &a0, Some(task.to_string()));
             Ok(Value::Null)
         }
         "VM.destroy" => {

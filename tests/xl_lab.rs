@@ -236,7 +236,18 @@ fn lab() -> Option<&'static BTreeMap<String, Scenario>> {
         let _ = std::fs::remove_dir_all(&run);
         let share = run.join("share");
         std::fs::create_dir_all(&share).expect("share dir");
-        std::fs::copy(lab_binary(), share.join("coldclone")).expect("copy coldclone");
+        let bin = lab_binary();
+        std::fs::copy(&bin, share.join("coldclone")).expect("copy coldclone");
+        let sha = Command::new("sha256sum")
+            .arg(&bin)
+            .output()
+            .expect("sha256sum");
+        let sha = String::from_utf8_lossy(&sha.stdout);
+        std::fs::write(
+            share.join("coldclone.sha256"),
+            sha.split_whitespace().next().unwrap_or(""),
+        )
+        .expect("write the hash");
         std::fs::copy(
             workspace_root().join("tests/xen-lab/run/lab.sh"),
             share.join("run.sh"),

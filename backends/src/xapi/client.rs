@@ -800,7 +800,10 @@ mod tests {
         let two = format!("{hex}, {colons}");
         assert_eq!(parse_fingerprints(&two).unwrap().len(), 2);
         assert!(parse_fingerprints(" , ").is_err());
-        assert!(parse_fingerprint(&"é".repeat(32)).is_err(), "no panic on non-ASCII");
+        assert!(
+            parse_fingerprint(&"é".repeat(32)).is_err(),
+            "no panic on non-ASCII"
+        );
     }
 
     #[test]

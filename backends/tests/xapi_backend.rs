@@ -436,6 +436,49 @@ fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
 }
 
 #[test]
+fn xapi_busy_object_at_every_call_is_asked_again() {
+    // OTHER_OPERATION_IN_PROGRESS means "refused, nothing done": every call may be repeated.
+    // Only calls that act on an object (reads are not refused as busy).
+    let acting: Vec<u64> = {
+        let r = rig("busycount", VmSpec::new("db1", &SMALL));
+        backup(&r, "count", Duration::from_secs(30))
+            .archived
+            .expect("baseline");
+        let log = r.sim.state().call_log.clone();
+        log.iter()
+            .enumerate()
+            .filter(|(_, m)| {
+                !m.contains(".get_")
+                    && !m.starts_with("session.")
+                    && *m != "event.from"
+                    && *m != "export_raw_vdi"
+            })
+            .map(|(i, _)| i as u64 + 1)
+            .collect()
+    };
+    for n in acting {
+        let r = rig("busy", VmSpec::new("db1", &SMALL));
+        r.sim.set_faults(Faults {
+            busy_call: Some(n),
+            ..Faults::default()
+        });
+        let out = backup(&r, &format!("b{n}"), Duration::from_secs(10));
+        let called = r
+            .sim
+            .state()
+            .call_log
+            .get(n as usize - 1)
+            .cloned()
+            .unwrap_or_default();
+        let ctx = format!("busy at call {n} ({called})");
+        let archived = out.archived.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        assert_archive_matches(&r, &archived, &ctx);
+        assert!(out.leftovers.is_empty(), "{ctx}: {:?}", out.leftovers);
+        assert_clean(&r, &ctx);
+    }
+}
+
+#[test]
 fn xapi_export_fault_fails_cleanly() {
     let r = rig("exportfault", VmSpec::new("db1", &DISKS));
     r.sim.set_faults(Faults {

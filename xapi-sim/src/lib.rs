@@ -43,6 +43,9 @@ pub struct Faults {
     pub expire_sessions_at_call: Option<u64>,
     /// The first export request finds every session invalid.
     pub expire_sessions_at_first_export: bool,
+    /// The Nth call is refused with OTHER_OPERATION_IN_PROGRESS (an `Async.` call's task
+    /// fails so), as xapi refuses work on an object that another operation holds.
+    pub busy_call: Option<u64>,
     /// The export pauses this long after every 64 KiB.
     pub export_delay_per_block: Duration,
     /// The first `drop_export_count` exports close the connection after this many bytes.
@@ -940,12 +943,23 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
         || st.faults.fail_method.as_deref() == Some(method)
         || (st.faults.fail_method.is_some()
             && st.faults.fail_method.as_deref() == method.strip_prefix("Async."));
-    let fault = vec![
-        "INTERNAL_ERROR".to_string(),
-        format!("injected fault at call {n} ({method})"),
-    ];
+    let busy = st.faults.busy_call == Some(n);
+    let fault = if busy {
+        vec![
+            "OTHER_OPERATION_IN_PROGRESS".to_string(),
+            "VM".to_string(),
+            params.get(1).map(s).unwrap_or_default(),
+        ]
+    } else {
+        vec![
+            "INTERNAL_ERROR".to_string(),
+            format!("injected fault at call {n} ({method})"),
+        ]
+    };
+    let injected = injected || busy;
     if method == "session.login_with_password" {
-        if injected {
+        // A login is never refused as busy.
+        if injected && !busy {
             return Err(fault);
         }
         let (u, p) = (

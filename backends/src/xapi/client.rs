@@ -318,6 +318,17 @@ impl std::fmt::Debug for Client {
     }
 }
 
+const BUSY_RETRIES: u32 = 5;
+
+fn busy_backoff(try_no: u32) -> Duration {
+    Duration::from_millis(100 << try_no.min(6))
+}
+
+/// XAPI refused the call because the object is busy; nothing was done.
+pub(crate) fn is_busy(e: &XapiError) -> bool {
+    matches!(e.code(), Some("OTHER_OPERATION_IN_PROGRESS"))
+}
+
 fn is_read_only(method: &str) -> bool {
     let m = method.rsplit('.').next().unwrap_or("");
     m.starts_with("get_") || method == "event.from" || method == "VDI.list_changed_blocks"
@@ -457,6 +468,7 @@ impl Client {
     pub fn call(&self, method: &str, args: Vec<Value>) -> Result<Value> {
         let mut relogged = false;
         let mut transport_tries = 0;
+        let mut busy_tries = 0;
         loop {
             let mut params = vec![json!(self.session())];
             params.extend(args.iter().cloned());
@@ -469,6 +481,13 @@ impl Client {
                 Err(XapiError::Transport { .. }) if is_read_only(method) && transport_tries < 3 => {
                     transport_tries += 1;
                     std::thread::sleep(Duration::from_millis(200 * transport_tries));
+                }
+                // Refused, not done: the object is busy (an SR scan, another
+                // client's operation). Any call may be asked again.
+                Err(e) if is_busy(&e) && busy_tries < BUSY_RETRIES => {
+                    busy_tries += 1;
+                    tracing::info!(method, "{e}; asking again");
+                    std::thread::sleep(busy_backoff(busy_tries));
                 }
                 r => return r,
             }
@@ -491,8 +510,18 @@ impl Client {
 
     /// `Async.<method>`, then waits for its task; returns the task's result.
     pub fn call_async(&self, method: &str, args: Vec<Value>, timeout: Duration) -> Result<String> {
-        let task = self.call_str(&format!("Async.{method}"), args)?;
-        self.wait_task(&task, method, timeout)
+        let mut busy_tries = 0;
+        loop {
+            let task = self.call_str(&format!("Async.{method}"), args.clone())?;
+            match self.wait_task(&task, method, timeout) {
+                Err(e) if is_busy(&e) && busy_tries < BUSY_RETRIES => {
+                    busy_tries += 1;
+                    tracing::info!(method, "{e}; asking again");
+                    std::thread::sleep(busy_backoff(busy_tries));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Waits for a task to finish, destroys it, and returns its result.

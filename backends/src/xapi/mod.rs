@@ -635,6 +635,7 @@ impl Hypervisor for XapiBackend {
         }
         let mut token = String::new();
         let mut outcome = None;
+        let mut reissued = 0;
         while outcome.is_none() {
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
@@ -653,12 +654,26 @@ impl Hypervisor for XapiBackend {
                 outcome = Some(CloneOutcome::StoppedByGuest);
                 break;
             }
-            if let Some(t) = &d.shutdown_task {
-                let rec = c.record("task", t)?;
+            if let Some(t) = d.shutdown_task.clone() {
+                let rec = c.record("task", &t)?;
                 let status = str_field(&rec, "status");
                 if status != "pending" && status != "success" {
                     let info: Vec<String> = refs(&rec, "error_info");
-                    return Err(XapiError::from_description("VM.clean_shutdown", &info).into());
+                    let e = XapiError::from_description("VM.clean_shutdown", &info);
+                    if !client::is_busy(&e) || reissued >= 5 {
+                        return Err(e.into());
+                    }
+                    // Refused because the VM was busy: ask again.
+                    reissued += 1;
+                    c.destroy_task(&t);
+                    d.shutdown_task = None;
+                    std::thread::sleep(Duration::from_millis(200 * reissued));
+                    let nt = c.call_str("Async.VM.clean_shutdown", vec![json!(d.vm_ref)])?;
+                    classes = vec![
+                        json!(format!("vm/{}", d.vm_ref)),
+                        json!(format!("task/{nt}")),
+                    ];
+                    d.shutdown_task = Some(nt);
                 }
             }
         }

@@ -50,8 +50,13 @@ impl Limits {
 /// What a VM's clone will need: its memory (or its balloon target), plus QEMU's overhead.
 pub fn clone_need_bytes(cfg: &Config, vm: &VmConfig) -> u64 {
     let Some(loc) = vm.locator() else { return 0 };
+    let backend = coldclone_backends::backend_for(&loc);
+    // XAPI clones run on the pool's host, not in this machine's memory.
+    if !backend.clone_uses_local_memory() {
+        return 0;
+    }
     // An unreachable VM fails fast in the pipeline; it needs no room.
-    let Ok(info) = coldclone_backends::backend_for(&loc).inspect(&loc) else {
+    let Ok(info) = backend.inspect(&loc) else {
         return 0;
     };
     let guest = match &cfg.policy(vm).balloon {

@@ -167,12 +167,13 @@ scenario_backup() {
   local d=$OUT/backup f=$OUT/backup/checks
   echo "counter_before=$(counter g1)" >> "$f"
   # Follow the balloon target through the backup.
-  ( D=$(xl domid g1); while [ -e /tmp/sampling ]; do echo "$(since "$T0") $(xenstore-read /local/domain/$D/memory/target)"; sleep 0.5; done ) > "$d/balloon.txt" &
-  touch /tmp/sampling
+  local D; D=$(xl domid g1)
+  ( while :; do echo "$(since "$T0") $(timeout 5 xenstore-read /local/domain/$D/memory/target)"; sleep 0.5; done ) > "$d/balloon.txt" &
+  local sampler=$!
   local t=$(date +%s.%N)
   backup_retried g1 "$d"
   echo "backup_s=$(since "$t")" >> "$f"
-  rm -f /tmp/sampling; wait
+  kill $sampler 2>/dev/null
   echo "balloon_min_target_kib=$(awk '$2 ~ /^[0-9]+$/ {print $2}' "$d/balloon.txt" | sort -n | head -1)" >> "$f"
   echo "balloon_last_target_kib=$(awk '$2 ~ /^[0-9]+$/ {print $2}' "$d/balloon.txt" | tail -1)" >> "$f"
   check_archive g1 "$f"
@@ -235,12 +236,12 @@ EOF
   local t=$(date +%s.%N)
   xl create /root/h1.cfg > "$d/create.txt" 2>&1; echo "create_rc=$?" >> "$f"
   ( timeout 400 xl console h1 > "$d/console.txt" 2>&1 & )
-  for _ in $(seq 360); do grep -q 'HB a=' "$d/console.txt" 2>/dev/null && break; xl list h1 >/dev/null 2>&1 || break; sleep 1; done
+  for _ in $(seq 240); do grep -q 'HB a=' "$d/console.txt" 2>/dev/null && break; xl list h1 >/dev/null 2>&1 || break; sleep 1; done
   echo "boot_s=$(since "$t")" >> "$f"
   echo "up=$(grep -c 'HB a=' "$d/console.txt")" >> "$f"
   if grep -q 'HB a=' "$d/console.txt"; then
     t=$(date +%s.%N)
-    timeout 900 "$CC" --json backup h1 > "$d/report.json" 2> "$d/stderr.txt"; echo "rc=$?" >> "$f"
+    timeout 400 "$CC" --json backup h1 > "$d/report.json" 2> "$d/stderr.txt"; echo "rc=$?" >> "$f"
     echo "backup_s=$(since "$t")" >> "$f"
     check_archive h1 "$f"
   fi
@@ -268,5 +269,5 @@ for s in $(cat /lab/scenarios); do
   sync
 done
 dmesg > $OUT/dmesg.txt 2>&1; xl dmesg > $OUT/xl-dmesg.txt 2>&1
-mkdir -p $OUT/xen-logs; cp /var/log/xen/*.log $OUT/xen-logs/ 2>/dev/null
+mkdir -p $OUT/xen-logs; cp /var/log/xen/*.log /var/log/xen/console/*.log $OUT/xen-logs/ 2>/dev/null
 log "all done"

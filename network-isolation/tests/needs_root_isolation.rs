@@ -4,7 +4,12 @@ use network_isolation::*;
 use std::process::Command;
 
 fn sh(cmd: &str) -> bool {
-    Command::new("sh").arg("-c").arg(cmd).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 struct Ns(String);
@@ -43,12 +48,16 @@ fn needs_root_a_new_bridge_verifies_and_every_kind_of_leak_is_caught() {
     let name = format!("nit{}", std::process::id());
     let _ns = Ns(name.clone());
     assert!(create_namespace(&name).unwrap());
-    assert!(!create_namespace(&name).unwrap(), "a second create reports that it existed");
+    assert!(
+        !create_namespace(&name).unwrap(),
+        "a second create reports that it existed"
+    );
     let ns = Namespace::named(&name);
     create_bridge(&ns, "isobr").unwrap();
     assert!(sh(&format!("ip -n {name} tuntap add mode tap name t0")));
     attach_port(&ns, "isobr", "t0").unwrap();
-    let v = verify(&ns, "isobr", &["t0".to_string()]).expect("a fresh bridge with our tap verifies");
+    let v =
+        verify(&ns, "isobr", &["t0".to_string()]).expect("a fresh bridge with our tap verifies");
     assert_eq!(v.ports, vec!["t0".to_string()]);
     // No IPv6 link-local address appeared either (addrgenmode none).
     assert!(verify(&ns, "isobr", &["t0".to_string()]).is_ok());
@@ -56,7 +65,10 @@ fn needs_root_a_new_bridge_verifies_and_every_kind_of_leak_is_caught() {
     // A tap we did not expect.
     assert!(sh(&format!("ip -n {name} tuntap add mode tap name stranger && ip -n {name} link set stranger master isobr")));
     let p = problems(verify(&ns, "isobr", &["t0".to_string()]).unwrap_err());
-    assert!(p.iter().any(|x| x.contains("unexpected port stranger")), "{p:?}");
+    assert!(
+        p.iter().any(|x| x.contains("unexpected port stranger")),
+        "{p:?}"
+    );
     assert!(sh(&format!("ip -n {name} link del stranger")));
 
     // An uplink disguised as an allowed name: a veth is not a tap.
@@ -72,16 +84,22 @@ fn needs_root_a_new_bridge_verifies_and_every_kind_of_leak_is_caught() {
     assert!(sh(&format!("ip -n {name} addr flush dev isobr")));
 
     // A macvlan stacked on the bridge (a VLAN would be the same; this kernel may lack 8021q).
-    assert!(sh(&format!("ip -n {name} link add mv5 link isobr type macvlan mode bridge")));
+    assert!(sh(&format!(
+        "ip -n {name} link add mv5 link isobr type macvlan mode bridge"
+    )));
     let p = problems(verify(&ns, "isobr", &["t0".to_string()]).unwrap_err());
     assert!(p.iter().any(|x| x.contains("stacked on isobr")), "{p:?}");
     assert!(sh(&format!("ip -n {name} link del mv5")));
 
     // Forwarding switched on.
-    assert!(sh(&format!("ip netns exec {name} sh -c 'echo 1 > /proc/sys/net/ipv4/conf/isobr/forwarding'")));
+    assert!(sh(&format!(
+        "ip netns exec {name} sh -c 'echo 1 > /proc/sys/net/ipv4/conf/isobr/forwarding'"
+    )));
     let p = problems(verify(&ns, "isobr", &["t0".to_string()]).unwrap_err());
     assert!(p.iter().any(|x| x.contains("forwarding")), "{p:?}");
-    assert!(sh(&format!("ip netns exec {name} sh -c 'echo 0 > /proc/sys/net/ipv4/conf/isobr/forwarding'")));
+    assert!(sh(&format!(
+        "ip netns exec {name} sh -c 'echo 0 > /proc/sys/net/ipv4/conf/isobr/forwarding'"
+    )));
 
     // Not a bridge at all, or missing.
     let p = problems(verify(&ns, "t0", &[]).unwrap_err());

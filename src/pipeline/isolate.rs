@@ -6,9 +6,16 @@ use crate::config::IsolationConfig;
 use coldclone_backends::{CloneNetwork, Journal, Resource, VmInfo};
 use network_isolation::{self as iso, Namespace};
 
-pub fn prepare(run: &mut Run, vm: &VmInfo, cfg: &IsolationConfig) -> Result<CloneNetwork, PipelineError> {
+pub fn prepare(
+    run: &mut Run,
+    vm: &VmInfo,
+    cfg: &IsolationConfig,
+) -> Result<CloneNetwork, PipelineError> {
     // A hypervisor that owns its networks (XAPI: a network with no PIF) makes its own.
-    if let Some(net) = run.backend.isolated_network(vm, &run.id, &mut run.journal)? {
+    if let Some(net) = run
+        .backend
+        .isolated_network(vm, &run.id, &mut run.journal)?
+    {
         run.journal.milestone("isolate:bridge-ready")?;
         return Ok(net);
     }

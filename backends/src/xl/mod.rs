@@ -274,8 +274,12 @@ impl Hypervisor for XlBackend {
             .unwrap_or("run");
         let short = &run[run.len().saturating_sub(6)..];
         let image = work_dir.join("memory.xl");
-        // The memory the image will hold: the target now (after any balloon).
-        let guest_kib = memory_target_kib(x.domid)?.unwrap_or(vm.memory_bytes / 1024);
+        // The memory the image will hold: the target now (after any balloon),
+        // plus video RAM, which libxl keeps out of memory/target (HVM: 8 MiB by
+        // default; a clone given less fails with "Failed to populate physmap").
+        let videoram =
+            xs::read_u64(&format!("/local/domain/{}/memory/videoram", x.domid))?.unwrap_or(0);
+        let guest_kib = memory_target_kib(x.domid)?.unwrap_or(vm.memory_bytes / 1024) + videoram;
         let result = (|| {
             journal.will_create(&Resource::File {
                 path: image.clone(),

@@ -449,7 +449,10 @@ fn needs_xen_lab_overflowed_classic_snapshot_fails_and_archives_nothing() {
 }
 
 /// HVM under nested TCG: reported, not required (see docs/xl.md for what was seen).
+/// An HVM guest takes minutes to boot in the lab and its ACPI path was never seen to
+/// finish here, so CI leaves it out; run it with `cargo test --test xl_lab -- --ignored`.
 #[test]
+#[ignore = "HVM under nested TCG is too slow for CI; see docs/xl.md"]
 fn needs_xen_lab_hvm_guest_with_acpi_power_button() {
     let Some(s) = scenario("hvm") else { return };
     eprintln!("HVM try-out: {}", s.context());

@@ -261,6 +261,13 @@ pub fn attach_port(ns: &Namespace, bridge: &str, port: &str) -> Result<()> {
     run(c).map(|_| ())
 }
 
+/// A Xen netback vif (a guest's NIC in dom0): like a tap, it leads only to its guest.
+fn is_xen_vif(ns: &Namespace, ifname: &str) -> bool {
+    ns.0.is_none()
+        && std::fs::read_link(format!("/sys/class/net/{ifname}/device/driver"))
+            .is_ok_and(|p| p.file_name().is_some_and(|n| n == "vif"))
+}
+
 /// What [`verify`] saw.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verified {
@@ -301,7 +308,7 @@ pub fn verify(ns: &Namespace, bridge: &str, allowed_ports: &[String]) -> Result<
                 problems.push(format!("unexpected port {} on {bridge}", l.ifname));
             } else {
                 let kind = l.linkinfo.as_ref().and_then(|i| i.info_kind.as_deref());
-                if kind != Some("tun") {
+                if kind != Some("tun") && !is_xen_vif(ns, &l.ifname) {
                     problems.push(format!("port {} is not a tap (kind {kind:?})", l.ifname));
                 }
             }

@@ -12,6 +12,11 @@ pub fn run_tool(mut cmd: Command) -> Result<String> {
         command: command.clone(),
         source,
     })?;
+    tool_result(command, out)
+}
+
+/// A finished tool's stdout, or `BackendError::Tool` with its stderr when it failed.
+pub fn tool_result(command: String, out: std::process::Output) -> Result<String> {
     if !out.status.success() {
         return Err(BackendError::Tool {
             command,

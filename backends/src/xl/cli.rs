@@ -47,13 +47,7 @@ pub fn xl_bounded(args: &[&str], timeout: Duration) -> Result<String> {
             command: command.clone(),
             source,
         })?;
-    if !out.status.success() {
-        return Err(BackendError::Tool {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::util::tool_result(command, out)
 }
 
 /// One row of `xl list -v`.

@@ -322,21 +322,18 @@ pub fn load(state_dir: &Path, vm: &str, backup: &str) -> Option<AuditReport> {
 mod tests {
     use super::*;
 
-    fn have(tool: &str) -> bool {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    }
-
     #[test]
     fn partitions_are_found_and_xfs_is_checked() {
-        if !(have("sfdisk") && have("mkfs.xfs") && have("mkfs.ext4")) {
-            eprintln!(
-                "SKIPPED: sfdisk, mkfs.xfs or mkfs.ext4 missing (the README's setup installs them)"
-            );
+        // check_disk runs sfdisk, blkid, dumpe2fs, e2fsck and xfs_repair.
+        if !coldclone_testkit::require_tools(&[
+            "sfdisk",
+            "mkfs.xfs",
+            "mkfs.ext4",
+            "blkid",
+            "dumpe2fs",
+            "e2fsck",
+            "xfs_repair",
+        ]) {
             return;
         }
         let dir = std::env::temp_dir().join(format!("cc-audit-parts-{}", std::process::id()));
@@ -399,18 +396,20 @@ mod tests {
 
     #[test]
     fn a_corrupted_ext4_image_fails_and_a_fresh_one_passes() {
+        if !coldclone_testkit::require_tools(&["mkfs.ext4", "blkid", "dumpe2fs", "e2fsck"]) {
+            return;
+        }
         let dir = std::env::temp_dir().join(format!("cc-audit-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let img = dir.join("d0.raw");
+        // With the tool present, a failing mkfs is a failure, not a skip.
         let made = Command::new("mkfs.ext4")
             .args(["-q", "-F"])
             .arg(&img)
             .arg("16M")
-            .status();
-        if !made.map(|s| s.success()).unwrap_or(false) {
-            eprintln!("SKIPPED: mkfs.ext4 not available");
-            return;
-        }
+            .status()
+            .expect("run mkfs.ext4");
+        assert!(made.success(), "mkfs.ext4 failed");
         let mut images = BTreeMap::new();
         images.insert("d0".to_string(), img.clone());
         let good = examine(&images, &dir, None);

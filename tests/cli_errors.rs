@@ -56,15 +56,20 @@ fn assert_nothing_created(d: &Path, cfg: &Path) {
             .unwrap_or(0);
         assert_eq!(n, 0, "{sub} is not empty");
     }
+    // Every caller made the repository first: a `snapshots` that fails would
+    // hide a recorded backup, so it must succeed.
     let o = run(cfg, &["--json", "snapshots"]);
-    if o.status.success() {
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert_eq!(
-            v.as_array().map(Vec::len),
-            Some(0),
-            "a snapshot was recorded"
-        );
-    }
+    assert!(
+        o.status.success(),
+        "snapshots failed, so nothing could be checked: {}",
+        stderr(&o)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("snapshots JSON");
+    assert_eq!(
+        v.as_array().map(Vec::len),
+        Some(0),
+        "a snapshot was recorded"
+    );
 }
 
 #[test]
@@ -161,9 +166,7 @@ fn a_missing_password_or_repository_is_explained() {
 
 #[test]
 fn needs_root_an_unwritable_repository_is_refused_before_the_vm_is_touched() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root to make a read-only bind mount");
+    if !coldclone_testkit::require_root_and_tools("a read-only bind mount", &["mount", "umount"]) {
         return;
     }
     let d = dir("rorepo");

@@ -147,10 +147,35 @@ fn needs_root_qemu_three_vms_a_budget_for_two_clones_and_balloons() {
         .find_map(|l| l.get("summary"))
         .expect("a summary line");
     assert_eq!(summary["ok"], 3);
-    // Never more than two clones alive at once; and two did run side by side.
+    // The budget fits two clones: never three alive at once (journal timestamps).
     let spans = clone_lifetimes(&setup);
     assert_eq!(spans.len(), 3, "{spans:?}");
-    assert_eq!(max_overlap(&spans), 2, "clone lifetimes {spans:?}");
+    let clones = max_overlap(&spans);
+    assert!(
+        (1..=2).contains(&clones),
+        "{clones} clones alive at once, the budget fits 2: {spans:?}"
+    );
+    // Two backups ran side by side and the third waited for one of them to
+    // end: an order of events the scheduler makes, not a matter of speed.
+    let mut runs: Vec<(f64, f64)> = reports
+        .iter()
+        .map(|r| {
+            (
+                r["started_at"].as_f64().expect("started_at"),
+                r["finished_at"].as_f64().expect("finished_at"),
+            )
+        })
+        .collect();
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert_eq!(max_overlap(&runs), 2, "backup runs {runs:?}");
+    assert!(
+        runs[1].0 < runs[0].1,
+        "the second backup did not start before the first ended: {runs:?}"
+    );
+    assert!(
+        runs[2].0 >= runs[0].1.min(runs[1].1),
+        "the third backup started before either of the first two ended: {runs:?}"
+    );
     // Balloons: down during the run, back after.
     let low = lowest.lock().unwrap().clone();
     for (i, l) in low.iter().enumerate() {
@@ -214,22 +239,90 @@ fn needs_root_qemu_a_second_run_meets_the_lock_or_waits_for_it() {
         e.contains("another coldclone backup is running") && e.contains("--wait"),
         "{e}"
     );
-    // --wait blocks until the lock is free, then recovers the first run's leftovers and backs up.
-    let waiting = setup
+    // --wait blocks while the lock is held: it says it waits, and then neither
+    // exits nor starts a run of its own as long as the holder lives.
+    let holder = first.id();
+    // The pid of the run holding the lock, as take_run_lock writes it.
+    let lock_pid = || {
+        std::fs::read_to_string(setup.state.join("coldclone.lock"))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let waiting_log = dir.path().join("waiting.stderr");
+    let mut waiting = setup
         .command(Some(&net.ns), &["--json", "backup", "--all", "--wait"])
+        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&waiting_log).expect("waiting.stderr"))
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // `ip netns exec` execs coldclone in place: this is coldclone's pid.
+    let waiter = waiting.id();
+    wait_until(
+        "the --wait run to find the lock held",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&waiting_log)
+                .unwrap_or_default()
+                .contains("waiting for it to finish")
+        },
+    );
+    let journals = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(setup.state.join("journal"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let held = journals();
+    assert_eq!(held.len(), 1, "the holder's run journal: {held:?}");
+    // Give a --wait that did not block every chance to show it: it would exit,
+    // or take the lock and start a run (a second journal) within this time.
+    // A slow host can only make this check weaker, never make it fail.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        waiting.try_wait().expect("try_wait").is_none(),
+        "--wait returned while the lock was held: {}",
+        std::fs::read_to_string(&waiting_log).unwrap_or_default()
+    );
+    assert_eq!(journals(), held, "--wait started a run while the lock was held");
+    assert_eq!(
+        lock_pid(),
+        holder.to_string(),
+        "the lock changed hands while the holder lived"
+    );
+    let released_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
     first.kill().unwrap();
     let _ = first.wait();
+    // Released, it takes the lock, recovers the first run's leftovers and backs up.
     let out = waiting.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        std::fs::read_to_string(&waiting_log).unwrap_or_default()
+    );
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v.get("vm").is_some()))
+        .expect("the --wait run's report");
+    assert_eq!(report["status"], "ok", "{report}");
+    let started = report["started_at"].as_f64().expect("started_at");
+    assert!(
+        started >= released_at,
+        "the --wait run's backup started at {started}, before the lock was released at {released_at}"
+    );
+    assert_eq!(
+        lock_pid(),
+        waiter.to_string(),
+        "the --wait run never took the lock"
     );
     assert_eq!(setup.snapshots().len(), 1);
     assert_restored_disk_is_clean(&setup, None);
@@ -343,9 +436,44 @@ fn needs_root_qemu_reports_table_and_metrics_when_one_vm_fails() {
         text.contains("2 VM(s): 1 ok, 1 failed, 0 skipped"),
         "{text}"
     );
-    // The second run's failure keeps good's earlier success time moving forward, broken's absent.
+    // The second run: good's last success time moves forward to its new
+    // backup; broken's stays absent, its run still failed.
     let prom2 = std::fs::read_to_string(&metrics).unwrap();
-    assert!(prom2.contains("coldclone_last_run_success{vm=\"broken\"} 0"));
+    let t2: f64 = prom2
+        .lines()
+        .find(|l| l.starts_with("coldclone_last_success_timestamp_seconds{vm=\"good\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("good's last success after the second run: {prom2}"));
+    assert!(
+        t2 > t,
+        "good's last success did not move forward: {t} then {t2}"
+    );
+    // It is the second backup's time: not before the newest of good's two snapshots.
+    let good_times: Vec<i64> = setup
+        .snapshots()
+        .iter()
+        .filter(|s| s["vm"] == "good")
+        .filter_map(|s| s["time_unix"].as_i64())
+        .collect();
+    assert_eq!(good_times.len(), 2, "good's snapshots: {good_times:?}");
+    let newest = good_times.iter().copied().max().unwrap_or(i64::MAX) as f64;
+    assert!(
+        t2 >= newest && newest >= t.floor(),
+        "good's last success ({t2}) is not the newest backup's ({newest}; the first ended at {t})"
+    );
+    assert!(
+        prom2.contains("coldclone_last_run_success{vm=\"good\"} 1"),
+        "{prom2}"
+    );
+    assert!(
+        prom2.contains("coldclone_last_run_success{vm=\"broken\"} 0"),
+        "{prom2}"
+    );
+    assert!(
+        !prom2.contains("coldclone_last_success_timestamp_seconds{vm=\"broken\"}"),
+        "{prom2}"
+    );
     vm.assert_unharmed();
     setup.assert_nothing_left(&net);
 }

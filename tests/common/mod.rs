@@ -21,37 +21,22 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 /// Tests named `needs_root_qemu_*` need root, QEMU, iproute2 and tcpdump.
-/// They skip (with the reason printed) only where these cannot exist; CI has them.
+/// Through coldclone-testkit: in CI a missing one fails the test; elsewhere
+/// the test is recorded as skipped (scripts/test.sh counts it), never passed.
 pub fn rig_available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root (network namespaces, bridges, taps)");
-        return false;
-    }
-    for t in [
-        "qemu-system-x86_64",
-        "qemu-img",
-        "ip",
-        "tcpdump",
-        "e2fsck",
-        "debugfs",
-    ] {
-        if !have(t) {
-            eprintln!("SKIPPED: {t} is not installed (the README's test command installs it)");
-            return false;
-        }
-    }
-    true
+    coldclone_testkit::require_root_and_tools(
+        "network namespaces, bridges, taps",
+        &[
+            "qemu-system-x86_64",
+            "qemu-img",
+            "ip",
+            "tcpdump",
+            "e2fsck",
+            "dumpe2fs",
+            "debugfs",
+        ],
+    )
 }
 
 pub fn workspace_root() -> PathBuf {
@@ -360,11 +345,13 @@ impl Vm {
     /// Running, advancing its counter, on its one image: the original is unharmed.
     pub fn assert_unharmed(&self) {
         assert_eq!(self.status(), "running", "the original is not running");
+        // Any advance shows the writer runs; how fast it runs under load is no
+        // property (the bound only keeps a stuck guest from hanging the test).
         let before = self.counter();
         wait_until(
             "the original's counter to advance",
-            Duration::from_secs(20),
-            || self.counter() > before + 10,
+            Duration::from_secs(120),
+            || self.counter() > before,
         );
         assert_eq!(
             self.active_image(),

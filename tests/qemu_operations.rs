@@ -36,7 +36,7 @@ fn clone_lifetimes(setup: &Setup) -> Vec<(f64, f64)> {
                 .find(|x| x["op"] == "removed" && x["id"] == id)
                 .and_then(|x| x["at"].as_f64())
                 .expect("a clone in a finished run was removed");
-            out.push((c["at"].as_f64().unwrap_or(0.0), end));
+            out.push((c["at"].as_f64().expect("a clone's creation time"), end));
         }
     }
     out

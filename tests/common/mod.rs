@@ -495,12 +495,16 @@ impl Setup {
                 .unwrap_or_default();
             assert!(left.is_empty(), "{} still holds {left:?}", d.display());
         }
-        let clones = sh("pgrep -af coldclone-clone- | grep -v pgrep || true");
-        assert!(
-            String::from_utf8_lossy(&clones.stdout).trim().is_empty(),
-            "clone processes left: {}",
-            String::from_utf8_lossy(&clones.stdout)
-        );
+        // This setup's clones only: their command lines name overlays in its
+        // state folder. Other tests' and other hosts' clones are not ours to judge.
+        let clones = sh("pgrep -af coldclone-clone- || true");
+        let state = self.state.display().to_string();
+        let ours: Vec<String> = String::from_utf8_lossy(&clones.stdout)
+            .lines()
+            .filter(|l| l.contains(&state) && !l.contains("pgrep"))
+            .map(str::to_string)
+            .collect();
+        assert!(ours.is_empty(), "clone processes left: {ours:?}");
         let ours: Vec<String> = net
             .links()
             .into_iter()

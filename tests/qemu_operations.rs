@@ -289,7 +289,11 @@ fn needs_root_qemu_a_second_run_meets_the_lock_or_waits_for_it() {
         "--wait returned while the lock was held: {}",
         std::fs::read_to_string(&waiting_log).unwrap_or_default()
     );
-    assert_eq!(journals(), held, "--wait started a run while the lock was held");
+    assert_eq!(
+        journals(),
+        held,
+        "--wait started a run while the lock was held"
+    );
     assert_eq!(
         lock_pid(),
         holder.to_string(),
@@ -311,7 +315,11 @@ fn needs_root_qemu_a_second_run_meets_the_lock_or_waits_for_it() {
     );
     let report = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v.get("vm").is_some()))
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(|v| v.get("vm").is_some())
+        })
         .expect("the --wait run's report");
     assert_eq!(report["status"], "ok", "{report}");
     let started = report["started_at"].as_f64().expect("started_at");

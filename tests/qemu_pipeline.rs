@@ -80,7 +80,10 @@ fn assert_durations_consistent(report: &Value, observed: Duration) {
     }
     let sum: u64 = steps.iter().map(|k| ms(k)).sum::<u64>() + ms("cleanup");
     let total = ms("total");
-    assert!(sum <= total, "the steps ({sum} ms) exceed the total ({total} ms): {d}");
+    assert!(
+        sum <= total,
+        "the steps ({sum} ms) exceed the total ({total} ms): {d}"
+    );
     assert!(
         u128::from(total) <= observed.as_millis(),
         "the report's total {total} ms is longer than the command ran ({} ms)",
@@ -96,7 +99,9 @@ fn assert_durations_consistent(report: &Value, observed: Duration) {
         ms("checkpoint")
     );
     let split = &report["original_pause"];
-    let disk = split["disk_snapshot_ms"].as_f64().expect("disk_snapshot_ms");
+    let disk = split["disk_snapshot_ms"]
+        .as_f64()
+        .expect("disk_snapshot_ms");
     let mem = split["memory_ms"].as_f64().expect("memory_ms");
     assert!(
         disk > 0.0 && disk <= pause,
@@ -118,7 +123,10 @@ fn assert_durations_consistent(report: &Value, observed: Duration) {
         report["started_at"].as_f64().expect("started_at"),
         report["finished_at"].as_f64().expect("finished_at"),
     );
-    assert!(started > 0.0 && finished >= started, "{started} .. {finished}");
+    assert!(
+        started > 0.0 && finished >= started,
+        "{started} .. {finished}"
+    );
 }
 
 #[test]

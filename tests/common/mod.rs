@@ -482,6 +482,13 @@ impl Setup {
     /// Nothing of any run is left: no journal, no work folder, no clone, no
     /// coldclone interface in the namespace.
     pub fn assert_nothing_left(&self, net: &TestNet) {
+        // Every caller ran a backup first, which keeps its journal here: a
+        // missing folder means the check looks in the wrong place.
+        assert!(
+            self.state.join("journal/done").is_dir(),
+            "no finished run's journal in {}: nothing to check",
+            self.state.display()
+        );
         for sub in ["journal", "runs"] {
             let d = self.state.join(sub);
             // Finished runs' journals move to journal/done: a record, not a leftover.
@@ -574,7 +581,8 @@ pub fn assert_restored_disk_is_clean(setup: &Setup, snapshot: Option<&str>) -> u
     assert!(!a.is_empty(), "a.txt is empty in the backup");
     assert_eq!(a, b, "the two counters differ: a torn copy");
     let _ = std::fs::remove_file(&img);
-    a.parse().unwrap_or(0)
+    a.parse()
+        .unwrap_or_else(|_| panic!("a.txt in the backup is not a counter: {a:?}"))
 }
 
 /// Captures ICMP echo requests from `src` on the original's bridge.

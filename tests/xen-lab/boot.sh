@@ -25,4 +25,4 @@ QEMU=(qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2
   -drive "file=$WORK/lvm.img,if=virtio,format=raw"
   -virtfs "local,path=$SHARE,mount_tag=lab,security_model=none,id=lab")
 if [ ! -f "$SHARE/run.sh" ] && [ -t 0 ]; then exec "${QEMU[@]}"; fi
-timeout "${LAB_TIMEOUT:-1800}" "${QEMU[@]}" </dev/null >"$WORK/serial.log" 2>&1
+timeout "${LAB_TIMEOUT:-3600}" "${QEMU[@]}" </dev/null >"$WORK/serial.log" 2>&1

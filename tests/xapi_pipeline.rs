@@ -4,7 +4,7 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use xapi_sim::{Faults, Sim, VmSpec};
+use xapi_sim::{At, Faults, Sim, VmSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_coldclone");
 
@@ -130,7 +130,97 @@ impl Rig {
             })
             .unwrap_or(0);
         assert_eq!(journals, 0, "open journals left");
+        let work_dirs: Vec<PathBuf> = std::fs::read_dir(self.dir.0.join("state/runs"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(work_dirs.is_empty(), "run work dirs left: {work_dirs:?}");
     }
+
+    /// web1's backups as `coldclone snapshots` lists them; the command must work.
+    fn snapshots(&self) -> Vec<Value> {
+        let o = self.run(&["--json", "snapshots"]);
+        assert!(
+            o.status.success(),
+            "snapshots failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let all: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "snapshots prints JSON ({e}): {}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+        });
+        all.as_array()
+            .expect("snapshots lists an array")
+            .iter()
+            .filter(|s| s["vm"] == "web1")
+            .cloned()
+            .collect()
+    }
+
+    /// `coldclone check --read-data` passes, with no error and no warning.
+    fn assert_repository_sound(&self, ctx: &str) {
+        let o = self.run(&["--json", "check", "--read-data"]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{ctx}: check: {text} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: Value = serde_json::from_str(&text).expect("check prints JSON");
+        assert_eq!(v["ok"], Value::Bool(true), "{ctx}: {v}");
+        assert_eq!(v["errors"], serde_json::json!([]), "{ctx}: {v}");
+    }
+
+    /// The finished runs' journals (state/journal/done), oldest first: each
+    /// names web1 and has every resource it created removed again.
+    fn finished_runs(&self) -> Vec<Vec<Value>> {
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> =
+            std::fs::read_dir(self.dir.0.join("state/journal/done"))
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                        .collect()
+                })
+                .unwrap_or_default();
+        files.sort();
+        files
+            .iter()
+            .map(|(_, p)| {
+                let entries: Vec<Value> = std::fs::read_to_string(p)
+                    .expect("a finished journal")
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                assert!(
+                    entries
+                        .iter()
+                        .any(|e| e["op"] == "start" && e["vm"] == "web1"),
+                    "{}: a run of web1",
+                    p.display()
+                );
+                let removed: Vec<&Value> = entries
+                    .iter()
+                    .filter(|e| e["op"] == "removed")
+                    .map(|e| &e["id"])
+                    .collect();
+                let open: Vec<&Value> = entries
+                    .iter()
+                    .filter(|e| e["op"] == "create" && !removed.contains(&&e["id"]))
+                    .map(|e| &e["resource"])
+                    .collect();
+                assert!(open.is_empty(), "{}: never removed: {open:?}", p.display());
+                entries
+            })
+            .collect()
+    }
+}
+
+/// How often a run's journal records `name`.
+fn milestones(run: &[Value], name: &str) -> usize {
+    run.iter()
+        .filter(|e| e["op"] == "milestone" && e["name"] == name)
+        .count()
 }
 
 fn find<'a>(report: &'a Value, key: &str) -> Option<&'a Value> {
@@ -183,6 +273,13 @@ fn xapi_backup_through_the_binary_archives_the_clean_clone() {
     );
     let halted = halted_images(&r.sim);
     assert_eq!(halted.len(), 2);
+    let snaps = r.snapshots();
+    let listed: Vec<&str> = snaps.iter().filter_map(|s| s["disk"].as_str()).collect();
+    assert_eq!(listed, ["xvda", "xvdb"], "both disks are listed");
+    let runs = r.finished_runs();
+    assert_eq!(runs.len(), 1, "the run's journal is kept in the history");
+    assert_eq!(milestones(&runs[0], "archive:disk-stored"), 2);
+    r.assert_repository_sound("after a good run");
     for disk in ["xvda", "xvdb"] {
         let got = restore(&r, disk, &r.dir.0.join(format!("{disk}.raw")));
         assert!(
@@ -220,10 +317,15 @@ fn xapi_failed_run_through_the_binary_leaves_nothing() {
         "a clear message: {text}"
     );
     r.assert_clean();
-    let o = r.run(&["--json", "snapshots"]);
+    assert_eq!(r.snapshots(), Vec::<Value>::new(), "no backup stored");
+    let runs = r.finished_runs();
+    assert_eq!(runs.len(), 1, "the failed run's journal is in the history");
+    assert_eq!(milestones(&runs[0], "archive:disk-stored"), 0);
     assert!(
-        !String::from_utf8_lossy(&o.stdout).contains("web1"),
-        "no backup stored"
+        r.sim.fired().iter().all(|f| f.fault == "fail_method")
+            && r.sim.fired().iter().any(|f| f.at.method == "VM.unpause"),
+        "the fault fired: {:?}",
+        r.sim.fired()
     );
 }
 
@@ -237,6 +339,90 @@ fn xapi_hvm_guest_without_tools_is_refused_with_the_reason() {
     let text = format!("{report}{stderr}");
     assert!(text.contains("no ACPI power-button call"), "{text}");
     r.assert_clean();
+    assert_eq!(r.snapshots(), Vec::<Value>::new(), "no backup stored");
+    assert_eq!(r.finished_runs().len(), 1);
+}
+
+/// A journal under `dir` records `name` at least `times` times.
+fn journal_reached(dir: &Path, name: &str, times: usize) -> bool {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten().any(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .matches(&format!("\"name\":\"{name}\""))
+                    .count()
+                    >= times
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until `reached`, failing should the run end first.
+fn wait_for(child: &mut std::process::Child, what: &str, reached: impl Fn() -> bool) {
+    while !reached() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("coldclone ended ({status}) before {what}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+impl Rig {
+    fn spawn_backup(&self, halt_at: Option<&str>) -> std::process::Child {
+        let mut c = Command::new(BIN);
+        c.arg("--config")
+            .arg(&self.cfg)
+            .args(["--json", "backup"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(step) = halt_at {
+            c.env("COLDCLONE_TEST_HALT_AT", step);
+        }
+        c.spawn().expect("spawn coldclone")
+    }
+
+    /// After a kill -9: `recover` succeeds and logs out of every session it
+    /// opens, the killed run's own session being all that is left (xapi's GC
+    /// removes it after 24 hours). Returns what `recover` removed.
+    fn recover_after_kill(&self, ctx: &str) -> Value {
+        let before: Vec<String> = self.sim.state().sessions.keys().cloned().collect();
+        assert_eq!(
+            before.len(),
+            1,
+            "{ctx}: the killed run held one session: {before:?}"
+        );
+        let o = self.run(&["--json", "recover"]);
+        assert!(
+            o.status.success(),
+            "{ctx}: recover: {} {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let after: Vec<String> = self.sim.state().sessions.keys().cloned().collect();
+        assert_eq!(
+            after, before,
+            "{ctx}: recover logged out of its own sessions"
+        );
+        serde_json::from_slice(&o.stdout).expect("recover prints JSON")
+    }
+
+    /// A killed process cannot destroy a task it was waiting on (at most one:
+    /// its clean-shutdown request or the export it was reading); xapi's GC
+    /// removes completed tasks after 65 minutes. Everything journaled is gone already.
+    fn gc_after_kill(&self, ctx: &str) {
+        let tasks = self.sim.state().tasks.len();
+        assert!(tasks <= 1, "{ctx}: {tasks} tasks left");
+        assert!(
+            self.sim
+                .state()
+                .tasks
+                .values()
+                .all(|t| t.status != "pending"),
+            "{ctx}: a pending task"
+        );
+        self.sim.gc_completed_tasks_and_idle_sessions();
+    }
 }
 
 #[test]
@@ -254,64 +440,142 @@ fn xapi_kill_9_at_every_step_then_recover_leaves_nothing() {
         "archive:disk-stored",
     ];
     let journal_dir = r.dir.0.join("state/journal");
-    for step in steps {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(&r.cfg)
-            .args(["--json", "backup"])
-            .env("COLDCLONE_TEST_HALT_AT", step)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn coldclone");
-        let t = std::time::Instant::now();
-        let reached = || {
-            std::fs::read_dir(&journal_dir)
-                .map(|d| {
-                    d.flatten().any(|e| {
-                        std::fs::read_to_string(e.path())
-                            .unwrap_or_default()
-                            .contains(&format!("\"name\":\"{step}\""))
-                    })
-                })
-                .unwrap_or(false)
-        };
-        while !reached() {
-            assert!(
-                t.elapsed() < std::time::Duration::from_secs(60),
-                "coldclone never reached {step}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+    for (i, step) in steps.iter().enumerate() {
+        let ctx = format!("killed at {step}");
+        let mut child = r.spawn_backup(Some(step));
+        wait_for(&mut child, step, || journal_reached(&journal_dir, step, 1));
         child.kill().expect("kill -9");
         let _ = child.wait();
-        let o = r.run(&["--json", "recover"]);
-        assert!(
-            o.status.success(),
-            "recover after a kill at {step}: {} {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        // A killed process cannot log out, nor destroy a task it was waiting on
-        // (at most one: its clean-shutdown request); xapi's GC removes both
-        // (completed tasks after 65 minutes). Everything journaled is gone already.
-        let tasks = r.sim.state().tasks.len();
-        assert!(tasks <= 1, "killed at {step}: {tasks} tasks left");
-        assert!(
-            r.sim.state().tasks.values().all(|t| t.status != "pending"),
-            "killed at {step}: a pending task"
-        );
-        r.sim.gc_completed_tasks_and_idle_sessions();
+        r.recover_after_kill(&ctx);
+        r.gc_after_kill(&ctx);
         r.assert_clean();
-        let o = r.run(&["--json", "snapshots"]);
-        assert!(
-            !String::from_utf8_lossy(&o.stdout).contains("\"web1\""),
-            "a killed run left a backup visible (killed at {step})"
+        assert_eq!(
+            r.snapshots(),
+            Vec::<Value>::new(),
+            "a killed run left a backup visible ({ctx})"
         );
+        assert_eq!(
+            r.finished_runs().len(),
+            i + 1,
+            "{ctx}: the recovered run's journal is in the history"
+        );
+        r.assert_repository_sound(&ctx);
     }
     let (ok, report, stderr) = r.backup();
     assert!(ok, "a normal backup still works: {stderr} {report}");
     r.assert_clean();
+    assert_eq!(r.snapshots().len(), 1);
+}
+
+fn disks(n: usize) -> Vec<u64> {
+    [512 << 10, 256 << 10, 320 << 10][..n].to_vec()
+}
+
+#[test]
+fn xapi_multi_disk_vm_failing_at_a_later_disk_withdraws_the_whole_backup() {
+    for (n, k) in [(2, 2), (3, 2), (3, 3)] {
+        let ctx = format!("{n} disks, disk {k}'s export failing");
+        let r = rig(&format!("multifail{n}{k}"), VmSpec::new("web01", &disks(n)));
+        // Disk k's export fails on every attempt; the disks before it were stored.
+        r.sim.set_faults(Faults {
+            fail_from: Some(At::new("export_raw_vdi", k as u64)),
+            ..Faults::default()
+        });
+        let (ok, report, stderr) = r.backup();
+        assert!(!ok, "{ctx}: the run must fail: {report}");
+        let e = report["error"].as_str().unwrap_or_default();
+        assert!(
+            e.contains("exporting VDI") && e.contains("failed after 3 attempts"),
+            "{ctx}: the export's failure is named: {report} {stderr}"
+        );
+        let fired = r.sim.fired();
+        assert!(
+            !fired.is_empty()
+                && fired
+                    .iter()
+                    .all(|f| f.fault == "fail_from" && f.at.occurrence >= k as u64),
+            "{ctx}: the fault fired at disk {k}'s export: {fired:?}"
+        );
+        let runs = r.finished_runs();
+        assert_eq!(runs.len(), 1, "{ctx}");
+        assert_eq!(
+            milestones(&runs[0], "archive:disk-stored"),
+            k - 1,
+            "{ctx}: the disks before it were stored, then withdrawn"
+        );
+        assert_eq!(
+            r.snapshots(),
+            Vec::<Value>::new(),
+            "{ctx}: no backup listed"
+        );
+        r.assert_repository_sound(&ctx);
+        r.assert_clean();
+        // The host is fine: the next run stores every disk.
+        r.sim.set_faults(Faults::default());
+        let (ok, report, stderr) = r.backup();
+        assert!(ok, "{ctx}: the next backup works: {stderr} {report}");
+        assert_eq!(r.snapshots().len(), n, "{ctx}: all {n} disks listed");
+        r.assert_repository_sound(&ctx);
+        r.assert_clean();
+    }
+}
+
+#[test]
+fn xapi_multi_disk_vm_killed_between_its_disks_is_withdrawn_by_recover() {
+    for (n, k) in [(2, 1), (3, 1), (3, 2)] {
+        let ctx = format!("{n} disks, killed after disk {k} was stored");
+        let r = rig(&format!("multikill{n}{k}"), VmSpec::new("web01", &disks(n)));
+        let journal_dir = r.dir.0.join("state/journal");
+        // Disk k+1's export waits: the run is between its disks' archive steps.
+        r.sim.set_faults(Faults {
+            hold_exports_from: Some(k as u64 + 1),
+            ..Faults::default()
+        });
+        let mut child = r.spawn_backup(None);
+        wait_for(
+            &mut child,
+            &format!("disk {k} stored, the next export held"),
+            || {
+                journal_reached(&journal_dir, "archive:disk-stored", k)
+                    && r.sim.state().exports_held == 1
+            },
+        );
+        assert!(
+            !journal_reached(&journal_dir, "archive:disk-stored", k + 1),
+            "{ctx}: disk {} was not stored",
+            k + 1
+        );
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+        // The held export goes on to a dead connection and fails.
+        r.sim.set_faults(Faults::default());
+        while r.sim.state().exports_held > 0
+            || r.sim.state().tasks.values().any(|t| t.status == "pending")
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let recovered = r.recover_after_kill(&ctx);
+        let removed = recovered.to_string();
+        assert!(
+            removed.contains("\"repository_backup\""),
+            "{ctx}: recover withdrew the partial backup: {recovered}"
+        );
+        r.gc_after_kill(&ctx);
+        r.assert_clean();
+        assert_eq!(
+            r.snapshots(),
+            Vec::<Value>::new(),
+            "{ctx}: no backup listed"
+        );
+        r.assert_repository_sound(&ctx);
+        let runs = r.finished_runs();
+        assert_eq!(runs.len(), 1, "{ctx}");
+        assert_eq!(milestones(&runs[0], "archive:disk-stored"), k, "{ctx}");
+        let (ok, report, stderr) = r.backup();
+        assert!(ok, "{ctx}: the next backup works: {stderr} {report}");
+        assert_eq!(r.snapshots().len(), n, "{ctx}: all {n} disks listed");
+        r.assert_clean();
+    }
 }
 
 #[test]

@@ -13,7 +13,15 @@ use coldclone_repository::{
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use xapi_sim::{Faults, Sim, VmSpec};
+use xapi_sim::{At, Faults, Fired, Sim, VmSpec};
+
+/// The backend's milestones in a good run, in order.
+const MILESTONES: [&str; 4] = [
+    "checkpoint:disks-snapshotted",
+    "isolate:xapi-network-ready",
+    "restore:clone-created",
+    "restore:memory-loaded",
+];
 
 #[derive(Debug, Default)]
 struct TestJournal {
@@ -120,6 +128,9 @@ struct Archived {
     disk: String,
     vdi_uuid: String,
     snapshot: String,
+    /// Chunks the repository had to store (not found already).
+    new_chunks: u64,
+    stored_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -197,6 +208,8 @@ fn backup(r: &Rig, run_id: &str, stop_timeout: Duration) -> RunResult {
                     .trim_start_matches("xapi:vdi/")
                     .to_string(),
                 snapshot: s.snapshot_id,
+                new_chunks: s.new_chunks,
+                stored_bytes: s.stored_bytes,
             });
         }
         Ok(out)
@@ -220,9 +233,11 @@ fn backup(r: &Rig, run_id: &str, stop_timeout: Duration) -> RunResult {
 
 /// Nothing of any run is left on the host, and the original runs.
 fn assert_clean(r: &Rig, context: &str) {
-    // Tasks a failed call abandoned finish in the simulator's own time.
+    // Tasks a failed call abandoned finish in the simulator's own time (its
+    // threads) and are dropped: wait for that, however loaded the machine;
+    // the bound only ends the wait for a task left behind, which fails below.
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(2) && !r.sim.state().tasks.is_empty() {
+    while t.elapsed() < Duration::from_secs(120) && !r.sim.state().tasks.is_empty() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let st = r.sim.state();
@@ -280,7 +295,12 @@ fn assert_clean(r: &Rig, context: &str) {
 
 /// Each archived disk, restored, equals the clone's disk as its guest left it.
 fn assert_archive_matches(r: &Rig, archived: &[Archived], ctx: &str) {
-    assert_eq!(archived.len(), DISKS.len(), "{ctx}");
+    let disks = r.sim.state().vms[&r.vm_ref].vbds.len();
+    assert_eq!(
+        archived.len(),
+        disks,
+        "{ctx}: every disk of the VM is archived"
+    );
     for a in archived {
         let halted = r
             .sim
@@ -311,8 +331,17 @@ fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
     let r = rig("happy", VmSpec::new("web1", &DISKS));
     let out = backup(&r, "run1", Duration::from_secs(30));
     assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_eq!(
+        out.journal.milestones, MILESTONES,
+        "the backend's milestones, in order"
+    );
     let archived = out.archived.expect("the backup succeeds");
     assert_eq!(archived.len(), 2);
+    assert_eq!(
+        archived.iter().map(|a| a.disk.as_str()).collect::<Vec<_>>(),
+        ["xvda", "xvdb"],
+        "disks keep their userdevice names"
+    );
     for a in &archived {
         let halted = r
             .sim
@@ -364,37 +393,95 @@ fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
     assert_clean(&r, "after a good run");
 }
 
-#[test]
-fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
-    // Count the calls of a good run, then fail each one in turn on a fresh host.
-    let total = {
-        let r = rig("count", VmSpec::new("db1", &SMALL));
+/// The calls every run makes, however fast or slow the host answers: a task
+/// is polled until it is done (at least once each), the wait for the clone's
+/// shutdown looks at least once (one `event.from`, one power state). The
+/// further polls depend on timing and are left out, so that every call listed
+/// here, as its method's occurrence, happens in every run.
+fn certain_calls(seq: &[At]) -> Vec<At> {
+    let mut kept: Vec<&str> = vec![];
+    let (mut in_wait, mut wait_power_seen, mut prev) = (false, false, "");
+    for c in seq {
+        let m = c.method.as_str();
+        let keep = match m {
+            "event.from" if in_wait => false,
+            "event.from" => {
+                in_wait = true;
+                wait_power_seen = false;
+                true
+            }
+            "VM.get_power_state" if in_wait => !std::mem::replace(&mut wait_power_seen, true),
+            "task.get_record" => !in_wait && prev != "task.get_record",
+            _ => {
+                in_wait = false;
+                true
+            }
+        };
+        if keep {
+            kept.push(m);
+        }
+        prev = m;
+    }
+    let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+    kept.into_iter()
+        .map(|m| {
+            let n = seen.entry(m).or_insert(0);
+            *n += 1;
+            At::new(m, *n)
+        })
+        .collect()
+}
+
+/// The certain calls of a fault-free run (two runs agree on them).
+fn baseline_calls(disks: &[u64]) -> Vec<At> {
+    let run = |tag: &str| {
+        let r = rig(tag, VmSpec::new("db1", disks));
         let out = backup(&r, "count", Duration::from_secs(30));
         out.archived.expect("the baseline run succeeds");
-        r.sim.calls()
+        assert_eq!(out.journal.milestones, MILESTONES);
+        assert!(r.sim.fired().is_empty(), "no fault in a baseline");
+        certain_calls(&r.sim.call_sequence())
     };
+    let (a, b) = (run("count-a"), run("count-b"));
+    assert_eq!(a, b, "two fault-free runs make the same certain calls");
+    a
+}
+
+/// The injected fault fired exactly once, where it was put.
+fn assert_fired(r: &Rig, fault: &str, at: &At, ctx: &str) -> Fired {
+    let fired = r.sim.fired();
+    assert!(
+        fired.len() == 1 && fired[0].fault == fault && fired[0].at == *at,
+        "{ctx}: the fault must fire once, at {at}; fired: {fired:?}"
+    );
+    fired[0].clone()
+}
+
+#[test]
+fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
+    // Every call of a good run, as its method's occurrence, fails in turn on a fresh host.
+    let calls = baseline_calls(&SMALL);
     let (mut failed, mut absorbed, mut recovered) = (0, vec![], 0);
-    let mut last_call = String::new();
-    for n in 1..=total {
+    for at in &calls {
         let r = rig("fault", VmSpec::new("db1", &SMALL));
         r.sim.set_faults(Faults {
-            fail_call: Some(n),
+            fail_at: Some(at.clone()),
             ..Faults::default()
         });
-        let t = Instant::now();
-        let out = backup(&r, &format!("f{n}"), Duration::from_secs(10));
-        let took = t.elapsed();
-        let called = r
-            .sim
-            .state()
-            .call_log
-            .get(n as usize - 1)
-            .cloned()
-            .unwrap_or_default();
-        let ctx = format!("fault at call {n} ({called})");
-        if took > Duration::from_secs(1) {
-            eprintln!("{ctx}: the run took {took:?}");
-        }
+        let out = backup(&r, "f", Duration::from_secs(10));
+        let fired = assert_fired(&r, "fail_at", at, &format!("fault at {at}"));
+        let ctx = format!("fault at {at} (call {} of the run)", fired.call);
+        assert!(
+            MILESTONES.starts_with(
+                &out.journal
+                    .milestones
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+            ),
+            "{ctx}: milestones in order: {:?}",
+            out.journal.milestones
+        );
         match &out.archived {
             Err(e) => {
                 failed += 1;
@@ -404,10 +491,11 @@ fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
                 );
             }
             // A failure the backend absorbs (task.destroy is tried twice, a
-            // failed logout or a check after the fact does not spoil the
-            // data): then the backup must be exactly right.
+            // failed logout, a retried export, a check after the fact does
+            // not spoil the data): then the backup must be exactly right.
             Ok(archived) => {
-                absorbed.push(called.clone());
+                absorbed.push(at.to_string());
+                assert_eq!(out.journal.milestones, MILESTONES, "{ctx}");
                 assert_archive_matches(&r, archived, &ctx);
             }
         }
@@ -426,52 +514,41 @@ fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
         }
         assert!(out.journal.open.is_empty(), "{ctx}: journal entries left");
         assert_clean(&r, &ctx);
-        last_call = called;
     }
     eprintln!(
-        "{total} calls: {failed} faults failed the run cleanly, {} were absorbed: {absorbed:?}, {recovered} needed `recover` after a failed clean-up call (last call {last_call})",
+        "{} calls, each fault fired: {failed} failed the run cleanly, {} were absorbed: {absorbed:?}, {recovered} needed `recover` after a failed clean-up call",
+        calls.len(),
         absorbed.len()
     );
-    assert!(failed > total as usize / 2);
+    assert!(failed > calls.len() / 2, "most faults fail the run");
 }
 
 #[test]
 fn xapi_busy_object_at_every_call_is_asked_again() {
     // OTHER_OPERATION_IN_PROGRESS means "refused, nothing done": every call may be repeated.
     // Only calls that act on an object (reads are not refused as busy).
-    let acting: Vec<u64> = {
-        let r = rig("busycount", VmSpec::new("db1", &SMALL));
-        backup(&r, "count", Duration::from_secs(30))
-            .archived
-            .expect("baseline");
-        let log = r.sim.state().call_log.clone();
-        log.iter()
-            .enumerate()
-            .filter(|(_, m)| {
-                !m.contains(".get_")
-                    && !m.starts_with("session.")
-                    && *m != "event.from"
-                    && *m != "export_raw_vdi"
-            })
-            .map(|(i, _)| i as u64 + 1)
-            .collect()
-    };
-    for n in acting {
+    let acting: Vec<At> = baseline_calls(&SMALL)
+        .into_iter()
+        .filter(|c| {
+            let m = c.method.as_str();
+            !m.contains(".get_")
+                && !m.starts_with("session.")
+                && m != "event.from"
+                && m != "export_raw_vdi"
+        })
+        .collect();
+    assert!(!acting.is_empty());
+    for at in acting {
         let r = rig("busy", VmSpec::new("db1", &SMALL));
         r.sim.set_faults(Faults {
-            busy_call: Some(n),
+            busy_at: Some(at.clone()),
             ..Faults::default()
         });
-        let out = backup(&r, &format!("b{n}"), Duration::from_secs(10));
-        let called = r
-            .sim
-            .state()
-            .call_log
-            .get(n as usize - 1)
-            .cloned()
-            .unwrap_or_default();
-        let ctx = format!("busy at call {n} ({called})");
+        let out = backup(&r, "b", Duration::from_secs(10));
+        let ctx = format!("busy at {at}");
+        assert_fired(&r, "busy_at", &at, &ctx);
         let archived = out.archived.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        assert_eq!(out.journal.milestones, MILESTONES, "{ctx}");
         assert_archive_matches(&r, &archived, &ctx);
         assert!(out.leftovers.is_empty(), "{ctx}: {:?}", out.leftovers);
         assert_clean(&r, &ctx);
@@ -494,30 +571,28 @@ fn xapi_export_fault_fails_cleanly() {
 
 #[test]
 fn xapi_session_expiry_mid_run_logs_in_again() {
-    let (total, export_at) = {
-        let r = rig("count2", VmSpec::new("db1", &DISKS));
-        backup(&r, "c", Duration::from_secs(30))
-            .archived
-            .expect("baseline");
-        let log = r.sim.state().call_log.clone();
-        let export = log
-            .iter()
-            .position(|c| c == "export_raw_vdi")
-            .expect("an export") as u64
-            + 1;
-        (r.sim.calls(), export)
-    };
-    for at in [2, total / 4, total / 2, export_at, total * 3 / 4, total - 2] {
+    let calls = baseline_calls(&DISKS);
+    let n = calls.len();
+    let export = calls
+        .iter()
+        .position(|c| c.method == "export_raw_vdi")
+        .expect("an export");
+    for i in [1, n / 4, n / 2, export, n * 3 / 4, n - 2] {
+        let at = calls[i].clone();
         let r = rig("expiry", VmSpec::new("db1", &DISKS));
         r.sim.set_faults(Faults {
-            expire_sessions_at_call: Some(at),
+            expire_sessions_at: Some(at.clone()),
             ..Faults::default()
         });
         let out = backup(&r, "x", Duration::from_secs(30));
-        out.archived
-            .unwrap_or_else(|e| panic!("sessions expired at call {at}: the run must survive: {e}"));
+        let ctx = format!("sessions expired at {at}");
+        assert_fired(&r, "expire_sessions_at", &at, &ctx);
+        let archived = out
+            .archived
+            .unwrap_or_else(|e| panic!("{ctx}: the run must survive: {e}"));
+        assert_archive_matches(&r, &archived, &ctx);
         assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
-        assert_clean(&r, &format!("sessions expired at call {at}"));
+        assert_clean(&r, &ctx);
     }
 }
 
@@ -529,6 +604,11 @@ fn xapi_session_expiry_at_the_export_logs_in_and_asks_again() {
         ..Faults::default()
     });
     let out = backup(&r, "x", Duration::from_secs(30));
+    let fired = r.sim.fired();
+    assert!(
+        fired.len() == 1 && fired[0].at == At::new("export_raw_vdi", 1),
+        "the sessions expired at the first export: {fired:?}"
+    );
     let archived = out.archived.expect("the run survives");
     assert_archive_matches(&r, &archived, "session expired at the export");
     let log = r.sim.state().call_log.clone();
@@ -608,11 +688,21 @@ fn xapi_guest_ignoring_the_shutdown_is_killed_and_cleaned_up() {
         guest_ignores_shutdown: true,
         ..Faults::default()
     });
-    let t = Instant::now();
     let out = backup(&r, "i1", Duration::from_secs(1));
     let e = out.archived.expect_err("no clean shutdown");
     assert!(e.contains("did not power off"), "{e}");
-    assert!(t.elapsed() < Duration::from_secs(10), "the wait is bounded");
+    // The wait ended by itself: the backend gave up and powered the clone off.
+    let log = r.sim.state().call_log.clone();
+    let asked = log.iter().position(|c| c == "Async.VM.clean_shutdown");
+    let killed = log.iter().position(|c| c == "VM.hard_shutdown");
+    assert!(
+        matches!((asked, killed), (Some(a), Some(k)) if a < k),
+        "a clean shutdown was asked for, then the clone was powered off: {log:?}"
+    );
+    assert!(
+        r.sim.state().halted_images.is_empty(),
+        "the guest never shut down cleanly"
+    );
     assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
     assert_clean(&r, "guest ignoring the shutdown");
 }
@@ -761,10 +851,119 @@ fn xapi_second_backup_dedups_against_the_first() {
     let a = backup(&r, "t1", Duration::from_secs(30))
         .archived
         .expect("first");
+    assert_archive_matches(&r, &a, "first run");
     let b = backup(&r, "t2", Duration::from_secs(30))
         .archived
         .expect("second");
+    // Each archive is its own clone's stopped disk (the shutdown markers differ).
+    assert_archive_matches(&r, &b, "second run");
     assert_eq!(a.len(), b.len());
-    assert_ne!(a[0].snapshot, b[0].snapshot);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.disk, y.disk);
+        assert_ne!(x.snapshot, y.snapshot);
+        assert_ne!(x.vdi_uuid, y.vdi_uuid, "each run exports its own clone");
+        // Between the two runs only the block the original wrote after the
+        // first checkpoint and the guest's shutdown marker changed.
+        assert!(
+            x.new_chunks > 2,
+            "{}: the first run stores the disk",
+            x.disk
+        );
+        assert!(
+            (1..=2).contains(&y.new_chunks),
+            "{}: the second run stores only the changed chunks, not {} of them (first: {})",
+            y.disk,
+            y.new_chunks,
+            x.new_chunks
+        );
+        assert!(
+            y.stored_bytes * 4 < x.stored_bytes,
+            "{}: the second run adds {} bytes, the first {}",
+            y.disk,
+            y.stored_bytes,
+            x.stored_bytes
+        );
+    }
     assert_clean(&r, "two runs");
+}
+
+#[test]
+fn xapi_disks_past_userdevice_25_are_each_archived_under_their_own_name() {
+    // Old code named every userdevice >= 25 "xvdz" and kept one of them.
+    let mut spec = VmSpec::new("big1", &[256 << 10, 128 << 10, 192 << 10, 64 << 10]);
+    spec.userdevices = ["0", "25", "26", "27"].map(String::from).to_vec();
+    let r = rig("userdevice", spec);
+    let out = backup(&r, "u1", Duration::from_secs(30));
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    let archived = out.archived.expect("the backup succeeds");
+    assert_eq!(
+        archived.iter().map(|a| a.disk.as_str()).collect::<Vec<_>>(),
+        ["xvda", "xvdaa", "xvdab", "xvdz"],
+        "one archive per disk, each under its own name"
+    );
+    assert_archive_matches(&r, &archived, "userdevices 0, 25, 26, 27");
+    // Each archive is a different disk (the sizes differ).
+    let sizes: std::collections::BTreeSet<u64> = archived
+        .iter()
+        .map(|a| {
+            r.repo
+                .snapshots()
+                .expect("snapshots")
+                .into_iter()
+                .find(|s| s.id == a.snapshot)
+                .map(|s| s.size)
+                .expect("the snapshot is listed")
+        })
+        .collect();
+    assert_eq!(sizes.len(), 4, "four different disks: {sizes:?}");
+    assert_clean(&r, "userdevices past 25");
+}
+
+#[test]
+fn xapi_vm_with_a_disk_that_cannot_be_named_is_refused_before_anything_is_made() {
+    for (devs, named) in [
+        (["0", "autodetect"], "\"autodetect\""),
+        (["1", "01"], "\"01\""),
+    ] {
+        let mut spec = VmSpec::new("odd1", &[128 << 10, 64 << 10]);
+        spec.userdevices = devs.map(String::from).to_vec();
+        let r = rig("unnamed", spec);
+        let vbd = {
+            let st = r.sim.state();
+            st.vms[&r.vm_ref]
+                .vbds
+                .iter()
+                .map(|b| st.vbds[b].clone())
+                .find(|b| b.userdevice == devs[1])
+                .map(|b| b.uuid)
+                .expect("the VBD")
+        };
+        let loc = locator(&r, "odd1");
+        let e = cb::backend_for(&loc)
+            .inspect(&loc)
+            .map(|i| i.disks.len())
+            .expect_err("a disk that cannot be named is refused")
+            .to_string();
+        assert!(
+            e.contains(&vbd) && e.contains(named),
+            "{devs:?}: the error names the VBD and its userdevice: {e}"
+        );
+        // The whole run refuses too, and nothing was made on the host.
+        let out = backup(&r, "n1", Duration::from_secs(30));
+        assert!(out.archived.is_err(), "{devs:?}");
+        assert!(
+            out.journal.milestones.is_empty(),
+            "{devs:?}: nothing was started"
+        );
+        let made: Vec<String> = r
+            .sim
+            .state()
+            .call_log
+            .iter()
+            .filter(|c| !c.contains(".get_") && !c.starts_with("session."))
+            .cloned()
+            .collect();
+        assert!(made.is_empty(), "{devs:?}: only reads were made: {made:?}");
+        assert_clean(&r, &format!("refused {devs:?}"));
+    }
 }

@@ -79,18 +79,19 @@ pub fn run(
         Ok::<(), PipelineError>(())
     })();
     if let Err(e) = result {
-        // A backup with some disks missing is no backup: withdraw the disks already stored.
-        for id in &written {
-            if let Err(f) = ctx.repo.forget(id) {
-                tracing::error!(
-                    snapshot = id,
-                    "could not withdraw a partial backup's disk: {f}"
-                );
-            }
-        }
+        // A backup with some disks missing is no backup: withdraw every disk
+        // snapshot tagged with the run, not only those whose store reported
+        // success (a snapshot written whose store then failed, e.g. an S3 PUT
+        // that timed out after landing, is one too). Should the withdrawal
+        // fail, the journal keeps the entry: the clean-up, or `recover`, tries again.
         report.disks.clear();
-        if written.is_empty() || crate::commands::recover::forget_run(ctx.repo, &run.id).is_ok() {
-            run.journal.removed(partial)?;
+        match crate::commands::recover::forget_run(ctx.repo, &run.id) {
+            Ok(()) => run.journal.removed(partial)?,
+            Err(f) => tracing::error!(
+                run = run.id,
+                stored = written.len(),
+                "could not withdraw a partial backup: {f}"
+            ),
         }
         return Err(e);
     }

@@ -8,9 +8,10 @@
 //! clones), VDIs backed by real files, VBDs, VIFs, networks, PIFs, tasks and
 //! an event stream. It models only what coldclone uses; see `docs/xapi.md`.
 //!
-//! Tests can inject faults ([`Faults`]): fail the Nth call or a named method,
-//! expire every session at the Nth call, slow or cut an export, a guest that
-//! ignores the shutdown request. The simulator also keeps evidence a real
+//! Tests can inject faults ([`Faults`]): fail a method's Nth call (or every
+//! call from it on) or every call of a method, expire every session at a
+//! call, hold, slow or cut an export, a guest that ignores the shutdown
+//! request. Each fault that takes effect is recorded ([`State::fired`]). The simulator also keeps evidence a real
 //! host would not: every VIF's network while its VM had a domain, and a copy
 //! of each disk as the guest left it at a clean shutdown.
 
@@ -31,21 +32,53 @@ pub const NULL: &str = "OpaqueRef:NULL";
 /// CBT granularity: one bit of `VDI.list_changed_blocks` per 64 KiB.
 pub const CBT_BLOCK: u64 = 64 << 10;
 
-/// Faults a test can inject.
+/// The `occurrence`th call (1-based) of `method`, as the call log names it
+/// (`"Async.VM.checkpoint"`; `"export_raw_vdi"` for an export request).
+/// Polling does not shift it, as it shifts a call's index in the run.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct At {
+    pub method: String,
+    pub occurrence: u64,
+}
+
+impl At {
+    pub fn new(method: &str, occurrence: u64) -> At {
+        At {
+            method: method.into(),
+            occurrence,
+        }
+    }
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} #{}", self.method, self.occurrence)
+    }
+}
+
+/// Faults a test can inject. Each one that takes effect is recorded in
+/// [`State::fired`], so a test can tell a fault that fired from one that
+/// lay past the calls its run made.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
-    /// The Nth RPC call (1-based, every call counts) fails with INTERNAL_ERROR;
-    /// for an `Async.` call the task is returned and then fails.
-    pub fail_call: Option<u64>,
+    /// This call fails with INTERNAL_ERROR; for an `Async.` call the task is
+    /// returned and then fails; an export request answers HTTP 500.
+    pub fail_at: Option<At>,
+    /// This call and every later call of the same method fail so (an export
+    /// that fails on every attempt from then on).
+    pub fail_from: Option<At>,
     /// Every call of this method fails (`"export_raw_vdi"` fails exports).
     pub fail_method: Option<String>,
-    /// At the Nth call every session becomes invalid (a toolstack restart).
-    pub expire_sessions_at_call: Option<u64>,
+    /// At this call every session becomes invalid (a toolstack restart).
+    pub expire_sessions_at: Option<At>,
     /// The first export request finds every session invalid.
     pub expire_sessions_at_first_export: bool,
-    /// The Nth call is refused with OTHER_OPERATION_IN_PROGRESS (an `Async.` call's task
+    /// This call is refused with OTHER_OPERATION_IN_PROGRESS (an `Async.` call's task
     /// fails so), as xapi refuses work on an object that another operation holds.
-    pub busy_call: Option<u64>,
+    pub busy_at: Option<At>,
+    /// Export requests from the Nth (1-based) on wait, their connection open,
+    /// until this is cleared (a test kills the client between two disks there).
+    pub hold_exports_from: Option<u64>,
     /// The export pauses this long after every 64 KiB.
     pub export_delay_per_block: Duration,
     /// The first `drop_export_count` exports close the connection after this many bytes.
@@ -57,6 +90,17 @@ pub struct Faults {
     pub redirect_exports: bool,
     /// `VIF.move` answers success but moves nothing (a broken host): isolation checks must catch it.
     pub vif_move_noop: bool,
+}
+
+/// A fault that took effect: which one, at which call, and the call's index in the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fired {
+    /// The [`Faults`] field: "fail_at", "fail_from", "fail_method", "busy_at",
+    /// "expire_sessions_at", "expire_sessions_at_first_export", "hold_exports_from".
+    pub fault: &'static str,
+    pub at: At,
+    /// 1-based index in [`State::call_log`].
+    pub call: u64,
 }
 
 /// An original VM to put on the simulated host.
@@ -72,6 +116,8 @@ pub struct VmSpec {
     pub can_suspend: bool,
     pub cbt: bool,
     pub memory: u64,
+    /// Each disk's VBD `userdevice`; empty: "0", "1", .. in disk order.
+    pub userdevices: Vec<String>,
 }
 
 impl VmSpec {
@@ -84,6 +130,7 @@ impl VmSpec {
             can_suspend: true,
             cbt: false,
             memory: 8 << 20,
+            userdevices: vec![],
         }
     }
 }
@@ -199,8 +246,14 @@ pub struct State {
     pub pifs: BTreeMap<String, Pif>,
     pub tasks: BTreeMap<String, Task>,
     pub attachments: Vec<Attachment>,
-    /// Every RPC method called, in order.
+    /// Every RPC method called, in order (an export request as "export_raw_vdi").
     pub call_log: Vec<String>,
+    /// Calls so far per method (the `occurrence` of [`At`]).
+    pub call_counts: BTreeMap<String, u64>,
+    /// Every injected fault that took effect, in order.
+    pub fired: Vec<Fired>,
+    /// Export requests held by `hold_exports_from` right now.
+    pub exports_held: u64,
     /// Copies of each disk as the guest left it at a clean shutdown: VDI uuid → file.
     pub halted_images: BTreeMap<String, PathBuf>,
     pub faults: Faults,
@@ -318,7 +371,33 @@ fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
 
+fn matches(at: &Option<At>, method: &str, occurrence: u64) -> bool {
+    at.as_ref()
+        .is_some_and(|a| a.method == method && a.occurrence == occurrence)
+}
+
+fn matches_from(at: &Option<At>, method: &str, occurrence: u64) -> bool {
+    at.as_ref()
+        .is_some_and(|a| a.method == method && occurrence >= a.occurrence)
+}
+
 impl State {
+    /// Logs a call; returns its index in the log and its occurrence of `method`.
+    fn log_call(&mut self, method: &str) -> (u64, u64) {
+        self.call_log.push(method.to_string());
+        let c = self.call_counts.entry(method.to_string()).or_insert(0);
+        *c += 1;
+        (self.call_log.len() as u64, *c)
+    }
+
+    fn fire(&mut self, fault: &'static str, method: &str, occurrence: u64, call: u64) {
+        self.fired.push(Fired {
+            fault,
+            at: At::new(method, occurrence),
+            call,
+        });
+    }
+
     fn emit(&mut self, class: &str, reference: &str, operation: &str) {
         self.next_event += 1;
         let snapshot = if operation == "del" {
@@ -378,7 +457,7 @@ impl State {
                     .is_some_and(|m| has_domain(&m.power_state));
                 json!({
                     "uuid": v.uuid, "VM": v.vm, "VDI": v.vdi, "userdevice": v.userdevice,
-                    "device": format!("xvd{}", (b'a' + v.userdevice.parse::<u8>().unwrap_or(0)) as char),
+                    "device": device_name(&v.userdevice),
                     "type": "Disk", "mode": "RW", "currently_attached": attached, "empty": false,
                 })
             }
@@ -650,6 +729,24 @@ impl State {
     }
 }
 
+/// The guest's name for a VBD's disk, as xen-blkfront names it (xvda..xvdz,
+/// xvdaa..); none for a userdevice that is not a number.
+fn device_name(userdevice: &str) -> String {
+    let Ok(mut n) = userdevice.parse::<u64>() else {
+        return String::new();
+    };
+    let mut letters = vec![];
+    loop {
+        letters.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    letters.reverse();
+    format!("xvd{}", String::from_utf8_lossy(&letters))
+}
+
 fn has_domain(ps: &str) -> bool {
     ps == "Running" || ps == "Paused"
 }
@@ -832,7 +929,8 @@ impl Sim {
                 if let Some(v) = st.vdis.get_mut(&d) {
                     v.cbt_enabled = spec.cbt;
                 }
-                st.add_vbd(&r, &d, &i.to_string());
+                let dev = spec.userdevices.get(i).cloned().unwrap_or(i.to_string());
+                st.add_vbd(&r, &d, &dev);
             }
             for i in 0..spec.nics {
                 st.add_vif(&r, &net, &i.to_string());
@@ -854,6 +952,25 @@ impl Sim {
     /// RPC calls made so far.
     pub fn calls(&self) -> u64 {
         self.state().call_log.len() as u64
+    }
+
+    /// The calls made so far, each as its method's occurrence.
+    pub fn call_sequence(&self) -> Vec<At> {
+        let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+        let st = self.state();
+        st.call_log
+            .iter()
+            .map(|m| {
+                let c = seen.entry(m).or_insert(0);
+                *c += 1;
+                At::new(m, *c)
+            })
+            .collect()
+    }
+
+    /// The injected faults that took effect so far.
+    pub fn fired(&self) -> Vec<Fired> {
+        self.state().fired.clone()
     }
 
     /// Performs one API call as the JSON-RPC endpoint would.
@@ -934,16 +1051,30 @@ fn xml_value(v: &Value) -> String {
 
 fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> {
     let mut st = lock(shared);
-    st.call_log.push(method.to_string());
-    let n = st.call_log.len() as u64;
-    if st.faults.expire_sessions_at_call == Some(n) {
+    let (n, occurrence) = st.log_call(method);
+    if matches(&st.faults.expire_sessions_at, method, occurrence) {
         st.sessions.clear();
+        st.fire("expire_sessions_at", method, occurrence, n);
     }
-    let injected = st.faults.fail_call == Some(n)
-        || st.faults.fail_method.as_deref() == Some(method)
+    let (failed, fail_from) = (
+        matches(&st.faults.fail_at, method, occurrence),
+        matches_from(&st.faults.fail_from, method, occurrence),
+    );
+    let by_method = st.faults.fail_method.as_deref() == Some(method)
         || (st.faults.fail_method.is_some()
             && st.faults.fail_method.as_deref() == method.strip_prefix("Async."));
-    let busy = st.faults.busy_call == Some(n);
+    let busy = matches(&st.faults.busy_at, method, occurrence);
+    // Which fault this call meets, recorded when it takes effect.
+    let which: &'static str = if busy {
+        "busy_at"
+    } else if failed {
+        "fail_at"
+    } else if fail_from {
+        "fail_from"
+    } else {
+        "fail_method"
+    };
+    let injected = failed || fail_from || by_method;
     let fault = if busy {
         vec![
             "OTHER_OPERATION_IN_PROGRESS".to_string(),
@@ -953,13 +1084,14 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
     } else {
         vec![
             "INTERNAL_ERROR".to_string(),
-            format!("injected fault at call {n} ({method})"),
+            format!("injected fault at call {n} ({method} #{occurrence})"),
         ]
     };
     let injected = injected || busy;
     if method == "session.login_with_password" {
         // A login is never refused as busy.
         if injected && !busy {
+            st.fire(which, method, occurrence, n);
             return Err(fault);
         }
         let (u, p) = (
@@ -1001,7 +1133,12 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
         );
     }
     if injected && !is_async {
+        st.fire(which, method, occurrence, n);
         return Err(fault);
+    }
+    if injected {
+        // The task is returned, then fails.
+        st.fire(which, method, occurrence, n);
     }
     if name == "session.logout" {
         st.sessions.remove(&session);
@@ -1601,17 +1738,30 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     let get = |k: &str| q.get(k).cloned().unwrap_or_default();
     let (session, task, vdi) = (get("session_id"), get("task_id"), get("vdi"));
     let mut st = lock(shared);
-    st.call_log.push("export_raw_vdi".into());
-    let first_export = st
-        .call_log
-        .iter()
-        .filter(|c| *c == "export_raw_vdi")
-        .count()
-        == 1;
-    if st.faults.expire_sessions_at_call == Some(st.call_log.len() as u64)
-        || (first_export && st.faults.expire_sessions_at_first_export)
-    {
+    let (n, occurrence) = st.log_call("export_raw_vdi");
+    const M: &str = "export_raw_vdi";
+    if st.faults.hold_exports_from.is_some_and(|h| occurrence >= h) {
+        st.fire("hold_exports_from", M, occurrence, n);
+        st.exports_held += 1;
+        drop(st);
+        shared.changed.notify_all();
+        st = lock(shared);
+        while st.faults.hold_exports_from.is_some_and(|h| occurrence >= h) {
+            st = shared
+                .changed
+                .wait_timeout(st, Duration::from_secs(1))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        st.exports_held -= 1;
+    }
+    if matches(&st.faults.expire_sessions_at, M, occurrence) {
         st.sessions.clear();
+        st.fire("expire_sessions_at", M, occurrence, n);
+    }
+    if occurrence == 1 && st.faults.expire_sessions_at_first_export {
+        st.sessions.clear();
+        st.fire("expire_sessions_at_first_export", M, occurrence, n);
     }
     // xapi fails the export's task when the handler refuses the request.
     let refuse = |st: &mut State, why: &str| {
@@ -1622,11 +1772,24 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     if !st.sessions.contains_key(&session) {
         return http::respond(conn, "401 Unauthorized", "text/plain", b"SESSION_INVALID");
     }
-    if st.faults.fail_method.as_deref() == Some("export_raw_vdi") {
+    let which = if matches(&st.faults.fail_at, M, occurrence) {
+        Some("fail_at")
+    } else if matches_from(&st.faults.fail_from, M, occurrence) {
+        Some("fail_from")
+    } else if st.faults.fail_method.as_deref() == Some(M) {
+        Some("fail_method")
+    } else {
+        None
+    };
+    if let Some(which) = which {
+        st.fire(which, M, occurrence, n);
         refuse(&mut st, "injected export fault");
         drop(st);
         shared.changed.notify_all();
-        return http::internal_error(conn, "injected export fault");
+        return http::internal_error(
+            conn,
+            &format!("injected export fault at call {n} ({M} #{occurrence})"),
+        );
     }
     if st.faults.redirect_exports && !q.contains_key("redirected") {
         drop(st);
@@ -1714,7 +1877,6 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
         }
     };
     let _ = out.flush();
-    let _ = conn.shutdown(std::net::Shutdown::Write);
     let mut st = lock(shared);
     if ok {
         st.exports_completed += 1;
@@ -1729,4 +1891,5 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     }
     drop(st);
     shared.changed.notify_all();
+    let _ = conn.shutdown(std::net::Shutdown::Write);
 }

@@ -133,18 +133,37 @@ fn looks_like_uuid(s: &str) -> bool {
     s.len() == 36 && s.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
 }
 
-/// The VM's disk VDIs by disk name: (VDI ref, uuid, size).
+/// The VM's disk VDIs by disk name: (VDI ref, uuid, size). A disk is named
+/// by its VBD's `userdevice` (device names are only known while attached):
+/// xvda..xvdz for 0-25 as always (a repository's incremental parents are
+/// found by name), xvdaa, xvdab.. above, as xen-blkfront names them. A disk
+/// that cannot be named, or whose name another disk has, is refused: a
+/// backup that silently left a disk out would pass for a good one.
 fn vm_disks(c: &Client, vm_ref: &str) -> Result<BTreeMap<String, (String, String, u64)>> {
     let rec = c.record("VM", vm_ref)?;
     let mut out = BTreeMap::new();
+    // Disk name → (VBD uuid, userdevice), for naming a clash.
+    let mut named: BTreeMap<String, (String, String)> = BTreeMap::new();
     for vbd in refs(&rec, "VBDs") {
         let b = c.record("VBD", &vbd)?;
         let vdi = str_field(&b, "VDI");
         if str_field(&b, "type") != "Disk" || vdi == NULL_REF || vdi.is_empty() {
             continue;
         }
-        // Keyed by userdevice: device names are only known while attached.
-        let name = format!("xvd{}", userdevice_letter(&str_field(&b, "userdevice")));
+        let (vbd_uuid, userdevice) = (str_field(&b, "uuid"), str_field(&b, "userdevice"));
+        let name = disk_name(&userdevice).ok_or_else(|| {
+            BackendError::Unsupported(format!(
+                "VM {}: disk VBD {vbd_uuid} has userdevice {userdevice:?}, not a device number;                  coldclone names disks by it and backs up all of a VM's disks or none",
+                str_field(&rec, "name_label")
+            ))
+        })?;
+        if let Some((other, other_dev)) = named.get(&name) {
+            return Err(BackendError::Unsupported(format!(
+                "VM {}: disk VBDs {other} (userdevice {other_dev:?}) and {vbd_uuid} (userdevice                  {userdevice:?}) would both be disk {name}; give each disk its own userdevice",
+                str_field(&rec, "name_label")
+            )));
+        }
+        named.insert(name.clone(), (vbd_uuid, userdevice));
         let v = c.record("VDI", &vdi)?;
         out.insert(
             name,
@@ -154,12 +173,41 @@ fn vm_disks(c: &Client, vm_ref: &str) -> Result<BTreeMap<String, (String, String
     Ok(out)
 }
 
-fn userdevice_letter(u: &str) -> char {
-    u.parse::<u8>()
-        .ok()
-        .filter(|n| *n < 26)
-        .map(|n| (b'a' + n) as char)
-        .unwrap_or('z')
+/// `xvd` + the userdevice number in xen-blkfront's letters (0 → a, 25 → z,
+/// 26 → aa, 701 → zz, 702 → aaa): one name per number. None for anything
+/// but a plain decimal number ("01" would name disk 1 a second way).
+fn disk_name(userdevice: &str) -> Option<String> {
+    if userdevice.is_empty()
+        || !userdevice.bytes().all(|b| b.is_ascii_digit())
+        || (userdevice.len() > 1 && userdevice.starts_with('0'))
+    {
+        return None;
+    }
+    let mut n: u64 = userdevice.parse().ok()?;
+    let mut letters = vec![];
+    loop {
+        letters.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    letters.reverse();
+    Some(format!("xvd{}", String::from_utf8_lossy(&letters)))
+}
+
+/// Every disk VDI of a VM, named or not (clean-up must not depend on naming).
+fn disk_vdis(c: &Client, vm_ref: &str) -> Result<Vec<String>> {
+    let rec = c.record("VM", vm_ref)?;
+    let mut out = vec![];
+    for vbd in refs(&rec, "VBDs") {
+        let b = c.record("VBD", &vbd)?;
+        let vdi = str_field(&b, "VDI");
+        if str_field(&b, "type") == "Disk" && vdi != NULL_REF && !vdi.is_empty() {
+            out.push(vdi);
+        }
+    }
+    Ok(out)
 }
 
 /// Destroys a VM we made, and its VDIs first (`VM.destroy` keeps them), its
@@ -174,7 +222,7 @@ fn destroy_vm_and_disks(c: &Client, vm_ref: &str) -> Result<()> {
     if ps == "Running" || ps == "Paused" {
         c.call("VM.hard_shutdown", vec![json!(vm_ref)])?;
     }
-    let mut vdis: Vec<String> = vm_disks(c, vm_ref)?.into_values().map(|d| d.0).collect();
+    let mut vdis = disk_vdis(c, vm_ref)?;
     let suspend = str_field(&rec, "suspend_VDI");
     if suspend != NULL_REF && !suspend.is_empty() {
         vdis.push(suspend);
@@ -789,6 +837,30 @@ impl Hypervisor for XapiBackend {
         match xapi_vm(vm) {
             Ok(x) if x.pv_drivers => StopMethod::Pv,
             _ => StopMethod::Acpi,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::disk_name;
+
+    #[test]
+    fn userdevices_name_disks_one_to_one() {
+        // The names existing repositories hold for 0-25 stay.
+        assert_eq!(disk_name("0").as_deref(), Some("xvda"));
+        assert_eq!(disk_name("1").as_deref(), Some("xvdb"));
+        assert_eq!(disk_name("25").as_deref(), Some("xvdz"));
+        assert_eq!(disk_name("26").as_deref(), Some("xvdaa"));
+        assert_eq!(disk_name("27").as_deref(), Some("xvdab"));
+        assert_eq!(disk_name("701").as_deref(), Some("xvdzz"));
+        assert_eq!(disk_name("702").as_deref(), Some("xvdaaa"));
+        let names: std::collections::BTreeSet<String> = (0..2000)
+            .filter_map(|n| disk_name(&n.to_string()))
+            .collect();
+        assert_eq!(names.len(), 2000, "no two device numbers share a name");
+        for bad in ["", "x", "autodetect", "-1", "01", "1.5", " 1"] {
+            assert_eq!(disk_name(bad), None, "{bad:?}");
         }
     }
 }

@@ -362,6 +362,7 @@ pub fn recover_run(run: &StaleRun, undo: &Undo) -> Result<Recovered, JournalErro
     for (id, r) in run.open_resources().into_iter().rev() {
         match undo.undo(&r) {
             Ok(()) => {
+                test_halt_recover(&r);
                 let line =
                     serde_json::to_string(&Entry::Removed { id, at: now() }).unwrap_or_default();
                 let _ = writeln!(file, "{line}").and_then(|_| file.sync_data());
@@ -375,6 +376,26 @@ pub fn recover_run(run: &StaleRun, undo: &Undo) -> Result<Recovered, JournalErro
     }
     Ok(rec)
 }
+
+/// Fault hook for tests, debug builds only: `COLDCLONE_TEST_RECOVER_HALT_AFTER=KIND`
+/// stops `recover` right after it undid the first resource of that kind and
+/// before the journal records it: the worst moment for a kill -9.
+#[cfg(debug_assertions)]
+fn test_halt_recover(r: &Resource) {
+    let Ok(kind) = std::env::var("COLDCLONE_TEST_RECOVER_HALT_AFTER") else {
+        return;
+    };
+    let this = serde_json::to_value(r).unwrap_or_default();
+    if this["kind"].as_str() == Some(kind.as_str()) {
+        tracing::warn!("COLDCLONE_TEST_RECOVER_HALT_AFTER={kind}: halting for a fault test");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_halt_recover(_r: &Resource) {}
 
 #[cfg(test)]
 mod tests {

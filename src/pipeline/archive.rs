@@ -63,6 +63,7 @@ pub fn run(
                 &progress,
             )?;
             progress.finish();
+            test_fault(&disk.name, &mut run.journal)?;
             written.push(summary.snapshot_id.clone());
             std::fs::remove_file(&raw)
                 .map_err(|e| PipelineError::Other(format!("{}: {e}", raw.display())))?;
@@ -97,5 +98,35 @@ pub fn run(
     }
     run.journal.removed(partial)?;
     report.snapshot_id = Some(run.id.clone());
+    Ok(())
+}
+
+/// Fault hook for tests, debug builds only: `COLDCLONE_TEST_ARCHIVE_FAULT`
+/// = `fail:DISK` fails the step right after DISK's snapshot is stored, as a
+/// lost acknowledgement would (stored, reported failed); `halt:DISK` stops
+/// the process there, between disks, for a kill -9.
+#[cfg(debug_assertions)]
+fn test_fault(disk: &str, journal: &mut dyn Journal) -> Result<(), PipelineError> {
+    let Ok(v) = std::env::var("COLDCLONE_TEST_ARCHIVE_FAULT") else {
+        return Ok(());
+    };
+    match v.split_once(':') {
+        Some(("fail", d)) if d == disk => Err(PipelineError::Other(format!(
+            "COLDCLONE_TEST_ARCHIVE_FAULT: injected failure after disk {disk} was stored"
+        ))),
+        Some(("halt", d)) if d == disk => {
+            // Recorded, so that the test knows when to kill.
+            journal.milestone("archive:test-halt")?;
+            tracing::warn!("COLDCLONE_TEST_ARCHIVE_FAULT: halting after disk {disk} was stored");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_fault(_disk: &str, _journal: &mut dyn Journal) -> Result<(), PipelineError> {
     Ok(())
 }

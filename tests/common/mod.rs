@@ -153,6 +153,9 @@ pub struct VmOptions {
     pub fill_mib: u32,
     /// A virtio-balloon device.
     pub balloon: bool,
+    /// Data disks beside d0: d1, d2, ... (vm1.qcow2, ...), each a copy of the
+    /// 64 MiB disk; the guest writes its counter on every one.
+    pub extra_disks: u32,
 }
 
 /// An "original" VM: the test guest writing its counter, pinging the peer.
@@ -199,6 +202,9 @@ impl Vm {
         }
         if opts.ignore_power_button {
             append.push_str(" cc_ignore_powerbutton=1");
+        }
+        if opts.extra_disks > 0 {
+            append.push_str(&format!(" cc_disks={}", opts.extra_disks + 1));
         }
         let mem = if opts.memory_mib == 0 {
             256
@@ -253,6 +259,21 @@ impl Vm {
         }
         if opts.balloon {
             cmd.args(["-device", "virtio-balloon-pci,id=balloon0"]);
+        }
+        for i in 1..=opts.extra_disks {
+            let st = Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(data)
+                .arg(dir.join(format!("vm{i}.qcow2")))
+                .status()
+                .expect("qemu-img");
+            assert!(st.success());
+            cmd.args([
+                "-drive",
+                &format!("file=vm{i}.qcow2,if=none,id=d{i},format=qcow2"),
+                "-device",
+                &format!("virtio-blk-pci,drive=d{i}"),
+            ]);
         }
         let child = cmd.spawn().expect("start qemu");
         let vm = Vm {
@@ -647,4 +668,202 @@ impl Capture {
 pub fn duplicates(seqs: &[u64]) -> Vec<u64> {
     let mut seen = std::collections::BTreeSet::new();
     seqs.iter().filter(|s| !seen.insert(**s)).copied().collect()
+}
+
+// ---- Multi-disk VMs and failure checks (tests/qemu_failures.rs) ----
+
+/// The guest's device letter of data disk `i` (d0 is vda, d1 vdb, ...).
+pub fn disk_letter(i: u32) -> char {
+    char::from(b'a' + i as u8)
+}
+
+impl Vm {
+    /// The latest counter the guest printed for its extra disk `i` (>= 1).
+    pub fn disk_counter(&self, i: u32) -> u64 {
+        let key = format!("vd{}=", disk_letter(i));
+        let c = self.console();
+        c.rsplit("HB a=")
+            .filter_map(|hb| {
+                let line = hb.lines().next()?;
+                let v = line.split(&key).nth(1)?;
+                v.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .next()
+            .unwrap_or(0)
+    }
+
+    /// The original's run state, asked on the observer socket.
+    pub fn observed_status(&self) -> String {
+        self.observe("query-status", json!({}))
+            .and_then(|v| v["status"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// Every disk of a VM with `extra` extra disks: running (seen on the
+    /// observer socket: the original is never left paused), each disk on its
+    /// own one image without a backing file, and the writer advancing on each.
+    pub fn assert_all_disks_unharmed(&self, extra: u32) {
+        assert_eq!(
+            self.observed_status(),
+            "running",
+            "the original is not running (observer QMP)"
+        );
+        self.assert_unharmed();
+        let blocks = self.qmp("query-block", json!({}));
+        for i in 1..=extra {
+            let dev = format!("d{i}");
+            let b = blocks
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["device"] == dev.as_str())
+                .unwrap_or_else(|| panic!("the original has no disk {dev}: {blocks}"));
+            let file = b["inserted"]["file"].as_str().unwrap_or("");
+            let p = PathBuf::from(file);
+            let p = if p.is_absolute() { p } else { self.dir.join(p) };
+            assert_eq!(
+                p,
+                self.dir.join(format!("vm{i}.qcow2")),
+                "{dev} is not back on its own image"
+            );
+            assert!(
+                b["inserted"]["image"]["backing-filename"].is_null(),
+                "{dev} has a backing file now: {b}"
+            );
+            let before = self.disk_counter(i);
+            wait_until(
+                &format!("the original's counter on {dev} to advance"),
+                Duration::from_secs(30),
+                || self.disk_counter(i) > before + 5,
+            );
+        }
+    }
+}
+
+/// What a restored disk holds.
+pub struct RestoredDisk {
+    pub counter: u64,
+    /// The guest's id.txt (its device name), on extra disks.
+    pub id: String,
+}
+
+/// Restores `disk` of VM t1 (latest, or `snapshot`) and checks it as
+/// `assert_restored_disk_is_clean` does: e2fsck clean, unmounted cleanly, the
+/// two counters equal.
+pub fn restore_disk_checked(setup: &Setup, disk: &str, snapshot: Option<&str>) -> RestoredDisk {
+    let img = setup.dir.join(format!("restored-{disk}.raw"));
+    let _ = std::fs::remove_file(&img);
+    let img_s = img.display().to_string();
+    let mut args = vec!["restore", "t1", "--disk", disk, "--to", &img_s];
+    if let Some(s) = snapshot {
+        args.push("--snapshot");
+        args.push(s);
+    }
+    let out = setup.coldclone(None, &args);
+    assert!(
+        out.status.success(),
+        "restore {disk}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck found errors on {disk}: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let dump = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&img)
+        .output()
+        .expect("dumpe2fs");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        dump.lines()
+            .any(|l| l.starts_with("Filesystem state:") && l.trim_end().ends_with("clean")),
+        "{disk}: the file system was not unmounted cleanly"
+    );
+    assert!(
+        !dump
+            .lines()
+            .any(|l| l.starts_with("Filesystem features:") && l.contains("needs_recovery")),
+        "{disk}: the journal needs recovery: it was not unmounted"
+    );
+    let cat = |f: &str| {
+        let o = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("cat /{f}"))
+            .arg(&img)
+            .output()
+            .expect("debugfs");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let (a, b, id) = (cat("a.txt"), cat("b.txt"), cat("id.txt"));
+    assert!(!a.is_empty(), "{disk}: a.txt is empty in the backup");
+    assert_eq!(a, b, "{disk}: the two counters differ: a torn copy");
+    let _ = std::fs::remove_file(&img);
+    RestoredDisk {
+        counter: a.parse().unwrap_or(0),
+        id,
+    }
+}
+
+/// `coldclone check`: the repository is sound (exit 0 and `ok` in its report).
+pub fn assert_repository_clean(setup: &Setup, after: &str) {
+    let out = setup.coldclone(None, &["--json", "check"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert!(
+        out.status.success() && report["ok"] == true,
+        "check after {after}: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `recover --json` succeeds with nothing it could not undo; returns its report.
+pub fn recover_ok(setup: &Setup, net: &TestNet, after: &str) -> Value {
+    let out = setup.coldclone(Some(&net.ns), &["--json", "recover"]);
+    assert!(
+        out.status.success(),
+        "recover after {after} failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: Value = serde_json::from_slice(&out.stdout).expect("recover json");
+    for r in rec.as_array().into_iter().flatten() {
+        assert!(
+            r["failed"].as_array().is_none_or(Vec::is_empty),
+            "recover after {after} could not undo: {r}"
+        );
+    }
+    rec
+}
+
+/// No memory image of any run under the state folder.
+pub fn assert_no_memory_image(setup: &Setup) {
+    let out = sh(&format!(
+        "find {} -name 'memory*'",
+        setup.state.display()
+    ));
+    let left = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(left.is_empty(), "memory images left: {left}");
+}
+
+/// Waits for the live journal of the run to record the milestone `name`.
+pub fn wait_for_milestone(setup: &Setup, name: &str, timeout: Duration) {
+    let journal_dir = setup.state.join("journal");
+    wait_until(&format!("coldclone to reach {name}"), timeout, || {
+        std::fs::read_dir(&journal_dir)
+            .map(|d| {
+                d.flatten().any(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .contains(&format!("\"name\":\"{name}\""))
+                })
+            })
+            .unwrap_or(false)
+    });
 }

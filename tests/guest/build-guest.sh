@@ -11,6 +11,9 @@
 #   cc_ip=ADDR/LEN cc_peer=ADDR  bring eth0 up and ping the peer 5 times a second
 #   cc_ignore_powerbutton=1      a guest that ignores the power button
 #   cc_fill_mb=N                 fill N MiB of RAM with non-zero data (benchmarks: a busy guest)
+#   cc_disks=N                   N data disks: /dev/vdb.. are mounted on /data_b.., get an
+#                                id.txt naming their device, and the writer keeps the same
+#                                counter pair on every disk (the heartbeat adds vdb=N ...)
 # Needs: apt-get (downloads two Debian packages once), cpio, mkfs.ext4.
 set -euo pipefail
 OUT=$(realpath -m "${1:-target/test-guest}")
@@ -47,6 +50,19 @@ done
 for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
 mount -t ext4 /dev/vda /data || echo "MOUNT FAILED"
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -1; }
+# Extra data disks, newest mount last (the power button unmounts in reverse).
+DIRS=/data
+NDISKS=$(arg cc_disks)
+for l in b c d e f g h; do
+  [ -n "$NDISKS" ] || break
+  [ $(echo $DIRS | wc -w) -lt "$NDISKS" ] || break
+  for i in $(seq 50); do [ -b /dev/vd$l ] && break; sleep 0.1; done
+  mkdir -p /data_$l
+  mount -t ext4 /dev/vd$l /data_$l || echo "MOUNT vd$l FAILED"
+  echo vd$l > /data_$l/id.txt
+  DIRS="$DIRS /data_$l"
+done
+echo "$DIRS" > /tmp/dirs
 IP=$(arg cc_ip); PEER=$(arg cc_peer)
 if [ -n "$IP" ]; then
   ip link set eth0 up && ip addr add "$IP" dev eth0 && echo "NET UP $IP"
@@ -61,12 +77,22 @@ if [ -n "$FILL" ]; then
 fi
 echo "GUEST UP $(cat /proc/uptime)"
 # The writer: a.txt then b.txt, as fast as it can; it stops when /tmp/stop appears.
+# With several disks, one counter on all of them: a clean stop leaves every disk at the same n.
+if [ "$DIRS" = /data ]; then
 ( n=$(cat /data/a.txt 2>/dev/null || echo 0); while [ ! -e /tmp/stop ]; do n=$((n+1)); echo $n > /data/a.txt; echo $n > /data/b.txt; done; echo $n > /tmp/final ) &
+else
+( n=$(cat /data/a.txt 2>/dev/null || echo 0); while [ ! -e /tmp/stop ]; do n=$((n+1)); for d in $DIRS; do echo $n > $d/a.txt; echo $n > $d/b.txt; done; done; echo $n > /tmp/final ) &
+fi
 if [ "$(arg cc_ignore_powerbutton)" != 1 ]; then
   acpid -d -c /etc/acpi > /dev/console 2>&1 &
 fi
 # The heartbeat reads /data too: it stops when the shutdown starts, or umount could find /data busy.
-while true; do sleep 1; [ -e /tmp/stop ] || echo "HB a=$(cat /data/a.txt) b=$(cat /data/b.txt)"; done
+while true; do
+  sleep 1
+  [ -e /tmp/stop ] && continue
+  x=""; for d in $DIRS; do [ $d = /data ] || x="$x vd${d#/data_}=$(cat $d/a.txt)"; done
+  echo "HB a=$(cat /data/a.txt) b=$(cat /data/b.txt)$x"
+done
 INIT
 cat > ir/etc/acpi/PWRF/00000080 <<'PWR'
 #!/bin/sh
@@ -76,7 +102,10 @@ while [ ! -e /tmp/final ]; do sleep 0.1; done
 echo "FINAL a=$(cat /data/a.txt) b=$(cat /data/b.txt)"
 sync
 # A well-behaved shutdown: unmount for real (retry while a reader finishes), then power off.
-for i in $(seq 50); do umount /data 2>/dev/null && echo "UNMOUNTED" && break; sleep 0.1; done
+for d in $(cat /tmp/dirs | tr ' ' '\n' | sed -n '1!G;h;$p'); do
+  for i in $(seq 50); do umount $d 2>/dev/null && echo "UNMOUNTED $d" && break; sleep 0.1; done
+done
+[ -n "$(grep ' /data' /proc/mounts)" ] || echo "UNMOUNTED"
 poweroff -f
 PWR
 chmod +x ir/init ir/etc/acpi/PWRF/00000080

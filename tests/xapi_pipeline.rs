@@ -627,3 +627,41 @@ fn xapi_hvm_guest_on_dom0_gets_the_acpi_button_through_xl_trigger() {
     );
     r.assert_clean();
 }
+
+#[test]
+fn xapi_vm_whose_disk_cannot_be_named_is_refused_before_a_run_starts() {
+    let mut spec = VmSpec::new("web01", &[256 << 10, 128 << 10]);
+    spec.userdevices = vec!["0".into(), "autodetect".into()];
+    let r = rig("unnamed", spec);
+    let vbd = {
+        let st = r.sim.state();
+        st.vbds
+            .values()
+            .find(|b| b.userdevice == "autodetect")
+            .map(|b| b.uuid.clone())
+            .expect("the VBD")
+    };
+    let (ok, report, stderr) = r.backup();
+    assert!(!ok, "the run must fail: {report}");
+    let text = format!("{report}{stderr}");
+    assert!(
+        text.contains(&vbd) && text.contains("\"autodetect\""),
+        "the error names the VBD and its userdevice: {text}"
+    );
+    // Refused at inspect: no run journal, no work dir, nothing on the host.
+    assert!(
+        r.finished_runs().is_empty(),
+        "no run was started: {:?}",
+        r.finished_runs()
+    );
+    r.assert_clean();
+    assert_eq!(r.snapshots(), Vec::<Value>::new());
+    assert!(
+        r.sim
+            .state()
+            .call_log
+            .iter()
+            .all(|c| c.contains(".get_") || c.starts_with("session.")),
+        "only reads were made on the host"
+    );
+}

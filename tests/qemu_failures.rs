@@ -165,7 +165,10 @@ fn multi_disk(tag: &str, extra: u32, fail_disk: &str, halt_disk: &str) {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    assert_eq!(code, 1, "the injected failure did not fail the backup: {report} {stderr}");
+    assert_eq!(
+        code, 1,
+        "the injected failure did not fail the backup: {report} {stderr}"
+    );
     assert!(
         report["error"]
             .as_str()
@@ -175,7 +178,15 @@ fn multi_disk(tag: &str, extra: u32, fail_disk: &str, halt_disk: &str) {
     );
     let failed_run = report["run_id"].as_str().expect("run id").to_string();
     assert!(report["snapshot_id"].is_null(), "{report}");
-    assert_failure_left_nothing(&setup, &net, &vm, extra, &failed_run, n, "a failure between disks");
+    assert_failure_left_nothing(
+        &setup,
+        &net,
+        &vm,
+        extra,
+        &failed_run,
+        n,
+        "a failure between disks",
+    );
 
     // 3. kill -9 after `halt_disk` is stored: the partial backup is visible
     // until `recover` withdraws it.
@@ -188,7 +199,11 @@ fn multi_disk(tag: &str, extra: u32, fail_disk: &str, halt_disk: &str) {
     let killed_run = live_run_id(&setup);
     let partial = snapshots_of_run(&setup, &killed_run);
     let partial_disks: Vec<&str> = partial.iter().filter_map(|s| s["disk"].as_str()).collect();
-    let upto = names.iter().position(|d| d == halt_disk).expect("halt disk") + 1;
+    let upto = names
+        .iter()
+        .position(|d| d == halt_disk)
+        .expect("halt disk")
+        + 1;
     assert_eq!(
         partial_disks,
         names[..upto].iter().map(String::as_str).collect::<Vec<_>>(),
@@ -197,7 +212,15 @@ fn multi_disk(tag: &str, extra: u32, fail_disk: &str, halt_disk: &str) {
     kill_9(child);
     let rec = recover_ok(&setup, &net, "a kill between disks");
     assert_eq!(rec.as_array().map(Vec::len), Some(1), "{rec}");
-    assert_failure_left_nothing(&setup, &net, &vm, extra, &killed_run, n, "a kill between disks");
+    assert_failure_left_nothing(
+        &setup,
+        &net,
+        &vm,
+        extra,
+        &killed_run,
+        n,
+        "a kill between disks",
+    );
 
     // 4. And a whole backup again, every disk clean.
     let (code, report, stderr) = setup.backup(&net.ns);
@@ -227,7 +250,9 @@ fn needs_root_qemu_a_three_disk_vm_failing_or_killed_between_its_disks() {
 /// What a failure during a checkpoint must leave on the original: running,
 /// no migration under way, its migration settings as they were.
 fn assert_migration_settings_back(vm: &Vm, what: &str) {
-    let mig = vm.observe("query-migrate", json!({})).expect("query-migrate");
+    let mig = vm
+        .observe("query-migrate", json!({}))
+        .expect("query-migrate");
     let status = mig["status"].as_str().unwrap_or("none");
     assert!(
         matches!(status, "none" | "completed" | "cancelled" | "failed"),
@@ -275,17 +300,13 @@ fn needs_root_qemu_kill_9_during_pre_switchover_then_recover_leaves_nothing() {
         let child = if point == "ram-copy" {
             let child = spawn_backup(&setup, &net, ("COLDCLONE_TEST_HALT_AT", "never"));
             let mut seen = String::new();
-            wait_until(
-                "the memory save to start",
-                Duration::from_secs(120),
-                || {
-                    seen = vm
-                        .observe("query-migrate", json!({}))
-                        .and_then(|m| m["status"].as_str().map(str::to_string))
-                        .unwrap_or_default();
-                    matches!(seen.as_str(), "setup" | "active" | "pre-switchover")
-                },
-            );
+            wait_until("the memory save to start", Duration::from_secs(120), || {
+                seen = vm
+                    .observe("query-migrate", json!({}))
+                    .and_then(|m| m["status"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                matches!(seen.as_str(), "setup" | "active" | "pre-switchover")
+            });
             eprintln!("killing coldclone with the migration {seen}");
             child
         } else {
@@ -339,11 +360,9 @@ fn needs_root_qemu_kill_9_while_the_balloon_is_lowered_then_recover_gives_the_me
     for point in ["balloon:requested", "stop:requested"] {
         let child = spawn_backup(&setup, &net, ("COLDCLONE_TEST_HALT_AT", point));
         wait_for_milestone(&setup, point, Duration::from_secs(180));
-        wait_until(
-            "the balloon to be lowered",
-            Duration::from_secs(90),
-            || balloon_actual(&vm) <= (128 + 8) << 20,
-        );
+        wait_until("the balloon to be lowered", Duration::from_secs(90), || {
+            balloon_actual(&vm) <= (128 + 8) << 20
+        });
         let run = live_run_id(&setup);
         kill_9(child);
         assert!(

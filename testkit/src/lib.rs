@@ -12,7 +12,9 @@ use std::process::Command;
 
 /// True when a missing prerequisite must fail the test instead of skipping it.
 pub fn strict() -> bool {
-    let ci = std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false);
+    let ci = std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false);
     let forced = std::env::var("COLDCLONE_REQUIRE_ALL")
         .map(|v| v == "1")
         .unwrap_or(false);

@@ -844,10 +844,7 @@ pub fn recover_ok(setup: &Setup, net: &TestNet, after: &str) -> Value {
 
 /// No memory image of any run under the state folder.
 pub fn assert_no_memory_image(setup: &Setup) {
-    let out = sh(&format!(
-        "find {} -name 'memory*'",
-        setup.state.display()
-    ));
+    let out = sh(&format!("find {} -name 'memory*'", setup.state.display()));
     let left = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(left.is_empty(), "memory images left: {left}");
 }

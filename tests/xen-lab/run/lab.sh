@@ -28,7 +28,8 @@ T0=$(date +%s.%N)
 since() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}'; }
 log() { echo "[lab $(since "$T0")s] $*"; }
 conslog() { echo "/var/log/xen/console/guest-$1.log"; }
-counter() { grep -o 'HB a=[0-9]*' "$(conslog "$1")" 2>/dev/null | tail -1 | cut -d= -f2; }
+# The guest's last heartbeat with a number (one read while a.txt is rewritten has none).
+counter() { grep -o 'HB a=[0-9][0-9]*' "$(conslog "$1")" 2>/dev/null | tail -1 | cut -d= -f2; }
 
 # step FILE KEY CMD...: runs CMD, writes KEY.rc=<its exit status> to FILE, logs a failure.
 step() {

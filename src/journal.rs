@@ -435,4 +435,86 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// One journal line of each resource kind the landed code writes, by
+    /// hand from its serde shapes: a journal left by an older coldclone must
+    /// still be read (and written back) exactly as it was.
+    const TODAY_LINES: &[&str] = &[
+        r#"{"op":"create","id":1,"resource":{"kind":"original_paused","qmp":"/run/vm.qmp"},"at":1.5}"#,
+        r#"{"op":"create","id":2,"resource":{"kind":"original_migration","qmp":"/run/vm.qmp","capabilities":[["x-ignore-shared",false],["auto-converge",true]],"max_bandwidth":1000,"downtime_limit":300},"at":1.5}"#,
+        r#"{"op":"create","id":3,"resource":{"kind":"original_overlay","qmp":"/run/vm.qmp","original_pid":42,"device":"drive0","base_node":"n0","base_file":"/vm/a.qcow2","overlay_file":"/vm/a.cc.qcow2","overlay_node":"cc-n0"},"at":1.5}"#,
+        r#"{"op":"create","id":4,"resource":{"kind":"file","path":"/tmp/mem.img"},"at":1.5}"#,
+        r#"{"op":"create","id":5,"resource":{"kind":"dir","path":"/tmp/run1"},"at":1.5}"#,
+        r#"{"op":"create","id":6,"resource":{"kind":"clone_process","marker":"cc-abc","qmp":"/tmp/run1/clone.qmp"},"at":1.5}"#,
+        r#"{"op":"create","id":7,"resource":{"kind":"tap","namespace":"ccns","name":"cctap0"},"at":1.5}"#,
+        r#"{"op":"create","id":8,"resource":{"kind":"bridge","namespace":null,"name":"ccbr0"},"at":1.5}"#,
+        r#"{"op":"create","id":9,"resource":{"kind":"namespace","name":"ccns"},"at":1.5}"#,
+        r#"{"op":"create","id":10,"resource":{"kind":"repository_backup","run":"r1"},"at":1.5}"#,
+        r#"{"op":"create","id":11,"resource":{"kind":"xl_original_paused","domain":"db1","uuid":"u-1","image":"/tmp/run1/mem"},"at":1.5}"#,
+        r#"{"op":"create","id":12,"resource":{"kind":"xl_balloon","domain":"db1","uuid":"u-1","target_kib":524288},"at":1.5}"#,
+        r#"{"op":"create","id":13,"resource":{"kind":"lvm_snapshot","vg":"vg0","lv":"db1-cc","origin":"db1"},"at":1.5}"#,
+        r#"{"op":"create","id":14,"resource":{"kind":"xl_domain","name":"db1-clone"},"at":1.5}"#,
+        r#"{"op":"create","id":15,"resource":{"kind":"balloon","qmp":"/run/vm.qmp","restore_bytes":1073741824},"at":1.5}"#,
+        r#"{"op":"create","id":16,"resource":{"kind":"xapi_vm","target":{"url":"https://pool","credentials_file":null,"tls_fingerprint_sha256":"ab:cd"},"name_label":"coldclone-ckpt-r1"},"at":1.5}"#,
+        r#"{"op":"create","id":17,"resource":{"kind":"xapi_network","target":{"url":"https://pool","credentials_file":"/etc/cc/cred","tls_fingerprint_sha256":null},"name_label":"coldclone-net-r1"},"at":1.5}"#,
+    ];
+
+    #[test]
+    fn journal_lines_of_every_landed_resource_kind_still_parse_unchanged() {
+        for line in TODAY_LINES {
+            let entry: Entry = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("landed journal line no longer parses: {line}: {e}"));
+            assert!(matches!(entry, Entry::Create { .. }), "{line}");
+            let back = serde_json::to_value(&entry).unwrap();
+            let orig: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(back, orig, "a resource's journal shape changed");
+        }
+        // The optional fields the landed code defaulted still default.
+        let old = r#"{"op":"create","id":1,"resource":{"kind":"xl_original_paused","domain":"d","uuid":"u"},"at":1.0}"#;
+        assert!(serde_json::from_str::<Entry>(old).is_ok());
+    }
+
+    #[test]
+    fn a_landed_journal_is_recovered_by_kind() {
+        // Files, folders and the repository's partial backup can be undone
+        // here for real; each goes to its own undo.
+        let dir = std::env::temp_dir().join(format!("cc-journal-compat-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let jdir = journal_dir(&dir);
+        std::fs::create_dir_all(&jdir).unwrap();
+        let file = dir.join("mem.img");
+        let folder = dir.join("run1");
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::create_dir_all(folder.join("sub")).unwrap();
+        let lines = [
+            r#"{"op":"start","run_id":"r1","vm":"vm1","pid":1,"at":1.0}"#.to_string(),
+            format!(
+                r#"{{"op":"create","id":1,"resource":{{"kind":"dir","path":"{}"}},"at":1.0}}"#,
+                folder.display()
+            ),
+            format!(
+                r#"{{"op":"create","id":2,"resource":{{"kind":"file","path":"{}"}},"at":1.0}}"#,
+                file.display()
+            ),
+            r#"{"op":"create","id":3,"resource":{"kind":"repository_backup","run":"r1"},"at":1.0}"#
+                .to_string(),
+        ];
+        std::fs::write(jdir.join("r1.jsonl"), lines.join("\n") + "\n").unwrap();
+        let runs = stale_runs(&dir).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].open_resources().len(), 3);
+        let forgotten = std::cell::RefCell::new(Vec::new());
+        let forget = |r: &str| {
+            forgotten.borrow_mut().push(r.to_string());
+            Ok(())
+        };
+        let rec = recover_run(&runs[0], &Undo { forget_run: &forget }).unwrap();
+        assert!(rec.failed.is_empty(), "{:?}", rec.failed);
+        assert_eq!(rec.removed.len(), 3);
+        assert_eq!(*forgotten.borrow(), vec!["r1".to_string()]);
+        assert!(!file.exists() && !folder.exists());
+        assert!(stale_runs(&dir).unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
 }

@@ -508,7 +508,13 @@ mod tests {
             forgotten.borrow_mut().push(r.to_string());
             Ok(())
         };
-        let rec = recover_run(&runs[0], &Undo { forget_run: &forget }).unwrap();
+        let rec = recover_run(
+            &runs[0],
+            &Undo {
+                forget_run: &forget,
+            },
+        )
+        .unwrap();
         assert!(rec.failed.is_empty(), "{:?}", rec.failed);
         assert_eq!(rec.removed.len(), 3);
         assert_eq!(*forgotten.borrow(), vec!["r1".to_string()]);
@@ -516,5 +522,4 @@ mod tests {
         assert!(stale_runs(&dir).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
-
 }

@@ -185,6 +185,14 @@ struct RangeCursor {
 }
 
 impl RangeCursor {
+    /// Whether a range intersects `a..b`. Calls must come in increasing order of `a`.
+    fn touches(&mut self, a: u64, b: u64) -> bool {
+        while self.pos < self.ranges.len() && self.ranges[self.pos].end <= a {
+            self.pos += 1;
+        }
+        self.pos < self.ranges.len() && self.ranges[self.pos].start < b
+    }
+
     /// Mark in `out` the chunks `first..first+out.len()` that intersect a range.
     fn mark(&mut self, first: usize, out: &mut [bool], cs: u64) {
         let a = first as u64 * cs;
@@ -212,8 +220,10 @@ struct Segment {
 }
 
 /// Up to `per_batch` chunks (not necessarily adjacent): chunk `idx[k]` is at `k * cs` in `buf`.
+/// Chunk indices are u64: a disk of 2^32 chunks (16 TiB at 4 KiB, 64 TiB at 16 KiB) is
+/// allowed.
 struct Batch {
-    idx: Vec<u32>,
+    idx: Vec<u64>,
     /// Per chunk: its previous version was stored uncompressed (incompressible), so the
     /// new one, which differs only a little, is not worth a zstd attempt.
     raw: Vec<bool>,
@@ -289,13 +299,28 @@ impl<'a> Shared<'a> {
         Ok(())
     }
 
+    /// A full segment of zero chunks: its map blob is stored once per repository.
+    fn finish_hole_segment(&self, comp: &mut zstd::bulk::Compressor<'_>, seg: usize) -> Result<()> {
+        let id = self.repo.zero_segment_id();
+        let known = self.index.contains(&id)
+            || self.new_ids.lock().map_err(|_| poisoned())?.contains(&id);
+        if !known {
+            self.store(comp, id, KIND_MAP, &vec![0u8; MAP_ENTRIES * 32], true)?;
+        }
+        self.map_ids.lock().map_err(|_| poisoned())?[seg] = Some(to_hex(&id));
+        Ok(())
+    }
+
     /// Record chunk ids computed by a worker; finish the segments they complete.
-    fn record(&self, comp: &mut zstd::bulk::Compressor<'_>, idx: &[u32], ids: &[Id]) -> Result<()> {
+    fn record(&self, comp: &mut zstd::bulk::Compressor<'_>, idx: &[u64], ids: &[Id]) -> Result<()> {
         let mut done = Vec::new();
         {
             let mut segs = self.segments.lock().map_err(|_| poisoned())?;
             for (i, id) in idx.iter().zip(ids) {
-                let (sg, k) = (*i as usize / MAP_ENTRIES, *i as usize % MAP_ENTRIES);
+                let (sg, k) = (
+                    (*i / MAP_ENTRIES as u64) as usize,
+                    (*i % MAP_ENTRIES as u64) as usize,
+                );
                 let Some(s) = segs.get_mut(&sg) else { continue };
                 s.ids[k] = *id;
                 s.remaining -= 1;
@@ -385,7 +410,11 @@ impl<'a> Plan<'a> {
     ) -> Result<(Plan<'a>, Cursors)> {
         let cs = repo.config.chunk_size as u64;
         let len = source.len();
-        let n = len.div_ceil(cs) as usize;
+        let n = usize::try_from(len.div_ceil(cs)).map_err(|_| {
+            RepoError::InvalidArgument(format!(
+                "a disk of {len} bytes has too many chunks for this platform"
+            ))
+        })?;
         let parent = match &opts.parent {
             Some(p) => Some(repo.find_snapshot(p)?),
             None => None,
@@ -495,7 +524,7 @@ struct Reader<'s, 'a> {
     counters: &'s Counters,
     progress: &'s dyn Progress,
     comp: zstd::bulk::Compressor<'static>,
-    pending: Vec<u32>,
+    pending: Vec<u64>,
     pending_raw: Vec<bool>,
     pool_rx: mpsc::Receiver<Vec<u8>>,
     work_tx: mpsc::SyncSender<Batch>,
@@ -506,6 +535,9 @@ impl Reader<'_, '_> {
         for seg in 0..self.plan.nseg {
             if self.sh.abort.load(Ordering::Relaxed) {
                 return Ok(());
+            }
+            if self.hole_segment(seg)? {
+                continue;
             }
             let sp = self.plan_segment(seg)?;
             let remaining = self.count_known(&sp);
@@ -519,6 +551,42 @@ impl Reader<'_, '_> {
             self.send_batch()?;
         }
         Ok(())
+    }
+
+    /// A full segment known to be a hole without looking at its chunks one by one: the
+    /// allocation map has no data there, or (with changed ranges) no range touches it and
+    /// it is a hole in the parent. Stores it as such and returns true. Same result as the
+    /// chunk-by-chunk path, in O(1): a 64 TiB thin disk has half a million segments.
+    fn hole_segment(&mut self, seg: usize) -> Result<bool> {
+        let plan = self.plan;
+        let first = seg * MAP_ENTRIES;
+        if plan.n - first < MAP_ENTRIES {
+            return Ok(false);
+        }
+        let a = first as u64 * plan.cs;
+        let b = ((first + MAP_ENTRIES) as u64 * plan.cs).min(plan.len);
+        if let Some(d) = self.cursors.data.as_mut() {
+            if d.touches(a, b) {
+                return Ok(false);
+            }
+            self.counters
+                .zero_chunks
+                .fetch_add(MAP_ENTRIES as u64, Ordering::Relaxed);
+        } else {
+            let parent_hole = plan.by_map
+                && first + MAP_ENTRIES <= plan.whole
+                && plan.parent.as_ref().and_then(|p| p.map.get(seg))
+                    == Some(&to_hex(&self.sh.repo.zero_segment_id()));
+            if !parent_hole || self.cursors.changed.touches(a, b) {
+                return Ok(false);
+            }
+            self.counters
+                .reused_unread
+                .fetch_add(MAP_ENTRIES as u64, Ordering::Relaxed);
+        }
+        self.progress.advance(b - a);
+        self.sh.finish_hole_segment(&mut self.comp, seg)?;
+        Ok(true)
     }
 
     /// Which chunks of segment `seg` may hold data, and which the parent stands for.
@@ -572,7 +640,7 @@ impl Reader<'_, '_> {
             if *nd {
                 remaining += 1;
             } else {
-                skipped += chunk_len(sp.first + k, cs, len);
+                skipped += chunk_len((sp.first + k) as u64, cs, len);
                 if !sp.maybe[k] {
                     self.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
                 }
@@ -593,7 +661,7 @@ impl Reader<'_, '_> {
         );
         for (k, nd) in sp.need.iter().enumerate() {
             if *nd {
-                self.pending.push((sp.first + k) as u32);
+                self.pending.push((sp.first + k) as u64);
                 self.pending_raw.push(sp.raw[k]);
                 if self.pending.len() == self.plan.per_batch {
                     self.send_batch()?;
@@ -613,7 +681,7 @@ impl Reader<'_, '_> {
             return Ok(());
         };
         let (cs, len) = (self.plan.cs, self.plan.len);
-        let last = *idx.last().unwrap_or(&0) as usize;
+        let last = *idx.last().unwrap_or(&0);
         let blen = (idx.len() - 1) * cs as usize + chunk_len(last, cs, len) as usize;
         buf.resize(blen, 0);
         let mut k = 0;
@@ -622,9 +690,9 @@ impl Reader<'_, '_> {
             while e < idx.len() && idx[e] == idx[e - 1] + 1 {
                 e += 1;
             }
-            let off = idx[k] as u64 * cs;
+            let off = idx[k] * cs;
             let a = k * cs as usize;
-            let z = ((e - 1) * cs as usize + chunk_len(idx[e - 1] as usize, cs, len) as usize)
+            let z = ((e - 1) * cs as usize + chunk_len(idx[e - 1], cs, len) as usize)
                 .min(blen);
             read_full(self.plan.source, &mut buf[a..z], off).map_err(|err| {
                 RepoError::Source {
@@ -856,8 +924,9 @@ pub(crate) fn backup_disk(
     })
 }
 
-pub(crate) fn chunk_len(i: usize, cs: u64, len: u64) -> u64 {
-    let off = i as u64 * cs;
+/// Length of chunk `i` of a disk of `len` bytes (the last one may be short).
+pub(crate) fn chunk_len(i: u64, cs: u64, len: u64) -> u64 {
+    let off = i.saturating_mul(cs);
     cs.min(len.saturating_sub(off))
 }
 

@@ -197,6 +197,7 @@ pub(crate) fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
     }
 
     // Snapshots: every chunk listed must be indexed and undamaged.
+    let mut clean_maps: IdMap<u64> = IdMap::default();
     for o in be.list("snapshots")? {
         let id = o.key.trim_start_matches("snapshots/").to_string();
         rep.snapshots += 1;
@@ -224,13 +225,39 @@ pub(crate) fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
             .iter()
             .filter_map(|m| crate::util::id_from_hex(m))
             .any(|m| bad.contains(&m));
+        let (cs, size) = (s.chunk_size as u64, s.size);
+        let mut lost: Vec<String> = Vec::new();
+        let mut missing: IdSet = IdSet::default();
+        let (mut damaged_chunks, mut damaged_bytes) = (0u64, 0u64);
         let map = if map_bad {
             Err(crate::RepoError::corrupt(
                 format!("snapshots/{id}"),
                 "a map blob is damaged",
             ))
         } else {
-            repo.load_map(&s, &index)
+            // Segment by segment; a map blob already found clean is not read again.
+            repo.visit_map(&s, &index, &mut clean_maps, |first, ids| {
+                let mut clean = true;
+                for (j, c) in ids.iter().enumerate() {
+                    if *c == ZERO_ID {
+                        continue;
+                    }
+                    let gone = !index.contains(c);
+                    if gone || bad.contains(c) {
+                        clean = false;
+                        damaged_chunks += 1;
+                        damaged_bytes += crate::backup::chunk_len(first + j as u64, cs, size);
+                        if gone && missing.insert(*c) {
+                            lost.push(format!(
+                                "snapshot {}: chunk {} is in no index (lost)",
+                                s.short_id(),
+                                to_hex(c)
+                            ));
+                        }
+                    }
+                }
+                Ok(clean)
+            })
         };
         match map {
             Err(e) => {
@@ -244,25 +271,10 @@ pub(crate) fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
                 d.damaged_bytes = s.size;
                 d.damaged_chunks = s.size.div_ceil(s.chunk_size.max(1) as u64);
             }
-            Ok(map) => {
-                let mut missing: IdSet = IdSet::default();
-                for (i, c) in map.iter().enumerate() {
-                    if *c == ZERO_ID {
-                        continue;
-                    }
-                    let gone = !index.contains(c);
-                    if gone || bad.contains(c) {
-                        d.damaged_chunks += 1;
-                        d.damaged_bytes += crate::backup::chunk_len(i, s.chunk_size as u64, s.size);
-                        if gone && missing.insert(*c) {
-                            rep.errors.push(format!(
-                                "snapshot {}: chunk {} is in no index (lost)",
-                                s.short_id(),
-                                to_hex(c)
-                            ));
-                        }
-                    }
-                }
+            Ok(()) => {
+                rep.errors.extend(lost);
+                d.damaged_chunks = damaged_chunks;
+                d.damaged_bytes = damaged_bytes;
             }
         }
         if d.damaged_chunks > 0 || d.map_unreadable {

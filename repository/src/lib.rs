@@ -282,6 +282,8 @@ pub struct Repository {
     key: MasterKey,
     config: RepoConfig,
     location: Location,
+    /// Id of a full map segment of zero chunks (a hole of `MAP_ENTRIES` chunks).
+    zero_segment: std::sync::OnceLock<Id>,
 }
 
 fn make_backend(location: &Location) -> Result<Arc<dyn Backend>> {
@@ -341,6 +343,7 @@ impl Repository {
             key,
             config,
             location: location.clone(),
+            zero_segment: Default::default(),
         })
     }
 
@@ -399,6 +402,7 @@ impl Repository {
                     key,
                     config,
                     location: location.clone(),
+                    zero_segment: Default::default(),
                 });
             }
         }
@@ -591,8 +595,28 @@ impl Repository {
         pack::open_blob(&self.key, &e, &sealed, &key)
     }
 
-    /// The chunk ids of a snapshot.
-    pub(crate) fn load_map(&self, s: &Snapshot, index: &Index) -> Result<Vec<Id>> {
+    /// The id of the map blob of a full segment of zero chunks. A snapshot's map segment
+    /// with this id is a hole of `MAP_ENTRIES` chunks: backup, restore, check and prune
+    /// need not read it (a 64 TiB thin disk has half a million of them).
+    pub(crate) fn zero_segment_id(&self) -> Id {
+        *self
+            .zero_segment
+            .get_or_init(|| self.key.chunk_id(&vec![0u8; MAP_ENTRIES * 32]))
+    }
+
+    /// Visit the chunk ids of a snapshot one map segment at a time (memory does not grow
+    /// with the disk: a 64 TiB disk lists 2^32 chunk ids). `f(first, ids)` gets the index
+    /// of the segment's first chunk and its ids; when it returns `Ok(true)` the map blob is
+    /// remembered in `known` (its id and number of chunk ids), and its later occurrences, in
+    /// this snapshot or in others visited with the same `known`, are neither read nor
+    /// visited. Fails when a map blob is unreadable or the map does not fit the disk size.
+    pub(crate) fn visit_map(
+        &self,
+        s: &Snapshot,
+        index: &Index,
+        known: &mut util::IdMap<u64>,
+        mut f: impl FnMut(u64, &[Id]) -> Result<bool>,
+    ) -> Result<()> {
         let cs = s.chunk_size as u64;
         if cs == 0 {
             return Err(RepoError::corrupt(
@@ -600,12 +624,16 @@ impl Repository {
                 "chunk size 0",
             ));
         }
-        let n = s.size.div_ceil(cs) as usize;
-        let mut out = Vec::with_capacity(n);
+        let n = s.size.div_ceil(cs);
+        let mut count = 0u64;
         for m in &s.map {
             let id = id_from_hex(m).ok_or_else(|| {
                 RepoError::corrupt(format!("snapshots/{}", s.id), "map id is not hex")
             })?;
+            if let Some(k) = known.get(&id) {
+                count += k;
+                continue;
+            }
             let b = self.read_blob(index, &id)?;
             if b.len() % 32 != 0 {
                 return Err(RepoError::corrupt(
@@ -613,19 +641,26 @@ impl Repository {
                     "length is not a multiple of 32",
                 ));
             }
-            for c in b.chunks_exact(32) {
-                let mut a = [0u8; 32];
-                a.copy_from_slice(c);
-                out.push(a);
+            let ids: Vec<Id> = b
+                .chunks_exact(32)
+                .map(|c| {
+                    let mut a = [0u8; 32];
+                    a.copy_from_slice(c);
+                    a
+                })
+                .collect();
+            if f(count, &ids)? {
+                known.insert(id, ids.len() as u64);
             }
+            count += ids.len() as u64;
         }
-        if out.len() != n {
+        if count != n {
             return Err(RepoError::corrupt(
                 format!("snapshots/{}", s.id),
-                format!("map lists {} chunks, the disk size needs {n}", out.len()),
+                format!("map lists {count} chunks, the disk size needs {n}"),
             ));
         }
-        Ok(out)
+        Ok(())
     }
 
     pub(crate) fn lock(&self, exclusive: bool, purpose: &str) -> Result<lock::LockGuard> {

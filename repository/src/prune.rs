@@ -167,6 +167,9 @@ pub(crate) fn prune(
     // Used blobs: of the snapshots that stay. Any unreadable one stops the prune.
     let index = repo.load_index()?;
     let mut used = IdSet::default();
+    // A map blob met before (a hole segment, or a segment shared with another snapshot)
+    // has its chunks in `used` already: it is not read again.
+    let mut known: crate::util::IdMap<u64> = crate::util::IdMap::default();
     for s in &kept {
         for m in &s.map {
             used.insert(
@@ -175,13 +178,16 @@ pub(crate) fn prune(
                 })?,
             );
         }
-        let map = repo.load_map(s, &index).map_err(|e| {
+        repo.visit_map(s, &index, &mut known, |_, ids| {
+            used.extend(ids.iter().filter(|c| **c != crate::ZERO_ID));
+            Ok(true)
+        })
+        .map_err(|e| {
             RepoError::Aborted(format!(
                 "prune stopped, nothing deleted from the data: snapshot {} cannot be read ({e}); run `coldclone check`",
                 s.short_id()
             ))
         })?;
-        used.extend(map.into_iter().filter(|c| *c != crate::ZERO_ID));
     }
 
     // The index files as they are (with duplicates), to see each pack's content.

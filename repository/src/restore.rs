@@ -22,7 +22,8 @@ const MAX_GAP: u64 = 1 << 20;
 
 struct Want {
     entry: BlobEntry,
-    chunks: Vec<u32>,
+    /// Chunk indices (u64: disks may have 2^32 chunks and more).
+    chunks: Vec<u64>,
 }
 
 pub(crate) fn restore(
@@ -80,13 +81,32 @@ pub(crate) fn restore(
         ));
     }
     let n = len.div_ceil(cs) as usize;
+    let nseg = snap.map.len();
     let written = AtomicU64::new(0);
-    // A group of map segments at a time, so that memory does not grow with the disk.
-    for group in snap.map.chunks(GROUP_SEGMENTS).enumerate() {
-        let (g, segs) = group;
-        let first = g * GROUP_SEGMENTS * MAP_ENTRIES;
-        let mut map: Vec<Id> = Vec::with_capacity(segs.len() * MAP_ENTRIES);
-        for h in segs {
+    // A full segment whose map blob is the zero segment's is a hole: nothing to read.
+    let zero_segment = crate::util::to_hex(&repo.zero_segment_id());
+    let is_hole = |seg: usize| snap.map[seg] == zero_segment && (seg + 1) * MAP_ENTRIES <= n;
+    // Groups of adjacent map segments, so that memory does not grow with the disk.
+    let mut seg = 0;
+    while seg < nseg {
+        if is_hole(seg) {
+            let a = (seg * MAP_ENTRIES) as u64 * cs;
+            let b = (a + MAP_ENTRIES as u64 * cs).min(len);
+            if is_blockdev {
+                write_zeros(&file, a..b, &written, progress).map_err(terr)?;
+            } else {
+                progress.advance(b - a);
+            }
+            seg += 1;
+            continue;
+        }
+        let mut end = seg + 1;
+        while end < nseg && end - seg < GROUP_SEGMENTS && !is_hole(end) {
+            end += 1;
+        }
+        let first = seg * MAP_ENTRIES;
+        let mut map: Vec<Id> = Vec::with_capacity((end - seg) * MAP_ENTRIES);
+        for h in &snap.map[seg..end] {
             let id = crate::util::id_from_hex(h).ok_or_else(|| {
                 RepoError::corrupt(format!("snapshots/{}", snap.id), "map id is not hex")
             })?;
@@ -103,12 +123,12 @@ pub(crate) fn restore(
                 a
             }));
         }
-        let expect = (n - first).min(segs.len() * MAP_ENTRIES);
+        let expect = (n - first).min((end - seg) * MAP_ENTRIES);
         if map.len() != expect {
             return Err(RepoError::corrupt(
                 format!("snapshots/{}", snap.id),
                 format!(
-                    "map segment group {g} lists {} chunks, {expect} expected",
+                    "map segments {seg}..{end} list {} chunks, {expect} expected",
                     map.len()
                 ),
             ));
@@ -127,6 +147,7 @@ pub(crate) fn restore(
             progress,
             &terr,
         )?;
+        seg = end;
     }
     file.sync_all().map_err(terr)?;
     Ok(RestoreSummary {
@@ -136,6 +157,25 @@ pub(crate) fn restore(
         bytes_written: written.into_inner(),
         duration: start.elapsed(),
     })
+}
+
+/// Write zeros over `r` of a block device (a hole of the snapshot).
+fn write_zeros(
+    file: &File,
+    r: std::ops::Range<u64>,
+    written: &AtomicU64,
+    progress: &dyn Progress,
+) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut off = r.start;
+    while off < r.end {
+        let l = (r.end - off).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..l as usize], off)?;
+        written.fetch_add(l, Ordering::Relaxed);
+        progress.advance(l);
+        off += l;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -176,8 +216,8 @@ fn restore_pack(
                 &key,
             )?;
             for &c in &w.chunks {
-                let off = c as u64 * cs;
-                let l = crate::backup::chunk_len(c as usize, cs, len) as usize;
+                let off = c * cs;
+                let l = crate::backup::chunk_len(c, cs, len) as usize;
                 if data.len() < l {
                     return Err(RepoError::corrupt(
                         &key,
@@ -210,14 +250,14 @@ fn restore_group(
     terr: &(dyn Fn(std::io::Error) -> RepoError + Sync),
 ) -> Result<()> {
     // Plan: pack -> blobs wanted -> chunk positions.
-    let mut by_blob: IdMap<Vec<u32>> = IdMap::default();
+    let mut by_blob: IdMap<Vec<u64>> = IdMap::default();
     let mut zero_chunks = Vec::new();
     for (j, id) in map.iter().enumerate() {
-        let i = first + j;
+        let i = (first + j) as u64;
         if *id == ZERO_ID {
-            zero_chunks.push(i as u32);
+            zero_chunks.push(i);
         } else {
-            by_blob.entry(*id).or_default().push(i as u32);
+            by_blob.entry(*id).or_default().push(i);
         }
     }
     let mut by_pack: BTreeMap<Id, Vec<Want>> = BTreeMap::new();
@@ -238,7 +278,7 @@ fn restore_group(
 
     let zero_bytes: u64 = zero_chunks
         .iter()
-        .map(|&i| crate::backup::chunk_len(i as usize, cs, len))
+        .map(|&i| crate::backup::chunk_len(i, cs, len))
         .sum();
     let abort = AtomicBool::new(false);
     let first_err: Mutex<Option<RepoError>> = Mutex::new(None);
@@ -263,8 +303,8 @@ fn restore_group(
             s.spawn(move || {
                 let zeros = vec![0u8; cs as usize];
                 for &i in zero_chunks {
-                    let off = i as u64 * cs;
-                    let l = crate::backup::chunk_len(i as usize, cs, len) as usize;
+                    let off = i * cs;
+                    let l = crate::backup::chunk_len(i, cs, len) as usize;
                     if let Err(e) = file.write_all_at(&zeros[..l], off) {
                         fail(terr(e));
                         return;

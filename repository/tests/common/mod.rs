@@ -79,3 +79,33 @@ pub fn disk_image(seed: u64, n: usize) -> Vec<u8> {
     }
     v
 }
+
+/// A mount point, unmounted on drop (also when the test panics).
+pub struct Mount(pub PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Mount a tmpfs of `size` (e.g. "64m") on `dir` (created). The caller has checked for
+/// root with coldclone-testkit; a failing mount then fails the test.
+pub fn mount_tmpfs(dir: &Path, size: &str) -> Mount {
+    std::fs::create_dir_all(dir).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount -t tmpfs on {} failed", dir.display());
+    Mount(dir.to_path_buf())
+}
+
+/// The data ranges of a file (SEEK_DATA/SEEK_HOLE), merged.
+pub fn data_ranges_of(path: &Path) -> Vec<std::ops::Range<u64>> {
+    let src = FileSource::open(path).unwrap();
+    src.data_ranges()
+        .unwrap()
+        .expect("the file system reports holes")
+}

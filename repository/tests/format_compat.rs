@@ -1,0 +1,109 @@
+//! A repository written by the code as of commit e50baa3 (tests/fixtures/format-v1: format
+//! version 1, 4 KiB chunks) still opens, lists, restores byte for byte, checks clean and
+//! takes new backups and prunes. The on-disk format did not change with the u64 chunk
+//! indices (chunk positions are implicit in the map; index offsets are per pack).
+mod common;
+use coldclone_repository::*;
+use common::*;
+use std::path::Path;
+
+const S1: &str = "b936d506568ff847d3538bffe6a3635dc0442e53d267aad32832d926a016995c";
+const S2: &str = "59b92e3be05bfe2519ed807c2d44128d31017a766efd2334575674e1fe71cc97";
+
+/// The fixture's disks, as the generator made them: S1 a 70 000-byte disk image, S2 the same
+/// with 4 KiB at offset 100 replaced (an incremental with changed ranges on S1).
+fn disks() -> (Vec<u8>, Vec<u8>) {
+    let a = disk_image(2024, 70_000);
+    let mut b = a.clone();
+    b[100..4196].copy_from_slice(&random_bytes(77, 4096));
+    (a, b)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_repository_written_by_format_v1_code_still_reads_and_grows() {
+    let dir = TempDir::new("compat");
+    let root = dir.path().join("repo");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-v1"),
+        &root,
+    );
+    let loc = Location::Local(root.clone());
+    let repo = Repository::open(&loc, "fixture-password").unwrap();
+    assert_eq!(repo.config().version, 1);
+    let snaps = repo.snapshots().unwrap();
+    let ids: Vec<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.contains(&S1) && ids.contains(&S2));
+    // Written before snapshots had a sequence number: the later one is still the latest.
+    assert_eq!(
+        repo.find_latest_on("testhost", "fixvm", "xvda")
+            .unwrap()
+            .unwrap()
+            .id,
+        S2
+    );
+    let (a, b) = disks();
+    let out = dir.path().join("out");
+    for (id, want) in [(S1, &a), (S2, &b)] {
+        repo.restore(id, &out, &NoProgress).unwrap();
+        assert!(std::fs::read(&out).unwrap() == *want, "{id} differs");
+    }
+    let c = repo.check(true).unwrap();
+    assert!(c.ok, "{c:?}");
+
+    // New code writes on top: an incremental of S2, then a prune that drops S1.
+    let mut c3 = b.clone();
+    c3[60_000..60_010].copy_from_slice(b"0123456789");
+    let s3 = repo
+        .backup_disk(
+            &MemSource(c3.clone()),
+            meta("fixvm", "xvda"),
+            &BackupOptions {
+                parent: Some(S2.into()),
+                changed_ranges: Some(vec![60_000..60_010]),
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    assert_eq!(s3.bytes_read, 4096);
+    assert_eq!(
+        repo.find_latest_on("testhost", "fixvm", "xvda")
+            .unwrap()
+            .unwrap()
+            .id,
+        s3.snapshot_id
+    );
+    let p = repo
+        .prune(
+            &RetentionPolicy {
+                default: Keep {
+                    last: 2,
+                    ..Default::default()
+                },
+                per_vm: Default::default(),
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(p.removed.len(), 1);
+    assert_eq!(p.removed[0].id, S1);
+    for (id, want) in [(S2, &b), (s3.snapshot_id.as_str(), &c3)] {
+        repo.restore(id, &out, &NoProgress).unwrap();
+        assert!(std::fs::read(&out).unwrap() == *want, "{id} differs");
+    }
+    let c = repo.check(true).unwrap();
+    assert!(c.ok, "{c:?}");
+}

@@ -302,8 +302,8 @@ impl<'a> Shared<'a> {
     /// A full segment of zero chunks: its map blob is stored once per repository.
     fn finish_hole_segment(&self, comp: &mut zstd::bulk::Compressor<'_>, seg: usize) -> Result<()> {
         let id = self.repo.zero_segment_id();
-        let known = self.index.contains(&id)
-            || self.new_ids.lock().map_err(|_| poisoned())?.contains(&id);
+        let known =
+            self.index.contains(&id) || self.new_ids.lock().map_err(|_| poisoned())?.contains(&id);
         if !known {
             self.store(comp, id, KIND_MAP, &vec![0u8; MAP_ENTRIES * 32], true)?;
         }
@@ -385,6 +385,8 @@ struct Plan<'a> {
     /// Map segments of the disk.
     nseg: usize,
     parent: Option<Snapshot>,
+    /// The new snapshot's sequence number (see `Snapshot::seq`).
+    seq: u64,
     /// The parent's chunk ids stand for the chunks the changed ranges do not touch.
     by_map: bool,
     /// Chunks wholly inside both the parent's and this size: only they can come from the
@@ -406,6 +408,7 @@ impl<'a> Plan<'a> {
     fn new(
         repo: &Repository,
         source: &'a dyn DiskSource,
+        meta: &SnapshotMeta,
         opts: &BackupOptions,
     ) -> Result<(Plan<'a>, Cursors)> {
         let cs = repo.config.chunk_size as u64;
@@ -419,7 +422,8 @@ impl<'a> Plan<'a> {
             Some(p) => Some(repo.find_snapshot(p)?),
             None => None,
         };
-        let by_map = parent_stands_for_unchanged(parent.as_ref(), opts, cs);
+        let by_map = parent_stands_for_unchanged(parent.as_ref(), meta, opts, cs);
+        let seq = next_seq(repo, meta)?;
         let whole = parent
             .as_ref()
             .map(|p| (p.size.min(len) / cs) as usize)
@@ -440,6 +444,7 @@ impl<'a> Plan<'a> {
             n,
             nseg: n.div_ceil(MAP_ENTRIES),
             parent,
+            seq,
             by_map,
             whole,
             workers,
@@ -449,9 +454,41 @@ impl<'a> Plan<'a> {
     }
 }
 
+/// 1 + the highest sequence number among the snapshots of this host, VM and disk.
+fn next_seq(repo: &Repository, meta: &SnapshotMeta) -> Result<u64> {
+    let top = repo
+        .snapshots()?
+        .iter()
+        .filter(|s| s.same_disk(&meta.host, &meta.vm, &meta.disk))
+        .map(|s| s.seq)
+        .max()
+        .unwrap_or(0);
+    Ok(top + 1)
+}
+
 /// Whether the parent's chunk ids can stand for the chunks the changed ranges leave out.
-fn parent_stands_for_unchanged(parent: Option<&Snapshot>, opts: &BackupOptions, cs: u64) -> bool {
+/// Changed ranges are relative to the previous backup of this very disk: a parent of
+/// another host, VM or disk (two hosts with a VM of the same name) cannot stand for it.
+fn parent_stands_for_unchanged(
+    parent: Option<&Snapshot>,
+    meta: &SnapshotMeta,
+    opts: &BackupOptions,
+    cs: u64,
+) -> bool {
     match (parent, &opts.changed_ranges) {
+        (Some(p), Some(_)) if !p.same_disk(&meta.host, &meta.vm, &meta.disk) => {
+            tracing::warn!(
+                "parent {} is a backup of {}/{}/{}, not of {}/{}/{}; reading everything",
+                p.short_id(),
+                p.host,
+                p.vm,
+                p.disk,
+                meta.host,
+                meta.vm,
+                meta.disk
+            );
+            false
+        }
         (Some(p), Some(_)) if p.chunk_size as u64 == cs => true,
         (Some(p), Some(_)) => {
             tracing::warn!(
@@ -613,8 +650,7 @@ impl Reader<'_, '_> {
         let Some(p) = plan.parent.as_ref() else {
             return Ok(sp);
         };
-        let Some(pids) =
-            parent_segment(self.sh.repo, index, p, seg, cnt.min(plan.whole - first))?
+        let Some(pids) = parent_segment(self.sh.repo, index, p, seg, cnt.min(plan.whole - first))?
         else {
             return Ok(sp);
         };
@@ -692,13 +728,10 @@ impl Reader<'_, '_> {
             }
             let off = idx[k] * cs;
             let a = k * cs as usize;
-            let z = ((e - 1) * cs as usize + chunk_len(idx[e - 1], cs, len) as usize)
-                .min(blen);
-            read_full(self.plan.source, &mut buf[a..z], off).map_err(|err| {
-                RepoError::Source {
-                    offset: off,
-                    source: err,
-                }
+            let z = ((e - 1) * cs as usize + chunk_len(idx[e - 1], cs, len) as usize).min(blen);
+            read_full(self.plan.source, &mut buf[a..z], off).map_err(|err| RepoError::Source {
+                offset: off,
+                source: err,
             })?;
             self.counters
                 .bytes_read
@@ -873,6 +906,7 @@ fn commit_snapshot(
         parent: plan.parent.map(|p| p.id),
         bytes_read,
         stored_bytes,
+        seq: plan.seq,
         map,
     };
     let sn = repo.save_snapshot(&snap)?;
@@ -892,7 +926,7 @@ pub(crate) fn backup_disk(
     let index = repo.load_index()?;
     let t_index = start.elapsed();
     progress.set_total(source.len());
-    let (plan, cursors) = Plan::new(repo, source, opts)?;
+    let (plan, cursors) = Plan::new(repo, source, &meta, opts)?;
     let sh = Shared::new(repo, &index, plan.nseg);
     let counters = Counters::default();
     read_and_store(&sh, &plan, cursors, &counters, progress);

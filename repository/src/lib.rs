@@ -43,6 +43,8 @@ pub use error::RepoError;
 pub use lock::set_lock_timings_for_tests;
 pub use prune::{Keep, PruneReport, RetentionPolicy, SnapshotRef};
 pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress, Progress};
+#[doc(hidden)]
+pub use util::set_clock_offset_for_tests;
 
 use backend::Backend;
 use crypto::{Id, MasterKey};
@@ -256,6 +258,13 @@ pub struct Snapshot {
     pub parent: Option<String>,
     pub bytes_read: u64,
     pub stored_bytes: u64,
+    /// Position among the snapshots of the same host, VM and disk: 1 + the highest before
+    /// it. "Latest" and retention go by it, not by `time_unix`, which follows the wall clock
+    /// (and so may go backwards). 0 for snapshots written before it existed; they come
+    /// before every numbered one, in time order. Stored, but left out of the JSON of
+    /// reports.
+    #[serde(skip_serializing, default)]
+    pub seq: u64,
     /// Ids of the map blobs listing the chunk ids, `MAP_ENTRIES` per blob. Stored, but left
     /// out of the JSON of reports (it grows with the disk).
     #[serde(skip_serializing, default)]
@@ -267,12 +276,28 @@ pub struct Snapshot {
 struct StoredSnapshot<'a> {
     #[serde(flatten)]
     snap: &'a Snapshot,
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    seq: u64,
     map: &'a [String],
+}
+
+fn is_zero_u64(x: &u64) -> bool {
+    *x == 0
 }
 
 impl Snapshot {
     pub fn short_id(&self) -> &str {
         self.id.get(..8).unwrap_or(&self.id)
+    }
+
+    /// The key that orders the snapshots of one host, VM and disk, oldest first.
+    pub(crate) fn order_key(&self) -> (u64, i64, &str) {
+        (self.seq, self.time_unix, &self.id)
+    }
+
+    /// Whether two snapshots are backups of the same disk: same host, VM and disk.
+    pub(crate) fn same_disk(&self, host: &str, vm: &str, disk: &str) -> bool {
+        self.host == host && self.vm == vm && self.disk == disk
     }
 }
 
@@ -461,13 +486,26 @@ impl Repository {
         Ok(out)
     }
 
-    /// The newest snapshot of `vm`/`disk`.
+    /// The newest snapshot of `vm`/`disk` taken on this host (by host name) when there is
+    /// one, else the newest of any host. VMs of the same name on several hosts are kept
+    /// apart: use [`Repository::find_latest_on`] to name the host.
     pub fn find_latest(&self, vm: &str, disk: &str) -> Result<Option<Snapshot>> {
-        Ok(self
-            .snapshots()?
-            .into_iter()
-            .filter(|s| s.vm == vm && s.disk == disk)
-            .max_by(|a, b| (a.time_unix, &a.id).cmp(&(b.time_unix, &b.id))))
+        let snaps = self.snapshots()?;
+        let here = util::hostname();
+        let mine = latest_of(&snaps, |s| s.same_disk(&here, vm, disk));
+        if mine.is_some() {
+            return Ok(mine);
+        }
+        Ok(latest_of(&snaps, |s| s.vm == vm && s.disk == disk))
+    }
+
+    /// The newest snapshot of `vm`/`disk` from `host` (the `host` of its `SnapshotMeta`):
+    /// the parent for this host's next backup of that disk. Newest by sequence number, so
+    /// a wall clock that went backwards does not make an older snapshot the latest.
+    pub fn find_latest_on(&self, host: &str, vm: &str, disk: &str) -> Result<Option<Snapshot>> {
+        Ok(latest_of(&self.snapshots()?, |s| {
+            s.same_disk(host, vm, disk)
+        }))
     }
 
     /// The snapshot with this id or unique id prefix.
@@ -522,16 +560,7 @@ impl Repository {
     /// Remove lock objects whose holder is gone (older than 30 minutes without refresh, or
     /// of a process of this host that no longer exists). Returns how many were removed.
     pub fn remove_stale_locks(&self) -> Result<usize> {
-        let now = util::now_unix();
-        let host = util::hostname();
-        let mut n = 0;
-        for (key, info) in lock::list_locks(self.backend.as_ref())? {
-            if info.map(|i| i.is_stale(now, &host)).unwrap_or(true) {
-                self.backend.delete(&key)?;
-                n += 1;
-            }
-        }
-        Ok(n)
+        lock::remove_stale(self.backend.as_ref())
     }
 
     // ---- internals ----
@@ -549,6 +578,7 @@ impl Repository {
     pub(crate) fn save_snapshot(&self, s: &Snapshot) -> Result<u64> {
         let body = serde_json::to_vec(&StoredSnapshot {
             snap: s,
+            seq: s.seq,
             map: &s.map,
         })
         .map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
@@ -692,6 +722,15 @@ impl Repository {
 }
 
 pub(crate) const ZERO_ID: Id = [0u8; 32];
+
+/// The newest (by [`Snapshot::order_key`]) of the snapshots that `pick` selects.
+fn latest_of(snaps: &[Snapshot], pick: impl Fn(&Snapshot) -> bool) -> Option<Snapshot> {
+    snaps
+        .iter()
+        .filter(|s| pick(s))
+        .max_by(|a, b| a.order_key().cmp(&b.order_key()))
+        .cloned()
+}
 
 #[cfg(test)]
 mod tests {

@@ -10,11 +10,20 @@
 //! this host, while its process exists. Holders refresh every 5 minutes; a holder that
 //! could not refresh for too long fails instead of committing (its lock may have been taken
 //! for stale, so a prune may have run).
+//!
+//! Clocks: "refreshed in the last 30 minutes" is measured on the storage's clock, never by
+//! comparing one host's wall clock with another's: a lock's age is the modification time
+//! of the judge's own lock object, just written, minus the lock's modification time, both
+//! set by the storage (the S3 server, the file system). A holder whose clock is behind, or
+//! moved back, is not taken for stale; a judge whose clock moved back does not keep a dead
+//! lock alive. Only when the storage gives no times is the lock's `time_unix` compared with
+//! the judge's clock, and then a lock from the future is live. A holder measures how long it
+//! went without refreshing on CLOCK_BOOTTIME, which the wall clock does not move.
 
 use crate::backend::Backend;
 use crate::crypto::random_id;
 use crate::error::{RepoError, Result};
-use crate::util::{hostname, now_unix, rfc3339};
+use crate::util::{boottime_secs, hostname, now_unix, rfc3339};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
@@ -47,9 +56,25 @@ pub(crate) struct LockInfo {
     pub purpose: String,
 }
 
+/// What a judge knows of "now" when it decides whether a lock is stale.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Now {
+    /// The judge's wall clock.
+    pub wall: i64,
+    /// The storage's clock: the modification time of an object the judge just wrote.
+    pub storage: Option<i64>,
+}
+
 impl LockInfo {
-    pub(crate) fn is_stale(&self, now: i64, my_host: &str) -> bool {
-        if now - self.time_unix > stale_secs() {
+    /// `mtime`: the lock object's modification time in the storage (0 = unknown).
+    pub(crate) fn is_stale(&self, now: Now, mtime: i64, my_host: &str) -> bool {
+        let age = match now.storage {
+            Some(t) if mtime > 0 => t - mtime,
+            // No storage times: the lock's own clock against ours; a lock from the future
+            // (our clock moved back, or its holder's is ahead) is not judged by its age.
+            _ => now.wall - self.time_unix,
+        };
+        if age > stale_secs() {
             return true;
         }
         if self.host == my_host {
@@ -83,10 +108,21 @@ pub(crate) struct LockGuard {
     key: String,
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
+    /// CLOCK_BOOTTIME seconds of the last successful write of the lock.
     last_refresh: Arc<AtomicI64>,
+    /// The storage's clock when the lock was taken, and CLOCK_BOOTTIME then.
+    storage_at_start: Option<(i64, i64)>,
 }
 
-pub(crate) fn list_locks(backend: &dyn Backend) -> Result<Vec<(String, Option<LockInfo>)>> {
+/// One lock object: its key, its modification time in the storage, its content (None when
+/// unreadable).
+pub(crate) struct ListedLock {
+    pub key: String,
+    pub mtime: i64,
+    pub info: Option<LockInfo>,
+}
+
+pub(crate) fn list_locks(backend: &dyn Backend) -> Result<Vec<ListedLock>> {
     let mut out = Vec::new();
     for o in backend.list("locks")? {
         let info = match backend.get(&o.key) {
@@ -94,9 +130,59 @@ pub(crate) fn list_locks(backend: &dyn Backend) -> Result<Vec<(String, Option<Lo
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e),
         };
-        out.push((o.key, info));
+        out.push(ListedLock {
+            key: o.key,
+            mtime: o.mtime,
+            info,
+        });
     }
     Ok(out)
+}
+
+/// "Now" for judging the locks in `locks`, given the key of the object the judge has just
+/// written.
+pub(crate) fn now_for(locks: &[ListedLock], own_key: &str) -> Now {
+    Now {
+        wall: now_unix(),
+        storage: locks
+            .iter()
+            .find(|l| l.key == own_key && l.mtime > 0)
+            .map(|l| l.mtime),
+    }
+}
+
+/// Remove the locks whose holder is gone; returns how many. Writes a probe object to
+/// read the storage's clock (see the module's notes), and removes it.
+pub(crate) fn remove_stale(backend: &dyn Backend) -> Result<usize> {
+    let probe = format!("locks/{}", random_id());
+    let info = LockInfo {
+        host: hostname(),
+        pid: std::process::id(),
+        time_unix: now_unix(),
+        exclusive: false,
+        purpose: "stale lock removal (probe)".into(),
+    };
+    let body = serde_json::to_vec(&info).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
+    backend.put(&probe, &body)?;
+    let res = (|| {
+        let locks = list_locks(backend)?;
+        let now = now_for(&locks, &probe);
+        let host = hostname();
+        let mut n = 0;
+        for l in locks.iter().filter(|l| l.key != probe) {
+            let stale = match &l.info {
+                Some(i) => i.is_stale(now, l.mtime, &host),
+                None => true,
+            };
+            if stale {
+                backend.delete(&l.key)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    })();
+    let _ = backend.delete(&probe);
+    res
 }
 
 pub(crate) fn acquire(
@@ -115,23 +201,24 @@ pub(crate) fn acquire(
     let key = format!("locks/{}", random_id());
     let body = serde_json::to_vec(&info).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
     backend.put(&key, &body)?;
-    let now = now_unix();
-    let conflicts: Vec<String> = match list_locks(backend.as_ref()) {
-        Ok(l) => l
-            .into_iter()
-            .filter(|(k, _)| *k != key)
-            .filter_map(|(k, i)| match i {
-                Some(i) if !i.is_stale(now, &host) && (exclusive || i.exclusive) => {
-                    Some(format!("{} ({k})", i.describe()))
-                }
-                _ => None,
-            })
-            .collect(),
+    let locks = match list_locks(backend.as_ref()) {
+        Ok(l) => l,
         Err(e) => {
             let _ = backend.delete(&key);
             return Err(e);
         }
     };
+    let now = now_for(&locks, &key);
+    let conflicts: Vec<String> = locks
+        .iter()
+        .filter(|l| l.key != key)
+        .filter_map(|l| match &l.info {
+            Some(i) if !i.is_stale(now, l.mtime, &host) && (exclusive || i.exclusive) => {
+                Some(format!("{} ({})", i.describe(), l.key))
+            }
+            _ => None,
+        })
+        .collect();
     if !conflicts.is_empty() {
         let _ = backend.delete(&key);
         return Err(RepoError::Locked(format!(
@@ -139,7 +226,8 @@ pub(crate) fn acquire(
             conflicts.join("; ")
         )));
     }
-    let last_refresh = Arc::new(AtomicI64::new(now));
+    let last_refresh = Arc::new(AtomicI64::new(boottime_secs()));
+    let storage_at_start = now.storage.map(|t| (t, boottime_secs()));
     let (tx, rx) = mpsc::channel::<()>();
     let (b2, k2, lr) = (backend.clone(), key.clone(), last_refresh.clone());
     let thread = std::thread::Builder::new()
@@ -151,7 +239,7 @@ pub(crate) fn acquire(
                     i.time_unix = now_unix();
                     if let Ok(body) = serde_json::to_vec(&i) {
                         match b2.put(&k2, &body) {
-                            Ok(()) => lr.store(i.time_unix, Ordering::SeqCst),
+                            Ok(()) => lr.store(boottime_secs(), Ordering::SeqCst),
                             Err(e) => tracing::warn!("cannot refresh repository lock {k2}: {e}"),
                         }
                     }
@@ -166,13 +254,15 @@ pub(crate) fn acquire(
         stop: Some(tx),
         thread: Some(thread),
         last_refresh,
+        storage_at_start,
     })
 }
 
 impl LockGuard {
     /// Fail when the lock was not refreshed for so long that others may take it for stale.
     pub(crate) fn check_fresh(&self) -> Result<()> {
-        let age = now_unix() - self.last_refresh.load(Ordering::SeqCst);
+        // CLOCK_BOOTTIME: a wall clock moved back must not hide a long silence.
+        let age = boottime_secs() - self.last_refresh.load(Ordering::SeqCst);
         if age > stale_secs() - (stale_secs() / 30).max(1) {
             return Err(RepoError::Locked(format!(
                 "this process's lock {} was not refreshed for {age} s, so a prune may have run meanwhile; the backup was not committed: run it again",
@@ -180,6 +270,17 @@ impl LockGuard {
             )));
         }
         Ok(())
+    }
+}
+
+impl LockGuard {
+    /// The storage's clock now (from the lock's own modification time and the time since
+    /// on CLOCK_BOOTTIME), or the wall clock when the storage gives no times.
+    pub(crate) fn storage_now(&self) -> i64 {
+        match self.storage_at_start {
+            Some((t, boot)) => t + (boottime_secs() - boot),
+            None => now_unix(),
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::backup::Packer;
 use crate::crypto::Id;
 use crate::error::{RepoError, Result};
 use crate::pack::{decode_index, pack_key, PackDesc, INDEX_KIND};
-use crate::util::{civil_from_days, id_from_hex, now_unix, IdSet};
+use crate::util::{civil_from_days, id_from_hex, IdSet};
 use crate::{Repository, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -91,20 +91,24 @@ pub struct PruneReport {
     pub bytes_repacked: u64,
 }
 
-/// Which snapshots the policy keeps (ids).
+/// Which snapshots the policy keeps (ids). Each disk of each VM of each host is a group of
+/// its own: two hosts' VMs of the same name never share a retention. Within a group
+/// "newest" is by sequence number (`Snapshot::order_key`); the calendar rules keep the
+/// newest snapshot of each day, week, month or year, even when the wall clock went back
+/// and the days do not come in order.
 pub(crate) fn select_kept(snaps: &[Snapshot], policy: &RetentionPolicy) -> IdStrSet {
-    let mut groups: BTreeMap<(&str, &str), Vec<&Snapshot>> = BTreeMap::new();
+    let mut groups: BTreeMap<(&str, &str, &str), Vec<&Snapshot>> = BTreeMap::new();
     for s in snaps {
-        groups.entry((&s.vm, &s.disk)).or_default().push(s);
+        groups.entry((&s.host, &s.vm, &s.disk)).or_default().push(s);
     }
     let mut keep = IdStrSet::new();
-    for ((vm, _), mut g) in groups {
+    for ((_, vm, _), mut g) in groups {
         let k = policy.per_vm.get(vm).unwrap_or(&policy.default);
         if k.keeps_all() {
             keep.extend(g.iter().map(|s| s.id.clone()));
             continue;
         }
-        g.sort_by(|a, b| (b.time_unix, &b.id).cmp(&(a.time_unix, &a.id))); // newest first
+        g.sort_by(|a, b| b.order_key().cmp(&a.order_key())); // newest first
         let day = |s: &Snapshot| s.time_unix.div_euclid(86_400);
         let rules: [(u32, Bucket); 5] = [
             (k.last, Box::new(|i, _| i as i64)),
@@ -121,17 +125,13 @@ pub(crate) fn select_kept(snaps: &[Snapshot], policy: &RetentionPolicy) -> IdStr
             (k.yearly, Box::new(move |_, s| civil_from_days(day(s)).0)),
         ];
         for (n, bucket) in rules.iter() {
-            let mut last = None;
-            let mut count = 0;
+            let mut seen = std::collections::BTreeSet::new();
             for (i, s) in g.iter().enumerate() {
-                if count >= *n {
+                if seen.len() >= *n as usize {
                     break;
                 }
-                let b = bucket(i, s);
-                if last != Some(b) {
+                if seen.insert(bucket(i, s)) {
                     keep.insert(s.id.clone());
-                    count += 1;
-                    last = Some(b);
                 }
             }
         }
@@ -203,7 +203,8 @@ pub(crate) fn prune(
         }
     }
     let stored = be.list("data")?;
-    let now = now_unix();
+    // Pack ages on the storage's clock (the packs' times are the storage's), not ours.
+    let now = lock.storage_now();
 
     // Classify packs. One copy of each used blob is kept.
     let mut have = IdSet::default();
@@ -349,6 +350,7 @@ mod tests {
             parent: None,
             bytes_read: 0,
             stored_bytes: 0,
+            seq: 0,
             map: vec![],
         }
     }

@@ -35,12 +35,42 @@ pub(crate) fn id_from_hex(s: &str) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
 
+static CLOCK_OFFSET: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Move this process's wall clock by `secs` (negative: back), as an NTP step or a wrong RTC
+/// would: for tests of clock jumps only. The monotonic clocks are not moved.
+#[doc(hidden)]
+pub fn set_clock_offset_for_tests(secs: i64) {
+    CLOCK_OFFSET.store(secs, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The wall clock, Unix seconds. It may jump, backwards too: nothing that decides what to
+/// keep or whether a lock is live relies on it alone (see lock.rs and prune.rs).
 pub(crate) fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+        + CLOCK_OFFSET.load(std::sync::atomic::Ordering::SeqCst)
 }
+
+/// Seconds since boot, suspend included (CLOCK_BOOTTIME): never jumps with the wall clock.
+pub(crate) fn boottime_secs() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if r != 0 {
+        // Not on this kernel: the monotonic clock (without suspend) is the next best.
+        return std::time::Instant::now().duration_since(*START).as_secs() as i64;
+    }
+    ts.tv_sec as i64
+}
+
+static START: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
 
 /// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01 (H. Hinnant's algorithm).
 pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {

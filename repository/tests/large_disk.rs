@@ -37,7 +37,10 @@ fn a_disk_of_more_than_2_pow_32_chunks_backs_up_and_restores() {
     let writes: Vec<(u64, Vec<u8>)> = vec![
         (0, random_bytes(1, 5000)),
         ((1u64 << 32) * CS, random_bytes(2, 4096)),
-        (((1u64 << 32) + 2 * SEG + 5) * CS + 3000, random_bytes(3, 3000)),
+        (
+            ((1u64 << 32) + 2 * SEG + 5) * CS + 3000,
+            random_bytes(3, 3000),
+        ),
         (size - 777, random_bytes(4, 777)),
     ];
     for (off, d) in &writes {
@@ -57,7 +60,11 @@ fn a_disk_of_more_than_2_pow_32_chunks_backs_up_and_restores() {
         .unwrap();
     eprintln!("full backup of {size} bytes: {:?}", t.elapsed());
     assert_eq!(full.bytes, size);
-    assert!(full.bytes_read < 1 << 20, "holes were read: {}", full.bytes_read);
+    assert!(
+        full.bytes_read < 1 << 20,
+        "holes were read: {}",
+        full.bytes_read
+    );
     assert_eq!(full.new_chunks, 6, "{full:?}"); // 2 + 1 + 2 + 1 chunks hold data
     assert_eq!(
         repo.find_snapshot(&full.snapshot_id).unwrap().map.len() as u64,
@@ -67,7 +74,10 @@ fn a_disk_of_more_than_2_pow_32_chunks_backs_up_and_restores() {
     // An incremental: two chunks past 2^32 change, the changed-block map says so.
     let changes: Vec<(u64, Vec<u8>)> = vec![
         (((1u64 << 32) + 1) * CS + 10, random_bytes(5, 100)),
-        (((1u64 << 32) + 2 * SEG + 5) * CS + 3500, random_bytes(6, 10)),
+        (
+            ((1u64 << 32) + 2 * SEG + 5) * CS + 3500,
+            random_bytes(6, 10),
+        ),
     ];
     for (off, d) in &changes {
         f.write_all_at(d, *off).unwrap();
@@ -92,7 +102,11 @@ fn a_disk_of_more_than_2_pow_32_chunks_backs_up_and_restores() {
         .unwrap();
     eprintln!("incremental: {:?}", t.elapsed());
     // The two touched chunks, and the short last chunk, which is never taken from a parent.
-    assert_eq!(inc.bytes_read, 2 * CS + (CS - 1234), "only touched chunks are read");
+    assert_eq!(
+        inc.bytes_read,
+        2 * CS + (CS - 1234),
+        "only touched chunks are read"
+    );
     assert_eq!(inc.reused_unread_chunks, chunks - 3);
 
     // Restore both to sparse files on the tmpfs: the bytes at every written offset, and

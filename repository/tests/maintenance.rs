@@ -195,9 +195,8 @@ fn prune_is_refused_while_a_lock_is_live() {
         repo.prune(&RetentionPolicy::default(), false),
         Err(RepoError::Locked(_))
     ));
-    // A stale one (an hour old) does not block.
-    let lock = serde_json::json!({"host": "some-other-host", "pid": 1, "time_unix": 1000, "exclusive": false, "purpose": "backup"});
-    std::fs::write(root.join("locks/feedface"), lock.to_string()).unwrap();
+    // A stale one (not written for an hour, on the storage's clock) does not block.
+    write_lock(&root, "feedface", "some-other-host", 1000, false, 3600);
     repo.prune(&RetentionPolicy::default(), false).unwrap();
     assert_eq!(repo.remove_stale_locks().unwrap(), 1);
     assert!(!root.join("locks/feedface").exists());

@@ -109,3 +109,36 @@ pub fn data_ranges_of(path: &Path) -> Vec<std::ops::Range<u64>> {
         .unwrap()
         .expect("the file system reports holes")
 }
+
+/// Seconds since the Unix epoch on the real clock (not the repository's test offset).
+pub fn real_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Write a lock object of another holder into a local repository: `time_unix` is what its
+/// holder's clock said; the file's modification time (the storage's clock) is set
+/// `written_secs_ago` seconds back.
+pub fn write_lock(
+    root: &Path,
+    name: &str,
+    host: &str,
+    time_unix: i64,
+    exclusive: bool,
+    written_secs_ago: i64,
+) {
+    let lock = serde_json::json!({"host": host, "pid": 1, "time_unix": time_unix,
+        "exclusive": exclusive, "purpose": if exclusive { "prune" } else { "backup" }});
+    let p = root.join("locks").join(name);
+    std::fs::write(&p, lock.to_string()).unwrap();
+    let t = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs((real_now() - written_secs_ago) as u64);
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}

@@ -66,7 +66,10 @@ pub(crate) fn boottime_secs() -> i64 {
         // Not on this kernel: the monotonic clock (without suspend) is the next best.
         return std::time::Instant::now().duration_since(*START).as_secs() as i64;
     }
-    ts.tv_sec as i64
+    // time_t is i64 here but i32 on some 32-bit targets.
+    #[allow(clippy::unnecessary_cast)]
+    let secs = ts.tv_sec as i64;
+    secs
 }
 
 static START: std::sync::LazyLock<std::time::Instant> =

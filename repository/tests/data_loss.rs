@@ -1,5 +1,7 @@
 //! Where data could be lost: an incremental whose parent is gone, a disk that shrinks, two
 //! hosts with a VM of the same name, a prune process beside a running backup process.
+// Changed-block maps are lists of ranges; a list of one range is meant.
+#![allow(clippy::single_range_in_vec_init)]
 mod common;
 use coldclone_repository::*;
 use common::*;

@@ -354,23 +354,16 @@ fn parent_segment(
     let Some(h) = parent.map.get(seg) else {
         return Ok(None);
     };
-    let id = crate::util::id_from_hex(h).ok_or_else(|| {
-        RepoError::corrupt(format!("snapshots/{}", parent.id), "map id is not hex")
-    })?;
-    let b = repo.read_blob(index, &id)?;
-    if b.len() % 32 != 0 || b.len() / 32 < count {
+    let id = crate::map_blob_id(parent, h)?;
+    // A malformed or short parent segment is not an error here: the segment is read anew.
+    let Some(mut ids) = crate::decode_map_blob(&repo.read_blob(index, &id)?) else {
+        return Ok(None);
+    };
+    if ids.len() < count {
         return Ok(None);
     }
-    Ok(Some(
-        b.chunks_exact(32)
-            .take(count)
-            .map(|c| {
-                let mut a = [0u8; 32];
-                a.copy_from_slice(c);
-                a
-            })
-            .collect(),
-    ))
+    ids.truncate(count);
+    Ok(Some(ids))
 }
 
 /// What one backup does, fixed before any data is read.

@@ -657,28 +657,12 @@ impl Repository {
         let n = s.size.div_ceil(cs);
         let mut count = 0u64;
         for m in &s.map {
-            let id = id_from_hex(m).ok_or_else(|| {
-                RepoError::corrupt(format!("snapshots/{}", s.id), "map id is not hex")
-            })?;
+            let id = map_blob_id(s, m)?;
             if let Some(k) = known.get(&id) {
                 count += k;
                 continue;
             }
-            let b = self.read_blob(index, &id)?;
-            if b.len() % 32 != 0 {
-                return Err(RepoError::corrupt(
-                    format!("map blob {m}"),
-                    "length is not a multiple of 32",
-                ));
-            }
-            let ids: Vec<Id> = b
-                .chunks_exact(32)
-                .map(|c| {
-                    let mut a = [0u8; 32];
-                    a.copy_from_slice(c);
-                    a
-                })
-                .collect();
+            let ids = self.read_map_blob(index, &id, m)?;
             if f(count, &ids)? {
                 known.insert(id, ids.len() as u64);
             }
@@ -691,6 +675,14 @@ impl Repository {
             ));
         }
         Ok(())
+    }
+
+    /// The chunk ids listed by the map blob `id` (`hex` as the snapshot names it).
+    pub(crate) fn read_map_blob(&self, index: &Index, id: &Id, hex: &str) -> Result<Vec<Id>> {
+        let b = self.read_blob(index, id)?;
+        decode_map_blob(&b).ok_or_else(|| {
+            RepoError::corrupt(format!("map blob {hex}"), "length is not a multiple of 32")
+        })
     }
 
     pub(crate) fn lock(&self, exclusive: bool, purpose: &str) -> Result<lock::LockGuard> {
@@ -722,6 +714,29 @@ impl Repository {
 }
 
 pub(crate) const ZERO_ID: Id = [0u8; 32];
+
+/// The id of a map blob as snapshot `s` lists it (hex).
+pub(crate) fn map_blob_id(s: &Snapshot, hex: &str) -> Result<Id> {
+    id_from_hex(hex)
+        .ok_or_else(|| RepoError::corrupt(format!("snapshots/{}", s.id), "map id is not hex"))
+}
+
+/// The chunk ids in a map blob's plaintext: 32 bytes each; None when it is not a whole
+/// number of them.
+pub(crate) fn decode_map_blob(b: &[u8]) -> Option<Vec<Id>> {
+    if b.len() % 32 != 0 {
+        return None;
+    }
+    Some(
+        b.chunks_exact(32)
+            .map(|c| {
+                let mut a = [0u8; 32];
+                a.copy_from_slice(c);
+                a
+            })
+            .collect(),
+    )
+}
 
 /// The newest (by [`Snapshot::order_key`]) of the snapshots that `pick` selects.
 fn latest_of(snaps: &[Snapshot], pick: impl Fn(&Snapshot) -> bool) -> Option<Snapshot> {

@@ -154,16 +154,7 @@ pub(crate) fn now_for(locks: &[ListedLock], own_key: &str) -> Now {
 /// Remove the locks whose holder is gone; returns how many. Writes a probe object to
 /// read the storage's clock (see the module's notes), and removes it.
 pub(crate) fn remove_stale(backend: &dyn Backend) -> Result<usize> {
-    let probe = format!("locks/{}", random_id());
-    let info = LockInfo {
-        host: hostname(),
-        pid: std::process::id(),
-        time_unix: now_unix(),
-        exclusive: false,
-        purpose: "stale lock removal (probe)".into(),
-    };
-    let body = serde_json::to_vec(&info).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
-    backend.put(&probe, &body)?;
+    let (probe, _) = put_lock(backend, false, "stale lock removal (probe)")?;
     let res = (|| {
         let locks = list_locks(backend)?;
         let now = now_for(&locks, &probe);
@@ -185,14 +176,10 @@ pub(crate) fn remove_stale(backend: &dyn Backend) -> Result<usize> {
     res
 }
 
-pub(crate) fn acquire(
-    backend: Arc<dyn Backend>,
-    exclusive: bool,
-    purpose: &str,
-) -> Result<LockGuard> {
-    let host = hostname();
+/// Writes a new lock object of this process; its key and content.
+fn put_lock(backend: &dyn Backend, exclusive: bool, purpose: &str) -> Result<(String, LockInfo)> {
     let info = LockInfo {
-        host: host.clone(),
+        host: hostname(),
         pid: std::process::id(),
         time_unix: now_unix(),
         exclusive,
@@ -201,6 +188,16 @@ pub(crate) fn acquire(
     let key = format!("locks/{}", random_id());
     let body = serde_json::to_vec(&info).map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
     backend.put(&key, &body)?;
+    Ok((key, info))
+}
+
+pub(crate) fn acquire(
+    backend: Arc<dyn Backend>,
+    exclusive: bool,
+    purpose: &str,
+) -> Result<LockGuard> {
+    let (key, info) = put_lock(backend.as_ref(), exclusive, purpose)?;
+    let host = info.host.clone();
     let locks = match list_locks(backend.as_ref()) {
         Ok(l) => l,
         Err(e) => {

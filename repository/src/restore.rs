@@ -107,21 +107,8 @@ pub(crate) fn restore(
         let first = seg * MAP_ENTRIES;
         let mut map: Vec<Id> = Vec::with_capacity((end - seg) * MAP_ENTRIES);
         for h in &snap.map[seg..end] {
-            let id = crate::util::id_from_hex(h).ok_or_else(|| {
-                RepoError::corrupt(format!("snapshots/{}", snap.id), "map id is not hex")
-            })?;
-            let b = repo.read_blob(&index, &id)?;
-            if b.len() % 32 != 0 {
-                return Err(RepoError::corrupt(
-                    format!("map blob {h}"),
-                    "length is not a multiple of 32",
-                ));
-            }
-            map.extend(b.chunks_exact(32).map(|c| {
-                let mut a = [0u8; 32];
-                a.copy_from_slice(c);
-                a
-            }));
+            let id = crate::map_blob_id(&snap, h)?;
+            map.extend(repo.read_map_blob(&index, &id, h)?);
         }
         let expect = (n - first).min((end - seg) * MAP_ENTRIES);
         if map.len() != expect {

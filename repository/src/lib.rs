@@ -36,6 +36,8 @@ mod restore;
 mod source;
 mod util;
 
+#[doc(hidden)]
+pub use backend::s3::{set_s3_list_page_size_for_tests, set_s3_timeout_for_tests};
 pub use check::{CheckReport, DamagedSnapshot};
 pub use crypto::KdfParams;
 pub use error::RepoError;
@@ -43,7 +45,6 @@ pub use error::RepoError;
 pub use lock::set_lock_timings_for_tests;
 pub use prune::{Keep, PruneReport, RetentionPolicy, SnapshotRef};
 pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress, Progress};
-#[doc(hidden)]
 pub use util::set_clock_offset_for_tests;
 
 use backend::Backend;

@@ -1,98 +1,18 @@
-//! Against a real S3-compatible server started here: moto_server (PyPI `moto[server]`).
+//! Against real S3-compatible servers started here: moto_server (PyPI `moto[server]`)
+//! and s3s-fs (crates.io), both of which answer listings in pages of 1,000 keys.
 mod common;
 use coldclone_repository::*;
+use common::fault_proxy::FaultProxy;
+use common::servers::*;
 use common::*;
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// How to run moto's server: `moto_server`, or `python3 -m moto.server` when the script
-/// is not on PATH.
-fn moto_command() -> Option<Vec<&'static str>> {
-    for cmd in [vec!["moto_server"], vec!["python3", "-m", "moto.server"]] {
-        let ok = Command::new(cmd[0])
-            .args(&cmd[1..])
-            .arg("--help")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
-            return Some(cmd);
-        }
-    }
-    None
-}
-
-/// Start moto_server on a free port; install it with pip when missing.
-fn start_server() -> Option<Server> {
-    if moto_command().is_none() {
-        eprintln!("moto_server not found: installing it with pip (moto[server])");
-        let _ = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--break-system-packages",
-                "moto[server]",
-            ])
-            .status();
-    }
-    let Some(cmd) = moto_command() else {
-        coldclone_testkit::require(false, "moto_server (pip install 'moto[server]')");
-        return None;
-    };
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let child = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start moto_server");
-    let s = Server { child, port };
-    let t = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "moto_server did not listen within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Some(s)
-}
 
 fn loc(port: u16, prefix: &str) -> Location {
-    Location::S3 {
-        endpoint: format!("http://127.0.0.1:{port}"),
-        bucket: "coldclone-test".into(),
-        prefix: prefix.into(),
-        region: "us-east-1".into(),
-        access_key: "testing".into(),
-        secret_key: "testing".into(),
-    }
+    s3_loc(port, prefix)
 }
 
 #[test]
 fn moto_s3_repository_full_cycle_and_concurrent_writers() {
-    let Some(server) = start_server() else { return };
+    let Some(server) = start_moto() else { return };
     full_cycle(server.port);
 }
 
@@ -100,54 +20,8 @@ fn moto_s3_repository_full_cycle_and_concurrent_writers() {
 /// objects as files and checks AWS signatures, which moto does not.
 #[test]
 fn s3s_fs_repository_full_cycle_and_signatures() {
-    let ok = Command::new("s3s-fs")
-        .arg("--help")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if !ok.map(|s| s.success()).unwrap_or(false) {
-        // COLDCLONE_REQUIRE_S3S (set by scripts/test.sh) makes it required outside CI too.
-        let required = std::env::var_os("COLDCLONE_REQUIRE_S3S").is_some();
-        assert!(
-            !required,
-            "s3s-fs is required: cargo install s3s-fs@0.14.1 --features binary --locked"
-        );
-        coldclone_testkit::require(
-            false,
-            "s3s-fs (cargo install s3s-fs@0.14.1 --features binary --locked)",
-        );
-        return;
-    }
-    let dir = TempDir::new("s3s");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let child = Command::new("s3s-fs")
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--access-key",
-            "testing",
-            "--secret-key",
-            "testing",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start s3s-fs");
-    let _server = Server { child, port };
-    let t = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "s3s-fs did not listen within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let Some(server) = start_s3s_fs() else { return };
+    let port = server.port;
     // A wrong secret is refused by the server: the signature is really checked.
     let Location::S3 {
         endpoint,
@@ -268,4 +142,88 @@ fn full_cycle(port: u16) {
         Repository::open(&self::loc(port, "elsewhere"), "pw"),
         Err(RepoError::NotFound { .. })
     ));
+}
+
+/// Objects planted straight into the store, beside the repository's own.
+type Plant<'a> = &'a dyn Fn(&str, &[u8]);
+
+/// Listings longer than one page (both servers answer 1,000 keys a page): 1,200 foreign
+/// objects under `snapshots/` and 1,200 under `data/`, named to sort before the
+/// repository's own. A client that stopped after the first page would see none of the
+/// real snapshots, and a prune deciding on such a listing would delete their data.
+fn listing_beyond_one_page(server_port: u16, plant: Plant) {
+    const PLANTED: usize = 1_200;
+    let proxy = FaultProxy::start(server_port);
+    let loc = loc(proxy.port, "big");
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    let imgs: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(70 + i, 96 << 10)).collect();
+    let ids: Vec<String> = imgs
+        .iter()
+        .enumerate()
+        .map(|(i, img)| {
+            repo.backup_disk(
+                &MemSource(img.clone()),
+                meta(&format!("vm{i}"), "xvda"),
+                &BackupOptions::default(),
+                &NoProgress,
+            )
+            .unwrap()
+            .snapshot_id
+        })
+        .collect();
+    for i in 0..PLANTED {
+        plant(&format!("big/snapshots/0000{i:060x}"), b"not a snapshot");
+        plant(&format!("big/data/00/0000{i:060x}"), b"not a pack");
+    }
+    let before = FaultProxy::count(&proxy.stats.list_continuations);
+    let snaps = repo.snapshots().unwrap();
+    let mut got: Vec<String> = snaps.iter().map(|s| s.id.clone()).collect();
+    got.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "the real snapshots sort after 1,200 planted objects"
+    );
+    assert!(
+        FaultProxy::count(&proxy.stats.list_continuations) > before,
+        "the listing took more than one page"
+    );
+    for (id, img) in ids.iter().zip(&imgs) {
+        assert_eq!(&repo.find_snapshot(&id[..12]).unwrap().id, id);
+        let dir = TempDir::new("big");
+        let out = dir.path().join("out");
+        repo.restore(id, &out, &NoProgress).unwrap();
+        assert!(std::fs::read(&out).unwrap() == *img);
+    }
+    let c = repo.check(false).unwrap();
+    assert_eq!(c.snapshots as usize, PLANTED + 2, "{:?}", c.errors.first());
+    assert_eq!(c.damaged_snapshots.len(), PLANTED);
+    assert_eq!(c.unindexed_packs as usize, PLANTED);
+    // Prune must see every snapshot; with unreadable ones it refuses rather than guess.
+    assert!(repo.prune(&RetentionPolicy::default(), true).is_err());
+}
+
+#[test]
+fn moto_s3_listings_beyond_one_page() {
+    let Some(server) = start_moto() else { return };
+    let agent = ureq::agent();
+    // moto does not check signatures: plant with plain PUTs.
+    listing_beyond_one_page(server.port, &|key, data| {
+        agent
+            .put(&format!("http://127.0.0.1:{}/{BUCKET}/{key}", server.port))
+            .send_bytes(data)
+            .unwrap();
+    });
+}
+
+#[test]
+fn s3s_fs_listings_beyond_one_page() {
+    let Some(server) = start_s3s_fs() else { return };
+    let root = server.root.clone().unwrap().join(BUCKET);
+    listing_beyond_one_page(server.port, &|key, data| {
+        let p = root.join(key);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    });
 }

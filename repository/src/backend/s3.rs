@@ -8,11 +8,26 @@ use crate::Location;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Attempts per request: a 5xx, 429, 408 or transport error (reset, timeout) is retried
+/// with backoff 0.4, 0.8, 1.6 s (bounded: at most ~3 s of waiting plus the timeouts).
 const RETRIES: u32 = 4;
+
+/// The most pages one listing may take (10 million keys at 1,000 per page): a server that
+/// keeps answering "truncated" cannot keep the client busy for ever.
+const MAX_LIST_PAGES: usize = 10_000;
+
+static READ_TIMEOUT_SECS: AtomicU64 = AtomicU64::new(120);
+
+/// Shorten the S3 read/write timeout (seconds): for tests of stalled servers only.
+#[doc(hidden)]
+pub fn set_s3_timeout_for_tests(secs: u64) {
+    READ_TIMEOUT_SECS.store(secs.max(1), Ordering::Relaxed);
+}
 
 pub(crate) struct S3Backend {
     agent: ureq::Agent,
@@ -103,6 +118,82 @@ fn xml_all<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
     out
 }
 
+static LIST_PAGE_SIZE: AtomicU64 = AtomicU64::new(0);
+
+/// Ask for listings in pages of `n` keys (`max-keys`; 0 = the server's default, 1,000 on
+/// AWS): for tests that walk many pages with few objects.
+#[doc(hidden)]
+pub fn set_s3_list_page_size_for_tests(n: u64) {
+    LIST_PAGE_SIZE.store(n, Ordering::Relaxed);
+}
+
+fn list_page_size() -> Option<u64> {
+    Some(LIST_PAGE_SIZE.load(Ordering::Relaxed)).filter(|n| *n > 0)
+}
+
+/// One page of a ListObjectsV2 answer, checked.
+#[derive(Debug)]
+struct ListPage {
+    objects: Vec<ObjectInfo>,
+    truncated: bool,
+    next_token: Option<String>,
+}
+
+/// Parse one ListObjectsV2 page for a listing of `full` (`prefix/dir/`). The answer comes
+/// from a server coldclone does not control: every key must lie under `full` (else the
+/// page is refused: a key elsewhere would be taken for one of the repository's objects),
+/// and keys are cut only after `root` (`prefix/`, or nothing), which they are known to start
+/// with, so a key of any UTF-8 shape cannot split a character. Objects whose last
+/// component starts with '.' are a writer's temporary objects and are left out.
+fn parse_list_page(text: &str, full: &str, root: &str) -> std::result::Result<ListPage, String> {
+    debug_assert!(full.starts_with(root));
+    let mut objects = Vec::new();
+    for c in xml_all(text, "Contents") {
+        let key = match xml_all(c, "Key").first() {
+            Some(k) => xml_unescape(k),
+            None => return Err("an entry without a Key".into()),
+        };
+        if !key.starts_with(full) {
+            return Err(format!("the key {key:?} lies outside the listed prefix"));
+        }
+        // `full` starts with `root`, so both cuts fall on the boundaries of known strings.
+        let relative = &key[root.len()..];
+        if key.len() == full.len() || relative.rsplit('/').next().unwrap_or("").starts_with('.') {
+            continue;
+        }
+        let size = match xml_all(c, "Size").first() {
+            None => 0,
+            Some(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| format!("the size {s:?} of {key:?} is not a number"))?,
+        };
+        let mtime = xml_all(c, "LastModified")
+            .first()
+            .map(|s| parse_iso(s))
+            .unwrap_or(0);
+        objects.push(ObjectInfo {
+            key: relative.to_string(),
+            size,
+            mtime,
+        });
+    }
+    let truncated = match xml_all(text, "IsTruncated").first().map(|s| s.trim()) {
+        Some("true") => true,
+        Some("false") | None => false,
+        Some(other) => return Err(format!("IsTruncated is {other:?}")),
+    };
+    let next_token = xml_all(text, "NextContinuationToken")
+        .first()
+        .map(|t| xml_unescape(t))
+        .filter(|t| !t.is_empty());
+    Ok(ListPage {
+        objects,
+        truncated,
+        next_token,
+    })
+}
+
 enum Outcome {
     Ok(Vec<u8>),
     NotFound,
@@ -139,10 +230,11 @@ impl S3Backend {
                 "S3 bucket name {bucket:?} is not valid"
             )));
         }
+        let io_timeout = Duration::from_secs(READ_TIMEOUT_SECS.load(Ordering::Relaxed));
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
-            .timeout_read(Duration::from_secs(120))
-            .timeout_write(Duration::from_secs(120))
+            .timeout_read(io_timeout)
+            .timeout_write(io_timeout)
             .build();
         Ok(S3Backend {
             agent,
@@ -295,6 +387,14 @@ impl S3Backend {
         }
     }
 
+    fn list_error(&self, full: &str, detail: String) -> RepoError {
+        RepoError::S3 {
+            op: "LIST".into(),
+            key: format!("{}/{full}", self.bucket),
+            detail: format!("refused the server's listing: {detail}"),
+        }
+    }
+
     fn not_found(&self, key: &str) -> RepoError {
         RepoError::Io {
             path: format!("s3://{}/{}", self.bucket, self.object(key)),
@@ -350,17 +450,20 @@ impl Backend for S3Backend {
 
     fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
         let full = format!("{}/", self.object(dir.trim_end_matches('/')));
-        let strip = if self.prefix.is_empty() {
-            0
+        let root = if self.prefix.is_empty() {
+            String::new()
         } else {
-            self.prefix.len() + 1
+            format!("{}/", self.prefix)
         };
         let mut out = Vec::new();
         let mut token: Option<String> = None;
-        loop {
+        for _page in 0..MAX_LIST_PAGES {
             let mut q = vec![("list-type", "2".to_string()), ("prefix", full.clone())];
             if let Some(t) = &token {
                 q.push(("continuation-token", t.clone()));
+            }
+            if let Some(n) = list_page_size() {
+                q.push(("max-keys", n.to_string()));
             }
             let body = match self.request("GET", "", &q, &[], None)? {
                 Outcome::Ok(b) => b,
@@ -371,38 +474,31 @@ impl Backend for S3Backend {
                     })
                 }
             };
-            let text = String::from_utf8_lossy(&body);
-            for c in xml_all(&text, "Contents") {
-                let key = xml_all(c, "Key")
-                    .first()
-                    .map(|k| xml_unescape(k))
-                    .unwrap_or_default();
-                let size = xml_all(c, "Size")
-                    .first()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                let mtime = xml_all(c, "LastModified")
-                    .first()
-                    .map(|s| parse_iso(s))
-                    .unwrap_or(0);
-                if key.len() > strip && !key.rsplit('/').next().unwrap_or("").starts_with('.') {
-                    out.push(ObjectInfo {
-                        key: key[strip..].to_string(),
-                        size,
-                        mtime,
-                    });
+            let page = parse_list_page(&String::from_utf8_lossy(&body), &full, &root)
+                .map_err(|detail| self.list_error(&full, detail))?;
+            out.extend(page.objects);
+            match (page.truncated, page.next_token) {
+                (false, _) => {
+                    out.sort_by(|a, b| a.key.cmp(&b.key));
+                    return Ok(out);
+                }
+                (true, Some(next)) if token.as_deref() != Some(next.as_str()) => token = Some(next),
+                // Stopping here would return a short listing as if it were whole, and a
+                // prune that misses snapshots deletes the data they hold.
+                (true, Some(_)) => {
+                    return Err(
+                        self.list_error(&full, "the server repeated its continuation token".into())
+                    )
+                }
+                (true, None) => {
+                    return Err(self.list_error(
+                        &full,
+                        "the listing is truncated but has no NextContinuationToken".into(),
+                    ))
                 }
             }
-            let truncated = xml_all(&text, "IsTruncated").first() == Some(&"true");
-            token = xml_all(&text, "NextContinuationToken")
-                .first()
-                .map(|t| xml_unescape(t));
-            if !truncated || token.is_none() {
-                break;
-            }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        Err(self.list_error(&full, format!("more than {MAX_LIST_PAGES} pages")))
     }
 
     fn delete(&self, key: &str) -> Result<()> {
@@ -442,5 +538,72 @@ mod tests {
         let c = xml_all(x, "Contents");
         assert_eq!(c.len(), 2);
         assert_eq!(xml_unescape(xml_all(c[0], "Key")[0]), "a&b");
+    }
+
+    fn page(keys: &[&str], truncated: &str, token: Option<&str>) -> String {
+        let mut x = String::from("<ListBucketResult>");
+        for k in keys {
+            x += &format!("<Contents><Key>{k}</Key><Size>7</Size></Contents>");
+        }
+        x += &format!("<IsTruncated>{truncated}</IsTruncated>");
+        if let Some(t) = token {
+            x += &format!("<NextContinuationToken>{t}</NextContinuationToken>");
+        }
+        x + "</ListBucketResult>"
+    }
+
+    #[test]
+    fn list_pages_are_checked() {
+        let ok = parse_list_page(
+            &page(
+                &["p/data/a", "p/data/.tmp-x", "p/data/", "p/data/b"],
+                "true",
+                Some("t"),
+            ),
+            "p/data/",
+            "p/",
+        )
+        .unwrap();
+        let keys: Vec<_> = ok.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["data/a", "data/b"]);
+        assert!(ok.truncated);
+        assert_eq!(ok.next_token.as_deref(), Some("t"));
+        // A key outside the prefix, e.g. another repository's in the same bucket.
+        let e = parse_list_page(&page(&["q/data/a"], "false", None), "p/data/", "p/").unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        // A key that would split a multi-byte character where the old code cut it.
+        let e = parse_list_page(&page(&["p\u{e9}data/x"], "false", None), "p/data/", "p/");
+        assert!(e.is_err());
+        let e = parse_list_page(&page(&["p/data/a"], "maybe", None), "p/data/", "p/").unwrap_err();
+        assert!(e.contains("IsTruncated"), "{e}");
+        let e = parse_list_page(
+            "<Contents><Key>data/a</Key><Size>x</Size></Contents>",
+            "data/",
+            "",
+        )
+        .unwrap_err();
+        assert!(e.contains("size"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Whatever a server sends, parsing never panics, and every key it yields lies
+        /// under the listed folder.
+        #[test]
+        fn list_parsing_never_panics_and_stays_under_the_prefix(
+            keys in proptest::collection::vec("[a-zé/.\\u{1F600}&;<>]{0,12}", 0..6),
+            junk in ".{0,40}",
+            truncated in "(true|false|)",
+        ) {
+            let body = page(&keys.iter().map(|k| k.as_str()).collect::<Vec<_>>(), &truncated, None) + &junk;
+            for (full, root) in [("p/data/", "p/"), ("data/", ""), ("é/data/", "é/")] {
+                if let Ok(p) = parse_list_page(&body, full, root) {
+                    for o in p.objects {
+                        let whole = format!("{root}{}", o.key);
+                        proptest::prop_assert!(whole.starts_with(full), "{} not under {}", whole, full);
+                    }
+                }
+                let _ = parse_list_page(&junk, full, root);
+            }
+        }
     }
 }

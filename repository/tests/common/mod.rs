@@ -1,5 +1,8 @@
 #![allow(dead_code)]
 use coldclone_repository::*;
+
+pub mod fault_proxy;
+pub mod servers;
 use std::path::{Path, PathBuf};
 
 /// A temporary directory removed on drop.

@@ -225,6 +225,9 @@ pub struct VmConfig {
     /// XAPI: coldclone runs in the host's dom0 and may press an HVM guest's
     /// ACPI power button with `xl trigger` (XAPI itself has no call for it).
     pub xapi_dom0_acpi: Option<bool>,
+    /// Accept an `http://` xapi_url (a simulator or lab host only: credentials in the clear).
+    #[serde(default)]
+    pub xapi_insecure_http: bool,
 }
 
 impl VmConfig {
@@ -237,6 +240,7 @@ impl VmConfig {
                 options: coldclone_backends::xapi::XapiOptions {
                     tls_fingerprint_sha256: self.xapi_tls_fingerprint_sha256.clone(),
                     dom0_acpi: self.xapi_dom0_acpi.unwrap_or(false),
+                    insecure_http: self.xapi_insecure_http,
                 },
             });
         }
@@ -327,7 +331,14 @@ impl Config {
                 )));
             }
             if let Some(u) = &vm.xapi_url {
-                if !(u.starts_with("https://") || u.starts_with("http://")) {
+                let plain = u.starts_with("http://");
+                if plain && !vm.xapi_insecure_http {
+                    return Err(invalid(format!(
+                        "vm {:?}: xapi_url {u:?} is plain http: the XAPI password and session would travel in the clear; use https://, or set xapi_insecure_http = true for a test host",
+                        vm.name
+                    )));
+                }
+                if !(u.starts_with("https://") || plain) {
                     return Err(invalid(format!(
                         "vm {:?}: xapi_url {u:?} must start with https://",
                         vm.name
@@ -537,6 +548,7 @@ stop_timeout_secs = 600
         for (text, needle) in [
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\n", "go together"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"h\"\nxapi_vm = \"v\"\n", "https://"),
+            ("[[vm]]\nname = \"a\"\nxapi_url = \"http://h\"\nxapi_vm = \"v\"\n", "xapi_insecure_http = true"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\nxapi_vm = \"v\"\nqmp = \"q\"\n", "one hypervisor handle"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\nxapi_vm = \"v\"\nxapi_tls_fingerprint_sha256 = \"12\"\n", "64 hex digits"),
         ] {

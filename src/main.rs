@@ -130,6 +130,12 @@ fn load_config(path: &Path) -> Result<Config> {
 }
 
 fn main() -> ExitCode {
+    // Before anything else, while this process has one thread: nothing coldclone creates
+    // (memory images, exports, overlays, restores, journals) is readable by other users,
+    // and no child inherits a secret from our environment.
+    // SAFETY: umask only sets this process's file mode mask.
+    unsafe { libc::umask(0o077) };
+    coldclone_backends::secrets::take_from_environment();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(cli) {

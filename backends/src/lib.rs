@@ -8,6 +8,7 @@
 //! knows how to undo each of its own [`Resource`]s.
 
 pub mod qemu;
+pub mod secrets;
 pub mod util;
 pub mod xapi;
 pub mod xl;

@@ -4,10 +4,11 @@
 //! it on an isolated network, ask the clone to stop, hand out its stopped
 //! disks, and put the original back the way it was. Every resource a backend
 //! creates is announced to a [`Journal`] *before* it exists, so that
-//! `coldclone recover` can remove it after a crash; [`Hypervisor::recover`]
-//! knows how to undo each of its own [`Resource`]s.
+//! `coldclone recover` can remove it after a crash; [`recover_resource`]
+//! sends each [`Resource`] to the undo of the backend that owns its kind.
 
 pub mod qemu;
+pub mod shared;
 pub mod util;
 pub mod xapi;
 pub mod xl;
@@ -77,91 +78,33 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError
     }
 }
 
-/// Every resource coldclone may create, with what it takes to remove it.
+/// Every resource a backend may create, with what it takes to remove it:
+/// the shared kinds and each backend's own. Untagged: each inner enum carries
+/// its `kind`, so the journal's JSON is what it was when they were one enum.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(untagged)]
 pub enum Resource {
-    /// The original was paused by us (undo: resume it if it is still paused).
-    OriginalPaused { qmp: PathBuf },
-    /// Migration capabilities/parameters we changed on the original and a
-    /// migration we started (undo: cancel it, put the settings back).
-    OriginalMigration {
-        qmp: PathBuf,
-        capabilities: Vec<(String, bool)>,
-        max_bandwidth: Option<u64>,
-        #[serde(default)]
-        downtime_limit: Option<u64>,
-    },
-    /// A qcow2 overlay that the original now writes into, on top of its
-    /// frozen image (undo: commit it back into the image, delete it).
-    OriginalOverlay {
-        qmp: PathBuf,
-        original_pid: u32,
-        device: String,
-        base_node: String,
-        base_file: PathBuf,
-        overlay_file: PathBuf,
-        overlay_node: String,
-    },
-    /// A file coldclone made (memory image, clone overlay, exported disk).
-    File { path: PathBuf },
-    /// The run's own working folder.
-    Dir { path: PathBuf },
-    /// A clone process, found by the marker in its command line.
-    CloneProcess { marker: String, qmp: PathBuf },
-    /// A tap device (QEMU deletes its own taps when it exits; this is the net).
-    Tap {
-        namespace: Option<String>,
-        name: String,
-    },
-    /// A bridge made for the run.
-    Bridge {
-        namespace: Option<String>,
-        name: String,
-    },
-    /// A network namespace made for the run.
-    Namespace { name: String },
-    /// Disk snapshots of this run stored in the repository so far: a run that
-    /// does not finish archiving every disk has them withdrawn (the
-    /// repository, not the backend, undoes this one).
-    RepositoryBackup { run: String },
-    /// xl: the original domain was paused by us (undo: unpause it if it is
-    /// still paused and is the same domain, by UUID).
-    XlOriginalPaused {
-        domain: String,
-        uuid: String,
-        /// The memory image a save was writing (recover waits for that xl to end).
-        #[serde(default)]
-        image: Option<PathBuf>,
-    },
-    /// xl: the original's balloon target we lowered (undo: set it back).
-    XlBalloon {
-        domain: String,
-        uuid: String,
-        target_kib: u64,
-    },
-    /// xl: an LVM snapshot of one of the original's disks (undo: lvremove it).
-    LvmSnapshot {
-        vg: String,
-        lv: String,
-        origin: String,
-    },
-    /// xl: a clone domain (undo: xl destroy it, if it is still ours by name).
-    XlDomain { name: String },
-    /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
-    Balloon { qmp: PathBuf, restore_bytes: u64 },
-    /// A XAPI VM made for the run (checkpoint or clone), by its unique name
-    /// label (undo: destroy its VDIs, then the VM).
-    XapiVm {
-        target: xapi::XapiTarget,
-        name_label: String,
-    },
-    /// A XAPI network with no PIF made for the run (undo: network.destroy).
-    XapiNetwork {
-        target: xapi::XapiTarget,
-        name_label: String,
-    },
+    Shared(shared::SharedResource),
+    Qemu(qemu::QemuResource),
+    Xl(xl::XlResource),
+    Xapi(xapi::XapiResource),
 }
+
+macro_rules! resource_from {
+    ($($variant:ident($inner:ty)),*) => {$(
+        impl From<$inner> for Resource {
+            fn from(r: $inner) -> Self {
+                Resource::$variant(r)
+            }
+        }
+    )*};
+}
+resource_from!(
+    Shared(shared::SharedResource),
+    Qemu(qemu::QemuResource),
+    Xl(xl::XlResource),
+    Xapi(xapi::XapiResource)
+);
 
 /// Write-ahead record of what a run creates.
 pub trait Journal {
@@ -355,8 +298,6 @@ pub trait Hypervisor {
         checkpoint: &Checkpoint,
         journal: &mut dyn Journal,
     ) -> Result<()>;
-    /// Undoes one resource this backend created. Never touches anything else.
-    fn recover(&self, resource: &Resource) -> Result<()>;
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod;
     /// Whether the clone runs on this machine and takes its memory here (the
     /// scheduler's memory budget); XAPI clones run on the pool's host.
@@ -412,19 +353,14 @@ pub trait Hypervisor {
     }
 }
 
-/// Undoes any resource, whichever backend created it (used by `recover`).
+/// Undoes any resource, whichever backend created it (used by `recover`):
+/// the one dispatcher; each backend undoes only its own kinds.
 pub fn recover_resource(resource: &Resource) -> Result<()> {
-    // Resources shared by all backends, and QEMU's own. (A backend with
-    // resources of its own adds a match on their variants here.)
     match resource {
-        Resource::XlOriginalPaused { .. }
-        | Resource::XlBalloon { .. }
-        | Resource::LvmSnapshot { .. }
-        | Resource::XlDomain { .. } => xl::XlBackend::default().recover(resource),
-        Resource::XapiVm { .. } | Resource::XapiNetwork { .. } => {
-            xapi::XapiBackend::default().recover(resource)
-        }
-        _ => qemu::QemuBackend::default().recover(resource),
+        Resource::Shared(r) => r.undo(),
+        Resource::Qemu(r) => qemu::recover(r),
+        Resource::Xl(r) => xl::recover(r),
+        Resource::Xapi(r) => xapi::recover(r),
     }
 }
 

@@ -7,7 +7,8 @@ use crate::journal::{RunJournal, Undo};
 use crate::pipeline::{backup_vm, new_run_id, RunContext};
 use anyhow::{bail, Context, Result};
 use coldclone_backends::qemu::QemuBackend;
-use coldclone_backends::{backend_for, CloneNetwork, Journal, Resource, VmLocator};
+use coldclone_backends::shared::SharedResource;
+use coldclone_backends::{backend_for, CloneNetwork, Journal, VmLocator};
 use coldclone_repository::{NoProgress, Repository};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -26,7 +27,7 @@ impl Scratch {
         let id = format!("audit-{}", new_run_id());
         let mut journal = RunJournal::create(&cfg.state_dir, &id, vm)?;
         let dir = cfg.state_dir.join("runs").join(&id);
-        journal.will_create(&Resource::Dir { path: dir.clone() })?;
+        journal.will_create(&SharedResource::Dir { path: dir.clone() }.into())?;
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Scratch { dir, journal, id })
@@ -133,10 +134,13 @@ fn boot(
     let bridge = format!("ccbr{short}");
     let made = scratch
         .journal
-        .will_create(&Resource::Bridge {
-            namespace: namespace.0.clone(),
-            name: bridge.clone(),
-        })
+        .will_create(
+            &SharedResource::Bridge {
+                namespace: namespace.0.clone(),
+                name: bridge.clone(),
+            }
+            .into(),
+        )
         .map_err(|e| e.to_string())
         .and_then(|_| {
             network_isolation::create_bridge(&namespace, &bridge).map_err(|e| e.to_string())
@@ -331,9 +335,12 @@ pub fn compare(cfg: &Config, vm_name: &str, probe: Option<&Path>, json: bool) ->
         (|| {
             let crash_dir = scratch.dir.join("crash");
             std::fs::create_dir_all(&crash_dir)?;
-            scratch.journal.will_create(&Resource::Dir {
-                path: crash_dir.clone(),
-            })?;
+            scratch.journal.will_create(
+                &SharedResource::Dir {
+                    path: crash_dir.clone(),
+                }
+                .into(),
+            )?;
             let ctx = RunContext {
                 config: cfg,
                 repo: &repo,

@@ -3,7 +3,8 @@
 
 use super::{PipelineError, Run};
 use crate::config::IsolationConfig;
-use coldclone_backends::{CloneNetwork, Journal, Resource, VmInfo};
+use coldclone_backends::shared::SharedResource;
+use coldclone_backends::{CloneNetwork, Journal, VmInfo};
 use network_isolation::{self as iso, Namespace};
 
 pub fn prepare(
@@ -24,7 +25,7 @@ pub fn prepare(
         Some(ns) => {
             if !iso::namespace_exists(ns) {
                 run.journal
-                    .will_create(&Resource::Namespace { name: ns.clone() })?;
+                    .will_create(&SharedResource::Namespace { name: ns.clone() }.into())?;
                 iso::create_namespace(ns)?;
             }
             Namespace::named(ns)
@@ -44,10 +45,13 @@ pub fn prepare(
         }
         None => {
             let b = format!("ccbr{short}");
-            run.journal.will_create(&Resource::Bridge {
-                namespace: namespace.0.clone(),
-                name: b.clone(),
-            })?;
+            run.journal.will_create(
+                &SharedResource::Bridge {
+                    namespace: namespace.0.clone(),
+                    name: b.clone(),
+                }
+                .into(),
+            )?;
             iso::create_bridge(&namespace, &b)?;
             b
         }

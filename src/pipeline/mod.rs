@@ -12,7 +12,8 @@ pub mod stop;
 use crate::config::{Config, EffectivePolicy, VmConfig};
 use crate::journal::{JournalError, RunJournal};
 use crate::report::VmReport;
-use coldclone_backends::{BackendError, Hypervisor, Journal, PausedClone, Resource};
+use coldclone_backends::shared::SharedResource;
+use coldclone_backends::{BackendError, Hypervisor, Journal, PausedClone};
 use coldclone_repository::{RepoError, Repository};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -101,9 +102,12 @@ fn run_steps(
     let info = backend.inspect(&locator)?;
     let mut journal = RunJournal::create(&ctx.config.state_dir, run_id, &vm.name)?;
     let work_dir = ctx.config.state_dir.join("runs").join(run_id);
-    journal.will_create(&Resource::Dir {
-        path: work_dir.clone(),
-    })?;
+    journal.will_create(
+        &SharedResource::Dir {
+            path: work_dir.clone(),
+        }
+        .into(),
+    )?;
     std::fs::create_dir_all(&work_dir).map_err(|source| BackendError::Io {
         path: work_dir.clone(),
         source,

@@ -15,11 +15,12 @@ pub mod boot;
 pub mod cmdline;
 pub mod qmp;
 
+use crate::shared::SharedResource;
 use crate::util::{self, absolute, run_tool};
 use crate::{
     io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
-    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
-    VmDetail, VmInfo, VmLocator,
+    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Result, StopMethod, VmDetail, VmInfo,
+    VmLocator,
 };
 use qmp::{Event, Qmp};
 use serde_json::{json, Value};
@@ -27,6 +28,84 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// What the QEMU backend creates on the original, with what it takes to undo it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum QemuResource {
+    /// The original was paused by us (undo: resume it if it is still paused).
+    OriginalPaused { qmp: PathBuf },
+    /// Migration capabilities/parameters we changed on the original and a
+    /// migration we started (undo: cancel it, put the settings back).
+    OriginalMigration {
+        qmp: PathBuf,
+        capabilities: Vec<(String, bool)>,
+        max_bandwidth: Option<u64>,
+        #[serde(default)]
+        downtime_limit: Option<u64>,
+    },
+    /// A qcow2 overlay that the original now writes into, on top of its
+    /// frozen image (undo: commit it back into the image, delete it).
+    OriginalOverlay {
+        qmp: PathBuf,
+        original_pid: u32,
+        device: String,
+        base_node: String,
+        base_file: PathBuf,
+        overlay_file: PathBuf,
+        overlay_node: String,
+    },
+    /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
+    Balloon { qmp: PathBuf, restore_bytes: u64 },
+}
+
+/// Undoes one of the QEMU backend's own resources.
+pub(crate) fn recover(resource: &QemuResource) -> Result<()> {
+    match resource {
+        QemuResource::OriginalPaused { qmp } => match Qmp::connect(qmp) {
+            Ok(mut q) => QemuBackend::resume_if_paused(&mut q),
+            // No QEMU behind the socket: nothing is paused.
+            Err(BackendError::QmpConnect { .. }) => Ok(()),
+            Err(e) => Err(e),
+        },
+        QemuResource::OriginalMigration {
+            qmp,
+            capabilities,
+            max_bandwidth,
+            downtime_limit,
+        } => match Qmp::connect(qmp) {
+            Ok(mut q) => {
+                cancel_migration(&mut q)?;
+                restore_migration_settings(&mut q, capabilities, *max_bandwidth, *downtime_limit)?;
+                QemuBackend::resume_if_paused(&mut q)
+            }
+            Err(BackendError::QmpConnect { .. }) => Ok(()),
+            Err(e) => Err(e),
+        },
+        QemuResource::OriginalOverlay {
+            qmp,
+            original_pid,
+            device,
+            base_node,
+            base_file,
+            overlay_file,
+            ..
+        } => match Qmp::connect(qmp) {
+            Ok(mut q) if q.peer_pid().ok() == Some(*original_pid) => {
+                cancel_migration(&mut q)?;
+                merge_back_live(&mut q, device, base_node, base_file, overlay_file)
+            }
+            _ => merge_back_offline(*original_pid, overlay_file),
+        },
+        QemuResource::Balloon { qmp, restore_bytes } => match Qmp::connect(qmp) {
+            Ok(mut q) => q
+                .execute("balloon", json!({ "value": restore_bytes }))
+                .map(|_| ()),
+            Err(BackendError::QmpConnect { .. }) => Ok(()),
+            Err(e) => Err(e),
+        },
+    }
+}
 
 /// What the backend knows about a running QEMU.
 #[derive(Debug, Clone)]
@@ -351,7 +430,8 @@ impl QemuBackend {
         journal: &mut dyn Journal,
     ) -> Result<(PauseTimes, Value)> {
         let qmp_path = q.path().to_path_buf();
-        let paused_id = journal.will_create(&Resource::OriginalPaused { qmp: qmp_path })?;
+        let paused_id =
+            journal.will_create(&QemuResource::OriginalPaused { qmp: qmp_path }.into())?;
         q.clear_events();
         let wall = Instant::now();
         q.execute("stop", json!({}))?;
@@ -466,9 +546,12 @@ impl QemuBackend {
         mem_uri: &str,
         journal: &mut dyn Journal,
     ) -> Result<(PauseTimes, Value)> {
-        let paused_id = journal.will_create(&Resource::OriginalPaused {
-            qmp: q.path().to_path_buf(),
-        })?;
+        let paused_id = journal.will_create(
+            &QemuResource::OriginalPaused {
+                qmp: q.path().to_path_buf(),
+            }
+            .into(),
+        )?;
         q.clear_events();
         q.execute("migrate", json!({ "uri": mem_uri }))?;
         let res = (|| {
@@ -699,12 +782,15 @@ impl Hypervisor for QemuBackend {
         let params = q.execute("query-migrate-parameters", json!({}))?;
         let old_bandwidth = params.get("max-bandwidth").and_then(Value::as_u64);
         let old_downtime = params.get("downtime-limit").and_then(Value::as_u64);
-        let mig_id = journal.will_create(&Resource::OriginalMigration {
-            qmp: qv.qmp.clone(),
-            capabilities: caps.clone(),
-            max_bandwidth: old_bandwidth,
-            downtime_limit: old_downtime,
-        })?;
+        let mig_id = journal.will_create(
+            &QemuResource::OriginalMigration {
+                qmp: qv.qmp.clone(),
+                capabilities: caps.clone(),
+                max_bandwidth: old_bandwidth,
+                downtime_limit: old_downtime,
+            }
+            .into(),
+        )?;
         let want_bg = vec![
             ("events".to_string(), true),
             ("background-snapshot".to_string(), true),
@@ -740,15 +826,18 @@ impl Hypervisor for QemuBackend {
         for (i, d) in qv.disks.iter().enumerate() {
             let overlay = overlay_path_for(&d.file, &tag);
             let overlay_node = format!("cc-{tag}-{i}");
-            let id = journal.will_create(&Resource::OriginalOverlay {
-                qmp: qv.qmp.clone(),
-                original_pid: qv.pid,
-                device: d.device.clone(),
-                base_node: d.node_name.clone(),
-                base_file: d.file.clone(),
-                overlay_file: overlay.clone(),
-                overlay_node: overlay_node.clone(),
-            })?;
+            let id = journal.will_create(
+                &QemuResource::OriginalOverlay {
+                    qmp: qv.qmp.clone(),
+                    original_pid: qv.pid,
+                    device: d.device.clone(),
+                    base_node: d.node_name.clone(),
+                    base_file: d.file.clone(),
+                    overlay_file: overlay.clone(),
+                    overlay_node: overlay_node.clone(),
+                }
+                .into(),
+            )?;
             actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
                 "device": d.device, "snapshot-file": overlay, "snapshot-node-name": overlay_node,
                 "format": "qcow2", "mode": "absolute-paths"}}));
@@ -760,9 +849,12 @@ impl Hypervisor for QemuBackend {
                 original_overlay: Some((id, overlay, overlay_node)),
             });
         }
-        let mem_id = journal.will_create(&Resource::File {
-            path: memory_image.clone(),
-        })?;
+        let mem_id = journal.will_create(
+            &SharedResource::File {
+                path: memory_image.clone(),
+            }
+            .into(),
+        )?;
         let actions = Value::Array(actions);
         let result = if method == "background-snapshot" {
             self.checkpoint_background(&mut q, &actions, &mem_uri, journal)
@@ -813,9 +905,12 @@ impl Hypervisor for QemuBackend {
         let mut clone_disks = Vec::new();
         for d in &checkpoint.disks {
             let overlay = work_dir.join(format!("clone-{}.qcow2", d.name.replace('/', "_")));
-            journal.will_create(&Resource::File {
-                path: overlay.clone(),
-            })?;
+            journal.will_create(
+                &SharedResource::File {
+                    path: overlay.clone(),
+                }
+                .into(),
+            )?;
             let mut c = Command::new("qemu-img");
             // -u: the frozen image is held by the running original; its size is known.
             c.args(["create", "-q", "-u", "-f", "qcow2", "-F", &d.format, "-b"])
@@ -1061,93 +1156,6 @@ impl Hypervisor for QemuBackend {
         Ok(())
     }
 
-    fn recover(&self, resource: &Resource) -> Result<()> {
-        match resource {
-            Resource::OriginalPaused { qmp } => match Qmp::connect(qmp) {
-                Ok(mut q) => Self::resume_if_paused(&mut q),
-                // No QEMU behind the socket: nothing is paused.
-                Err(BackendError::QmpConnect { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Resource::OriginalMigration {
-                qmp,
-                capabilities,
-                max_bandwidth,
-                downtime_limit,
-            } => match Qmp::connect(qmp) {
-                Ok(mut q) => {
-                    cancel_migration(&mut q)?;
-                    restore_migration_settings(
-                        &mut q,
-                        capabilities,
-                        *max_bandwidth,
-                        *downtime_limit,
-                    )?;
-                    Self::resume_if_paused(&mut q)
-                }
-                Err(BackendError::QmpConnect { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Resource::OriginalOverlay {
-                qmp,
-                original_pid,
-                device,
-                base_node,
-                base_file,
-                overlay_file,
-                ..
-            } => match Qmp::connect(qmp) {
-                Ok(mut q) if q.peer_pid().ok() == Some(*original_pid) => {
-                    cancel_migration(&mut q)?;
-                    merge_back_live(&mut q, device, base_node, base_file, overlay_file)
-                }
-                _ => merge_back_offline(*original_pid, overlay_file),
-            },
-            Resource::File { path } => util::remove_file_if_exists(path),
-            Resource::Dir { path } => match std::fs::remove_dir_all(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BackendError::Io {
-                    path: path.clone(),
-                    source: e,
-                }),
-                _ => Ok(()),
-            },
-            Resource::CloneProcess { marker, .. } => {
-                for pid in util::find_processes_with_marker(marker) {
-                    if !util::kill_and_wait(pid, Duration::from_secs(10)) {
-                        return Err(BackendError::Clone(format!(
-                            "clone process {pid} does not die"
-                        )));
-                    }
-                }
-                Ok(())
-            }
-            Resource::Tap { namespace, name } => network_isolation::delete_link(
-                &network_isolation::Namespace(namespace.clone()),
-                name,
-            )
-            .map_err(Into::into),
-            Resource::Bridge { namespace, name } => network_isolation::delete_link(
-                &network_isolation::Namespace(namespace.clone()),
-                name,
-            )
-            .map_err(Into::into),
-            Resource::Namespace { name } => {
-                network_isolation::delete_namespace(name).map_err(Into::into)
-            }
-            Resource::Balloon { qmp, restore_bytes } => match Qmp::connect(qmp) {
-                Ok(mut q) => q
-                    .execute("balloon", json!({ "value": restore_bytes }))
-                    .map(|_| ()),
-                Err(BackendError::QmpConnect { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Resource::RepositoryBackup { .. } => Err(BackendError::Unsupported(
-                "a partial backup is withdrawn by the repository, not by a backend".into(),
-            )),
-            other => crate::xl::XlBackend::default().recover(other),
-        }
-    }
-
     fn stop_methods(&self, _vm: &VmInfo) -> StopMethod {
         StopMethod::Acpi
     }
@@ -1204,10 +1212,13 @@ impl Hypervisor for QemuBackend {
             }
             Err(e) => return Err(e),
         };
-        journal.will_create(&Resource::Balloon {
-            qmp,
-            restore_bytes: before,
-        })?;
+        journal.will_create(
+            &QemuResource::Balloon {
+                qmp,
+                restore_bytes: before,
+            }
+            .into(),
+        )?;
         q.execute("balloon", json!({ "value": target_bytes }))?;
         Ok(before)
     }
@@ -1248,15 +1259,23 @@ pub(crate) fn spawn_journaled(
 ) -> Result<(Child, u64, Vec<u64>)> {
     let mut tap_ids = Vec::new();
     for t in &cmd.taps {
-        tap_ids.push(journal.will_create(&Resource::Tap {
-            namespace: net.namespace.0.clone(),
-            name: t.clone(),
-        })?);
+        tap_ids.push(
+            journal.will_create(
+                &SharedResource::Tap {
+                    namespace: net.namespace.0.clone(),
+                    name: t.clone(),
+                }
+                .into(),
+            )?,
+        );
     }
-    let process_id = journal.will_create(&Resource::CloneProcess {
-        marker: marker.to_string(),
-        qmp: qmp_path.to_path_buf(),
-    })?;
+    let process_id = journal.will_create(
+        &SharedResource::CloneProcess {
+            marker: marker.to_string(),
+            qmp: qmp_path.to_path_buf(),
+        }
+        .into(),
+    )?;
     let log = std::fs::File::create(log_path).map_err(io_err(log_path))?;
     let log2 = log.try_clone().map_err(io_err(log_path))?;
     let mut command = net.namespace.command(&qv.exe.display().to_string());

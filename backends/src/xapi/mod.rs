@@ -21,8 +21,8 @@ pub use client::{Client, XapiError, XapiTarget};
 
 use crate::{
     BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
-    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
-    VmDetail, VmInfo, VmLocator,
+    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Result, StopMethod, VmDetail, VmInfo,
+    VmLocator,
 };
 use client::{refs, str_field, u64_field, NULL_REF};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,60 @@ pub struct XapiOptions {
     /// be sent the ACPI power button with `xl trigger DOMID power`.
     #[serde(default)]
     pub dom0_acpi: bool,
+}
+
+/// What the XAPI backend creates on the pool, with what it takes to undo it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum XapiResource {
+    /// A XAPI VM made for the run (checkpoint or clone), by its unique name
+    /// label (undo: destroy its VDIs, then the VM).
+    XapiVm {
+        target: XapiTarget,
+        name_label: String,
+    },
+    /// A XAPI network with no PIF made for the run (undo: network.destroy).
+    XapiNetwork {
+        target: XapiTarget,
+        name_label: String,
+    },
+}
+
+/// Undoes one of the XAPI backend's own resources.
+pub(crate) fn recover(resource: &XapiResource) -> Result<()> {
+    match resource {
+        XapiResource::XapiVm { target, name_label } => {
+            let c = Client::login(target)?;
+            let found = c.call("VM.get_by_name_label", vec![json!(name_label)])?;
+            for r in found.as_array().into_iter().flatten() {
+                let r = client::value_string(r);
+                // Only what coldclone named: its labels carry the run id.
+                if name_label.starts_with("coldclone-") {
+                    destroy_vm_and_disks(&c, &r)?;
+                }
+            }
+            Ok(())
+        }
+        XapiResource::XapiNetwork { target, name_label } => {
+            let c = Client::login(target)?;
+            let found = c.call("network.get_by_name_label", vec![json!(name_label)])?;
+            for n in found.as_array().into_iter().flatten() {
+                let n = client::value_string(n);
+                let rec = c.record("network", &n)?;
+                let ours = rec
+                    .get("other_config")
+                    .and_then(|o| o.get("coldclone_run"))
+                    .is_some();
+                if ours && refs(&rec, "PIFs").is_empty() {
+                    match c.call("network.destroy", vec![json!(n)]) {
+                        Ok(_) | Err(XapiError::HandleInvalid { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// What the backend learned about the original.
@@ -274,10 +328,13 @@ impl XapiBackend {
     ) -> Result<CloneNetwork> {
         let c = self.client()?;
         let label = network_label(tag);
-        journal.will_create(&Resource::XapiNetwork {
-            target: target.clone(),
-            name_label: label.clone(),
-        })?;
+        journal.will_create(
+            &XapiResource::XapiNetwork {
+                target: target.clone(),
+                name_label: label.clone(),
+            }
+            .into(),
+        )?;
         let net = c.call_str(
             "network.create",
             vec![json!({
@@ -407,10 +464,13 @@ impl Hypervisor for XapiBackend {
         }
         let c = self.client()?;
         let label = checkpoint_label(&run_tag(work_dir));
-        let id = journal.will_create(&Resource::XapiVm {
-            target: xv.target.clone(),
-            name_label: label.clone(),
-        })?;
+        let id = journal.will_create(
+            &XapiResource::XapiVm {
+                target: xv.target.clone(),
+                name_label: label.clone(),
+            }
+            .into(),
+        )?;
         let t = Instant::now();
         let r = c.call_async(
             "VM.checkpoint",
@@ -505,10 +565,13 @@ impl Hypervisor for XapiBackend {
                 "no isolated XAPI network: the pipeline must call isolated_network first".into(),
             )
         })?;
-        let journal_id = journal.will_create(&Resource::XapiVm {
-            target: xv.target.clone(),
-            name_label: clone_name.to_string(),
-        })?;
+        let journal_id = journal.will_create(
+            &XapiResource::XapiVm {
+                target: xv.target.clone(),
+                name_label: clone_name.to_string(),
+            }
+            .into(),
+        )?;
         let clone = c.call_async(
             "VM.clone",
             vec![json!(ckpt), json!(clone_name)],
@@ -788,45 +851,6 @@ impl Hypervisor for XapiBackend {
             journal.removed(id)?;
         }
         Ok(())
-    }
-
-    fn recover(&self, resource: &Resource) -> Result<()> {
-        match resource {
-            Resource::XapiVm { target, name_label } => {
-                let c = Client::login(target)?;
-                let found = c.call("VM.get_by_name_label", vec![json!(name_label)])?;
-                for r in found.as_array().into_iter().flatten() {
-                    let r = client::value_string(r);
-                    // Only what coldclone named: its labels carry the run id.
-                    if name_label.starts_with("coldclone-") {
-                        destroy_vm_and_disks(&c, &r)?;
-                    }
-                }
-                Ok(())
-            }
-            Resource::XapiNetwork { target, name_label } => {
-                let c = Client::login(target)?;
-                let found = c.call("network.get_by_name_label", vec![json!(name_label)])?;
-                for n in found.as_array().into_iter().flatten() {
-                    let n = client::value_string(n);
-                    let rec = c.record("network", &n)?;
-                    let ours = rec
-                        .get("other_config")
-                        .and_then(|o| o.get("coldclone_run"))
-                        .is_some();
-                    if ours && refs(&rec, "PIFs").is_empty() {
-                        match c.call("network.destroy", vec![json!(n)]) {
-                            Ok(_) | Err(XapiError::HandleInvalid { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                }
-                Ok(())
-            }
-            other => Err(BackendError::Unsupported(format!(
-                "the XAPI backend does not undo {other:?}"
-            ))),
-        }
     }
 
     fn clone_uses_local_memory(&self) -> bool {

@@ -18,10 +18,11 @@ pub mod cli;
 pub mod lvm;
 pub mod xs;
 
+use crate::shared::SharedResource;
 use crate::{
     io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
-    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
-    VmDetail, VmInfo, VmLocator,
+    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Result, StopMethod, VmDetail, VmInfo,
+    VmLocator,
 };
 use cli::{state, xl, xl_bounded};
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,71 @@ pub struct XlOptions {
     /// Size of classic (non-thin) LVM snapshots, as lvcreate takes it:
     /// "512m", "2g", or "20%ORIGIN" (the default). Thin snapshots need none.
     pub snapshot_size: Option<String>,
+}
+
+/// What the xl backend creates, with what it takes to undo it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum XlResource {
+    /// The original domain was paused by us (undo: unpause it if it is
+    /// still paused and is the same domain, by UUID).
+    XlOriginalPaused {
+        domain: String,
+        uuid: String,
+        /// The memory image a save was writing (recover waits for that xl to end).
+        #[serde(default)]
+        image: Option<PathBuf>,
+    },
+    /// The original's balloon target we lowered (undo: set it back).
+    XlBalloon {
+        domain: String,
+        uuid: String,
+        target_kib: u64,
+    },
+    /// An LVM snapshot of one of the original's disks (undo: lvremove it).
+    LvmSnapshot {
+        vg: String,
+        lv: String,
+        origin: String,
+    },
+    /// A clone domain (undo: xl destroy it, if it is still ours by name).
+    XlDomain { name: String },
+}
+
+/// Undoes one of the xl backend's own resources.
+pub(crate) fn recover(resource: &XlResource) -> Result<()> {
+    match resource {
+        XlResource::XlOriginalPaused {
+            domain,
+            uuid,
+            image,
+        } => {
+            if let Some(img) = image {
+                // A save still writing after our crash ends paused: wait for it.
+                cli::wait_for_xl_processes(&img.display().to_string(), SAVE_TIMEOUT);
+            }
+            match same_domain(domain, uuid)? {
+                Some(d) if d.paused() => xl(&["unpause", domain]).map(|_| ()),
+                _ => Ok(()),
+            }
+        }
+        XlResource::XlBalloon {
+            domain,
+            uuid,
+            target_kib,
+        } => match same_domain(domain, uuid)? {
+            Some(_) => xl(&["mem-set", domain, &format!("{target_kib}k")]).map(|_| ()),
+            None => Ok(()),
+        },
+        XlResource::LvmSnapshot { vg, lv, origin } => lvm::remove_snapshot(vg, lv, origin),
+        XlResource::XlDomain { name } => {
+            cli::wait_for_xl_processes(name, Duration::from_secs(120));
+            if state(name)?.is_some() {
+                xl(&["destroy", name])?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// What the backend knows about a running domain.
@@ -143,11 +209,14 @@ impl XlBackend {
         let size = self.options.snapshot_size.as_deref().unwrap_or("20%ORIGIN");
         for d in &x.disks {
             let name = format!("{}-cc{short}", d.lv.name);
-            journal.will_create(&Resource::LvmSnapshot {
-                vg: d.lv.vg.clone(),
-                lv: name.clone(),
-                origin: d.lv.name.clone(),
-            })?;
+            journal.will_create(
+                &XlResource::LvmSnapshot {
+                    vg: d.lv.vg.clone(),
+                    lv: name.clone(),
+                    origin: d.lv.name.clone(),
+                }
+                .into(),
+            )?;
             lvm::snapshot(&d.lv, &name, size)?;
             disks.push(FrozenDisk {
                 name: d.vdev.clone(),
@@ -281,14 +350,20 @@ impl Hypervisor for XlBackend {
             xs::read_u64(&format!("/local/domain/{}/memory/videoram", x.domid))?.unwrap_or(0);
         let guest_kib = memory_target_kib(x.domid)?.unwrap_or(vm.memory_bytes / 1024) + videoram;
         let result = (|| {
-            journal.will_create(&Resource::File {
-                path: image.clone(),
-            })?;
-            let paused_id = journal.will_create(&Resource::XlOriginalPaused {
-                domain: x.name.clone(),
-                uuid: x.uuid.clone(),
-                image: Some(image.clone()),
-            })?;
+            journal.will_create(
+                &SharedResource::File {
+                    path: image.clone(),
+                }
+                .into(),
+            )?;
+            let paused_id = journal.will_create(
+                &XlResource::XlOriginalPaused {
+                    domain: x.name.clone(),
+                    uuid: x.uuid.clone(),
+                    image: Some(image.clone()),
+                }
+                .into(),
+            )?;
             let image_s = image.display().to_string();
             let t0 = Instant::now();
             let saved = xl_bounded(&["save", "-p", &x.name, &image_s], SAVE_TIMEOUT);
@@ -382,13 +457,19 @@ impl Hypervisor for XlBackend {
             vif_prefix: &net.tap_prefix,
         })?;
         let cfg_path = work_dir.join("clone.cfg");
-        journal.will_create(&Resource::File {
-            path: cfg_path.clone(),
-        })?;
+        journal.will_create(
+            &SharedResource::File {
+                path: cfg_path.clone(),
+            }
+            .into(),
+        )?;
         std::fs::write(&cfg_path, text).map_err(io_err(&cfg_path))?;
-        let journal_id = journal.will_create(&Resource::XlDomain {
-            name: clone_name.to_string(),
-        })?;
+        let journal_id = journal.will_create(
+            &XlResource::XlDomain {
+                name: clone_name.to_string(),
+            }
+            .into(),
+        )?;
         let cfg_s = cfg_path.display().to_string();
         let img_s = checkpoint.memory_image.display().to_string();
         // -p: paused until the isolation is verified; -e: no monitor process
@@ -550,43 +631,6 @@ impl Hypervisor for XlBackend {
         Ok(())
     }
 
-    fn recover(&self, resource: &Resource) -> Result<()> {
-        match resource {
-            Resource::XlOriginalPaused {
-                domain,
-                uuid,
-                image,
-            } => {
-                if let Some(img) = image {
-                    // A save still writing after our crash ends paused: wait for it.
-                    cli::wait_for_xl_processes(&img.display().to_string(), SAVE_TIMEOUT);
-                }
-                match same_domain(domain, uuid)? {
-                    Some(d) if d.paused() => xl(&["unpause", domain]).map(|_| ()),
-                    _ => Ok(()),
-                }
-            }
-            Resource::XlBalloon {
-                domain,
-                uuid,
-                target_kib,
-            } => match same_domain(domain, uuid)? {
-                Some(_) => xl(&["mem-set", domain, &format!("{target_kib}k")]).map(|_| ()),
-                None => Ok(()),
-            },
-            Resource::LvmSnapshot { vg, lv, origin } => lvm::remove_snapshot(vg, lv, origin),
-            Resource::XlDomain { name } => {
-                cli::wait_for_xl_processes(name, Duration::from_secs(120));
-                if state(name)?.is_some() {
-                    xl(&["destroy", name])?;
-                }
-                Ok(())
-            }
-            // Files, folders and bridges are the shared kinds.
-            other => crate::qemu::QemuBackend::default().recover(other),
-        }
-    }
-
     /// The domain's actual memory (xl's Mem column: the guest's balloon
     /// driver reports nothing back through xenstore).
     fn memory_actual(&self, vm: &VmInfo) -> Result<Option<u64>> {
@@ -602,11 +646,14 @@ impl Hypervisor for XlBackend {
         let before = xs::read_u64(&target_path)?
             .ok_or_else(|| BackendError::Xenstore(format!("{target_path} is missing")))?;
         let kib = target_bytes / 1024;
-        journal.will_create(&Resource::XlBalloon {
-            domain: x.name.clone(),
-            uuid: x.uuid.clone(),
-            target_kib: before,
-        })?;
+        journal.will_create(
+            &XlResource::XlBalloon {
+                domain: x.name.clone(),
+                uuid: x.uuid.clone(),
+                target_kib: before,
+            }
+            .into(),
+        )?;
         xl(&["mem-set", &x.name, &format!("{kib}k")])?;
         let written = xs::read_u64(&target_path)?;
         if written != Some(kib) {

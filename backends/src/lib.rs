@@ -19,24 +19,10 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("cannot reach the VM's QMP socket {path}: {source} (is the VM running, and is this the socket given to -qmp?)")]
-    QmpConnect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("QMP I/O on {path} failed: {source}")]
-    QmpIo {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("QMP command {command} failed: {class}: {desc}")]
-    QmpCommand {
-        command: String,
-        class: String,
-        desc: String,
-    },
-    #[error("QMP protocol error on {path}: {what}")]
-    QmpProtocol { path: PathBuf, what: String },
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+    #[error(transparent)]
+    Xl(#[from] xl::XlError),
     #[error("timed out after {seconds}s waiting for {what}")]
     Timeout { what: String, seconds: u64 },
     #[error("the VM's configuration is not supported: {0}")]
@@ -63,10 +49,6 @@ pub enum BackendError {
     Network(#[from] network_isolation::IsolationError),
     #[error("XAPI: {0}")]
     Xapi(#[from] xapi::XapiError),
-    #[error("xenstore: {0}")]
-    Xenstore(String),
-    #[error("the snapshot {lv} overflowed: its copy-on-write space filled up while the backup ran, so its contents are invalid and it is not archived; give classic snapshots more room (xl_snapshot_size) or use thin volumes")]
-    SnapshotOverflow { lv: String },
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -153,15 +135,73 @@ pub struct VmInfo {
     pub memory_bytes: u64,
     pub disks: Vec<DiskInfo>,
     pub nics: usize,
+    /// The backend's own knowledge of the VM (e.g. `qemu::QemuVm`).
     #[serde(skip)]
-    pub detail: VmDetail,
+    pub detail: Opaque,
 }
 
-#[derive(Debug, Clone)]
-pub enum VmDetail {
-    Qemu(qemu::QemuVm),
-    Xl(xl::XlVm),
-    Xapi(xapi::XapiVm),
+/// A backend's own part of a shared value (a VM, a checkpoint): the pipeline
+/// carries it, and only the backend that made it reads it back.
+#[derive(Clone, Default)]
+pub struct Opaque(Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Opaque {
+    pub fn new<T: std::any::Any + Send + Sync>(state: T) -> Self {
+        Opaque(Some(std::sync::Arc::new(state)))
+    }
+    /// The state, if it is a `T` (`None`: another backend's, or none).
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.as_deref().and_then(|s| s.downcast_ref())
+    }
+}
+
+impl std::fmt::Debug for Opaque {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Opaque(..)")
+    }
+}
+
+/// `vm`'s state as the backend named `backend` made it.
+pub(crate) fn vm_state<'a, T: std::any::Any>(vm: &'a VmInfo, backend: &str) -> Result<&'a T> {
+    vm.detail.get().ok_or_else(|| {
+        BackendError::Unsupported(format!(
+            "the {backend} backend was handed another backend's VM"
+        ))
+    })
+}
+
+/// A clone's state as the backend named `backend` made it.
+pub(crate) fn clone_state<'a, T: std::any::Any>(
+    detail: &'a mut OpaqueMut,
+    backend: &str,
+) -> Result<&'a mut T> {
+    detail.get_mut().ok_or_else(|| {
+        BackendError::Unsupported(format!(
+            "the {backend} backend was handed another backend's clone"
+        ))
+    })
+}
+
+/// The same for a value the backend changes as it goes (a clone).
+#[derive(Default)]
+pub struct OpaqueMut(Option<Box<dyn std::any::Any + Send>>);
+
+impl OpaqueMut {
+    pub fn new<T: std::any::Any + Send>(state: T) -> Self {
+        OpaqueMut(Some(Box::new(state)))
+    }
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.as_deref().and_then(|s| s.downcast_ref())
+    }
+    pub fn get_mut<T: std::any::Any>(&mut self) -> Option<&mut T> {
+        self.0.as_deref_mut().and_then(|s| s.downcast_mut())
+    }
+}
+
+impl std::fmt::Debug for OpaqueMut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpaqueMut(..)")
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -194,6 +234,9 @@ pub struct Checkpoint {
     /// The guest's memory when it was saved (after any balloon), where the
     /// backend needs it to size the clone.
     pub guest_memory_bytes: Option<u64>,
+    /// The backend's own record of what the checkpoint made (QEMU: the
+    /// original's overlays; XAPI: the checkpoint VM).
+    pub detail: Opaque,
 }
 
 /// A disk as it was at the checkpoint.
@@ -203,7 +246,6 @@ pub struct FrozenDisk {
     pub frozen_file: PathBuf,
     pub format: String,
     pub bytes: u64,
-    pub(crate) original_overlay: Option<(u64, PathBuf, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,6 +263,9 @@ pub struct CloneNetwork {
     pub namespace: network_isolation::Namespace,
     pub bridge: String,
     pub tap_prefix: String,
+    /// The hypervisor's own handle of the network where it made it (XAPI:
+    /// the network's ref); `None` for a Linux bridge.
+    pub handle: Option<String>,
 }
 
 /// A restored clone: running its memory image but paused.
@@ -230,15 +275,8 @@ pub struct PausedClone {
     pub taps: Vec<String>,
     pub disks: Vec<CloneDisk>,
     pub console_log: PathBuf,
-    pub(crate) detail: CloneDetail,
-}
-
-/// Backend-specific state of a clone.
-#[derive(Debug)]
-pub(crate) enum CloneDetail {
-    Qemu(qemu::QemuClone),
-    Xl(xl::XlClone),
-    Xapi(xapi::XapiClone),
+    /// The backend's own state of the clone (process, connection, refs).
+    pub detail: OpaqueMut,
 }
 
 #[derive(Debug, Clone)]
@@ -289,7 +327,7 @@ pub trait Hypervisor {
     fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome>;
     fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()>;
     /// Writes a stopped clone disk as a sparse raw image at `dest`.
-    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()>;
+    fn export_disk(&self, clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()>;
     /// Puts the original's disks back to one image each, and removes the
     /// checkpoint's files.
     fn release_checkpoint(

@@ -152,6 +152,7 @@ fn boot(
         namespace,
         bridge,
         tap_prefix: format!("cc{short}t"),
+        handle: None,
     };
     let heartbeat = vm
         .audit_heartbeat

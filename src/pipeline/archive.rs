@@ -39,7 +39,11 @@ pub fn run(
             let id = run
                 .journal
                 .will_create(&SharedResource::File { path: raw.clone() }.into())?;
-            run.backend.export_disk(disk, &raw)?;
+            let clone = run
+                .clone
+                .as_ref()
+                .ok_or_else(|| PipelineError::Other("no clone disks to archive".into()))?;
+            run.backend.export_disk(clone, disk, &raw)?;
             let source = FileSource::open(&raw)
                 .map_err(|e| PipelineError::Other(format!("{}: {e}", raw.display())))?;
             let parent = ctx

@@ -61,6 +61,7 @@ pub fn prepare(
         namespace,
         bridge,
         tap_prefix: format!("cc{short}t"),
+        handle: None,
     })
 }
 

@@ -43,7 +43,7 @@ impl QemuBackend {
         timeout: Duration,
         journal: &mut dyn Journal,
     ) -> Result<BootTest> {
-        let qv = qemu_vm(vm);
+        let qv = qemu_vm(vm)?;
         let mut overlays = BTreeMap::new();
         for (disk, image) in images {
             let overlay = work_dir.join(format!("boot-{}.qcow2", disk.replace('/', "_")));

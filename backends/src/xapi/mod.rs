@@ -20,8 +20,8 @@ pub mod client;
 pub use client::{Client, XapiError, XapiTarget};
 
 use crate::{
-    BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
-    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Result, StopMethod, VmDetail, VmInfo,
+    BackendError, Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk,
+    Hypervisor, Journal, Opaque, OpaqueMut, PauseTimes, PausedClone, Result, StopMethod, VmInfo,
     VmLocator,
 };
 use client::{refs, str_field, u64_field, NULL_REF};
@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Per-VM settings of the XAPI backend, from the config.
@@ -100,6 +100,8 @@ pub(crate) fn recover(resource: &XapiResource) -> Result<()> {
 /// What the backend learned about the original.
 #[derive(Debug, Clone)]
 pub struct XapiVm {
+    /// The session opened at inspection; the run's calls all go through it.
+    pub client: Arc<Client>,
     pub target: XapiTarget,
     pub vm_ref: String,
     pub uuid: String,
@@ -107,8 +109,19 @@ pub struct XapiVm {
     pub pv_drivers: bool,
 }
 
+/// The XAPI part of a checkpoint: the checkpoint VM and its journal entry.
+#[derive(Debug, Clone)]
+struct XapiCheckpoint {
+    vm_ref: String,
+    journal_id: u64,
+}
+
 #[derive(Debug)]
 pub struct XapiClone {
+    client: Arc<Client>,
+    /// The run's isolated network (ref) and its bridge.
+    network: String,
+    bridge: String,
     vm_ref: String,
     journal_id: u64,
     /// The clone's VIFs by uuid (refs mean nothing in a report).
@@ -119,17 +132,8 @@ pub struct XapiClone {
     destroyed: bool,
 }
 
-#[derive(Default)]
-struct RunState {
-    client: Option<Arc<Client>>,
-    checkpoint: Option<(String, u64)>,
-    network: Option<(String, String)>,
-    clone_disks: BTreeMap<String, (String, String, u64)>,
-}
-
 pub struct XapiBackend {
     options: XapiOptions,
-    state: Mutex<RunState>,
     /// Attempts per VDI export (a dropped connection is tried again).
     pub export_attempts: u32,
     pub task_timeout: Duration,
@@ -139,21 +143,9 @@ impl XapiBackend {
     pub fn with_options(options: XapiOptions) -> XapiBackend {
         XapiBackend {
             options,
-            state: Mutex::new(RunState::default()),
             export_attempts: 3,
             task_timeout: Duration::from_secs(3600),
         }
-    }
-
-    fn st(&self) -> std::sync::MutexGuard<'_, RunState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn client(&self) -> Result<Arc<Client>> {
-        self.st()
-            .client
-            .clone()
-            .ok_or_else(|| BackendError::Unsupported("XAPI backend used before inspect".into()))
     }
 }
 
@@ -164,23 +156,11 @@ impl Default for XapiBackend {
 }
 
 fn xapi_vm(vm: &VmInfo) -> Result<&XapiVm> {
-    match &vm.detail {
-        VmDetail::Xapi(x) => Ok(x),
-        #[allow(unreachable_patterns)]
-        _ => Err(BackendError::Unsupported(
-            "the XAPI backend was handed another backend's VM".into(),
-        )),
-    }
+    crate::vm_state(vm, "XAPI")
 }
 
-fn xapi_clone(detail: &mut CloneDetail) -> Result<&mut XapiClone> {
-    match detail {
-        CloneDetail::Xapi(c) => Ok(c),
-        #[allow(unreachable_patterns)]
-        _ => Err(BackendError::Unsupported(
-            "the XAPI backend was handed another backend's clone".into(),
-        )),
-    }
+fn xapi_clone(detail: &mut OpaqueMut) -> Result<&mut XapiClone> {
+    crate::clone_state(detail, "XAPI")
 }
 
 fn looks_like_uuid(s: &str) -> bool {
@@ -315,18 +295,14 @@ pub fn network_label(tag: &str) -> String {
 }
 
 impl XapiBackend {
-    fn target_of(&self, vm: &VmInfo) -> Result<XapiTarget> {
-        Ok(xapi_vm(vm)?.target.clone())
-    }
-
     /// Makes the run's network with no PIF (XAPI's host-internal network).
     fn make_network(
         &self,
+        c: &Client,
         target: &XapiTarget,
         tag: &str,
         journal: &mut dyn Journal,
     ) -> Result<CloneNetwork> {
-        let c = self.client()?;
         let label = network_label(tag);
         journal.will_create(
             &XapiResource::XapiNetwork {
@@ -345,19 +321,19 @@ impl XapiBackend {
                 "tags": [],
             })],
         )?;
-        if network_has_pif(&c, &net)? {
+        if network_has_pif(c, &net)? {
             return Err(BackendError::Clone(format!(
                 "the network {label} made for the clone has a PIF"
             )));
         }
         let rec = c.record("network", &net)?;
         let bridge = str_field(&rec, "bridge");
-        self.st().network = Some((net, bridge.clone()));
         journal.milestone("isolate:xapi-network-ready")?;
         Ok(CloneNetwork {
             namespace: network_isolation::Namespace::current(),
             bridge,
             tap_prefix: String::new(),
+            handle: Some(net),
         })
     }
 }
@@ -439,14 +415,14 @@ impl Hypervisor for XapiBackend {
                 })
                 .collect(),
             nics: refs(&rec, "VIFs").len(),
-            detail: VmDetail::Xapi(XapiVm {
+            detail: Opaque::new(XapiVm {
+                client: c,
                 target,
                 vm_ref,
                 uuid: str_field(&rec, "uuid"),
                 pv_drivers: allowed.iter().any(|o| o == "clean_shutdown"),
             }),
         };
-        self.st().client = Some(c);
         Ok(info)
     }
 
@@ -462,7 +438,7 @@ impl Hypervisor for XapiBackend {
                 "the VM is not running; coldclone backs up running VMs".into(),
             ));
         }
-        let c = self.client()?;
+        let c = &xv.client;
         let label = checkpoint_label(&run_tag(work_dir));
         let id = journal.will_create(
             &XapiResource::XapiVm {
@@ -504,17 +480,15 @@ impl Hypervisor for XapiBackend {
         } else {
             (0, String::new())
         };
-        let disks = vm_disks(&c, &ckpt)?
+        let disks = vm_disks(c, &ckpt)?
             .into_iter()
             .map(|(name, (_, uuid, bytes))| FrozenDisk {
                 name,
                 frozen_file: PathBuf::from(format!("xapi:vdi/{uuid}")),
                 format: "raw".into(),
                 bytes,
-                original_overlay: None,
             })
             .collect();
-        self.st().checkpoint = Some((ckpt.clone(), id));
         Ok(Checkpoint {
             method: "xapi-checkpoint",
             memory_image: PathBuf::from(if suspend_uuid.is_empty() {
@@ -530,6 +504,10 @@ impl Hypervisor for XapiBackend {
                 memory_ms: took,
             },
             disks,
+            detail: Opaque::new(XapiCheckpoint {
+                vm_ref: ckpt,
+                journal_id: id,
+            }),
             ..Default::default()
         })
     }
@@ -540,27 +518,29 @@ impl Hypervisor for XapiBackend {
         run_id: &str,
         journal: &mut dyn Journal,
     ) -> Result<Option<CloneNetwork>> {
-        let target = self.target_of(vm)?;
-        self.make_network(&target, run_id, journal).map(Some)
+        let xv = xapi_vm(vm)?;
+        self.make_network(&xv.client, &xv.target, run_id, journal)
+            .map(Some)
     }
 
     fn restore_clone(
         &self,
         vm: &VmInfo,
-        _checkpoint: &Checkpoint,
-        _net: &CloneNetwork,
+        checkpoint: &Checkpoint,
+        net: &CloneNetwork,
         clone_name: &str,
         _work_dir: &Path,
         journal: &mut dyn Journal,
     ) -> Result<PausedClone> {
         let xv = xapi_vm(vm)?;
-        let c = self.client()?;
-        let (ckpt, _) = self
-            .st()
-            .checkpoint
-            .clone()
+        let c = &xv.client;
+        let ckpt = checkpoint
+            .detail
+            .get::<XapiCheckpoint>()
+            .map(|k| k.vm_ref.clone())
             .ok_or_else(|| BackendError::Clone("no XAPI checkpoint to clone".into()))?;
-        let (net, _) = self.st().network.clone().ok_or_else(|| {
+        let bridge = net.bridge.clone();
+        let net = net.handle.clone().ok_or_else(|| {
             BackendError::Clone(
                 "no isolated XAPI network: the pipeline must call isolated_network first".into(),
             )
@@ -582,7 +562,10 @@ impl Hypervisor for XapiBackend {
             taps: vec![],
             disks: vec![],
             console_log: PathBuf::new(),
-            detail: CloneDetail::Xapi(XapiClone {
+            detail: OpaqueMut::new(XapiClone {
+                client: c.clone(),
+                network: net.clone(),
+                bridge,
                 vm_ref: clone.clone(),
                 journal_id,
                 vifs: vec![],
@@ -598,7 +581,7 @@ impl Hypervisor for XapiBackend {
         for vif in &vifs {
             c.call("VIF.move", vec![json!(vif), json!(net)])?;
         }
-        let disks = vm_disks(&c, &clone)?;
+        let disks = vm_disks(c, &clone)?;
         pc.disks = disks
             .iter()
             .map(|(name, (_, uuid, bytes))| CloneDisk {
@@ -617,7 +600,6 @@ impl Hypervisor for XapiBackend {
             d.vifs = vifs;
             d.disks = disks.clone();
         }
-        self.st().clone_disks = disks;
         journal.milestone("restore:clone-created")?;
         c.call_async(
             "VM.resume",
@@ -638,13 +620,8 @@ impl Hypervisor for XapiBackend {
         &self,
         clone: &mut PausedClone,
     ) -> Result<Option<network_isolation::Verified>> {
-        let c = self.client()?;
-        let (net, bridge) = self
-            .st()
-            .network
-            .clone()
-            .ok_or_else(|| BackendError::Clone("no isolated XAPI network".into()))?;
         let d = xapi_clone(&mut clone.detail)?;
+        let (c, net, bridge) = (d.client.clone(), d.network.clone(), d.bridge.clone());
         let rec = c.record("VM", &d.vm_ref)?;
         let mut problems = vec![];
         if str_field(&rec, "power_state") != "Paused" {
@@ -695,14 +672,9 @@ impl Hypervisor for XapiBackend {
         clone: &mut PausedClone,
         verified: &network_isolation::Verified,
     ) -> Result<()> {
-        let c = self.client()?;
-        let (_, bridge) = self
-            .st()
-            .network
-            .clone()
-            .ok_or_else(|| BackendError::Clone("no isolated XAPI network".into()))?;
         let d = xapi_clone(&mut clone.detail)?;
-        if verified.bridge != bridge || d.vifs.iter().any(|v| !verified.ports.contains(v)) {
+        let c = d.client.clone();
+        if verified.bridge != d.bridge || d.vifs.iter().any(|v| !verified.ports.contains(v)) {
             return Err(BackendError::Clone(
                 "the clone's VIFs are not the ones whose isolation was verified".into(),
             ));
@@ -712,8 +684,8 @@ impl Hypervisor for XapiBackend {
     }
 
     fn request_stop(&self, clone: &mut PausedClone, method: StopMethod) -> Result<()> {
-        let c = self.client()?;
         let d = xapi_clone(&mut clone.detail)?;
+        let c = d.client.clone();
         match method {
             StopMethod::Pv => {
                 // Async: the guest takes its time; wait_stopped watches the VM and this task.
@@ -737,8 +709,8 @@ impl Hypervisor for XapiBackend {
     }
 
     fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome> {
-        let c = self.client()?;
         let d = xapi_clone(&mut clone.detail)?;
+        let c = d.client.clone();
         let start = Instant::now();
         let mut classes = vec![json!(format!("vm/{}", d.vm_ref))];
         if let Some(t) = &d.shutdown_task {
@@ -811,8 +783,8 @@ impl Hypervisor for XapiBackend {
     }
 
     fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()> {
-        let c = self.client()?;
         let d = xapi_clone(&mut clone.detail)?;
+        let c = d.client.clone();
         if d.destroyed {
             return Ok(());
         }
@@ -826,29 +798,29 @@ impl Hypervisor for XapiBackend {
         Ok(())
     }
 
-    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()> {
-        let c = self.client()?;
-        let (vdi, uuid, size) = self
-            .st()
-            .clone_disks
-            .get(&disk.name)
-            .cloned()
-            .ok_or_else(|| BackendError::Clone(format!("no clone VDI for disk {}", disk.name)))?;
-        c.export_raw_vdi(&vdi, &uuid, size, dest, self.export_attempts)?;
+    fn export_disk(&self, clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()> {
+        let d: &XapiClone = clone.detail.get().ok_or_else(|| {
+            BackendError::Unsupported("the XAPI backend was handed another backend's clone".into())
+        })?;
+        let (vdi, uuid, size) =
+            d.disks.get(&disk.name).cloned().ok_or_else(|| {
+                BackendError::Clone(format!("no clone VDI for disk {}", disk.name))
+            })?;
+        d.client
+            .export_raw_vdi(&vdi, &uuid, size, dest, self.export_attempts)?;
         Ok(())
     }
 
     fn release_checkpoint(
         &self,
-        _vm: &VmInfo,
-        _checkpoint: &Checkpoint,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
         journal: &mut dyn Journal,
     ) -> Result<()> {
-        let c = self.client()?;
-        let taken = self.st().checkpoint.take();
-        if let Some((ckpt, id)) = taken {
-            destroy_vm_and_disks(&c, &ckpt)?;
-            journal.removed(id)?;
+        let c = &xapi_vm(vm)?.client;
+        if let Some(k) = checkpoint.detail.get::<XapiCheckpoint>() {
+            destroy_vm_and_disks(c, &k.vm_ref)?;
+            journal.removed(k.journal_id)?;
         }
         Ok(())
     }

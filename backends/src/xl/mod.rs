@@ -20,8 +20,8 @@ pub mod xs;
 
 use crate::shared::SharedResource;
 use crate::{
-    io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
-    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Result, StopMethod, VmDetail, VmInfo,
+    io_err, BackendError, Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk,
+    Hypervisor, Journal, Opaque, OpaqueMut, PauseTimes, PausedClone, Result, StopMethod, VmInfo,
     VmLocator,
 };
 use cli::{state, xl, xl_bounded};
@@ -38,6 +38,15 @@ pub struct XlOptions {
     /// Size of classic (non-thin) LVM snapshots, as lvcreate takes it:
     /// "512m", "2g", or "20%ORIGIN" (the default). Thin snapshots need none.
     pub snapshot_size: Option<String>,
+}
+
+/// What can go wrong that only the xl backend knows.
+#[derive(Debug, thiserror::Error)]
+pub enum XlError {
+    #[error("xenstore: {0}")]
+    Xenstore(String),
+    #[error("the snapshot {lv} overflowed: its copy-on-write space filled up while the backup ran, so its contents are invalid and it is not archived; give classic snapshots more room (xl_snapshot_size) or use thin volumes")]
+    SnapshotOverflow { lv: String },
 }
 
 /// What the xl backend creates, with what it takes to undo it.
@@ -143,21 +152,11 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(1800);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 fn xl_vm(vm: &VmInfo) -> Result<&XlVm> {
-    match &vm.detail {
-        VmDetail::Xl(x) => Ok(x),
-        _ => Err(BackendError::Unsupported(
-            "the xl backend was handed another backend's VM".into(),
-        )),
-    }
+    crate::vm_state(vm, "xl")
 }
 
-fn xl_clone(detail: &mut CloneDetail) -> Result<&mut XlClone> {
-    match detail {
-        CloneDetail::Xl(c) => Ok(c),
-        _ => Err(BackendError::Unsupported(
-            "the xl backend was handed another backend's clone".into(),
-        )),
-    }
+fn xl_clone(detail: &mut OpaqueMut) -> Result<&mut XlClone> {
+    crate::clone_state(detail, "xl")
 }
 
 fn ms(d: Duration) -> f64 {
@@ -223,7 +222,6 @@ impl XlBackend {
                 frozen_file: PathBuf::from(format!("/dev/{}/{name}", d.lv.vg)),
                 format: "raw".into(),
                 bytes: d.lv.bytes,
-                original_overlay: None,
             });
         }
         Ok(())
@@ -306,7 +304,7 @@ impl Hypervisor for XlBackend {
             memory_bytes: memory_kib * 1024,
             disks: infos,
             nics,
-            detail: VmDetail::Xl(XlVm {
+            detail: Opaque::new(XlVm {
                 name: domain.clone(),
                 domid: st.domid,
                 uuid: st.uuid,
@@ -505,7 +503,7 @@ impl Hypervisor for XlBackend {
                 })
                 .collect(),
             console_log: PathBuf::from(format!("/var/log/xen/console/guest-{clone_name}.log")),
-            detail: CloneDetail::Xl(XlClone {
+            detail: OpaqueMut::new(XlClone {
                 name: clone_name.to_string(),
                 journal_id,
                 snapshots: classic,
@@ -593,7 +591,7 @@ impl Hypervisor for XlBackend {
         c.stopped = true;
         // An overflowed classic snapshot is not a backup, however the clone ended.
         if let Some(lv) = Self::overflowed(&c.snapshots)? {
-            return Err(BackendError::SnapshotOverflow { lv });
+            return Err(BackendError::Xl(XlError::SnapshotOverflow { lv }));
         }
         Ok(outcome)
     }
@@ -609,12 +607,14 @@ impl Hypervisor for XlBackend {
 
     /// The snapshot LV itself is the stopped disk: `dest` becomes a symlink
     /// to it, which the repository reads as a block device (no copy).
-    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()> {
+    fn export_disk(&self, _clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()> {
         let lv = lvm::lookup(&disk.overlay)?.ok_or_else(|| {
             BackendError::Clone(format!("snapshot {} is gone", disk.overlay.display()))
         })?;
         if lv.overflowed() {
-            return Err(BackendError::SnapshotOverflow { lv: lv.full_name() });
+            return Err(BackendError::Xl(XlError::SnapshotOverflow {
+                lv: lv.full_name(),
+            }));
         }
         crate::util::remove_file_if_exists(dest)?;
         std::os::unix::fs::symlink(&lv.path, dest).map_err(io_err(dest))
@@ -643,8 +643,9 @@ impl Hypervisor for XlBackend {
     fn balloon(&self, vm: &VmInfo, target_bytes: u64, journal: &mut dyn Journal) -> Result<u64> {
         let x = xl_vm(vm)?;
         let target_path = format!("/local/domain/{}/memory/target", x.domid);
-        let before = xs::read_u64(&target_path)?
-            .ok_or_else(|| BackendError::Xenstore(format!("{target_path} is missing")))?;
+        let before = xs::read_u64(&target_path)?.ok_or_else(|| {
+            BackendError::Xl(XlError::Xenstore(format!("{target_path} is missing")))
+        })?;
         let kib = target_bytes / 1024;
         journal.will_create(
             &XlResource::XlBalloon {

@@ -21,6 +21,78 @@ pub enum JournalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{what} {path}: {source}")]
+    Lock {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One coldclone run at a time per state folder (backup, `audit --compare`,
+/// recover): two would fight over host memory and could both try to clean
+/// each other's resources. Held for as long as it lives.
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("coldclone.lock")
+    }
+
+    /// Takes the lock; `None` when another run holds it and `wait` is false.
+    pub fn take(state_dir: &Path, wait: bool) -> Result<Option<RunLock>, JournalError> {
+        let err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JournalError::Lock { what, path, source }
+        };
+        std::fs::create_dir_all(state_dir)
+            .map_err(err("cannot create the state folder", state_dir))?;
+        let path = Self::path(state_dir);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(err("cannot open the run lock", &path))?;
+        if file.try_lock().is_err() {
+            if !wait {
+                return Ok(None);
+            }
+            tracing::warn!(
+                "another coldclone run holds the lock; waiting for it to finish (--wait)"
+            );
+            file.lock()
+                .map_err(err("waiting for the run lock", &path))?;
+        }
+        let io = err("cannot write the run lock", &path);
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(io)?;
+        Ok(Some(RunLock { _file: file }))
+    }
+
+    /// The pid written by the run that holds (or last held) the lock.
+    pub fn holder(state_dir: &Path) -> String {
+        std::fs::read_to_string(Self::path(state_dir))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Withdraws every disk snapshot a run stored (a backup that did not finish):
+/// the undo of [`RepositoryResource::RepositoryBackup`].
+pub fn forget_run(repo: &coldclone_repository::Repository, run: &str) -> Result<(), String> {
+    let snaps = repo.snapshots().map_err(|e| e.to_string())?;
+    for s in snaps
+        .iter()
+        .filter(|s| s.tags.get("run").map(String::as_str) == Some(run))
+    {
+        repo.forget(&s.id).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// What a run's journal records: a backend's resource, or one the run

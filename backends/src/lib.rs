@@ -53,6 +53,22 @@ pub enum BackendError {
 
 pub type Result<T> = std::result::Result<T, BackendError>;
 
+/// What the audit's boot test saw (QEMU runs it today).
+pub use qemu::boot::BootTest;
+
+/// What the audit's boot test boots, where, and how long it waits.
+#[derive(Debug, Clone, Copy)]
+pub struct BootSpec<'a> {
+    /// Disk name → raw image, left unmodified (the VM writes into throwaway overlays).
+    pub images: &'a std::collections::BTreeMap<String, PathBuf>,
+    pub net: &'a CloneNetwork,
+    pub name: &'a str,
+    pub work_dir: &'a Path,
+    /// The console text that says the guest is up.
+    pub heartbeat: &'a str,
+    pub timeout: Duration,
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
     move |source| BackendError::Io {
         path: path.to_path_buf(),
@@ -381,6 +397,24 @@ pub trait Hypervisor {
     /// Whether [`Hypervisor::balloon`] can work for this VM (for `doctor`).
     fn balloon_supported(&self, _vm: &VmInfo) -> bool {
         false
+    }
+    /// Whether [`Hypervisor::boot_test`] can boot this backend's VMs.
+    fn can_boot_test(&self) -> bool {
+        false
+    }
+    /// The audit's boot test: boots the spec's images fresh with `vm`'s
+    /// devices until its heartbeat shows on the console; everything it makes
+    /// is journaled and destroyed after.
+    fn boot_test(
+        &self,
+        _vm: &VmInfo,
+        _spec: &BootSpec,
+        _journal: &mut dyn Journal,
+    ) -> Result<BootTest> {
+        Err(BackendError::Unsupported(format!(
+            "boot tests are not available for {} VMs",
+            self.name()
+        )))
     }
     /// Asks the guest to balloon to `target_bytes`; journals how to undo it. Does not wait.
     fn balloon(&self, _vm: &VmInfo, _target_bytes: u64, _journal: &mut dyn Journal) -> Result<u64> {

@@ -95,7 +95,7 @@ pub fn run(
         // that timed out after landing, is one too). Should the withdrawal
         // fail, the journal keeps the entry: the clean-up, or `recover`, tries again.
         report.disks.clear();
-        match crate::commands::recover::forget_run(ctx.repo, &run.id) {
+        match crate::journal::forget_run(ctx.repo, &run.id) {
             Ok(()) => run.journal.removed(partial)?,
             Err(f) => tracing::error!(
                 run = run.id,

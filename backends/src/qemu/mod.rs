@@ -1200,6 +1200,31 @@ impl Hypervisor for QemuBackend {
         StopMethod::Acpi
     }
 
+    fn can_boot_test(&self) -> bool {
+        true
+    }
+
+    fn boot_test(
+        &self,
+        vm: &VmInfo,
+        s: &crate::BootSpec,
+        journal: &mut dyn Journal,
+    ) -> Result<crate::BootTest> {
+        // The inherent one, in boot.rs.
+        let (images, net, name, dir) = (s.images, s.net, s.name, s.work_dir);
+        QemuBackend::boot_test(
+            self,
+            vm,
+            images,
+            net,
+            name,
+            dir,
+            s.heartbeat,
+            s.timeout,
+            journal,
+        )
+    }
+
     fn memory_actual(&self, vm: &VmInfo) -> Result<Option<u64>> {
         let mut q = Qmp::connect(&qemu_vm(vm)?.qmp)?;
         match q.execute("query-balloon", json!({})) {

@@ -43,6 +43,8 @@ pub use crypto::KdfParams;
 pub use error::RepoError;
 #[doc(hidden)]
 pub use lock::set_lock_timings_for_tests;
+#[doc(hidden)]
+pub use prune::set_prune_grace_for_tests;
 pub use prune::{Keep, PruneReport, RetentionPolicy, SnapshotRef};
 pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress, Progress};
 pub use util::set_clock_offset_for_tests;
@@ -562,6 +564,12 @@ impl Repository {
     /// of a process of this host that no longer exists). Returns how many were removed.
     pub fn remove_stale_locks(&self) -> Result<usize> {
         lock::remove_stale(self.backend.as_ref())
+    }
+
+    /// Remove one lock object on purpose (`coldclone unlock KEY`), whatever it holds: for a
+    /// lock left by a process known to be gone, or an unreadable one. Returns its key.
+    pub fn unlock(&self, name: &str) -> Result<String> {
+        lock::unlock(self.backend.as_ref(), name)
     }
 
     // ---- internals ----

@@ -68,6 +68,10 @@ enum Cmd {
         /// A backup (run) id or disk snapshot id; default: the latest.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Replace an existing file, or overwrite a block device (opened exclusively: not
+        /// while it is mounted or in use). Without it an existing target is refused.
+        #[arg(long)]
+        force: bool,
     },
     /// Prove a backup good: restore it, fsck every file system, boot it isolated, run a probe.
     Audit {
@@ -104,6 +108,15 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Remove one repository lock on purpose: one left by a process known to be gone, or
+    /// an unreadable one (the error that named it gives its KEY).
+    Unlock {
+        /// The lock's name, as `locks/KEY` or `KEY`.
+        key: String,
+    },
+    /// Rebuild the repository's index from the headers of its packs (after a damaged
+    /// index file was reported).
+    RepairIndex,
     /// Remove what crashed runs left behind (clones, overlays, taps, bridges, files).
     Recover,
     /// Check that this host can run backups: tools, rights, memory, repository, VMs.
@@ -134,11 +147,20 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output went away (`coldclone snapshots | head -1`): not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::from(exit::OK),
         Err(e) => {
             eprintln!("coldclone: error: {e:#}");
             ExitCode::from(exit::BAD_INPUT)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(cli: Cli) -> Result<u8> {
@@ -175,6 +197,7 @@ fn run(cli: Cli) -> Result<u8> {
             disk,
             to,
             snapshot,
+            force,
         } => {
             commands::restore::run(
                 &load_config(&cli.config)?,
@@ -182,6 +205,7 @@ fn run(cli: Cli) -> Result<u8> {
                 &disk,
                 snapshot.as_deref(),
                 &to,
+                force,
                 json,
             )?;
             Ok(exit::OK)
@@ -225,6 +249,14 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Prune { dry_run } => {
             commands::prune::run(&load_config(&cli.config)?, dry_run, json)?;
+            Ok(exit::OK)
+        }
+        Cmd::Unlock { key } => {
+            commands::check::unlock(&load_config(&cli.config)?, &key, json)?;
+            Ok(exit::OK)
+        }
+        Cmd::RepairIndex => {
+            commands::check::repair_index(&load_config(&cli.config)?, json)?;
             Ok(exit::OK)
         }
         Cmd::Recover => {

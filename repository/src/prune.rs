@@ -214,11 +214,17 @@ pub(crate) fn prune(
     let mut seen_packs = IdSet::default();
     for f in &index.files {
         let sealed = be.get(f)?;
-        let plain = repo.key.open_file(INDEX_KIND, f, &sealed)?;
+        let plain = repo.open_file(INDEX_KIND, f, &sealed)?;
         for p in decode_index(&plain, f)? {
             if seen_packs.insert(p.id) {
                 packs.push(p);
             }
+        }
+    }
+    // Packs of damaged index files, from their headers.
+    for p in &index.recovered {
+        if seen_packs.insert(p.id) {
+            packs.push(p.clone());
         }
     }
     let stored = be.list("data")?;
@@ -344,8 +350,9 @@ pub(crate) fn prune(
         let kp: Vec<PackDesc> = keep_packs.iter().map(|p| (*p).clone()).collect();
         repo.save_index(&kp)?;
     }
-    // 4. old index files
-    for f in &index.files {
+    // 4. old index files (the damaged ones too: the packs they listed that are still
+    //    readable are in the index written in 3)
+    for f in index.files.iter().chain(index.damaged.iter().map(|d| &d.0)) {
         be.delete(f)?;
     }
     // 5. packs

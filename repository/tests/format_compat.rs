@@ -55,7 +55,7 @@ fn a_repository_written_by_format_v1_code_still_reads_and_grows() {
     let (a, b) = disks();
     let out = dir.path().join("out");
     for (id, want) in [(S1, &a), (S2, &b)] {
-        repo.restore(id, &out, &NoProgress).unwrap();
+        repo.restore_with(id, &out, &FORCE, &NoProgress).unwrap();
         assert!(std::fs::read(&out).unwrap() == *want, "{id} differs");
     }
     let c = repo.check(true).unwrap();
@@ -107,7 +107,7 @@ fn a_repository_written_by_format_v1_code_still_reads_and_grows() {
             S2 => &b,
             _ => &c3,
         };
-        repo.restore(&k.id, &out, &NoProgress).unwrap();
+        repo.restore_with(&k.id, &out, &FORCE, &NoProgress).unwrap();
         assert!(std::fs::read(&out).unwrap() == *want, "{} differs", k.id);
     }
     let c = repo.check(true).unwrap();

@@ -3,9 +3,12 @@
 use super::open_repository;
 use crate::config::Config;
 use anyhow::Result;
+use std::io::Write;
 
 pub fn run(cfg: &Config, ids: &[String], json: bool) -> Result<()> {
     let repo = open_repository(cfg)?;
+    // Write errors (a closed pipe: `| head`) end the command; see main.rs.
+    let mut out = std::io::stdout().lock();
     let snaps = repo.snapshots()?;
     let mut forgotten = Vec::new();
     for id in ids {
@@ -26,12 +29,12 @@ pub fn run(cfg: &Config, ids: &[String], json: bool) -> Result<()> {
         }
     }
     if json {
-        println!("{}", serde_json::json!({ "forgotten": forgotten }));
+        writeln!(out, "{}", serde_json::json!({ "forgotten": forgotten }))?;
     } else {
         for f in &forgotten {
-            println!("forgot {}", f.get(..8).unwrap_or(f));
+            writeln!(out, "forgot {}", f.get(..8).unwrap_or(f))?;
         }
-        println!("run `coldclone prune` to free their space");
+        writeln!(out, "run `coldclone prune` to free their space")?;
     }
     Ok(())
 }

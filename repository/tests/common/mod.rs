@@ -148,3 +148,6 @@ pub fn write_lock(
         .set_modified(t)
         .unwrap();
 }
+
+/// Restore over what is there (the tests restore to one file again and again).
+pub const FORCE: RestoreOptions = RestoreOptions { force: true };

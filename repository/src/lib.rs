@@ -654,6 +654,23 @@ impl Repository {
         self.backend.delete(&format!("snapshots/{}", s.id))
     }
 
+    /// Remove every snapshot of one backup run (those tagged `run` = `run`, one per disk);
+    /// returns their ids, oldest first. None is not an error: a crashed run may have
+    /// committed nothing.
+    pub fn forget_run(&self, run: &str) -> Result<Vec<String>> {
+        if run.trim().is_empty() {
+            return Err(RepoError::InvalidArgument("an empty run id".into()));
+        }
+        let mut out = Vec::new();
+        for s in self.snapshots()? {
+            if s.tags.get("run").map(String::as_str) == Some(run) {
+                self.backend.delete(&format!("snapshots/{}", s.id))?;
+                out.push(s.id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Apply a retention policy and remove data no snapshot uses any more.
     pub fn prune(&self, policy: &RetentionPolicy, dry_run: bool) -> Result<PruneReport> {
         prune::prune(self, policy, dry_run)

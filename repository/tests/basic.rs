@@ -548,3 +548,30 @@ fn snapshot_json_for_reports_leaves_out_the_map() {
     assert!(!j.contains("\"map\""), "{j}");
     assert!(j.contains("\"vm\":\"vm\""));
 }
+
+#[test]
+fn forget_run_forgets_every_disk_of_one_run() {
+    let dir = TempDir::new("forgetrun");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(4096)).unwrap();
+    let tagged = |disk: &str, run: &str| {
+        let mut m = meta("vm1", disk);
+        m.tags.insert("run".into(), run.into());
+        m
+    };
+    for (disk, run) in [("a", "r1"), ("b", "r1"), ("a", "r2")] {
+        repo.backup_disk(
+            &MemSource(random_bytes(9, 9000)),
+            tagged(disk, run),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    }
+    assert_eq!(repo.forget_run("r1").unwrap().len(), 2);
+    assert!(repo.forget_run("r1").unwrap().is_empty());
+    assert!(repo.forget_run("").is_err());
+    let left = repo.snapshots().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].tags["run"], "r2");
+}

@@ -9,23 +9,15 @@ pub fn run(cfg: &Config, ids: &[String], json: bool) -> Result<()> {
     let repo = open_repository(cfg)?;
     // Write errors (a closed pipe: `| head`) end the command; see main.rs.
     let mut out = std::io::stdout().lock();
-    let snaps = repo.snapshots()?;
     let mut forgotten = Vec::new();
     for id in ids {
-        // A run id forgets every disk of that backup.
-        let by_run: Vec<String> = snaps
-            .iter()
-            .filter(|s| s.tags.get("run") == Some(id))
-            .map(|s| s.id.clone())
-            .collect();
-        let targets = if by_run.is_empty() {
-            vec![id.clone()]
+        // A run id forgets every disk of that backup; else it is a snapshot id (prefix).
+        let by_run = repo.forget_run(id)?;
+        if by_run.is_empty() {
+            repo.forget(id)?;
+            forgotten.push(id.clone());
         } else {
-            by_run
-        };
-        for t in targets {
-            repo.forget(&t)?;
-            forgotten.push(t);
+            forgotten.extend(by_run);
         }
     }
     if json {

@@ -299,21 +299,14 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        // (VM names: see `check_vm_name`.)
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
         };
         let mut seen = std::collections::BTreeSet::new();
         for vm in &self.vms {
-            if vm.name.is_empty()
-                || vm.name.contains('/')
-                || vm.name.chars().any(char::is_whitespace)
-            {
-                return Err(invalid(format!(
-                    "vm name {:?} must be non-empty, without '/' or spaces",
-                    vm.name
-                )));
-            }
+            check_vm_name(&vm.name).map_err(invalid)?;
             if !seen.insert(vm.name.clone()) {
                 return Err(invalid(format!("vm {:?} is listed twice", vm.name)));
             }
@@ -448,6 +441,24 @@ impl Config {
     }
 }
 
+/// A VM name becomes part of file names, folder names, QEMU option values and command
+/// lines: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter, digit or `_` (so never
+/// `..`, an option such as `-rf`, a `,` or `=` that QEMU would split on, or a control
+/// character).
+pub fn check_vm_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    if name.len() > 64 || !first_ok || !name.chars().all(ok_char) {
+        return Err(format!(
+            "vm name {name:?} must be 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter, a digit or _"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -576,5 +587,35 @@ stop_timeout_secs = 600
                 .to_string();
             assert!(e.contains(needle) && e.contains("c.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn vm_names_are_checked_at_load() {
+        for good in ["web1", "db-01.prod", "_x", "A"] {
+            assert!(check_vm_name(good).is_ok(), "{good}");
+        }
+        let long = "a".repeat(65);
+        for bad in [
+            "",
+            "..",
+            ".",
+            "-rf",
+            "a,b=c",
+            "a b",
+            "a/b",
+            "x\u{7}",
+            "tab\t",
+            long.as_str(),
+            "é",
+        ] {
+            assert!(check_vm_name(bad).is_err(), "{bad:?} accepted");
+        }
+        let dir = std::env::temp_dir().join(format!("cc-vmname-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "[[vm]]\nname = \"-rf\"\nqmp = \"/q\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(e.contains("vm name"), "{e}");
     }
 }

@@ -567,7 +567,7 @@ impl Hypervisor for QemuBackend {
             .unwrap_or_else(|_| PathBuf::from(argv.first().cloned().unwrap_or_default()));
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map_err(io_err(Path::new("/proc/PID/cwd")))?;
-        let options = cmdline::parse(argv.get(1..).unwrap_or(&[]))?;
+        let options = cmdline::parse_in(argv.get(1..).unwrap_or(&[]), Some(&cwd))?;
         let name_v = q.execute("query-name", json!({}))?;
         let name = match str_of(&name_v, "name") {
             n if !n.is_empty() => n,

@@ -202,6 +202,9 @@ pub struct VmConfig {
     pub checkpoint_method: Option<String>,
     /// QEMU, pre-switchover: QEMU's downtime target in ms (default 20).
     pub downtime_limit_ms: Option<u64>,
+    /// QEMU: the uid the VM's QEMU runs as when it is not root (libvirt's
+    /// `qemu` user); the QMP socket's peer must be root or this uid.
+    pub qemu_uid: Option<u32>,
     /// Xen: the domain's name (`xl list`); coldclone then runs in dom0 and
     /// drives `xl`, xenstore and LVM.
     pub xl_domain: Option<String>,
@@ -257,6 +260,7 @@ impl VmConfig {
             options: coldclone_backends::qemu::QemuOptions {
                 checkpoint_method: self.checkpoint_method.clone(),
                 downtime_limit_ms: self.downtime_limit_ms,
+                uid: self.qemu_uid,
             },
         })
     }
@@ -383,6 +387,7 @@ impl Config {
             coldclone_backends::qemu::QemuOptions {
                 checkpoint_method: vm.checkpoint_method.clone(),
                 downtime_limit_ms: None,
+                uid: None,
             }
             .method()
             .map_err(|e| invalid(format!("vm {:?}: {e}", vm.name)))?;

@@ -205,6 +205,22 @@ fn check_one(image: &Path, location: String, offset: u64, bytes: u64) -> FsFindi
     f
 }
 
+/// A partition that could not be checked, and why: never clean.
+fn not_checked(location: String, offset: u64, bytes: u64, why: String) -> FsFinding {
+    FsFinding {
+        location,
+        offset,
+        bytes,
+        fs_type: None,
+        checked: false,
+        clean: false,
+        needs_recovery: false,
+        state: None,
+        fsck_exit: None,
+        fsck_output: why,
+    }
+}
+
 /// Finds every file system on a disk image (whole disk or partitions) and checks it.
 pub fn check_disk(disk: &str, image: &Path, scratch: &Path) -> Vec<FsFinding> {
     let size = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
@@ -224,37 +240,25 @@ pub fn check_disk(disk: &str, image: &Path, scratch: &Path) -> Vec<FsFinding> {
                 let span = p.start.checked_mul(sector).zip(p.size.checked_mul(sector));
                 let inside = span.filter(|(o, n)| o.checked_add(*n).is_some_and(|end| end <= size));
                 let Some((offset, bytes)) = inside else {
-                    out.push(FsFinding {
+                    out.push(not_checked(
                         location,
-                        offset: p.start.saturating_mul(sector),
-                        bytes: p.size.saturating_mul(sector),
-                        fs_type: None,
-                        checked: false,
-                        clean: false,
-                        needs_recovery: false,
-                        state: None,
-                        fsck_exit: None,
-                        fsck_output: format!(
+                        p.start.saturating_mul(sector),
+                        p.size.saturating_mul(sector),
+                        format!(
                             "the partition table puts this partition (sectors {}+{} of {sector} bytes) outside the {size}-byte disk",
                             p.start, p.size
                         ),
-                    });
+                    ));
                     continue;
                 };
                 match extract(image, offset, bytes, &part) {
                     Ok(()) => out.push(check_one(&part, location, offset, bytes)),
-                    Err(e) => out.push(FsFinding {
+                    Err(e) => out.push(not_checked(
                         location,
                         offset,
                         bytes,
-                        fs_type: None,
-                        checked: false,
-                        clean: false,
-                        needs_recovery: false,
-                        state: None,
-                        fsck_exit: None,
-                        fsck_output: format!("could not extract the partition: {e}"),
-                    }),
+                        format!("could not extract the partition: {e}"),
+                    )),
                 }
                 let _ = std::fs::remove_file(&part);
             }

@@ -578,29 +578,34 @@ fn xapi_multi_disk_vm_killed_between_its_disks_is_withdrawn_by_recover() {
     }
 }
 
-#[test]
-fn xapi_hvm_guest_on_dom0_gets_the_acpi_button_through_xl_trigger() {
-    let mut spec = VmSpec::new("win01", &[512 << 10]);
-    spec.pv_drivers = false;
-    let mut r = rig_with("dom0", spec, "xapi_dom0_acpi = true\n");
-    // A stand-in for dom0's `xl`: it presses the simulated guest's power button.
+/// A stand-in for dom0's `xl` in the rig's `bin/`: runs `first` (a shell line), then
+/// presses the simulated guest's power button for `xl trigger DOMID power`.
+fn stand_in_xl(r: &Rig, first: &str) -> PathBuf {
     let bin = r.dir.0.join("bin");
     std::fs::create_dir_all(&bin).expect("bin");
     let xl = bin.join("xl");
     std::fs::write(
         &xl,
         format!(
-            "#!/bin/sh\necho \"$@\" >> {0}/xl.log\n[ \"$1\" = trigger ] && [ \"$3\" = power ] || exit 1\n\
-             exec curl -sf -X POST \"{1}/sim/acpi_power_button?domid=$2\"\n",
-            r.dir.0.display(),
+            "#!/bin/sh\n{first}\n[ \"$1\" = trigger ] && [ \"$3\" = power ] || exit 1\n\
+             exec curl -sf -X POST \"{}/sim/acpi_power_button?domid=$2\"\n",
             r.sim.url
         ),
     )
     .expect("xl");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    bin
+}
+
+#[test]
+fn xapi_hvm_guest_on_dom0_gets_the_acpi_button_through_xl_trigger() {
+    let mut spec = VmSpec::new("win01", &[512 << 10]);
+    spec.pv_drivers = false;
+    let mut r = rig_with("dom0", spec, "xapi_dom0_acpi = true\n");
+    // A stand-in for dom0's `xl`: it presses the simulated guest's power button.
+    let first = format!("echo \"$@\" >> {}/xl.log", r.dir.0.display());
+    let bin = stand_in_xl(&r, &first);
     r.path_prefix = Some(bin);
     let (ok, report, stderr) = r.backup();
     assert!(ok, "backup failed: {stderr}\n{report}");
@@ -721,23 +726,7 @@ fn xapi_secrets_reach_no_child_no_output_and_files_are_private() {
         .collect();
     std::fs::write(&r.cfg, text).expect("config");
     std::fs::remove_dir_all(r.dir.0.join("repo")).expect("old repository");
-    let bin = r.dir.0.join("bin");
-    std::fs::create_dir_all(&bin).expect("bin");
-    let xl = bin.join("xl");
-    std::fs::write(
-        &xl,
-        format!(
-            "#!/bin/sh\nenv > {0}/xl-env.txt\n[ \"$1\" = trigger ] && [ \"$3\" = power ] || exit 1\n\
-             exec curl -sf -X POST \"{1}/sim/acpi_power_button?domid=$2\"\n",
-            r.dir.0.display(),
-            r.sim.url
-        ),
-    )
-    .expect("xl");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
+    let bin = stand_in_xl(&r, &format!("env > {}/xl-env.txt", r.dir.0.display()));
     r.path_prefix = Some(bin.clone());
     let run = |xapi_pw: &str, args: &[&str]| -> Output {
         let path = std::env::var("PATH").unwrap_or_default();

@@ -202,6 +202,9 @@ pub struct VmConfig {
     pub checkpoint_method: Option<String>,
     /// QEMU, pre-switchover: QEMU's downtime target in ms (default 20).
     pub downtime_limit_ms: Option<u64>,
+    /// QEMU: the uid the VM's QEMU runs as when it is not root (libvirt's
+    /// `qemu` user); the QMP socket's peer must be root or this uid.
+    pub qemu_uid: Option<u32>,
     /// Xen: the domain's name (`xl list`); coldclone then runs in dom0 and
     /// drives `xl`, xenstore and LVM.
     pub xl_domain: Option<String>,
@@ -225,6 +228,9 @@ pub struct VmConfig {
     /// XAPI: coldclone runs in the host's dom0 and may press an HVM guest's
     /// ACPI power button with `xl trigger` (XAPI itself has no call for it).
     pub xapi_dom0_acpi: Option<bool>,
+    /// Accept an `http://` xapi_url (a simulator or lab host only: credentials in the clear).
+    #[serde(default)]
+    pub xapi_insecure_http: bool,
 }
 
 impl VmConfig {
@@ -237,6 +243,7 @@ impl VmConfig {
                 options: coldclone_backends::xapi::XapiOptions {
                     tls_fingerprint_sha256: self.xapi_tls_fingerprint_sha256.clone(),
                     dom0_acpi: self.xapi_dom0_acpi.unwrap_or(false),
+                    insecure_http: self.xapi_insecure_http,
                 },
             });
         }
@@ -253,6 +260,7 @@ impl VmConfig {
             options: coldclone_backends::qemu::QemuOptions {
                 checkpoint_method: self.checkpoint_method.clone(),
                 downtime_limit_ms: self.downtime_limit_ms,
+                uid: self.qemu_uid,
             },
         })
     }
@@ -320,7 +328,14 @@ impl Config {
                 )));
             }
             if let Some(u) = &vm.xapi_url {
-                if !(u.starts_with("https://") || u.starts_with("http://")) {
+                let plain = u.starts_with("http://");
+                if plain && !vm.xapi_insecure_http {
+                    return Err(invalid(format!(
+                        "vm {:?}: xapi_url {u:?} is plain http: the XAPI password and session would travel in the clear; use https://, or set xapi_insecure_http = true for a test host",
+                        vm.name
+                    )));
+                }
+                if !(u.starts_with("https://") || plain) {
                     return Err(invalid(format!(
                         "vm {:?}: xapi_url {u:?} must start with https://",
                         vm.name
@@ -372,6 +387,7 @@ impl Config {
             coldclone_backends::qemu::QemuOptions {
                 checkpoint_method: vm.checkpoint_method.clone(),
                 downtime_limit_ms: None,
+                uid: None,
             }
             .method()
             .map_err(|e| invalid(format!("vm {:?}: {e}", vm.name)))?;
@@ -548,6 +564,7 @@ stop_timeout_secs = 600
         for (text, needle) in [
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\n", "go together"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"h\"\nxapi_vm = \"v\"\n", "https://"),
+            ("[[vm]]\nname = \"a\"\nxapi_url = \"http://h\"\nxapi_vm = \"v\"\n", "xapi_insecure_http = true"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\nxapi_vm = \"v\"\nqmp = \"q\"\n", "one hypervisor handle"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\nxapi_vm = \"v\"\nxapi_tls_fingerprint_sha256 = \"12\"\n", "64 hex digits"),
         ] {

@@ -12,7 +12,7 @@ pub fn run(mut run: Run, ctx: &RunContext) -> Result<(), PipelineError> {
             tracing::warn!("destroying the clone: {e}; the journal clean-up retries");
         }
     }
-    let forget = |r: &str| crate::commands::recover::forget_run(ctx.repo, r);
+    let forget = |r: &str| crate::journal::forget_run(ctx.repo, r);
     let undo = Undo {
         forget_run: &forget,
     };

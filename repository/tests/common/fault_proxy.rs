@@ -230,7 +230,7 @@ fn serve(mut c: TcpStream, upstream_port: u16, st: &Stats, plan: &Mutex<(Plan, u
             None
         } else if p.always {
             Some(p.cycle[0])
-        } else if p.every > 0 && n % p.every == 0 {
+        } else if p.every > 0 && n.is_multiple_of(p.every) {
             Some(p.cycle[((n / p.every - 1) % p.cycle.len() as u64) as usize])
         } else {
             None

@@ -11,9 +11,10 @@
 //! boot id and pid namespace), never its host name: two hypervisors cloned from one image,
 //! or two containers, share a host name, and a live backup on the other one must not be
 //! taken for stale because its pid does not exist here. A lock object that cannot be parsed
-//! is held (it blocks everybody) until `coldclone unlock KEY` removes it on purpose. Holders refresh every 5 minutes; a holder that
-//! could not refresh for too long fails instead of committing (its lock may have been taken
-//! for stale, so a prune may have run).
+//! is held (it blocks everybody) until `coldclone unlock KEY` removes it on purpose.
+//!
+//! Holders refresh every 5 minutes; a holder that could not refresh for too long fails
+//! instead of committing (its lock may have been taken for stale, so a prune may have run).
 //!
 //! Clocks: "refreshed in the last 30 minutes" is measured on the storage's clock, never by
 //! comparing one host's wall clock with another's: a lock's age is the modification time

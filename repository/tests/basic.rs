@@ -299,7 +299,7 @@ fn reports_serialize() {
 }
 
 #[test]
-fn restore_to_a_block_device_writes_every_byte() {
+fn needs_root_restore_to_a_block_device_needs_force_and_writes_every_byte() {
     use std::process::Command;
     let dir = TempDir::new("blockdev");
     let backing = dir.path().join("dev.img");

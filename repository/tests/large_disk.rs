@@ -10,7 +10,7 @@ const CS: u64 = 4096;
 const SEG: u64 = 8192; // chunk ids per map segment
 
 #[test]
-fn a_disk_of_more_than_2_pow_32_chunks_backs_up_and_restores() {
+fn needs_root_a_disk_of_more_than_2_pow_32_chunks_backs_up_and_restores() {
     if !coldclone_testkit::require(
         coldclone_testkit::is_root(),
         "root (a tmpfs mount for a 16 TiB sparse file)",

@@ -91,10 +91,19 @@ fn pick_backup(repo: &Repository, vm: &str, wanted: Option<&str>) -> Result<Stri
         .filter(|s| s.vm == vm)
         .collect();
     snaps.sort_by_key(|s| s.time_unix);
-    let found = match wanted {
-        Some(w) => snaps
+    let found = match wanted.map(str::trim) {
+        Some("") => bail!("--snapshot is empty: name a backup (run) id or a snapshot id"),
+        // A run id, else a snapshot id or unique prefix (long enough: see find_snapshot).
+        Some(w) => match snaps
             .iter()
-            .find(|s| s.tags.get("run").map(String::as_str) == Some(w) || s.id.starts_with(w)),
+            .rfind(|s| s.tags.get("run").map(String::as_str) == Some(w))
+        {
+            Some(s) => Some(s),
+            None => {
+                let id = repo.find_snapshot(w)?.id;
+                snaps.iter().find(|s| s.id == id)
+            }
+        },
         None => snaps.last(),
     };
     match found.and_then(|s| s.tags.get("run").cloned()) {

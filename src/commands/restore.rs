@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::progress::{stderr_is_terminal, BarProgress};
 use anyhow::{bail, Result};
 use coldclone_repository::RestoreOptions;
+use std::io::Write;
 use std::path::Path;
 
 pub fn run(
@@ -60,10 +61,13 @@ pub fn run(
     let progress = BarProgress::new(stderr_is_terminal() && !json, &format!("restore {disk}"));
     let summary = repo.restore_with(&snap.id, to, &RestoreOptions { force }, &progress)?;
     progress.finish();
+    // Write errors (a closed pipe) end the command; see main.rs.
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string(&summary)?);
+        writeln!(out, "{}", serde_json::to_string(&summary)?)?;
     } else {
-        println!(
+        writeln!(
+            out,
             "restored {} ({} bytes, {} consistency, taken {}) to {} in {:.1} s",
             snap.short_id(),
             summary.bytes,
@@ -71,7 +75,7 @@ pub fn run(
             snap.time,
             to.display(),
             summary.duration.as_secs_f64()
-        );
+        )?;
     }
     Ok(())
 }

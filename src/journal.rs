@@ -124,14 +124,7 @@ impl RunLock {
 /// Withdraws every disk snapshot a run stored (a backup that did not finish):
 /// the undo of [`RepositoryResource::RepositoryBackup`].
 pub fn forget_run(repo: &coldclone_repository::Repository, run: &str) -> Result<(), String> {
-    let snaps = repo.snapshots().map_err(|e| e.to_string())?;
-    for s in snaps
-        .iter()
-        .filter(|s| s.tags.get("run").map(String::as_str) == Some(run))
-    {
-        repo.forget(&s.id).map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    repo.forget_run(run).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// What a run's journal records: a backend's resource, or one the run

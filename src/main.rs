@@ -6,6 +6,7 @@ use coldclone::commands;
 use coldclone::config::{Config, DEFAULT_CONFIG};
 use coldclone::exit;
 use coldclone::journal::RunLock;
+use coldclone::report::RunStatus;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -190,7 +191,7 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Backup { vms, all, .. } => {
             let reports = commands::backup::run(&cfg, &vms, all, json)?;
             // Skipped VMs count as failures: they have no new backup.
-            Ok(if reports.iter().all(|r| r.status == "ok") {
+            Ok(if reports.iter().all(|r| r.status == RunStatus::Ok) {
                 exit::OK
             } else {
                 exit::BACKUP_FAILED

@@ -24,7 +24,8 @@ pub(crate) const ORPHAN_GRACE_SECS: i64 = 3600;
 const REPACK_UNUSED_SHARE: f64 = 0.3;
 
 /// How many snapshots to keep, per vm+disk. All zero = keep everything.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Keep {
     #[serde(default)]
     pub last: u32,

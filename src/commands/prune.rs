@@ -1,28 +1,18 @@
 //! `coldclone prune [--dry-run]`: apply retention, free unreferenced data.
 
 use super::open_repository;
-use crate::config::{Config, Keep};
+use crate::config::Config;
 use anyhow::Result;
-use coldclone_repository::{self as repo, RetentionPolicy};
-
-fn to_repo(k: Keep) -> repo::Keep {
-    repo::Keep {
-        last: k.last,
-        daily: k.daily,
-        weekly: k.weekly,
-        monthly: k.monthly,
-        yearly: k.yearly,
-    }
-}
+use coldclone_repository::RetentionPolicy;
 
 pub fn policy(cfg: &Config) -> RetentionPolicy {
     let default = cfg.defaults.keep.unwrap_or(crate::config::DEFAULT_KEEP);
     RetentionPolicy {
-        default: to_repo(default),
+        default,
         per_vm: cfg
             .vms
             .iter()
-            .map(|vm| (vm.name.clone(), to_repo(cfg.policy(vm).keep)))
+            .map(|vm| (vm.name.clone(), vm.policy.keep))
             .collect(),
     }
 }

@@ -258,7 +258,7 @@ impl RunJournal {
             file,
             next_id: 1,
             open: Vec::new(),
-            halt_at: std::env::var("COLDCLONE_TEST_HALT_AT").ok(),
+            halt_at: test_halt_at(),
         };
         j.append(&Entry::Start {
             run_id: run_id.to_string(),
@@ -519,6 +519,19 @@ fn test_halt_recover(r: &RunResource) {
 
 #[cfg(not(debug_assertions))]
 fn test_halt_recover(_r: &RunResource) {}
+
+/// The fault tests' hook: stop dead after a given milestone, to be killed there. It exists
+/// only in debug builds and in builds with the `test-hooks` feature (the Xen lab's), so
+/// that an environment variable cannot hang a production backup with the VM paused.
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
+fn test_halt_at() -> Option<String> {
+    std::env::var("COLDCLONE_TEST_HALT_AT").ok()
+}
+
+#[cfg(not(any(debug_assertions, feature = "test-hooks")))]
+fn test_halt_at() -> Option<String> {
+    None
+}
 
 #[cfg(test)]
 mod tests {

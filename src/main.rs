@@ -70,6 +70,10 @@ enum Cmd {
         /// A backup (run) id or disk snapshot id; default: the latest.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Replace an existing file, or overwrite a block device (opened exclusively: not
+        /// while it is mounted or in use). Without it an existing target is refused.
+        #[arg(long)]
+        force: bool,
     },
     /// Prove a backup good: restore it, fsck every file system, boot it isolated, run a probe.
     Audit {
@@ -106,6 +110,15 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Remove one repository lock on purpose: one left by a process known to be gone, or
+    /// an unreadable one (the error that named it gives its KEY).
+    Unlock {
+        /// The lock's name, as `locks/KEY` or `KEY`.
+        key: String,
+    },
+    /// Rebuild the repository's index from the headers of its packs (after a damaged
+    /// index file was reported).
+    RepairIndex,
     /// Remove what crashed runs left behind (clones, overlays, taps, bridges, files).
     Recover,
     /// Check that this host can run backups: tools, rights, memory, repository, VMs.
@@ -132,10 +145,18 @@ fn load_config(path: &Path) -> Result<Config> {
 }
 
 fn main() -> ExitCode {
+    // Before anything else, while this process has one thread: nothing coldclone creates
+    // (memory images, exports, overlays, restores, journals) is readable by other users,
+    // and no child inherits a secret from our environment.
+    // SAFETY: umask only sets this process's file mode mask.
+    unsafe { libc::umask(0o077) };
+    coldclone_backends::secrets::take_from_environment();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output went away (`coldclone snapshots | head -1`): not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::from(exit::OK),
         Err(e) => {
             eprintln!("coldclone: error: {e:#}");
             ExitCode::from(exit::BAD_INPUT)
@@ -162,6 +183,13 @@ fn lock_need(cmd: &Cmd, cfg: &Config) -> Option<(bool, String)> {
         Cmd::Recover => Some((false, "a backup is running; recover after it has finished".into())),
         _ => None,
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn run(cli: Cli) -> Result<u8> {
@@ -210,8 +238,9 @@ fn run(cli: Cli) -> Result<u8> {
             disk,
             to,
             snapshot,
+            force,
         } => {
-            commands::restore::run(&cfg, &vm, &disk, snapshot.as_deref(), &to, json)?;
+            commands::restore::run(&cfg, &vm, &disk, snapshot.as_deref(), &to, force, json)?;
             Ok(exit::OK)
         }
         Cmd::Audit {
@@ -246,6 +275,14 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Cmd::Prune { dry_run } => {
             commands::prune::run(&cfg, dry_run, json)?;
+            Ok(exit::OK)
+        }
+        Cmd::Unlock { key } => {
+            commands::check::unlock(&cfg, &key, json)?;
+            Ok(exit::OK)
+        }
+        Cmd::RepairIndex => {
+            commands::check::repair_index(&cfg, json)?;
             Ok(exit::OK)
         }
         Cmd::Recover => Ok(if commands::recover::run(&cfg, json)? {

@@ -8,6 +8,7 @@
 //! sends each [`Resource`] to the undo of the backend that owns its kind.
 
 pub mod qemu;
+pub mod secrets;
 pub mod shared;
 pub mod util;
 pub mod xapi;

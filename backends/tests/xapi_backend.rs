@@ -118,7 +118,11 @@ fn locator(r: &Rig, vm: &str) -> VmLocator {
         url: r.sim.url.clone(),
         vm: vm.into(),
         credentials_file: Some(r.creds.clone()),
-        options: Default::default(),
+        // The simulator speaks plain http.
+        options: cb::xapi::XapiOptions {
+            insecure_http: true,
+            ..Default::default()
+        },
     }
 }
 

@@ -118,7 +118,7 @@ pub(crate) fn recover(resource: &QemuResource) -> Result<()> {
                 cancel_migration(&mut q)?;
                 merge_back_live(&mut q, device, base_node, base_file, overlay_file)
             }
-            _ => merge_back_offline(*original_pid, overlay_file),
+            _ => merge_back_offline(*original_pid, overlay_file, base_file),
         },
         QemuResource::Balloon { qmp, restore_bytes } => match Qmp::connect(qmp) {
             Ok(mut q) => q
@@ -213,6 +213,10 @@ pub struct QemuOptions {
     pub checkpoint_method: Option<String>,
     /// QEMU's downtime target for pre-switchover, in ms (default 20).
     pub downtime_limit_ms: Option<u64>,
+    /// The uid the VM's QEMU runs as, when not root: the QMP socket's peer
+    /// must be root or this uid (see [`check_peer`]).
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 impl QemuOptions {
@@ -236,6 +240,8 @@ pub struct QemuBackend {
     pub downtime_limit_ms: u64,
     pub memory_save_timeout: Duration,
     pub clone_start_timeout: Duration,
+    /// Besides root, the uid the original's QEMU may run as.
+    pub vm_uid: Option<u32>,
 }
 
 impl QemuBackend {
@@ -244,6 +250,7 @@ impl QemuBackend {
         QemuBackend {
             method: options.method().unwrap_or(d.method),
             downtime_limit_ms: options.downtime_limit_ms.unwrap_or(d.downtime_limit_ms),
+            vm_uid: options.uid,
             ..d
         }
     }
@@ -256,6 +263,7 @@ impl Default for QemuBackend {
             downtime_limit_ms: 20,
             memory_save_timeout: Duration::from_secs(1800),
             clone_start_timeout: Duration::from_secs(120),
+            vm_uid: None,
         }
     }
 }
@@ -675,17 +683,16 @@ impl Hypervisor for QemuBackend {
         };
         let mut q = Qmp::connect(path)?;
         let pid = q.peer_pid()?;
+        // Before anything of the peer's is used: its uid and its executable.
+        let exe = check_peer(&q, self.vm_uid)?;
         let argv = util::process_cmdline(pid).ok_or_else(|| {
             BackendError::Unsupported(format!(
                 "cannot read the command line of QEMU process {pid}"
             ))
         })?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .map(|p| PathBuf::from(p.to_string_lossy().trim_end_matches(" (deleted)")))
-            .unwrap_or_else(|_| PathBuf::from(argv.first().cloned().unwrap_or_default()));
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map_err(io_err(Path::new("/proc/PID/cwd")))?;
-        let options = cmdline::parse(argv.get(1..).unwrap_or(&[]))?;
+        let options = cmdline::parse_in(argv.get(1..).unwrap_or(&[]), Some(&cwd))?;
         let name_v = q.execute("query-name", json!({}))?;
         let name = match str_of(&name_v, "name") {
             n if !n.is_empty() => n,
@@ -1176,7 +1183,7 @@ impl Hypervisor for QemuBackend {
         for o in &state.overlays {
             let r = match q.as_mut() {
                 Ok(q) => merge_back_live(q, &o.device, &o.base_node, &o.base_file, &o.overlay),
-                Err(_) => merge_back_offline(qv.pid, &o.overlay),
+                Err(_) => merge_back_offline(qv.pid, &o.overlay, &o.base_file),
             };
             match r {
                 Ok(()) => journal.removed(o.journal_id)?,
@@ -1311,6 +1318,48 @@ impl QemuBackend {
     }
 }
 
+/// Whether `exe` names a QEMU system emulator (`qemu-system-x86_64`...).
+/// /proc/PID/exe is the resolved binary, so a `kvm` symlink (Proxmox VE) or
+/// wrapper script (Debian) shows up as the qemu-system binary it runs.
+pub fn is_qemu_binary(exe: &Path) -> bool {
+    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.strip_prefix("qemu-system-").is_some_and(|arch| {
+        !arch.is_empty() && arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
+/// The QMP socket's peer must be QEMU run by root or by the VM's configured
+/// uid: coldclone, as root, runs that peer's executable with (a rewrite of)
+/// its argv for the clone, so a socket that anyone else made must not lead
+/// there. Returns the executable, read from /proc/PID/exe (not argv[0]).
+pub fn check_peer(q: &Qmp, vm_uid: Option<u32>) -> Result<PathBuf> {
+    let (pid, uid) = q.peer_cred()?;
+    if uid != 0 && Some(uid) != vm_uid {
+        return Err(BackendError::Unsupported(format!(
+            "the process behind QMP socket {} (pid {pid}) runs as uid {uid}, neither root nor the \
+             VM's configured qemu_uid; coldclone does not run what an unknown user started",
+            q.path().display()
+        )));
+    }
+    let link = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map_err(io_err(Path::new(&format!("/proc/{pid}/exe"))))?;
+    let text = link.to_string_lossy();
+    if text.ends_with(" (deleted)") {
+        return Err(BackendError::Unsupported(format!(
+            "the QEMU behind {} (pid {pid}) runs a deleted executable ({text}); restart it",
+            q.path().display()
+        )));
+    }
+    if !is_qemu_binary(&link) {
+        return Err(BackendError::Unsupported(format!(
+            "the process behind QMP socket {} (pid {pid}) is {}, not a QEMU system emulator",
+            q.path().display(),
+            link.display()
+        )));
+    }
+    Ok(link)
+}
+
 /// Starts a QEMU made from `vm`'s command line (a clone, or an audit's boot
 /// test) in the network's namespace, its taps and process journaled first.
 /// Returns the child, the process's journal id and the taps' journal ids.
@@ -1424,11 +1473,16 @@ fn merge_back_live(
 }
 
 /// The original QEMU has gone away while running on our overlay: commit the
-/// overlay into its backing image with qemu-img so the next start sees all data.
-fn merge_back_offline(original_pid: u32, overlay: &Path) -> Result<()> {
-    if !overlay.exists() {
-        return Ok(());
-    }
+/// overlay into its backing image with qemu-img so the next start sees all
+/// data. `qemu-img commit` writes into whatever backing file the overlay's
+/// header names, so it runs only if that is exactly `base_file`, the frozen
+/// image the journal recorded, and the overlay is a plain qcow2 file.
+pub fn merge_back_offline(original_pid: u32, overlay: &Path, base_file: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(overlay) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(overlay)(e)),
+        Ok(m) => m,
+    };
     if util::pid_alive(original_pid) {
         return Err(BackendError::Checkpoint(format!(
             "the original (pid {original_pid}) still runs on {} but its QMP socket cannot be reached; \
@@ -1436,8 +1490,42 @@ fn merge_back_offline(original_pid: u32, overlay: &Path) -> Result<()> {
             overlay.display()
         )));
     }
+    if !meta.file_type().is_file() {
+        return Err(BackendError::Checkpoint(format!(
+            "{} is not a regular file; not committing it",
+            overlay.display()
+        )));
+    }
+    check_backing(overlay, base_file)?;
     let mut c = Command::new("qemu-img");
-    c.args(["commit", "-q"]).arg(overlay);
+    c.args(["commit", "-q", "-f", "qcow2"]).arg(overlay);
     run_tool(c)?;
     util::remove_file_if_exists(overlay)
+}
+
+/// `qemu-img info --output=json` of `overlay` must show a qcow2 image whose
+/// backing file is exactly `base_file`.
+pub fn check_backing(overlay: &Path, base_file: &Path) -> Result<()> {
+    let mut c = Command::new("qemu-img");
+    c.args(["info", "--output=json", "-f", "qcow2"])
+        .arg(overlay);
+    let out = run_tool(c)?;
+    let info: Value = serde_json::from_str(&out).map_err(|e| {
+        BackendError::Checkpoint(format!(
+            "qemu-img info {}: unreadable output: {e}",
+            overlay.display()
+        ))
+    })?;
+    let backing = info.get("backing-filename").and_then(Value::as_str);
+    let full = info.get("full-backing-filename").and_then(Value::as_str);
+    let want = base_file.to_string_lossy();
+    if backing != Some(want.as_ref()) || full.is_some_and(|f| f != want) {
+        return Err(BackendError::Checkpoint(format!(
+            "{} is backed by {:?}, not by the journaled image {}; not committing it",
+            overlay.display(),
+            full.or(backing),
+            base_file.display()
+        )));
+    }
+    Ok(())
 }

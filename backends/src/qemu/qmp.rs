@@ -243,6 +243,12 @@ impl Qmp {
 
     /// The QEMU process on the other end of the socket (SO_PEERCRED).
     pub fn peer_pid(&self) -> Result<u32> {
+        self.peer_cred().map(|(pid, _)| pid)
+    }
+
+    /// The pid and uid of the process on the other end (SO_PEERCRED: as they
+    /// were when it created the socket, which the kernel vouches for).
+    pub fn peer_cred(&self) -> Result<(u32, u32)> {
         use std::os::unix::io::AsRawFd;
         let mut cred = libc::ucred {
             pid: 0,
@@ -266,6 +272,6 @@ impl Qmp {
                 std::io::Error::last_os_error()
             )));
         }
-        Ok(cred.pid as u32)
+        Ok((cred.pid as u32, cred.uid))
     }
 }

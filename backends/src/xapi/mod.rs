@@ -41,6 +41,10 @@ pub struct XapiOptions {
     /// be sent the ACPI power button with `xl trigger DOMID power`.
     #[serde(default)]
     pub dom0_acpi: bool,
+    /// Accept an `http://` URL (the simulator, a lab host): passwords and session ids
+    /// then travel in the clear. Off unless the config says `xapi_insecure_http = true`.
+    #[serde(default)]
+    pub insecure_http: bool,
 }
 
 /// What the XAPI backend creates on the pool, with what it takes to undo it.
@@ -359,6 +363,7 @@ impl Hypervisor for XapiBackend {
             url: url.clone(),
             credentials_file: credentials_file.clone(),
             tls_fingerprint_sha256: options.tls_fingerprint_sha256.clone(),
+            insecure_http: options.insecure_http,
         };
         let c = Arc::new(Client::login(&target)?);
         let vm_ref = if looks_like_uuid(handle) {

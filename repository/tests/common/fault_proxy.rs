@@ -3,6 +3,8 @@
 //! the server answers with a plain body and closes), the answer comes back with
 //! `Connection: close`. The Host header is passed unchanged, so signatures still verify.
 //! Every fault it injects is counted, so a test can assert that its faults really fired.
+// `is_multiple_of` needs Rust 1.87; the workspace supports 1.80.
+#![allow(clippy::manual_is_multiple_of)]
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -228,7 +230,7 @@ fn serve(mut c: TcpStream, upstream_port: u16, st: &Stats, plan: &Mutex<(Plan, u
             None
         } else if p.always {
             Some(p.cycle[0])
-        } else if p.every > 0 && n % p.every == 0 {
+        } else if p.every > 0 && n.is_multiple_of(p.every) {
             Some(p.cycle[((n / p.every - 1) % p.cycle.len() as u64) as usize])
         } else {
             None

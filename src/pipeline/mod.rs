@@ -11,7 +11,7 @@ pub mod stop;
 #[cfg(test)]
 mod tests;
 
-use crate::config::{Config, EffectivePolicy, Vm};
+use crate::config::{Config, Vm};
 use crate::journal::{JournalError, RunJournal};
 use crate::report::{RunStatus, VmReport};
 use coldclone_backends::shared::SharedResource;
@@ -75,7 +75,6 @@ pub struct RunContext<'a> {
 pub struct Run<'a> {
     pub id: String,
     pub vm: &'a Vm,
-    pub policy: EffectivePolicy,
     pub backend: Box<dyn Hypervisor>,
     pub journal: RunJournal,
     pub work_dir: PathBuf,
@@ -148,14 +147,13 @@ fn run_steps(
     let mut run = Run {
         id: run_id.to_string(),
         vm,
-        policy: vm.policy.clone(),
         backend,
         journal,
         work_dir,
         clone: None,
     };
     let result = (|| {
-        if let Some(policy) = run.policy.balloon.clone() {
+        if let Some(policy) = run.vm.policy.balloon.clone() {
             balloon::shrink(&mut run, &info, &policy, report)?;
         }
         let t = Instant::now();

@@ -19,26 +19,26 @@ pub fn run(
         .ok_or(PipelineError::NoClone("no clone to stop"))?;
     let method = run.backend.stop_methods(vm);
     report.clone_stop = Some(method);
-    let timeout = Duration::from_secs(run.policy.stop_timeout_secs);
+    let timeout = Duration::from_secs(run.vm.policy.stop_timeout_secs);
     let t = Instant::now();
     run.backend.request_stop(clone, method)?;
     run.journal.milestone("stop:requested")?;
     let outcome = run.backend.wait_stopped(clone, timeout)?;
     report.clone_stop_seconds = Some(t.elapsed().as_secs_f64());
     run.journal.milestone("stop:stopped")?;
-    match (outcome, run.policy.on_clone_failure) {
+    match (outcome, run.vm.policy.on_clone_failure) {
         (CloneOutcome::StoppedByGuest, _) => Ok(Consistency::CleanShutdown),
         (CloneOutcome::Killed, OnCloneFailure::Crash) => {
             let w = format!(
                 "the clone did not power off within {} s and was killed; archiving its disk as crash-consistent (on_clone_failure = \"crash\")",
-                run.policy.stop_timeout_secs
+                run.vm.policy.stop_timeout_secs
             );
             tracing::warn!("{w}");
             report.warnings.push(w);
             Ok(Consistency::Crash)
         }
-        (CloneOutcome::Killed, OnCloneFailure::Fail) => {
-            Err(PipelineError::CloneDidNotStop(run.policy.stop_timeout_secs))
-        }
+        (CloneOutcome::Killed, OnCloneFailure::Fail) => Err(PipelineError::CloneDidNotStop(
+            run.vm.policy.stop_timeout_secs,
+        )),
     }
 }

@@ -27,6 +27,45 @@ pub enum JournalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: {detail}; coldclone acts on its journals as root, so it trusts only a state folder and journals that only root can change (chown root and chmod go-w them, after checking what they hold)")]
+    Untrusted { path: PathBuf, detail: String },
+}
+
+/// `path` must be owned by us (root) and writable by no one else, and, unless
+/// `follow` (the configured state folder may be a link), not a symbolic link.
+fn check_trusted(path: &Path, follow: bool) -> Result<(), JournalError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = if follow {
+        std::fs::metadata(path)
+    } else {
+        std::fs::symlink_metadata(path)
+    };
+    let meta = meta.map_err(|source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let untrusted = |detail: String| JournalError::Untrusted {
+        path: path.to_path_buf(),
+        detail,
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.file_type().is_symlink() {
+        return Err(untrusted("is a symbolic link".into()));
+    }
+    if meta.uid() != me {
+        return Err(untrusted(format!(
+            "is owned by uid {}, not {me}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "is writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// One coldclone run at a time per state folder (backup, `audit --compare`,
@@ -369,6 +408,8 @@ impl Journal for RunJournal {
 pub struct Undo<'a> {
     /// Withdraws the disk snapshots tagged with a run id.
     pub forget_run: &'a dyn Fn(&str) -> Result<(), String>,
+    /// What the journals may name.
+    pub scope: coldclone_backends::RecoverScope,
 }
 
 impl Undo<'_> {
@@ -377,9 +418,8 @@ impl Undo<'_> {
             RunResource::Repository(RepositoryResource::RepositoryBackup { run }) => {
                 (self.forget_run)(run)
             }
-            RunResource::Backend(r) => {
-                coldclone_backends::recover_resource(r).map_err(|e: BackendError| e.to_string())
-            }
+            RunResource::Backend(r) => coldclone_backends::recover_resource(r, &self.scope)
+                .map_err(|e: BackendError| e.to_string()),
         }
     }
 }
@@ -417,6 +457,12 @@ pub fn stale_runs(state_dir: &Path) -> Result<Vec<StaleRun>, JournalError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(source) => return Err(JournalError::Io { path: dir, source }),
     };
+    check_trusted(state_dir, true)?;
+    check_trusted(&dir, false)?;
+    let runs = state_dir.join("runs");
+    if runs.exists() {
+        check_trusted(&runs, false)?;
+    }
     let mut paths: Vec<PathBuf> = rd
         .flatten()
         .map(|e| e.path())
@@ -424,6 +470,7 @@ pub fn stale_runs(state_dir: &Path) -> Result<Vec<StaleRun>, JournalError> {
         .collect();
     paths.sort();
     for path in paths {
+        check_trusted(&path, false)?;
         let io = |source| JournalError::Io {
             path: path.clone(),
             source,
@@ -627,8 +674,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let jdir = journal_dir(&dir);
         std::fs::create_dir_all(&jdir).unwrap();
-        let file = dir.join("mem.img");
-        let folder = dir.join("run1");
+        let file = dir.join("runs").join("mem.img");
+        let folder = dir.join("runs").join("run1");
+        std::fs::create_dir_all(dir.join("runs")).unwrap();
         std::fs::write(&file, b"x").unwrap();
         std::fs::create_dir_all(folder.join("sub")).unwrap();
         let lines = [
@@ -657,6 +705,9 @@ mod tests {
             &runs[0],
             &Undo {
                 forget_run: &forget,
+                scope: coldclone_backends::RecoverScope {
+                    state_dir: dir.clone(),
+                },
             },
         )
         .unwrap();

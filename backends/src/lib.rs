@@ -439,11 +439,18 @@ pub trait Hypervisor {
     }
 }
 
+/// What `recover` may touch: a journal is read back from disk, so every path in it must
+/// lie in the run folders of this state folder (`STATE_DIR/runs/...`).
+#[derive(Debug, Clone)]
+pub struct RecoverScope {
+    pub state_dir: std::path::PathBuf,
+}
+
 /// Undoes any resource, whichever backend created it (used by `recover`):
 /// the one dispatcher; each backend undoes only its own kinds.
-pub fn recover_resource(resource: &Resource) -> Result<()> {
+pub fn recover_resource(resource: &Resource, scope: &RecoverScope) -> Result<()> {
     match resource {
-        Resource::Shared(r) => r.undo(),
+        Resource::Shared(r) => r.undo(scope),
         Resource::Qemu(r) => qemu::recover(r),
         Resource::Xl(r) => xl::recover(r),
         Resource::Xapi(r) => xapi::recover(r),

@@ -317,7 +317,18 @@ fn prune_process_beside_a_backup_process_loses_nothing() {
     let backup_child = helper("slow_backup_process_helper", BACKUP_ENV, &root);
     // Start the prune process once the backup holds its lock.
     let t = Instant::now();
-    while std::fs::read_dir(root.join("locks")).unwrap().count() == 0 {
+    // The backup's own lock, not the probe object the stale-lock check writes and removes
+    // at open (seen first under load, it let prune in before the backup locked).
+    let backup_locked = || {
+        std::fs::read_dir(root.join("locks"))
+            .unwrap()
+            .flatten()
+            .any(|e| {
+                std::fs::read_to_string(e.path())
+                    .is_ok_and(|t| t.contains("\"purpose\":\"backup\""))
+            })
+    };
+    while !backup_locked() {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the backup took no lock"

@@ -35,8 +35,16 @@ impl Scratch {
 
     fn finish(mut self, repo: &Repository) -> Result<()> {
         let forget = |r: &str| crate::journal::forget_run(repo, r);
+        let state_dir = self
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
         let failed = self.journal.undo_all(&Undo {
             forget_run: &forget,
+            scope: coldclone_backends::RecoverScope {
+                state_dir: state_dir.to_path_buf(),
+            },
         });
         if !failed.is_empty() {
             bail!(

@@ -19,6 +19,9 @@ pub fn recover_all(cfg: &Config) -> Result<Vec<Recovered>> {
     };
     let undo = Undo {
         forget_run: &forget,
+        scope: coldclone_backends::RecoverScope {
+            state_dir: cfg.state_dir.clone(),
+        },
     };
     let mut out = Vec::new();
     for run in stale_runs(&cfg.state_dir)? {

@@ -15,6 +15,9 @@ pub fn run(mut run: Run, ctx: &RunContext) -> Result<(), PipelineError> {
     let forget = |r: &str| crate::journal::forget_run(ctx.repo, r);
     let undo = Undo {
         forget_run: &forget,
+        scope: coldclone_backends::RecoverScope {
+            state_dir: ctx.config.state_dir.clone(),
+        },
     };
     let failed = run.journal.undo_all(&undo);
     if failed.is_empty() {

@@ -36,8 +36,31 @@ pub struct Config {
     pub run: RunConfig,
     #[serde(default)]
     pub defaults: VmPolicy,
+    /// The `[[vm]]` sections as written.
     #[serde(default, rename = "vm")]
-    pub vms: Vec<VmConfig>,
+    pub vm_sections: Vec<VmConfig>,
+    /// The same, checked once by [`Config::parse`]: what the rest reads.
+    #[serde(skip)]
+    pub vms: Vec<Vm>,
+}
+
+/// A `[[vm]]` as checked: its name, its one hypervisor handle (the
+/// precedence xapi > xl > qemu applied here only) and its effective settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct Vm {
+    pub name: String,
+    pub locator: VmLocator,
+    pub policy: EffectivePolicy,
+    pub audit: AuditSettings,
+}
+
+/// What `audit` uses of a VM's section.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct AuditSettings {
+    /// The console text that says the booted backup is up (default "login:").
+    pub heartbeat: Option<String>,
+    /// A probe program run over the restored disks (exit 0 = good).
+    pub probe: Option<PathBuf>,
 }
 
 /// How one invocation schedules its VMs.
@@ -135,21 +158,8 @@ pub struct RepositoryConfig {
     pub s3_credentials_file: Option<PathBuf>,
 }
 
-/// How many backups `prune` keeps per VM and disk.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Keep {
-    #[serde(default)]
-    pub last: u32,
-    #[serde(default)]
-    pub daily: u32,
-    #[serde(default)]
-    pub weekly: u32,
-    #[serde(default)]
-    pub monthly: u32,
-    #[serde(default)]
-    pub yearly: u32,
-}
+/// How many backups `prune` keeps per VM and disk: the repository's own type.
+pub use coldclone_repository::Keep;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -234,7 +244,8 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    pub fn locator(&self) -> Option<VmLocator> {
+    /// The one place the handles' precedence is decided.
+    fn locator(&self) -> Option<VmLocator> {
         if let (Some(url), Some(vm)) = (&self.xapi_url, &self.xapi_vm) {
             return Some(VmLocator::Xapi {
                 url: url.clone(),
@@ -294,22 +305,24 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        cfg.validate(path)?;
+        cfg.vms = cfg.check(path)?;
         Ok(cfg)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    /// Checks the whole config; returns the VMs as the rest of coldclone reads them.
+    fn check(&self, path: &Path) -> Result<Vec<Vm>, ConfigError> {
         // (VM names: see `check_vm_name`.)
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
         };
         let mut seen = std::collections::BTreeSet::new();
-        for vm in &self.vms {
+        let mut vms = Vec::new();
+        for vm in &self.vm_sections {
             check_vm_name(&vm.name).map_err(invalid)?;
             if !seen.insert(vm.name.clone()) {
                 return Err(invalid(format!("vm {:?} is listed twice", vm.name)));
@@ -358,12 +371,12 @@ impl Config {
                     )));
                 }
             }
-            if vm.locator().is_none() {
+            let Some(locator) = vm.locator() else {
                 return Err(invalid(format!(
                     "vm {:?} names no hypervisor handle: add qmp = \"/path/to/vm.qmp\" (QEMU), xl_domain = \"name\" (Xen) or xapi_url + xapi_vm (XenServer / XCP-ng)",
                     vm.name
                 )));
-            }
+            };
             if vm.qmp.is_some() && vm.xl_domain.is_some() {
                 return Err(invalid(format!(
                     "vm {:?} names both qmp and xl_domain: a VM has one hypervisor handle",
@@ -397,6 +410,15 @@ impl Config {
                     vm.name
                 )));
             }
+            vms.push(Vm {
+                name: vm.name.clone(),
+                locator,
+                policy: self.policy(vm),
+                audit: AuditSettings {
+                    heartbeat: vm.audit_heartbeat.clone(),
+                    probe: vm.audit_probe.clone(),
+                },
+            });
         }
         let r = &self.repository;
         let s3_set = r.s3_endpoint.is_some() || r.s3_bucket.is_some();
@@ -415,7 +437,7 @@ impl Config {
             network_isolation::check_ifname(n)
                 .map_err(|e| invalid(format!("isolation.bridge: {e}")))?;
         }
-        Ok(())
+        Ok(vms)
     }
 
     pub fn repository_path(&self) -> PathBuf {
@@ -425,11 +447,11 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("repository"))
     }
 
-    pub fn vm(&self, name: &str) -> Option<&VmConfig> {
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
         self.vms.iter().find(|v| v.name == name)
     }
 
-    pub fn policy(&self, vm: &VmConfig) -> EffectivePolicy {
+    fn policy(&self, vm: &VmConfig) -> EffectivePolicy {
         EffectivePolicy {
             stop_timeout_secs: vm
                 .stop_timeout_secs
@@ -490,11 +512,11 @@ stop_timeout_secs = 600
         )
         .unwrap();
         let web = c.vm("web1").unwrap();
-        assert_eq!(c.policy(web).stop_timeout_secs, 60);
-        assert_eq!(c.policy(web).on_clone_failure, OnCloneFailure::Crash);
+        assert_eq!(web.policy.stop_timeout_secs, 60);
+        assert_eq!(web.policy.on_clone_failure, OnCloneFailure::Crash);
         let db = c.vm("db1").unwrap();
-        assert_eq!(c.policy(db).stop_timeout_secs, 600);
-        assert_eq!(c.policy(db).on_clone_failure, OnCloneFailure::Fail);
+        assert_eq!(db.policy.stop_timeout_secs, 600);
+        assert_eq!(db.policy.on_clone_failure, OnCloneFailure::Fail);
     }
 
     #[test]
@@ -534,7 +556,7 @@ stop_timeout_secs = 600
             Path::new("x.toml"),
         )
         .unwrap();
-        match c.vm("web1").and_then(VmConfig::locator) {
+        match c.vm("web1").map(|v| &v.locator) {
             Some(VmLocator::Xl { domain, options }) => {
                 assert_eq!(domain, "web1");
                 assert_eq!(options.snapshot_size.as_deref(), Some("2g"));
@@ -558,8 +580,8 @@ stop_timeout_secs = 600
         )
         .unwrap();
         assert!(matches!(
-            c.vm("web").unwrap().locator(),
-            Some(VmLocator::Xapi { ref url, ref vm, .. }) if url == "https://pool1" && vm == "web01"
+            &c.vm("web").unwrap().locator,
+            VmLocator::Xapi { url, vm, .. } if url == "https://pool1" && vm == "web01"
         ));
         for (text, needle) in [
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\n", "go together"),

@@ -130,11 +130,21 @@ pub fn forget_run(repo: &coldclone_repository::Repository, run: &str) -> Result<
 /// What a run's journal records: a backend's resource, or one the run
 /// itself owns. Untagged: each side carries its `kind`, so the lines are
 /// those of the landed code, where both were one enum.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RunResource {
     Backend(Resource),
     Repository(RepositoryResource),
+}
+
+/// Printed as the inner kind, as when all kinds were one enum.
+impl std::fmt::Debug for RunResource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunResource::Backend(r) => r.fmt(f),
+            RunResource::Repository(r) => r.fmt(f),
+        }
+    }
 }
 
 /// Resources of the repository's, undone by the run (no backend knows them).

@@ -6,6 +6,7 @@ use coldclone::commands;
 use coldclone::config::{Config, DEFAULT_CONFIG};
 use coldclone::exit;
 use coldclone::journal::RunLock;
+use coldclone::report::RunStatus;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -163,24 +164,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// The commands that make or remove run resources hold the run lock: whether
-/// to wait for it, and what to say when another run holds it.
-fn lock_need(cmd: &Cmd, cfg: &Config) -> Option<(bool, String)> {
+/// The commands that make or remove run resources hold the run lock:
+/// `Some(wait)` for those, `wait` saying whether to wait for another run.
+fn lock_need(cmd: &Cmd) -> Option<bool> {
     match cmd {
-        Cmd::Backup { wait, .. } => Some((
-            *wait,
-            format!(
-                "another coldclone backup is running (pid {}, lock {}); try again when it has finished, or use --wait",
-                RunLock::holder(&cfg.state_dir),
-                RunLock::path(&cfg.state_dir).display()
-            ),
-        )),
-        Cmd::Audit { compare: true, .. } => Some((
-            false,
-            "a backup is running; audit --compare makes one too: try again after it".into(),
-        )),
-        Cmd::Recover => Some((false, "a backup is running; recover after it has finished".into())),
+        Cmd::Backup { wait, .. } => Some(*wait),
+        Cmd::Audit { compare: true, .. } | Cmd::Recover => Some(false),
         _ => None,
+    }
+}
+
+/// What to say when another run holds the lock.
+fn lock_busy(cmd: &Cmd, cfg: &Config) -> String {
+    match cmd {
+        Cmd::Audit { .. } => {
+            "a backup is running; audit --compare makes one too: try again after it".into()
+        }
+        Cmd::Recover => "a backup is running; recover after it has finished".into(),
+        _ => format!(
+            "another coldclone backup is running (pid {}, lock {}); try again when it has finished, or use --wait",
+            RunLock::holder(&cfg.state_dir),
+            RunLock::path(&cfg.state_dir).display()
+        ),
     }
 }
 
@@ -204,11 +209,11 @@ fn run(cli: Cli) -> Result<u8> {
     }
     let cfg = load_config(&cli.config)?;
     // Taken here, once, for the life of the command.
-    let _lock = match lock_need(&cli.command, &cfg) {
-        Some((wait, busy)) => match RunLock::take(&cfg.state_dir, wait)? {
+    let _lock = match lock_need(&cli.command) {
+        Some(wait) => match RunLock::take(&cfg.state_dir, wait)? {
             Some(lock) => Some(lock),
             None => {
-                eprintln!("coldclone: {busy}");
+                eprintln!("coldclone: {}", lock_busy(&cli.command, &cfg));
                 return Ok(exit::LOCKED);
             }
         },
@@ -218,7 +223,7 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Backup { vms, all, .. } => {
             let reports = commands::backup::run(&cfg, &vms, all, json)?;
             // Skipped VMs count as failures: they have no new backup.
-            Ok(if reports.iter().all(|r| r.status == "ok") {
+            Ok(if reports.iter().all(|r| r.status == RunStatus::Ok) {
                 exit::OK
             } else {
                 exit::BACKUP_FAILED

@@ -4,7 +4,7 @@
 //! survives failed runs (kept in STATE_DIR/metrics-state.json), so an alert
 //! on its age fires when backups silently stop.
 
-use crate::report::VmReport;
+use crate::report::{RunStatus, VmReport};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -40,11 +40,11 @@ pub fn update(mut state: State, reports: &[VmReport]) -> State {
     for r in reports {
         let m = state.entry(r.vm.clone()).or_default();
         m.last_run_time = r.finished_at;
-        m.last_run_success = r.status == "ok";
-        m.last_run_skipped = r.status == "skipped";
-        if r.status == "ok" {
+        m.last_run_success = r.status == RunStatus::Ok;
+        m.last_run_skipped = r.status == RunStatus::Skipped;
+        if r.status == RunStatus::Ok {
             m.last_success_time = Some(r.finished_at);
-            m.last_consistency = r.consistency.map(str::to_string);
+            m.last_consistency = r.consistency.map(|c| c.as_str().to_string());
             m.pause_ms = r.original_pause_ms;
             m.bytes_read = r.disks.iter().map(|d| d.bytes_read).sum();
             m.bytes_stored = r.disks.iter().map(|d| d.stored_bytes).sum();
@@ -221,12 +221,13 @@ pub fn write(state_dir: &Path, metrics_file: &Path, reports: &[VmReport]) -> std
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Consistency;
 
     #[test]
     fn a_failed_run_keeps_the_last_success() {
         let mut ok = VmReport::new("web1", "r1");
-        ok.status = "ok";
-        ok.consistency = Some("clean-shutdown");
+        ok.status = RunStatus::Ok;
+        ok.consistency = Some(Consistency::CleanShutdown);
         ok.finished_at = 100.0;
         ok.original_pause_ms = Some(12.5);
         let state = update(State::new(), &[ok]);

@@ -1,6 +1,47 @@
 //! What a run tells its user: one report per VM (`--json` prints it as is).
 
+use coldclone_backends::StopMethod;
 use serde::Serialize;
+
+/// How a VM's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Ok,
+    Failed,
+    /// It could not fit in the memory budget.
+    Skipped,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Ok => "ok",
+            RunStatus::Failed => "failed",
+            RunStatus::Skipped => "skipped",
+        }
+    }
+}
+
+/// What a stored backup's disks are consistent with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// The clone shut itself down: its file systems are clean.
+    CleanShutdown,
+    /// The clone was killed (on_clone_failure = "crash"): as after a power cut.
+    Crash,
+}
+
+impl Consistency {
+    /// As the snapshot's metadata and the metrics spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::CleanShutdown => "clean-shutdown",
+            Consistency::Crash => "crash",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Durations {
@@ -52,22 +93,20 @@ pub struct VmReport {
     pub run_id: String,
     /// The backup's id: the run id, carried as tag `run` by every disk snapshot.
     pub snapshot_id: Option<String>,
-    /// "ok", "failed", or "skipped" (it could not fit in the memory budget)
-    pub status: &'static str,
+    pub status: RunStatus,
     /// Memory its clone was budgeted (MiB).
     pub clone_memory_mib: Option<u64>,
     pub balloon: Option<BalloonReport>,
     /// When the backup started and ended (seconds since the epoch).
     pub started_at: f64,
     pub finished_at: f64,
-    /// "clean-shutdown" or "crash" when a backup was stored.
-    pub consistency: Option<&'static str>,
+    /// Set when a backup was stored.
+    pub consistency: Option<Consistency>,
     pub checkpoint_method: Option<&'static str>,
     pub original_pause_ms: Option<f64>,
     pub original_pause: Option<PauseSplit>,
     pub memory_image_bytes: Option<u64>,
-    /// "acpi" or "pv"
-    pub clone_stop: Option<&'static str>,
+    pub clone_stop: Option<StopMethod>,
     pub clone_stop_seconds: Option<f64>,
     pub isolated_network: Option<IsolatedNetwork>,
     pub disks: Vec<DiskReport>,
@@ -83,7 +122,7 @@ impl VmReport {
             backend: String::new(),
             run_id: run_id.to_string(),
             snapshot_id: None,
-            status: "failed",
+            status: RunStatus::Failed,
             clone_memory_mib: None,
             balloon: None,
             started_at: 0.0,
@@ -106,10 +145,10 @@ impl VmReport {
     /// One line for people.
     pub fn summary_line(&self) -> String {
         match self.status {
-            "ok" => format!(
+            RunStatus::Ok => format!(
                 "{}: ok, {} backup {} (pause {:.0} ms, clone stopped in {:.1} s, {} disk(s), {} new bytes, {:.1} s total)",
                 self.vm,
-                self.consistency.unwrap_or("?"),
+                self.consistency.map_or("?", Consistency::as_str),
                 self.snapshot_id.as_deref().unwrap_or("?"),
                 self.original_pause_ms.unwrap_or(0.0),
                 self.clone_stop_seconds.unwrap_or(0.0),
@@ -117,12 +156,12 @@ impl VmReport {
                 self.disks.iter().map(|d| d.stored_bytes).sum::<u64>(),
                 self.durations_ms.total as f64 / 1000.0
             ),
-            "skipped" => format!(
+            RunStatus::Skipped => format!(
                 "{}: SKIPPED: {}",
                 self.vm,
                 self.error.as_deref().unwrap_or("no reason given")
             ),
-            _ => format!(
+            RunStatus::Failed => format!(
                 "{}: FAILED: {}",
                 self.vm,
                 self.error.as_deref().unwrap_or("unknown error")
@@ -150,11 +189,11 @@ impl Summary {
         let count = |f: &dyn Fn(&VmReport) -> bool| reports.iter().filter(|r| f(r)).count();
         Summary {
             vms: reports.len(),
-            ok: count(&|r| r.status == "ok"),
-            failed: count(&|r| r.status == "failed"),
-            skipped: count(&|r| r.status == "skipped"),
-            clean_shutdown: count(&|r| r.consistency == Some("clean-shutdown")),
-            crash: count(&|r| r.consistency == Some("crash")),
+            ok: count(&|r| r.status == RunStatus::Ok),
+            failed: count(&|r| r.status == RunStatus::Failed),
+            skipped: count(&|r| r.status == RunStatus::Skipped),
+            clean_shutdown: count(&|r| r.consistency == Some(Consistency::CleanShutdown)),
+            crash: count(&|r| r.consistency == Some(Consistency::Crash)),
             bytes_read: reports
                 .iter()
                 .flat_map(|r| &r.disks)
@@ -194,8 +233,8 @@ pub fn table(reports: &[VmReport], summary: &Summary) -> String {
     for r in reports {
         rows.push([
             r.vm.clone(),
-            r.status.to_string(),
-            r.consistency.unwrap_or("-").to_string(),
+            r.status.as_str().to_string(),
+            r.consistency.map_or("-", Consistency::as_str).to_string(),
             r.original_pause_ms
                 .map(|p| format!("{p:.0} ms"))
                 .unwrap_or_else(|| "-".into()),

@@ -4,9 +4,9 @@
 //! cannot fit waits (bounded), then is skipped with the reason. The host is
 //! never pushed into OOM by coldclone's clones.
 
-use crate::config::{Config, VmConfig};
+use crate::config::{Config, Vm};
 use crate::pipeline::{backup_vm, RunContext};
-use crate::report::VmReport;
+use crate::report::{RunStatus, VmReport};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -48,18 +48,18 @@ impl Limits {
 }
 
 /// What a VM's clone will need: its memory (or its balloon target), plus QEMU's overhead.
-pub fn clone_need_bytes(cfg: &Config, vm: &VmConfig) -> u64 {
-    let Some(loc) = vm.locator() else { return 0 };
-    let backend = coldclone_backends::backend_for(&loc);
+pub fn clone_need_bytes(vm: &Vm) -> u64 {
+    let loc = &vm.locator;
+    let backend = coldclone_backends::backend_for(loc);
     // XAPI clones run on the pool's host, not in this machine's memory.
     if !backend.clone_uses_local_memory() {
         return 0;
     }
     // An unreachable VM fails fast in the pipeline; it needs no room.
-    let Ok(info) = backend.inspect(&loc) else {
+    let Ok(info) = backend.inspect(loc) else {
         return 0;
     };
-    let guest = match &cfg.policy(vm).balloon {
+    let guest = match &vm.policy.balloon {
         Some(b) => b
             .target_bytes(info.memory_bytes)
             .unwrap_or(info.memory_bytes),
@@ -68,9 +68,9 @@ pub fn clone_need_bytes(cfg: &Config, vm: &VmConfig) -> u64 {
     guest + CLONE_OVERHEAD_BYTES
 }
 
-fn skipped(vm: &VmConfig, reason: String) -> VmReport {
+fn skipped(vm: &Vm, reason: String) -> VmReport {
     let mut r = VmReport::new(&vm.name, "-");
-    r.status = "skipped";
+    r.status = RunStatus::Skipped;
     r.error = Some(reason);
     let now = crate::journal::now();
     r.started_at = now;
@@ -81,17 +81,17 @@ fn skipped(vm: &VmConfig, reason: String) -> VmReport {
 /// Backs up `vms`; `on_report` sees each report as it is made.
 pub fn run_all(
     ctx: &RunContext,
-    vms: Vec<&VmConfig>,
+    vms: Vec<&Vm>,
     limits: Limits,
     on_report: &mut dyn FnMut(&VmReport),
 ) -> Vec<VmReport> {
-    let mut pending: Vec<(usize, &VmConfig, u64)> = vms
+    let mut pending: Vec<(usize, &Vm, u64)> = vms
         .into_iter()
         .enumerate()
-        .map(|(i, vm)| (i, vm, clone_need_bytes(ctx.config, vm)))
+        .map(|(i, vm)| (i, vm, clone_need_bytes(vm)))
         .collect();
     // Higher priority first; the config's order among equals.
-    pending.sort_by_key(|(i, vm, _)| (-ctx.config.policy(vm).priority, *i));
+    pending.sort_by_key(|(i, vm, _)| (-vm.policy.priority, *i));
     let mut reports = Vec::new();
     let start = Instant::now();
     std::thread::scope(|scope| {

@@ -80,13 +80,26 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError
 /// Every resource a backend may create, with what it takes to remove it:
 /// the shared kinds and each backend's own. Untagged: each inner enum carries
 /// its `kind`, so the journal's JSON is what it was when they were one enum.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Resource {
     Shared(shared::SharedResource),
     Qemu(qemu::QemuResource),
     Xl(xl::XlResource),
     Xapi(xapi::XapiResource),
+}
+
+/// Printed as the inner kind (`File { path: .. }`), as when they were one
+/// enum: `recover` and the clean-up's errors show it.
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Resource::Shared(r) => r.fmt(f),
+            Resource::Qemu(r) => r.fmt(f),
+            Resource::Xl(r) => r.fmt(f),
+            Resource::Xapi(r) => r.fmt(f),
+        }
+    }
 }
 
 macro_rules! resource_from {

@@ -43,7 +43,8 @@ fn pack_grace() -> i64 {
 const REPACK_UNUSED_SHARE: f64 = 0.3;
 
 /// How many snapshots to keep, per vm+disk. All zero = keep everything.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Keep {
     #[serde(default)]
     pub last: u32,

@@ -2,9 +2,10 @@
 
 use super::{host_name, open_repository};
 use crate::audit::{self, AuditReport, BootResult, Examination};
-use crate::config::{Config, VmConfig, DEFAULT_HEARTBEAT};
+use crate::config::{Config, Vm, DEFAULT_HEARTBEAT};
 use crate::journal::{RunJournal, Undo};
 use crate::pipeline::{backup_vm, isolate, new_run_id, RunContext};
+use crate::report::RunStatus;
 use anyhow::{bail, Context, Result};
 use coldclone_backends::shared::SharedResource;
 use coldclone_backends::{backend_for, BootSpec, Journal};
@@ -119,7 +120,7 @@ fn pick_backup(repo: &Repository, vm: &str, wanted: Option<&str>) -> Result<Stri
 /// reachable QEMU VM (its devices are known); otherwise says why not.
 fn boot(
     cfg: &Config,
-    vm: &VmConfig,
+    vm: &Vm,
     images: &BTreeMap<String, PathBuf>,
     scratch: &mut Scratch,
     timeout: Duration,
@@ -132,15 +133,12 @@ fn boot(
         reason: Some(reason),
     };
     let not_qemu = "boot tests run the VM's own QEMU command line; this VM is not a QEMU VM";
-    let Some(backend) = vm
-        .locator()
-        .map(|loc| (backend_for(&loc), loc))
-        .filter(|(b, _)| b.can_boot_test())
-    else {
+    let loc = &vm.locator;
+    let backend = backend_for(loc);
+    if !backend.can_boot_test() {
         return not(not_qemu.into());
-    };
-    let (backend, loc) = backend;
-    let info = match backend.inspect(&loc) {
+    }
+    let info = match backend.inspect(loc) {
         Ok(i) => i,
         Err(e) => {
             return not(format!(
@@ -153,7 +151,8 @@ fn boot(
         Err(e) => return not(format!("could not make an isolated bridge: {e}")),
     };
     let heartbeat = vm
-        .audit_heartbeat
+        .audit
+        .heartbeat
         .clone()
         .unwrap_or_else(|| DEFAULT_HEARTBEAT.to_string());
     let name = format!("coldclone-audit-{}", scratch.id);
@@ -199,7 +198,7 @@ pub fn run(
     })?;
     let probe = probe
         .map(Path::to_path_buf)
-        .or_else(|| vm.audit_probe.clone());
+        .or_else(|| vm.audit.probe.clone());
     let repo = open_repository(cfg)?;
     let backup = pick_backup(&repo, vm_name, snapshot)?;
     let mut scratch = Scratch::new(cfg, vm_name)?;
@@ -322,7 +321,7 @@ pub fn compare(cfg: &Config, vm_name: &str, probe: Option<&Path>, json: bool) ->
         .with_context(|| format!("unknown VM {vm_name:?}"))?;
     let probe = probe
         .map(Path::to_path_buf)
-        .or_else(|| vm.audit_probe.clone());
+        .or_else(|| vm.audit.probe.clone());
     let repo = open_repository(cfg)?;
     let mut scratch = Scratch::new(cfg, vm_name)?;
     let result =
@@ -343,7 +342,7 @@ pub fn compare(cfg: &Config, vm_name: &str, probe: Option<&Path>, json: bool) ->
                 crash_copy_dir: Some(crash_dir.clone()),
             };
             let report = backup_vm(&ctx, vm);
-            if report.status != "ok" {
+            if report.status != RunStatus::Ok {
                 bail!("the backup failed: {}", report.error.unwrap_or_default());
             }
             let run = report.snapshot_id.clone().unwrap_or_default();

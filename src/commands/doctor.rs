@@ -49,10 +49,9 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
     // Clones of XAPI VMs run on their pool: this host then needs no QEMU,
     // bridges or root, so failing those checks is only a note.
     let local_clones = cfg.is_none_or(|c| {
-        c.vms.iter().any(|vm| {
-            vm.locator()
-                .is_some_and(|l| backend_for(&l).clone_uses_local_memory())
-        })
+        c.vms
+            .iter()
+            .any(|vm| backend_for(&vm.locator).clone_uses_local_memory())
     });
     if !local_clones {
         for c in out.iter_mut().filter(|c| !c.ok) {
@@ -162,11 +161,10 @@ fn checks_with_config(cfg: Option<&Config>, mut out: Vec<Check>) -> Vec<Check> {
             });
         }
         for vm in &cfg.vms {
-            let Some(loc) = vm.locator() else { continue };
-            let backend = backend_for(&loc);
-            let r = backend.inspect(&loc);
-            let policy = cfg.policy(vm);
-            let needed = crate::schedule::clone_need_bytes(cfg, vm);
+            let backend = backend_for(&vm.locator);
+            let r = backend.inspect(&vm.locator);
+            let policy = &vm.policy;
+            let needed = crate::schedule::clone_need_bytes(vm);
             if let (Ok(info), Some(_)) = (&r, &policy.balloon) {
                 let balloon_ok = backend.balloon_supported(info);
                 out.push(Check {

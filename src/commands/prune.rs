@@ -1,29 +1,19 @@
 //! `coldclone prune [--dry-run]`: apply retention, free unreferenced data.
 
 use super::open_repository;
-use crate::config::{Config, Keep};
+use crate::config::Config;
 use anyhow::Result;
-use coldclone_repository::{self as repo, RetentionPolicy};
+use coldclone_repository::RetentionPolicy;
 use std::io::Write;
-
-fn to_repo(k: Keep) -> repo::Keep {
-    repo::Keep {
-        last: k.last,
-        daily: k.daily,
-        weekly: k.weekly,
-        monthly: k.monthly,
-        yearly: k.yearly,
-    }
-}
 
 pub fn policy(cfg: &Config) -> RetentionPolicy {
     let default = cfg.defaults.keep.unwrap_or(crate::config::DEFAULT_KEEP);
     RetentionPolicy {
-        default: to_repo(default),
+        default,
         per_vm: cfg
             .vms
             .iter()
-            .map(|vm| (vm.name.clone(), to_repo(cfg.policy(vm).keep)))
+            .map(|vm| (vm.name.clone(), vm.policy.keep))
             .collect(),
     }
 }

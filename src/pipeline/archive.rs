@@ -5,7 +5,7 @@
 use super::{PipelineError, Run, RunContext};
 use crate::journal::RepositoryResource;
 use crate::progress::BarProgress;
-use crate::report::{DiskReport, VmReport};
+use crate::report::{Consistency, DiskReport, VmReport};
 use coldclone_backends::shared::SharedResource;
 use coldclone_backends::Journal;
 use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
@@ -14,14 +14,14 @@ use std::collections::BTreeMap;
 pub fn run(
     run: &mut Run,
     ctx: &RunContext,
-    consistency: &'static str,
+    consistency: Consistency,
     report: &mut VmReport,
 ) -> Result<(), PipelineError> {
     let disks = run
         .clone
         .as_ref()
         .map(|c| c.disks.clone())
-        .ok_or_else(|| PipelineError::Other("no clone disks to archive".into()))?;
+        .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
     let mut written: Vec<String> = Vec::new();
     // Until every disk is stored, the run's snapshots are a partial backup
     // that `recover` withdraws should this process die.
@@ -42,10 +42,12 @@ pub fn run(
             let clone = run
                 .clone
                 .as_ref()
-                .ok_or_else(|| PipelineError::Other("no clone disks to archive".into()))?;
+                .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
             run.backend.export_disk(clone, disk, &raw)?;
-            let source = FileSource::open(&raw)
-                .map_err(|e| PipelineError::Other(format!("{}: {e}", raw.display())))?;
+            let source = FileSource::open(&raw).map_err(|source| PipelineError::Io {
+                path: raw.clone(),
+                source,
+            })?;
             let parent = ctx
                 .repo
                 .find_latest(&run.vm.name, &disk.name)?
@@ -57,7 +59,7 @@ pub fn run(
                 disk: disk.name.clone(),
                 backend: run.backend.name().to_string(),
                 host: ctx.host.clone(),
-                consistency: consistency.to_string(),
+                consistency: consistency.as_str().to_string(),
                 tags,
             };
             let progress =
@@ -74,8 +76,10 @@ pub fn run(
             progress.finish();
             test_fault(&disk.name, &mut run.journal)?;
             written.push(summary.snapshot_id.clone());
-            std::fs::remove_file(&raw)
-                .map_err(|e| PipelineError::Other(format!("{}: {e}", raw.display())))?;
+            std::fs::remove_file(&raw).map_err(|source| PipelineError::Io {
+                path: raw.clone(),
+                source,
+            })?;
             run.journal.removed(id)?;
             report.disks.push(DiskReport {
                 name: disk.name.clone(),
@@ -120,9 +124,7 @@ fn test_fault(disk: &str, journal: &mut dyn Journal) -> Result<(), PipelineError
         return Ok(());
     };
     match v.split_once(':') {
-        Some(("fail", d)) if d == disk => Err(PipelineError::Other(format!(
-            "COLDCLONE_TEST_ARCHIVE_FAULT: injected failure after disk {disk} was stored"
-        ))),
+        Some(("fail", d)) if d == disk => Err(PipelineError::InjectedFault(disk.to_string())),
         Some(("halt", d)) if d == disk => {
             // Recorded, so that the test knows when to kill.
             journal.milestone("archive:test-halt")?;

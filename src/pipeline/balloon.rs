@@ -20,7 +20,7 @@ pub fn shrink(
 ) -> Result<(), PipelineError> {
     let target = policy
         .target_bytes(vm.memory_bytes)
-        .map_err(PipelineError::Other)?;
+        .map_err(PipelineError::Balloon)?;
     let before = run.backend.balloon(vm, target, &mut run.journal)?;
     run.journal.milestone("balloon:requested")?;
     let timeout = Duration::from_secs(policy.timeout_secs.unwrap_or(60));

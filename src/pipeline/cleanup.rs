@@ -25,11 +25,10 @@ pub fn run(mut run: Run, ctx: &RunContext) -> Result<(), PipelineError> {
         Ok(())
     } else {
         let what: Vec<String> = failed.iter().map(|(r, e)| format!("{r:?}: {e}")).collect();
-        Err(PipelineError::Other(format!(
-            "clean-up left {} resource(s), kept in journal {} for `coldclone recover`: {}",
-            what.len(),
-            run.journal.path().display(),
-            what.join("; ")
-        )))
+        Err(PipelineError::CleanupLeft {
+            count: what.len(),
+            journal: run.journal.path().to_path_buf(),
+            what: what.join("; "),
+        })
     }
 }

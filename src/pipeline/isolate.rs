@@ -48,10 +48,10 @@ pub fn linux_bridge(
         // A bridge the operator made is reused, never removed; it is verified like ours.
         Some(b) => {
             if !iso::link_exists(&namespace, b)? {
-                return Err(PipelineError::Other(format!(
-                    "isolation.bridge {b} does not exist in {}; create it or remove the setting so coldclone makes one per run",
-                    namespace.describe()
-                )));
+                return Err(PipelineError::NoSuchBridge {
+                    bridge: b.clone(),
+                    namespace: namespace.describe(),
+                });
             }
             b.clone()
         }

@@ -11,9 +11,9 @@ pub mod stop;
 #[cfg(test)]
 mod tests;
 
-use crate::config::{Config, EffectivePolicy, VmConfig};
+use crate::config::{Config, Vm};
 use crate::journal::{JournalError, RunJournal};
-use crate::report::VmReport;
+use crate::report::{RunStatus, VmReport};
 use coldclone_backends::shared::SharedResource;
 use coldclone_backends::{BackendError, Hypervisor, Journal, PausedClone, VmLocator};
 use coldclone_repository::{RepoError, Repository};
@@ -32,8 +32,32 @@ pub enum PipelineError {
     Repository(#[from] RepoError),
     #[error("the clone did not power off within {0} s after the request; it was destroyed and no backup was stored (set on_clone_failure = \"crash\" to keep a crash-consistent copy instead)")]
     CloneDidNotStop(u64),
+    /// A step that needs the clone found none (a bug in the step order).
     #[error("{0}")]
-    Other(String),
+    NoClone(&'static str),
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Balloon(String),
+    #[error("isolation.bridge {bridge} does not exist in {namespace}; create it or remove the setting so coldclone makes one per run")]
+    NoSuchBridge { bridge: String, namespace: String },
+    #[error("clean-up left {count} resource(s), kept in journal {} for `coldclone recover`: {what}", .journal.display())]
+    CleanupLeft {
+        count: usize,
+        journal: PathBuf,
+        what: String,
+    },
+    #[error("{step}; and clean-up failed too: {cleanup}")]
+    CleanupFailedToo {
+        step: Box<PipelineError>,
+        cleanup: Box<PipelineError>,
+    },
+    /// Debug builds only: COLDCLONE_TEST_ARCHIVE_FAULT.
+    #[error("COLDCLONE_TEST_ARCHIVE_FAULT: injected failure after disk {0} was stored")]
+    InjectedFault(String),
 }
 
 /// What every VM's backup in one invocation shares.
@@ -50,8 +74,7 @@ pub struct RunContext<'a> {
 /// One VM's run: its journal, work folder and the clone while it exists.
 pub struct Run<'a> {
     pub id: String,
-    pub vm: &'a VmConfig,
-    pub policy: EffectivePolicy,
+    pub vm: &'a Vm,
     pub backend: Box<dyn Hypervisor>,
     pub journal: RunJournal,
     pub work_dir: PathBuf,
@@ -67,7 +90,7 @@ pub fn new_run_id() -> String {
 }
 
 /// Backs up one VM. Never panics on bad input: every failure ends in the report.
-pub fn backup_vm(ctx: &RunContext, vm: &VmConfig) -> VmReport {
+pub fn backup_vm(ctx: &RunContext, vm: &Vm) -> VmReport {
     backup_vm_with(ctx, vm, &coldclone_backends::backend_for)
 }
 
@@ -75,7 +98,7 @@ pub fn backup_vm(ctx: &RunContext, vm: &VmConfig) -> VmReport {
 pub type ChooseBackend<'a> = &'a dyn Fn(&VmLocator) -> Box<dyn Hypervisor>;
 
 /// [`backup_vm`] over the backend `choose` gives (tests hand it a fake one).
-pub fn backup_vm_with(ctx: &RunContext, vm: &VmConfig, choose: ChooseBackend) -> VmReport {
+pub fn backup_vm_with(ctx: &RunContext, vm: &Vm, choose: ChooseBackend) -> VmReport {
     let run_id = new_run_id();
     let mut report = VmReport::new(&vm.name, &run_id);
     let start = Instant::now();
@@ -83,10 +106,10 @@ pub fn backup_vm_with(ctx: &RunContext, vm: &VmConfig, choose: ChooseBackend) ->
     let span = tracing::info_span!("backup", vm = %vm.name, run = %run_id);
     let _enter = span.enter();
     match run_steps(ctx, vm, choose, &run_id, &mut report) {
-        Ok(()) => report.status = "ok",
+        Ok(()) => report.status = RunStatus::Ok,
         Err(e) => {
             tracing::error!("backup failed: {e}");
-            report.status = "failed";
+            report.status = RunStatus::Failed;
             report.consistency = None;
             report.snapshot_id = None;
             report.error = Some(e.to_string());
@@ -99,18 +122,16 @@ pub fn backup_vm_with(ctx: &RunContext, vm: &VmConfig, choose: ChooseBackend) ->
 
 fn run_steps(
     ctx: &RunContext,
-    vm: &VmConfig,
+    vm: &Vm,
     choose: ChooseBackend,
     run_id: &str,
     report: &mut VmReport,
 ) -> Result<(), PipelineError> {
-    let locator = vm
-        .locator()
-        .ok_or_else(|| PipelineError::Other(format!("vm {} has no hypervisor handle", vm.name)))?;
-    let backend = choose(&locator);
+    let locator = &vm.locator;
+    let backend = choose(locator);
     report.backend = backend.name().to_string();
     // Learn the VM before creating anything: a wrong handle fails here, cleanly.
-    let info = backend.inspect(&locator)?;
+    let info = backend.inspect(locator)?;
     let mut journal = RunJournal::create(&ctx.config.state_dir, run_id, &vm.name)?;
     let work_dir = ctx.config.state_dir.join("runs").join(run_id);
     journal.will_create(
@@ -126,14 +147,13 @@ fn run_steps(
     let mut run = Run {
         id: run_id.to_string(),
         vm,
-        policy: ctx.config.policy(vm),
         backend,
         journal,
         work_dir,
         clone: None,
     };
     let result = (|| {
-        if let Some(policy) = run.policy.balloon.clone() {
+        if let Some(policy) = run.vm.policy.balloon.clone() {
             balloon::shrink(&mut run, &info, &policy, report)?;
         }
         let t = Instant::now();
@@ -166,9 +186,10 @@ fn run_steps(
     let cleaned = cleanup::run(run, ctx);
     report.durations_ms.cleanup = t.elapsed().as_millis() as u64;
     match (result, cleaned) {
-        (Err(e), Err(c)) => Err(PipelineError::Other(format!(
-            "{e}; and clean-up failed too: {c}"
-        ))),
+        (Err(e), Err(c)) => Err(PipelineError::CleanupFailedToo {
+            step: Box::new(e),
+            cleanup: Box::new(c),
+        }),
         (Err(e), Ok(())) => Err(e),
         (Ok(()), Err(c)) => Err(c),
         (Ok(()), Ok(())) => Ok(()),

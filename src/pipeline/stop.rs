@@ -3,8 +3,8 @@
 
 use super::{PipelineError, Run};
 use crate::config::OnCloneFailure;
-use crate::report::VmReport;
-use coldclone_backends::{CloneOutcome, Journal, StopMethod, VmInfo};
+use crate::report::{Consistency, VmReport};
+use coldclone_backends::{CloneOutcome, Journal, VmInfo};
 use std::time::{Duration, Instant};
 
 /// Returns the consistency the archived disk will have.
@@ -12,36 +12,33 @@ pub fn run(
     run: &mut Run,
     vm: &VmInfo,
     report: &mut VmReport,
-) -> Result<&'static str, PipelineError> {
+) -> Result<Consistency, PipelineError> {
     let clone = run
         .clone
         .as_mut()
-        .ok_or_else(|| PipelineError::Other("no clone to stop".into()))?;
+        .ok_or(PipelineError::NoClone("no clone to stop"))?;
     let method = run.backend.stop_methods(vm);
-    report.clone_stop = Some(match method {
-        StopMethod::Acpi => "acpi",
-        StopMethod::Pv => "pv",
-    });
-    let timeout = Duration::from_secs(run.policy.stop_timeout_secs);
+    report.clone_stop = Some(method);
+    let timeout = Duration::from_secs(run.vm.policy.stop_timeout_secs);
     let t = Instant::now();
     run.backend.request_stop(clone, method)?;
     run.journal.milestone("stop:requested")?;
     let outcome = run.backend.wait_stopped(clone, timeout)?;
     report.clone_stop_seconds = Some(t.elapsed().as_secs_f64());
     run.journal.milestone("stop:stopped")?;
-    match (outcome, run.policy.on_clone_failure) {
-        (CloneOutcome::StoppedByGuest, _) => Ok("clean-shutdown"),
+    match (outcome, run.vm.policy.on_clone_failure) {
+        (CloneOutcome::StoppedByGuest, _) => Ok(Consistency::CleanShutdown),
         (CloneOutcome::Killed, OnCloneFailure::Crash) => {
             let w = format!(
                 "the clone did not power off within {} s and was killed; archiving its disk as crash-consistent (on_clone_failure = \"crash\")",
-                run.policy.stop_timeout_secs
+                run.vm.policy.stop_timeout_secs
             );
             tracing::warn!("{w}");
             report.warnings.push(w);
-            Ok("crash")
+            Ok(Consistency::Crash)
         }
-        (CloneOutcome::Killed, OnCloneFailure::Fail) => {
-            Err(PipelineError::CloneDidNotStop(run.policy.stop_timeout_secs))
-        }
+        (CloneOutcome::Killed, OnCloneFailure::Fail) => Err(PipelineError::CloneDidNotStop(
+            run.vm.policy.stop_timeout_secs,
+        )),
     }
 }

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::journal::{history, stale_runs, Entry, RunResource};
-use crate::report::VmReport;
+use crate::report::{Consistency, RunStatus, VmReport};
 use coldclone_backends::shared::SharedResource;
 use coldclone_backends::{
     Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk, Opaque, OpaqueMut,
@@ -419,14 +419,14 @@ fn assert_cleaned_up(o: &Outcome, what: &str, clone_made: bool) {
 fn a_backup_over_the_fake_backend_stores_every_disk_and_cleans_up() {
     let o = run_fake("ok", None, CloneOutcome::StoppedByGuest, "fail");
     let r = &o.report;
-    assert_eq!(r.status, "ok", "{:?}", r.error);
+    assert_eq!(r.status, RunStatus::Ok, "{:?}", r.error);
     assert_eq!(r.backend, "fake");
     assert_eq!(r.snapshot_id.as_deref(), Some(r.run_id.as_str()));
-    assert_eq!(r.consistency, Some("clean-shutdown"));
+    assert_eq!(r.consistency, Some(Consistency::CleanShutdown));
     assert_eq!(r.checkpoint_method, Some("fake-checkpoint"));
     assert_eq!(r.original_pause_ms, Some(2.0));
     assert_eq!(r.memory_image_bytes, Some(6));
-    assert_eq!(r.clone_stop, Some("acpi"));
+    assert_eq!(r.clone_stop, Some(StopMethod::Acpi));
     let net = r.isolated_network.as_ref().expect("isolated network");
     assert_eq!(
         (net.bridge.as_str(), net.ports.clone()),
@@ -477,7 +477,7 @@ fn a_failure_at_each_step_stores_nothing_and_cleans_up_newest_first() {
             "fail",
         );
         let r = &o.report;
-        assert_eq!(r.status, "failed", "{what}");
+        assert_eq!(r.status, RunStatus::Failed, "{what}");
         let err = r.error.clone().unwrap_or_default();
         assert!(
             err.contains(&format!("injected failure at {step:?}")),
@@ -509,7 +509,7 @@ fn a_failure_at_each_step_stores_nothing_and_cleans_up_newest_first() {
 #[test]
 fn a_clone_that_does_not_stop_fails_or_is_archived_as_crash_by_policy() {
     let o = run_fake("killed-fail", None, CloneOutcome::Killed, "fail");
-    assert_eq!(o.report.status, "failed");
+    assert_eq!(o.report.status, RunStatus::Failed);
     assert!(o
         .report
         .error
@@ -524,8 +524,8 @@ fn a_clone_that_does_not_stop_fails_or_is_archived_as_crash_by_policy() {
     let _ = std::fs::remove_dir_all(&o.dir);
 
     let o = run_fake("killed-crash", None, CloneOutcome::Killed, "crash");
-    assert_eq!(o.report.status, "ok", "{:?}", o.report.error);
-    assert_eq!(o.report.consistency, Some("crash"));
+    assert_eq!(o.report.status, RunStatus::Ok, "{:?}", o.report.error);
+    assert_eq!(o.report.consistency, Some(Consistency::Crash));
     assert_eq!(o.report.warnings.len(), 1);
     assert_eq!(o.snapshots, 1);
     assert_cleaned_up(&o, "killed, crash", true);

@@ -5,16 +5,19 @@
 use super::{PipelineError, Run, RunContext};
 use crate::progress::BarProgress;
 use crate::report::{DiskReport, VmReport};
-use coldclone_backends::{Journal, Resource};
+use coldclone_backends::{CloneNetwork, Journal, Resource};
 use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
 use std::collections::BTreeMap;
 
 pub fn run(
     run: &mut Run,
     ctx: &RunContext,
+    net: &CloneNetwork,
     consistency: &'static str,
     report: &mut VmReport,
 ) -> Result<(), PipelineError> {
+    // Whatever reached the bridge while the clone shut down taints its disk.
+    super::stop::reverify(run, net, "before-archive")?;
     let disks = run
         .clone
         .as_ref()

@@ -230,7 +230,10 @@ fn needs_root_qemu_a_vm_on_the_default_user_mode_nic_is_refused() {
     ]);
     orig.extend(s(&[
         "-qmp",
-        &format!("unix:{},server=on,wait=off", qmp.display()),
+        &format!(
+            "unix:{},server=on,wait=off",
+            qmp.display().to_string().replace(',', ",,")
+        ),
     ]));
     let mut vm = start(&lab, &orig, &qmp);
     let net = network(&mut vm.qmp);

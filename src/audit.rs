@@ -219,17 +219,34 @@ pub fn check_disk(disk: &str, image: &Path, scratch: &Path) -> Vec<FsFinding> {
             for (i, p) in t.partitiontable.partitions.iter().enumerate() {
                 let part = scratch.join(format!("{disk}-part{}.raw", i + 1));
                 let location = format!("disk {disk} partition {}", i + 1);
-                match extract(image, p.start * sector, p.size * sector, &part) {
-                    Ok(()) => out.push(check_one(
-                        &part,
+                // The partition table is the backed-up guest's: an entry may lie past the
+                // disk's end or overflow (start and size are the guest's numbers).
+                let span = p.start.checked_mul(sector).zip(p.size.checked_mul(sector));
+                let inside = span.filter(|(o, n)| o.checked_add(*n).is_some_and(|end| end <= size));
+                let Some((offset, bytes)) = inside else {
+                    out.push(FsFinding {
                         location,
-                        p.start * sector,
-                        p.size * sector,
-                    )),
+                        offset: p.start.saturating_mul(sector),
+                        bytes: p.size.saturating_mul(sector),
+                        fs_type: None,
+                        checked: false,
+                        clean: false,
+                        needs_recovery: false,
+                        state: None,
+                        fsck_exit: None,
+                        fsck_output: format!(
+                            "the partition table puts this partition (sectors {}+{} of {sector} bytes) outside the {size}-byte disk",
+                            p.start, p.size
+                        ),
+                    });
+                    continue;
+                };
+                match extract(image, offset, bytes, &part) {
+                    Ok(()) => out.push(check_one(&part, location, offset, bytes)),
                     Err(e) => out.push(FsFinding {
                         location,
-                        offset: p.start * sector,
-                        bytes: p.size * sector,
+                        offset,
+                        bytes,
                         fs_type: None,
                         checked: false,
                         clean: false,
@@ -421,6 +438,41 @@ mod tests {
         drop(f);
         let bad = examine(&images, &dir, None);
         assert!(!bad.problems().is_empty(), "a corrupted image passed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 12: the guest's partition table is not trusted. Entries past the disk's end
+    /// (and one whose end overflows with 4 KiB sectors) are reported as unchecked and not
+    /// clean; nothing reads outside the image and nothing panics.
+    #[test]
+    fn partitions_outside_the_disk_are_reported_not_read() {
+        if !coldclone_testkit::require_tools(&["sfdisk"]) {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("cc-audit-bad-parts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.raw");
+        // A DOS label written by hand: sfdisk itself refuses to write such entries.
+        let mut mbr = vec![0u8; 512];
+        let entries: [(u32, u32); 2] = [(2048, 0xFFFF_0000), (0xFFFF_FF00, 0xFFFF_FF00)];
+        for (n, (start, len)) in entries.iter().enumerate() {
+            let e = 446 + 16 * n;
+            mbr[e + 4] = 0x83;
+            mbr[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+            mbr[e + 12..e + 16].copy_from_slice(&len.to_le_bytes());
+        }
+        mbr[510] = 0x55;
+        mbr[511] = 0xAA;
+        let mut f = std::fs::File::create(&img).unwrap();
+        f.write_all(&mbr).unwrap();
+        f.set_len(8 << 20).unwrap();
+        drop(f);
+        let found = check_disk("xvda", &img, &dir);
+        assert_eq!(found.len(), 2, "{found:?}");
+        for f in &found {
+            assert!(!f.checked && !f.clean, "{f:?}");
+            assert!(f.fsck_output.contains("outside the"), "{f:?}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -228,6 +228,9 @@ pub struct VmConfig {
     /// XAPI: coldclone runs in the host's dom0 and may press an HVM guest's
     /// ACPI power button with `xl trigger` (XAPI itself has no call for it).
     pub xapi_dom0_acpi: Option<bool>,
+    /// Accept an `http://` xapi_url (a simulator or lab host only: credentials in the clear).
+    #[serde(default)]
+    pub xapi_insecure_http: bool,
 }
 
 impl VmConfig {
@@ -240,6 +243,7 @@ impl VmConfig {
                 options: coldclone_backends::xapi::XapiOptions {
                     tls_fingerprint_sha256: self.xapi_tls_fingerprint_sha256.clone(),
                     dom0_acpi: self.xapi_dom0_acpi.unwrap_or(false),
+                    insecure_http: self.xapi_insecure_http,
                 },
             });
         }
@@ -299,21 +303,14 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        // (VM names: see `check_vm_name`.)
         let invalid = |message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             message,
         };
         let mut seen = std::collections::BTreeSet::new();
         for vm in &self.vms {
-            if vm.name.is_empty()
-                || vm.name.contains('/')
-                || vm.name.chars().any(char::is_whitespace)
-            {
-                return Err(invalid(format!(
-                    "vm name {:?} must be non-empty, without '/' or spaces",
-                    vm.name
-                )));
-            }
+            check_vm_name(&vm.name).map_err(invalid)?;
             if !seen.insert(vm.name.clone()) {
                 return Err(invalid(format!("vm {:?} is listed twice", vm.name)));
             }
@@ -331,7 +328,14 @@ impl Config {
                 )));
             }
             if let Some(u) = &vm.xapi_url {
-                if !(u.starts_with("https://") || u.starts_with("http://")) {
+                let plain = u.starts_with("http://");
+                if plain && !vm.xapi_insecure_http {
+                    return Err(invalid(format!(
+                        "vm {:?}: xapi_url {u:?} is plain http: the XAPI password and session would travel in the clear; use https://, or set xapi_insecure_http = true for a test host",
+                        vm.name
+                    )));
+                }
+                if !(u.starts_with("https://") || plain) {
                     return Err(invalid(format!(
                         "vm {:?}: xapi_url {u:?} must start with https://",
                         vm.name
@@ -442,6 +446,24 @@ impl Config {
     }
 }
 
+/// A VM name becomes part of file names, folder names, QEMU option values and command
+/// lines: 1 to 64 of `A-Z a-z 0-9 . _ -`, starting with a letter, digit or `_` (so never
+/// `..`, an option such as `-rf`, a `,` or `=` that QEMU would split on, or a control
+/// character).
+pub fn check_vm_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    if name.len() > 64 || !first_ok || !name.chars().all(ok_char) {
+        return Err(format!(
+            "vm name {name:?} must be 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter, a digit or _"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,6 +564,7 @@ stop_timeout_secs = 600
         for (text, needle) in [
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\n", "go together"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"h\"\nxapi_vm = \"v\"\n", "https://"),
+            ("[[vm]]\nname = \"a\"\nxapi_url = \"http://h\"\nxapi_vm = \"v\"\n", "xapi_insecure_http = true"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\nxapi_vm = \"v\"\nqmp = \"q\"\n", "one hypervisor handle"),
             ("[[vm]]\nname = \"a\"\nxapi_url = \"https://h\"\nxapi_vm = \"v\"\nxapi_tls_fingerprint_sha256 = \"12\"\n", "64 hex digits"),
         ] {
@@ -569,5 +592,35 @@ stop_timeout_secs = 600
                 .to_string();
             assert!(e.contains(needle) && e.contains("c.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn vm_names_are_checked_at_load() {
+        for good in ["web1", "db-01.prod", "_x", "A"] {
+            assert!(check_vm_name(good).is_ok(), "{good}");
+        }
+        let long = "a".repeat(65);
+        for bad in [
+            "",
+            "..",
+            ".",
+            "-rf",
+            "a,b=c",
+            "a b",
+            "a/b",
+            "x\u{7}",
+            "tab\t",
+            long.as_str(),
+            "é",
+        ] {
+            assert!(check_vm_name(bad).is_err(), "{bad:?} accepted");
+        }
+        let dir = std::env::temp_dir().join(format!("cc-vmname-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "[[vm]]\nname = \"-rf\"\nqmp = \"/q\"\n").unwrap();
+        let e = Config::load(&p).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(e.contains("vm name"), "{e}");
     }
 }

@@ -6,6 +6,8 @@
 //! tell a crashed run's journal from a live one: it undoes, newest first,
 //! what a crashed run created and never removed, and touches nothing else.
 
+#[cfg(test)]
+use coldclone_backends::shared::SharedResource;
 use coldclone_backends::{BackendError, Journal, Resource};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
@@ -19,6 +21,148 @@ pub enum JournalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{what} {path}: {source}")]
+    Lock {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {detail}; coldclone acts on its journals as root, so it trusts only a state folder and journals that only root can change (chown root and chmod go-w them, after checking what they hold)")]
+    Untrusted { path: PathBuf, detail: String },
+}
+
+/// `path` must be owned by us (root) and writable by no one else, and, unless
+/// `follow` (the configured state folder may be a link), not a symbolic link.
+fn check_trusted(path: &Path, follow: bool) -> Result<(), JournalError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = if follow {
+        std::fs::metadata(path)
+    } else {
+        std::fs::symlink_metadata(path)
+    };
+    let meta = meta.map_err(|source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let untrusted = |detail: String| JournalError::Untrusted {
+        path: path.to_path_buf(),
+        detail,
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.file_type().is_symlink() {
+        return Err(untrusted("is a symbolic link".into()));
+    }
+    if meta.uid() != me {
+        return Err(untrusted(format!(
+            "is owned by uid {}, not {me}",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "is writable by group or others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// One coldclone run at a time per state folder (backup, `audit --compare`,
+/// recover): two would fight over host memory and could both try to clean
+/// each other's resources. Held for as long as it lives.
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("coldclone.lock")
+    }
+
+    /// Takes the lock; `None` when another run holds it and `wait` is false.
+    pub fn take(state_dir: &Path, wait: bool) -> Result<Option<RunLock>, JournalError> {
+        let err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JournalError::Lock { what, path, source }
+        };
+        std::fs::create_dir_all(state_dir)
+            .map_err(err("cannot create the state folder", state_dir))?;
+        let path = Self::path(state_dir);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(err("cannot open the run lock", &path))?;
+        if file.try_lock().is_err() {
+            if !wait {
+                return Ok(None);
+            }
+            tracing::warn!(
+                "another coldclone run holds the lock; waiting for it to finish (--wait)"
+            );
+            file.lock()
+                .map_err(err("waiting for the run lock", &path))?;
+        }
+        let io = err("cannot write the run lock", &path);
+        file.set_len(0)
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(io)?;
+        Ok(Some(RunLock { _file: file }))
+    }
+
+    /// The pid written by the run that holds (or last held) the lock.
+    pub fn holder(state_dir: &Path) -> String {
+        std::fs::read_to_string(Self::path(state_dir))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Withdraws every disk snapshot a run stored (a backup that did not finish):
+/// the undo of [`RepositoryResource::RepositoryBackup`].
+pub fn forget_run(repo: &coldclone_repository::Repository, run: &str) -> Result<(), String> {
+    let snaps = repo.snapshots().map_err(|e| e.to_string())?;
+    for s in snaps
+        .iter()
+        .filter(|s| s.tags.get("run").map(String::as_str) == Some(run))
+    {
+        repo.forget(&s.id).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// What a run's journal records: a backend's resource, or one the run
+/// itself owns. Untagged: each side carries its `kind`, so the lines are
+/// those of the landed code, where both were one enum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RunResource {
+    Backend(Resource),
+    Repository(RepositoryResource),
+}
+
+/// Resources of the repository's, undone by the run (no backend knows them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RepositoryResource {
+    /// Disk snapshots of this run stored in the repository so far: a run that
+    /// does not finish archiving every disk has them withdrawn.
+    RepositoryBackup { run: String },
+}
+
+impl From<Resource> for RunResource {
+    fn from(r: Resource) -> Self {
+        RunResource::Backend(r)
+    }
+}
+
+impl From<RepositoryResource> for RunResource {
+    fn from(r: RepositoryResource) -> Self {
+        RunResource::Repository(r)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,7 +176,7 @@ pub enum Entry {
     },
     Create {
         id: u64,
-        resource: Resource,
+        resource: RunResource,
         at: f64,
     },
     Removed {
@@ -114,7 +258,7 @@ pub struct RunJournal {
     path: PathBuf,
     file: File,
     next_id: u64,
-    open: Vec<(u64, Resource)>,
+    open: Vec<(u64, RunResource)>,
     /// Test hook: stop dead after this milestone so a test can kill -9 the run there.
     halt_at: Option<String>,
 }
@@ -143,7 +287,7 @@ impl RunJournal {
             file,
             next_id: 1,
             open: Vec::new(),
-            halt_at: std::env::var("COLDCLONE_TEST_HALT_AT").ok(),
+            halt_at: test_halt_at(),
         };
         j.append(&Entry::Start {
             run_id: run_id.to_string(),
@@ -174,12 +318,12 @@ impl RunJournal {
     }
 
     /// Resources created and not yet removed, oldest first.
-    pub fn open_resources(&self) -> &[(u64, Resource)] {
+    pub fn open_resources(&self) -> &[(u64, RunResource)] {
         &self.open
     }
 
     /// Undoes every open resource, newest first. Returns what could not be undone.
-    pub fn undo_all(&mut self, undo: &Undo) -> Vec<(Resource, String)> {
+    pub fn undo_all(&mut self, undo: &Undo) -> Vec<(RunResource, String)> {
         let mut failed = Vec::new();
         while let Some((id, r)) = self.open.pop() {
             match undo.undo(&r) {
@@ -193,6 +337,19 @@ impl RunJournal {
             }
         }
         failed
+    }
+
+    /// Records that `resource` is about to be created; durable when it returns.
+    pub fn record(&mut self, resource: RunResource) -> Result<u64, JournalError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.append(&Entry::Create {
+            id,
+            resource: resource.clone(),
+            at: now(),
+        })?;
+        self.open.push((id, resource));
+        Ok(id)
     }
 
     /// Ends a run whose resources are all gone: the journal moves to the history.
@@ -210,16 +367,7 @@ fn to_backend(e: JournalError) -> BackendError {
 
 impl Journal for RunJournal {
     fn will_create(&mut self, resource: &Resource) -> coldclone_backends::Result<u64> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.append(&Entry::Create {
-            id,
-            resource: resource.clone(),
-            at: now(),
-        })
-        .map_err(to_backend)?;
-        self.open.push((id, resource.clone()));
-        Ok(id)
+        self.record(resource.clone().into()).map_err(to_backend)
     }
 
     fn removed(&mut self, id: u64) -> coldclone_backends::Result<()> {
@@ -250,13 +398,18 @@ impl Journal for RunJournal {
 pub struct Undo<'a> {
     /// Withdraws the disk snapshots tagged with a run id.
     pub forget_run: &'a dyn Fn(&str) -> Result<(), String>,
+    /// What the journals may name.
+    pub scope: coldclone_backends::RecoverScope,
 }
 
 impl Undo<'_> {
-    pub fn undo(&self, r: &Resource) -> Result<(), String> {
+    pub fn undo(&self, r: &RunResource) -> Result<(), String> {
         match r {
-            Resource::RepositoryBackup { run } => (self.forget_run)(run),
-            _ => coldclone_backends::recover_resource(r).map_err(|e: BackendError| e.to_string()),
+            RunResource::Repository(RepositoryResource::RepositoryBackup { run }) => {
+                (self.forget_run)(run)
+            }
+            RunResource::Backend(r) => coldclone_backends::recover_resource(r, &self.scope)
+                .map_err(|e: BackendError| e.to_string()),
         }
     }
 }
@@ -272,8 +425,8 @@ pub struct StaleRun {
 
 impl StaleRun {
     /// Resources created and never removed, oldest first.
-    pub fn open_resources(&self) -> Vec<(u64, Resource)> {
-        let mut open: Vec<(u64, Resource)> = Vec::new();
+    pub fn open_resources(&self) -> Vec<(u64, RunResource)> {
+        let mut open: Vec<(u64, RunResource)> = Vec::new();
         for e in &self.entries {
             match e {
                 Entry::Create { id, resource, .. } => open.push((*id, resource.clone())),
@@ -294,6 +447,12 @@ pub fn stale_runs(state_dir: &Path) -> Result<Vec<StaleRun>, JournalError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(source) => return Err(JournalError::Io { path: dir, source }),
     };
+    check_trusted(state_dir, true)?;
+    check_trusted(&dir, false)?;
+    let runs = state_dir.join("runs");
+    if runs.exists() {
+        check_trusted(&runs, false)?;
+    }
     let mut paths: Vec<PathBuf> = rd
         .flatten()
         .map(|e| e.path())
@@ -301,6 +460,7 @@ pub fn stale_runs(state_dir: &Path) -> Result<Vec<StaleRun>, JournalError> {
         .collect();
     paths.sort();
     for path in paths {
+        check_trusted(&path, false)?;
         let io = |source| JournalError::Io {
             path: path.clone(),
             source,
@@ -340,8 +500,8 @@ pub fn stale_runs(state_dir: &Path) -> Result<Vec<StaleRun>, JournalError> {
 pub struct Recovered {
     pub run_id: String,
     pub vm: String,
-    pub removed: Vec<Resource>,
-    pub failed: Vec<(Resource, String)>,
+    pub removed: Vec<RunResource>,
+    pub failed: Vec<(RunResource, String)>,
 }
 
 /// Undoes a crashed run's open resources, newest first; deletes its journal when all are gone.
@@ -381,7 +541,7 @@ pub fn recover_run(run: &StaleRun, undo: &Undo) -> Result<Recovered, JournalErro
 /// stops `recover` right after it undid the first resource of that kind and
 /// before the journal records it: the worst moment for a kill -9.
 #[cfg(debug_assertions)]
-fn test_halt_recover(r: &Resource) {
+fn test_halt_recover(r: &RunResource) {
     let Ok(kind) = std::env::var("COLDCLONE_TEST_RECOVER_HALT_AFTER") else {
         return;
     };
@@ -395,7 +555,20 @@ fn test_halt_recover(r: &Resource) {
 }
 
 #[cfg(not(debug_assertions))]
-fn test_halt_recover(_r: &Resource) {}
+fn test_halt_recover(_r: &RunResource) {}
+
+/// The fault tests' hook: stop dead after a given milestone, to be killed there. It exists
+/// only in debug builds and in builds with the `test-hooks` feature (the Xen lab's), so
+/// that an environment variable cannot hang a production backup with the VM paused.
+#[cfg(any(debug_assertions, feature = "test-hooks"))]
+fn test_halt_at() -> Option<String> {
+    std::env::var("COLDCLONE_TEST_HALT_AT").ok()
+}
+
+#[cfg(not(any(debug_assertions, feature = "test-hooks")))]
+fn test_halt_at() -> Option<String> {
+    None
+}
 
 #[cfg(test)]
 mod tests {
@@ -408,13 +581,19 @@ mod tests {
         {
             let mut j = RunJournal::create(&dir, "r1", "vm1").unwrap();
             let a = j
-                .will_create(&Resource::File {
-                    path: "/tmp/a".into(),
-                })
+                .will_create(
+                    &SharedResource::File {
+                        path: "/tmp/a".into(),
+                    }
+                    .into(),
+                )
                 .unwrap();
-            j.will_create(&Resource::File {
-                path: "/tmp/b".into(),
-            })
+            j.will_create(
+                &SharedResource::File {
+                    path: "/tmp/b".into(),
+                }
+                .into(),
+            )
             .unwrap();
             j.removed(a).unwrap();
             // While the run lives, its journal is not stale.
@@ -429,9 +608,12 @@ mod tests {
         assert_eq!(open.len(), 1);
         assert_eq!(
             open[0].1,
-            Resource::File {
-                path: "/tmp/b".into()
-            }
+            RunResource::Backend(
+                SharedResource::File {
+                    path: "/tmp/b".into()
+                }
+                .into()
+            )
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -482,8 +664,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let jdir = journal_dir(&dir);
         std::fs::create_dir_all(&jdir).unwrap();
-        let file = dir.join("mem.img");
-        let folder = dir.join("run1");
+        let file = dir.join("runs").join("mem.img");
+        let folder = dir.join("runs").join("run1");
+        std::fs::create_dir_all(dir.join("runs")).unwrap();
         std::fs::write(&file, b"x").unwrap();
         std::fs::create_dir_all(folder.join("sub")).unwrap();
         let lines = [
@@ -512,6 +695,9 @@ mod tests {
             &runs[0],
             &Undo {
                 forget_run: &forget,
+                scope: coldclone_backends::RecoverScope {
+                    state_dir: dir.clone(),
+                },
             },
         )
         .unwrap();

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use coldclone::commands;
 use coldclone::config::{Config, DEFAULT_CONFIG};
 use coldclone::exit;
+use coldclone::journal::RunLock;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -68,6 +69,10 @@ enum Cmd {
         /// A backup (run) id or disk snapshot id; default: the latest.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Replace an existing file, or overwrite a block device (opened exclusively: not
+        /// while it is mounted or in use). Without it an existing target is refused.
+        #[arg(long)]
+        force: bool,
     },
     /// Prove a backup good: restore it, fsck every file system, boot it isolated, run a probe.
     Audit {
@@ -104,6 +109,15 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Remove one repository lock on purpose: one left by a process known to be gone, or
+    /// an unreadable one (the error that named it gives its KEY).
+    Unlock {
+        /// The lock's name, as `locks/KEY` or `KEY`.
+        key: String,
+    },
+    /// Rebuild the repository's index from the headers of its packs (after a damaged
+    /// index file was reported).
+    RepairIndex,
     /// Remove what crashed runs left behind (clones, overlays, taps, bridges, files).
     Recover,
     /// Check that this host can run backups: tools, rights, memory, repository, VMs.
@@ -130,10 +144,18 @@ fn load_config(path: &Path) -> Result<Config> {
 }
 
 fn main() -> ExitCode {
+    // Before anything else, while this process has one thread: nothing coldclone creates
+    // (memory images, exports, overlays, restores, journals) is readable by other users,
+    // and no child inherits a secret from our environment.
+    // SAFETY: umask only sets this process's file mode mask.
+    unsafe { libc::umask(0o077) };
+    coldclone_backends::secrets::take_from_environment();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output went away (`coldclone snapshots | head -1`): not an error.
+        Err(e) if is_broken_pipe(&e) => ExitCode::from(exit::OK),
         Err(e) => {
             eprintln!("coldclone: error: {e:#}");
             ExitCode::from(exit::BAD_INPUT)
@@ -141,19 +163,59 @@ fn main() -> ExitCode {
     }
 }
 
+/// The commands that make or remove run resources hold the run lock: whether
+/// to wait for it, and what to say when another run holds it.
+fn lock_need(cmd: &Cmd, cfg: &Config) -> Option<(bool, String)> {
+    match cmd {
+        Cmd::Backup { wait, .. } => Some((
+            *wait,
+            format!(
+                "another coldclone backup is running (pid {}, lock {}); try again when it has finished, or use --wait",
+                RunLock::holder(&cfg.state_dir),
+                RunLock::path(&cfg.state_dir).display()
+            ),
+        )),
+        Cmd::Audit { compare: true, .. } => Some((
+            false,
+            "a backup is running; audit --compare makes one too: try again after it".into(),
+        )),
+        Cmd::Recover => Some((false, "a backup is running; recover after it has finished".into())),
+        _ => None,
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn run(cli: Cli) -> Result<u8> {
     let json = cli.json;
-    match cli.command {
-        Cmd::Backup { vms, all, wait } => {
-            let cfg = load_config(&cli.config)?;
-            let Some(_lock) = commands::backup::take_run_lock(&cfg, wait)? else {
-                eprintln!(
-                    "coldclone: another coldclone backup is running (pid {}, lock {}); try again when it has finished, or use --wait",
-                    commands::backup::lock_holder(&cfg),
-                    cfg.state_dir.join("coldclone.lock").display()
-                );
+    if let Cmd::Doctor = cli.command {
+        // doctor also runs without a config, to check the host alone.
+        let cfg = if cli.config.exists() {
+            Some(load_config(&cli.config)?)
+        } else {
+            None
+        };
+        return doctor(cfg.as_ref(), json);
+    }
+    let cfg = load_config(&cli.config)?;
+    // Taken here, once, for the life of the command.
+    let _lock = match lock_need(&cli.command, &cfg) {
+        Some((wait, busy)) => match RunLock::take(&cfg.state_dir, wait)? {
+            Some(lock) => Some(lock),
+            None => {
+                eprintln!("coldclone: {busy}");
                 return Ok(exit::LOCKED);
-            };
+            }
+        },
+        None => None,
+    };
+    match cli.command {
+        Cmd::Backup { vms, all, .. } => {
             let reports = commands::backup::run(&cfg, &vms, all, json)?;
             // Skipped VMs count as failures: they have no new backup.
             Ok(if reports.iter().all(|r| r.status == "ok") {
@@ -163,11 +225,11 @@ fn run(cli: Cli) -> Result<u8> {
             })
         }
         Cmd::Init => {
-            commands::init::run(&load_config(&cli.config)?, json)?;
+            commands::init::run(&cfg, json)?;
             Ok(exit::OK)
         }
         Cmd::Snapshots { vm } => {
-            commands::snapshots::run(&load_config(&cli.config)?, vm.as_deref(), json)?;
+            commands::snapshots::run(&cfg, vm.as_deref(), json)?;
             Ok(exit::OK)
         }
         Cmd::Restore {
@@ -175,15 +237,9 @@ fn run(cli: Cli) -> Result<u8> {
             disk,
             to,
             snapshot,
+            force,
         } => {
-            commands::restore::run(
-                &load_config(&cli.config)?,
-                &vm,
-                &disk,
-                snapshot.as_deref(),
-                &to,
-                json,
-            )?;
+            commands::restore::run(&cfg, &vm, &disk, snapshot.as_deref(), &to, force, json)?;
             Ok(exit::OK)
         }
         Cmd::Audit {
@@ -193,12 +249,7 @@ fn run(cli: Cli) -> Result<u8> {
             boot_timeout,
             compare,
         } => {
-            let cfg = load_config(&cli.config)?;
             let ok = if compare {
-                let Some(_lock) = commands::backup::take_run_lock(&cfg, false)? else {
-                    eprintln!("coldclone: a backup is running; audit --compare makes one too: try again after it");
-                    return Ok(exit::LOCKED);
-                };
                 commands::audit::compare(&cfg, &vm, probe.as_deref(), json)?
             } else {
                 commands::audit::run(
@@ -212,45 +263,41 @@ fn run(cli: Cli) -> Result<u8> {
             };
             Ok(if ok { exit::OK } else { exit::NOT_CLEAN })
         }
-        Cmd::Check { read_data } => Ok(
-            if commands::check::run(&load_config(&cli.config)?, read_data, json)? {
-                exit::OK
-            } else {
-                exit::NOT_CLEAN
-            },
-        ),
+        Cmd::Check { read_data } => Ok(if commands::check::run(&cfg, read_data, json)? {
+            exit::OK
+        } else {
+            exit::NOT_CLEAN
+        }),
         Cmd::Forget { snapshots } => {
-            commands::forget::run(&load_config(&cli.config)?, &snapshots, json)?;
+            commands::forget::run(&cfg, &snapshots, json)?;
             Ok(exit::OK)
         }
         Cmd::Prune { dry_run } => {
-            commands::prune::run(&load_config(&cli.config)?, dry_run, json)?;
+            commands::prune::run(&cfg, dry_run, json)?;
             Ok(exit::OK)
         }
-        Cmd::Recover => {
-            let cfg = load_config(&cli.config)?;
-            let Some(_lock) = commands::backup::take_run_lock(&cfg, false)? else {
-                eprintln!("coldclone: a backup is running; recover after it has finished");
-                return Ok(exit::LOCKED);
-            };
-            Ok(if commands::recover::run(&cfg, json)? {
-                exit::OK
-            } else {
-                exit::NOT_CLEAN
-            })
+        Cmd::Unlock { key } => {
+            commands::check::unlock(&cfg, &key, json)?;
+            Ok(exit::OK)
         }
-        Cmd::Doctor => {
-            // doctor also runs without a config, to check the host alone.
-            let cfg = if cli.config.exists() {
-                Some(load_config(&cli.config)?)
-            } else {
-                None
-            };
-            Ok(if commands::doctor::run(cfg.as_ref(), json)? {
-                exit::OK
-            } else {
-                exit::NOT_CLEAN
-            })
+        Cmd::RepairIndex => {
+            commands::check::repair_index(&cfg, json)?;
+            Ok(exit::OK)
         }
+        Cmd::Recover => Ok(if commands::recover::run(&cfg, json)? {
+            exit::OK
+        } else {
+            exit::NOT_CLEAN
+        }),
+        // Handled above, before a config is required.
+        Cmd::Doctor => doctor(Some(&cfg), json),
     }
+}
+
+fn doctor(cfg: Option<&Config>, json: bool) -> Result<u8> {
+    Ok(if commands::doctor::run(cfg, json)? {
+        exit::OK
+    } else {
+        exit::NOT_CLEAN
+    })
 }

@@ -81,6 +81,8 @@ fn every_verb_has_help() {
         "restore",
         "recover",
         "doctor",
+        "unlock",
+        "repair-index",
     ] {
         let o = Command::new(BIN).args([verb, "--help"]).output().unwrap();
         assert!(o.status.success(), "{verb} --help failed");
@@ -187,4 +189,83 @@ fn needs_root_an_unwritable_repository_is_refused_before_the_vm_is_touched() {
     let e = stderr(&o);
     assert!(e.contains("not writable") && e.contains("repo"), "{e}");
     assert_nothing_created(&d.0, &cfg);
+}
+
+#[test]
+fn a_closed_output_pipe_ends_the_listing_quietly() {
+    // `coldclone snapshots | head -1` used to panic on the broken pipe.
+    let d = dir("pipe");
+    let cfg = config(&d.0, "/nonexistent/web1.qmp");
+    assert!(run(&cfg, &["init"]).status.success());
+    for args in [&["snapshots"][..], &["--json", "snapshots"], &["check"]] {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .env_remove("COLDCLONE_PASSWORD")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before coldclone writes its first line.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        let e = stderr(&o);
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {e}");
+    }
+}
+
+#[test]
+fn snapshot_names_and_vm_names_are_checked() {
+    let d = dir("names");
+    let cfg = config(&d.0, "/nonexistent/web1.qmp");
+    assert!(run(&cfg, &["init"]).status.success());
+    let to = d.0.join("out.img");
+    let to = to.to_str().unwrap();
+    // An empty snapshot id named no snapshot, and so any.
+    let o = run(
+        &cfg,
+        &[
+            "restore",
+            "web1",
+            "--disk",
+            "xvda",
+            "--to",
+            to,
+            "--snapshot",
+            "",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--snapshot is empty"), "{}", stderr(&o));
+    // A one-character prefix is too short.
+    let o = run(&cfg, &["forget", "a"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("too short"), "{}", stderr(&o));
+    assert!(!Path::new(to).exists());
+    // VM names that would be paths, options or QEMU option separators.
+    for bad in ["..", "-rf", "a,b=c", "x\u{1b}[2J"] {
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("name = \"web1\"", &format!("name = {}", toml_string(bad)));
+        let c2 = d.0.join("bad-name.toml");
+        std::fs::write(&c2, text).unwrap();
+        let o = run(&c2, &["snapshots"]);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+        assert!(stderr(&o).contains("vm name"), "{bad:?}: {}", stderr(&o));
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{:04X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('"');
+    out
 }

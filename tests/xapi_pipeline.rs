@@ -46,7 +46,7 @@ fn rig_with(tag: &str, spec: VmSpec, extra_vm_config: &str) -> Rig {
         format!(
             "state_dir = \"{0}/state\"\n[repository]\npath = \"{0}/repo\"\npassword_file = \"{0}/pw\"\n\
              [[vm]]\nname = \"web1\"\nxapi_url = \"{1}\"\nxapi_vm = \"{2}\"\n\
-             xapi_credentials_file = \"{0}/xapi.cred\"\nstop_timeout_secs = 20\n{3}",
+             xapi_credentials_file = \"{0}/xapi.cred\"\nxapi_insecure_http = true\nstop_timeout_secs = 20\n{3}",
             d.display(),
             sim.url,
             spec.name,
@@ -664,4 +664,149 @@ fn xapi_vm_whose_disk_cannot_be_named_is_refused_before_a_run_starts() {
             .all(|c| c.contains(".get_") || c.starts_with("session.")),
         "only reads were made on the host"
     );
+}
+
+/// Every file and folder below `dir` (not `dir` itself) whose mode lets the group or
+/// others in.
+fn open_to_others(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bad = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if m.file_type().is_symlink() {
+                continue;
+            }
+            if m.permissions().mode() & 0o077 != 0 {
+                bad.push(format!(
+                    "{:o} {}",
+                    m.permissions().mode(),
+                    e.path().display()
+                ));
+            }
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    bad
+}
+
+/// Issue 12, findings 11 and 12: secrets given in the environment reach no child (the
+/// stand-in `xl` that coldclone runs for the ACPI button writes out its environment), no
+/// output (text, `--json`, `-vv` logs), no journal; what coldclone creates in its state
+/// folder and repository is closed to other users (umask 077). A wrong XAPI password
+/// fails without echoing it.
+#[test]
+fn xapi_secrets_reach_no_child_no_output_and_files_are_private() {
+    const REPO_PW: &str = "repo-Secret-51d9";
+    const XAPI_PW: &str = "xapi-Secret-7c2e";
+    const AWS_KEY: &str = "aws-Secret-0b7f";
+    let mut spec = VmSpec::new("win02", &[512 << 10]);
+    spec.pv_drivers = false;
+    let mut r = rig_with("secrets", spec, "xapi_dom0_acpi = true\n");
+    r.sim.add_user("probe", XAPI_PW);
+    // Secrets from the environment only: no password file, no credentials file.
+    let text = std::fs::read_to_string(&r.cfg).expect("config");
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("password_file") && !l.starts_with("xapi_credentials_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&r.cfg, text).expect("config");
+    std::fs::remove_dir_all(r.dir.0.join("repo")).expect("old repository");
+    let bin = r.dir.0.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    let xl = bin.join("xl");
+    std::fs::write(
+        &xl,
+        format!(
+            "#!/bin/sh\nenv > {0}/xl-env.txt\n[ \"$1\" = trigger ] && [ \"$3\" = power ] || exit 1\n\
+             exec curl -sf -X POST \"{1}/sim/acpi_power_button?domid=$2\"\n",
+            r.dir.0.display(),
+            r.sim.url
+        ),
+    )
+    .expect("xl");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    r.path_prefix = Some(bin.clone());
+    let run = |xapi_pw: &str, args: &[&str]| -> Output {
+        let path = std::env::var("PATH").unwrap_or_default();
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&r.cfg)
+            .args(args)
+            .env("PATH", format!("{}:{path}", bin.display()))
+            .env("COLDCLONE_PASSWORD", REPO_PW)
+            .env("COLDCLONE_XAPI_USERNAME", "probe")
+            .env("COLDCLONE_XAPI_PASSWORD", xapi_pw)
+            .env("AWS_SECRET_ACCESS_KEY", AWS_KEY)
+            .env("RUST_LOG", "debug")
+            .output()
+            .expect("run coldclone")
+    };
+    let no_secret = |what: &str, text: &str| {
+        for s in [REPO_PW, XAPI_PW, AWS_KEY, "wrong-Secret-93aa"] {
+            assert!(!text.contains(s), "{what} shows the secret {s}:\n{text}");
+        }
+    };
+    let o = run(XAPI_PW, &["init"]);
+    assert!(
+        o.status.success(),
+        "init: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = run(XAPI_PW, &["--json", "-vv", "backup"]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "backup: {out}");
+    no_secret("the backup's output", &out);
+    let env = std::fs::read_to_string(r.dir.0.join("xl-env.txt")).expect("xl was run");
+    no_secret("xl's environment", &env);
+    for name in [
+        "COLDCLONE_PASSWORD",
+        "COLDCLONE_XAPI_PASSWORD",
+        "AWS_SECRET_ACCESS_KEY",
+    ] {
+        assert!(!env.contains(name), "xl inherited {name}:\n{env}");
+    }
+    // The journals and reports in the state folder.
+    let mut todo = vec![r.dir.0.join("state")];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("state").flatten() {
+            if e.path().is_dir() {
+                todo.push(e.path());
+            } else if let Ok(t) = std::fs::read_to_string(e.path()) {
+                no_secret(&e.path().display().to_string(), &t);
+            }
+        }
+    }
+    for d in ["state", "repo"] {
+        let bad = open_to_others(&r.dir.0.join(d));
+        assert!(bad.is_empty(), "open to other users under {d}: {bad:#?}");
+    }
+    let o = run("wrong-Secret-93aa", &["--json", "-vv", "backup"]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success(),
+        "a wrong XAPI password must fail: {out}"
+    );
+    no_secret("the failed backup's output", &out);
+    r.assert_clean();
 }

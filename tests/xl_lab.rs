@@ -253,6 +253,8 @@ fn lab_binary() -> Result<PathBuf, String> {
         .args([
             "build",
             "--release",
+            "--features",
+            "test-hooks",
             "--bin",
             "coldclone",
             "--message-format=json",

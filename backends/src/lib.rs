@@ -4,10 +4,12 @@
 //! it on an isolated network, ask the clone to stop, hand out its stopped
 //! disks, and put the original back the way it was. Every resource a backend
 //! creates is announced to a [`Journal`] *before* it exists, so that
-//! `coldclone recover` can remove it after a crash; [`Hypervisor::recover`]
-//! knows how to undo each of its own [`Resource`]s.
+//! `coldclone recover` can remove it after a crash; [`recover_resource`]
+//! sends each [`Resource`] to the undo of the backend that owns its kind.
 
 pub mod qemu;
+pub mod secrets;
+pub mod shared;
 pub mod util;
 pub mod xapi;
 pub mod xl;
@@ -18,24 +20,10 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("cannot reach the VM's QMP socket {path}: {source} (is the VM running, and is this the socket given to -qmp?)")]
-    QmpConnect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("QMP I/O on {path} failed: {source}")]
-    QmpIo {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("QMP command {command} failed: {class}: {desc}")]
-    QmpCommand {
-        command: String,
-        class: String,
-        desc: String,
-    },
-    #[error("QMP protocol error on {path}: {what}")]
-    QmpProtocol { path: PathBuf, what: String },
+    #[error(transparent)]
+    Qemu(#[from] qemu::QemuError),
+    #[error(transparent)]
+    Xl(#[from] xl::XlError),
     #[error("timed out after {seconds}s waiting for {what}")]
     Timeout { what: String, seconds: u64 },
     #[error("the VM's configuration is not supported: {0}")]
@@ -62,13 +50,25 @@ pub enum BackendError {
     Network(#[from] network_isolation::IsolationError),
     #[error("XAPI: {0}")]
     Xapi(#[from] xapi::XapiError),
-    #[error("xenstore: {0}")]
-    Xenstore(String),
-    #[error("the snapshot {lv} overflowed: its copy-on-write space filled up while the backup ran, so its contents are invalid and it is not archived; give classic snapshots more room (xl_snapshot_size) or use thin volumes")]
-    SnapshotOverflow { lv: String },
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// What the audit's boot test saw (QEMU runs it today).
+pub use qemu::boot::BootTest;
+
+/// What the audit's boot test boots, where, and how long it waits.
+#[derive(Debug, Clone, Copy)]
+pub struct BootSpec<'a> {
+    /// Disk name → raw image, left unmodified (the VM writes into throwaway overlays).
+    pub images: &'a std::collections::BTreeMap<String, PathBuf>,
+    pub net: &'a CloneNetwork,
+    pub name: &'a str,
+    pub work_dir: &'a Path,
+    /// The console text that says the guest is up.
+    pub heartbeat: &'a str,
+    pub timeout: Duration,
+}
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError + '_ {
     move |source| BackendError::Io {
@@ -77,91 +77,33 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackendError
     }
 }
 
-/// Every resource coldclone may create, with what it takes to remove it.
+/// Every resource a backend may create, with what it takes to remove it:
+/// the shared kinds and each backend's own. Untagged: each inner enum carries
+/// its `kind`, so the journal's JSON is what it was when they were one enum.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(untagged)]
 pub enum Resource {
-    /// The original was paused by us (undo: resume it if it is still paused).
-    OriginalPaused { qmp: PathBuf },
-    /// Migration capabilities/parameters we changed on the original and a
-    /// migration we started (undo: cancel it, put the settings back).
-    OriginalMigration {
-        qmp: PathBuf,
-        capabilities: Vec<(String, bool)>,
-        max_bandwidth: Option<u64>,
-        #[serde(default)]
-        downtime_limit: Option<u64>,
-    },
-    /// A qcow2 overlay that the original now writes into, on top of its
-    /// frozen image (undo: commit it back into the image, delete it).
-    OriginalOverlay {
-        qmp: PathBuf,
-        original_pid: u32,
-        device: String,
-        base_node: String,
-        base_file: PathBuf,
-        overlay_file: PathBuf,
-        overlay_node: String,
-    },
-    /// A file coldclone made (memory image, clone overlay, exported disk).
-    File { path: PathBuf },
-    /// The run's own working folder.
-    Dir { path: PathBuf },
-    /// A clone process, found by the marker in its command line.
-    CloneProcess { marker: String, qmp: PathBuf },
-    /// A tap device (QEMU deletes its own taps when it exits; this is the net).
-    Tap {
-        namespace: Option<String>,
-        name: String,
-    },
-    /// A bridge made for the run.
-    Bridge {
-        namespace: Option<String>,
-        name: String,
-    },
-    /// A network namespace made for the run.
-    Namespace { name: String },
-    /// Disk snapshots of this run stored in the repository so far: a run that
-    /// does not finish archiving every disk has them withdrawn (the
-    /// repository, not the backend, undoes this one).
-    RepositoryBackup { run: String },
-    /// xl: the original domain was paused by us (undo: unpause it if it is
-    /// still paused and is the same domain, by UUID).
-    XlOriginalPaused {
-        domain: String,
-        uuid: String,
-        /// The memory image a save was writing (recover waits for that xl to end).
-        #[serde(default)]
-        image: Option<PathBuf>,
-    },
-    /// xl: the original's balloon target we lowered (undo: set it back).
-    XlBalloon {
-        domain: String,
-        uuid: String,
-        target_kib: u64,
-    },
-    /// xl: an LVM snapshot of one of the original's disks (undo: lvremove it).
-    LvmSnapshot {
-        vg: String,
-        lv: String,
-        origin: String,
-    },
-    /// xl: a clone domain (undo: xl destroy it, if it is still ours by name).
-    XlDomain { name: String },
-    /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
-    Balloon { qmp: PathBuf, restore_bytes: u64 },
-    /// A XAPI VM made for the run (checkpoint or clone), by its unique name
-    /// label (undo: destroy its VDIs, then the VM).
-    XapiVm {
-        target: xapi::XapiTarget,
-        name_label: String,
-    },
-    /// A XAPI network with no PIF made for the run (undo: network.destroy).
-    XapiNetwork {
-        target: xapi::XapiTarget,
-        name_label: String,
-    },
+    Shared(shared::SharedResource),
+    Qemu(qemu::QemuResource),
+    Xl(xl::XlResource),
+    Xapi(xapi::XapiResource),
 }
+
+macro_rules! resource_from {
+    ($($variant:ident($inner:ty)),*) => {$(
+        impl From<$inner> for Resource {
+            fn from(r: $inner) -> Self {
+                Resource::$variant(r)
+            }
+        }
+    )*};
+}
+resource_from!(
+    Shared(shared::SharedResource),
+    Qemu(qemu::QemuResource),
+    Xl(xl::XlResource),
+    Xapi(xapi::XapiResource)
+);
 
 /// Write-ahead record of what a run creates.
 pub trait Journal {
@@ -210,15 +152,73 @@ pub struct VmInfo {
     pub memory_bytes: u64,
     pub disks: Vec<DiskInfo>,
     pub nics: usize,
+    /// The backend's own knowledge of the VM (e.g. `qemu::QemuVm`).
     #[serde(skip)]
-    pub detail: VmDetail,
+    pub detail: Opaque,
 }
 
-#[derive(Debug, Clone)]
-pub enum VmDetail {
-    Qemu(qemu::QemuVm),
-    Xl(xl::XlVm),
-    Xapi(xapi::XapiVm),
+/// A backend's own part of a shared value (a VM, a checkpoint): the pipeline
+/// carries it, and only the backend that made it reads it back.
+#[derive(Clone, Default)]
+pub struct Opaque(Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl Opaque {
+    pub fn new<T: std::any::Any + Send + Sync>(state: T) -> Self {
+        Opaque(Some(std::sync::Arc::new(state)))
+    }
+    /// The state, if it is a `T` (`None`: another backend's, or none).
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.as_deref().and_then(|s| s.downcast_ref())
+    }
+}
+
+impl std::fmt::Debug for Opaque {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Opaque(..)")
+    }
+}
+
+/// `vm`'s state as the backend named `backend` made it.
+pub(crate) fn vm_state<'a, T: std::any::Any>(vm: &'a VmInfo, backend: &str) -> Result<&'a T> {
+    vm.detail.get().ok_or_else(|| {
+        BackendError::Unsupported(format!(
+            "the {backend} backend was handed another backend's VM"
+        ))
+    })
+}
+
+/// A clone's state as the backend named `backend` made it.
+pub(crate) fn clone_state<'a, T: std::any::Any>(
+    detail: &'a mut OpaqueMut,
+    backend: &str,
+) -> Result<&'a mut T> {
+    detail.get_mut().ok_or_else(|| {
+        BackendError::Unsupported(format!(
+            "the {backend} backend was handed another backend's clone"
+        ))
+    })
+}
+
+/// The same for a value the backend changes as it goes (a clone).
+#[derive(Default)]
+pub struct OpaqueMut(Option<Box<dyn std::any::Any + Send>>);
+
+impl OpaqueMut {
+    pub fn new<T: std::any::Any + Send>(state: T) -> Self {
+        OpaqueMut(Some(Box::new(state)))
+    }
+    pub fn get<T: std::any::Any>(&self) -> Option<&T> {
+        self.0.as_deref().and_then(|s| s.downcast_ref())
+    }
+    pub fn get_mut<T: std::any::Any>(&mut self) -> Option<&mut T> {
+        self.0.as_deref_mut().and_then(|s| s.downcast_mut())
+    }
+}
+
+impl std::fmt::Debug for OpaqueMut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpaqueMut(..)")
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -251,6 +251,9 @@ pub struct Checkpoint {
     /// The guest's memory when it was saved (after any balloon), where the
     /// backend needs it to size the clone.
     pub guest_memory_bytes: Option<u64>,
+    /// The backend's own record of what the checkpoint made (QEMU: the
+    /// original's overlays; XAPI: the checkpoint VM).
+    pub detail: Opaque,
 }
 
 /// A disk as it was at the checkpoint.
@@ -260,7 +263,6 @@ pub struct FrozenDisk {
     pub frozen_file: PathBuf,
     pub format: String,
     pub bytes: u64,
-    pub(crate) original_overlay: Option<(u64, PathBuf, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,6 +280,9 @@ pub struct CloneNetwork {
     pub namespace: network_isolation::Namespace,
     pub bridge: String,
     pub tap_prefix: String,
+    /// The hypervisor's own handle of the network where it made it (XAPI:
+    /// the network's ref); `None` for a Linux bridge.
+    pub handle: Option<String>,
 }
 
 /// A restored clone: running its memory image but paused.
@@ -287,15 +292,8 @@ pub struct PausedClone {
     pub taps: Vec<String>,
     pub disks: Vec<CloneDisk>,
     pub console_log: PathBuf,
-    pub(crate) detail: CloneDetail,
-}
-
-/// Backend-specific state of a clone.
-#[derive(Debug)]
-pub(crate) enum CloneDetail {
-    Qemu(qemu::QemuClone),
-    Xl(xl::XlClone),
-    Xapi(xapi::XapiClone),
+    /// The backend's own state of the clone (process, connection, refs).
+    pub detail: OpaqueMut,
 }
 
 #[derive(Debug, Clone)]
@@ -346,7 +344,7 @@ pub trait Hypervisor {
     fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome>;
     fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()>;
     /// Writes a stopped clone disk as a sparse raw image at `dest`.
-    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()>;
+    fn export_disk(&self, clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()>;
     /// Puts the original's disks back to one image each, and removes the
     /// checkpoint's files.
     fn release_checkpoint(
@@ -355,8 +353,6 @@ pub trait Hypervisor {
         checkpoint: &Checkpoint,
         journal: &mut dyn Journal,
     ) -> Result<()>;
-    /// Undoes one resource this backend created. Never touches anything else.
-    fn recover(&self, resource: &Resource) -> Result<()>;
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod;
     /// Whether the clone runs on this machine and takes its memory here (the
     /// scheduler's memory budget); XAPI clones run on the pool's host.
@@ -403,6 +399,24 @@ pub trait Hypervisor {
     fn balloon_supported(&self, _vm: &VmInfo) -> bool {
         false
     }
+    /// Whether [`Hypervisor::boot_test`] can boot this backend's VMs.
+    fn can_boot_test(&self) -> bool {
+        false
+    }
+    /// The audit's boot test: boots the spec's images fresh with `vm`'s
+    /// devices until its heartbeat shows on the console; everything it makes
+    /// is journaled and destroyed after.
+    fn boot_test(
+        &self,
+        _vm: &VmInfo,
+        _spec: &BootSpec,
+        _journal: &mut dyn Journal,
+    ) -> Result<BootTest> {
+        Err(BackendError::Unsupported(format!(
+            "boot tests are not available for {} VMs",
+            self.name()
+        )))
+    }
     /// Asks the guest to balloon to `target_bytes`; journals how to undo it. Does not wait.
     fn balloon(&self, _vm: &VmInfo, _target_bytes: u64, _journal: &mut dyn Journal) -> Result<u64> {
         Err(BackendError::Unsupported(format!(
@@ -412,19 +426,21 @@ pub trait Hypervisor {
     }
 }
 
-/// Undoes any resource, whichever backend created it (used by `recover`).
-pub fn recover_resource(resource: &Resource) -> Result<()> {
-    // Resources shared by all backends, and QEMU's own. (A backend with
-    // resources of its own adds a match on their variants here.)
+/// What `recover` may touch: a journal is read back from disk, so every path in it must
+/// lie in the run folders of this state folder (`STATE_DIR/runs/...`).
+#[derive(Debug, Clone)]
+pub struct RecoverScope {
+    pub state_dir: std::path::PathBuf,
+}
+
+/// Undoes any resource, whichever backend created it (used by `recover`):
+/// the one dispatcher; each backend undoes only its own kinds.
+pub fn recover_resource(resource: &Resource, scope: &RecoverScope) -> Result<()> {
     match resource {
-        Resource::XlOriginalPaused { .. }
-        | Resource::XlBalloon { .. }
-        | Resource::LvmSnapshot { .. }
-        | Resource::XlDomain { .. } => xl::XlBackend::default().recover(resource),
-        Resource::XapiVm { .. } | Resource::XapiNetwork { .. } => {
-            xapi::XapiBackend::default().recover(resource)
-        }
-        _ => qemu::QemuBackend::default().recover(resource),
+        Resource::Shared(r) => r.undo(scope),
+        Resource::Qemu(r) => qemu::recover(r),
+        Resource::Xl(r) => xl::recover(r),
+        Resource::Xapi(r) => xapi::recover(r),
     }
 }
 

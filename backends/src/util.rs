@@ -6,24 +6,26 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Runs a tool, returns stdout; a non-zero exit becomes `BackendError::Tool` with its stderr.
-pub fn run_tool(mut cmd: Command) -> Result<String> {
-    let command = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|source| BackendError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
-    tool_result(command, out)
+pub fn run_tool(cmd: Command) -> Result<String> {
+    network_isolation::run_tool(cmd).map_err(Into::into)
 }
 
 /// A finished tool's stdout, or `BackendError::Tool` with its stderr when it failed.
 pub fn tool_result(command: String, out: std::process::Output) -> Result<String> {
-    if !out.status.success() {
-        return Err(BackendError::Tool {
-            command,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    network_isolation::tool_output(command, out).map_err(Into::into)
+}
+
+impl From<network_isolation::ToolFailure> for BackendError {
+    fn from(f: network_isolation::ToolFailure) -> Self {
+        match f {
+            network_isolation::ToolFailure::Spawn { command, source } => {
+                BackendError::Spawn { command, source }
+            }
+            network_isolation::ToolFailure::Failed { command, stderr } => {
+                BackendError::Tool { command, stderr }
+            }
+        }
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn pid_alive(pid: u32) -> bool {

@@ -46,6 +46,26 @@ impl Journal for TestJournal {
     }
 }
 
+/// The state folder a run's file lies in (`STATE/runs/RUN/...`): these tests keep each
+/// run's files in its rig's own folder, which plays the state folder.
+fn scope_of(r: &Resource) -> cb::RecoverScope {
+    let path = match r {
+        Resource::Shared(cb::shared::SharedResource::File { path })
+        | Resource::Shared(cb::shared::SharedResource::Dir { path }) => Some(path.as_path()),
+        _ => None,
+    };
+    let state_dir = path
+        .and_then(|p| {
+            p.ancestors()
+                .find(|a| a.file_name().is_some_and(|n| n == "runs"))
+        })
+        .and_then(|runs| runs.parent())
+        .unwrap_or(std::path::Path::new("/"));
+    cb::RecoverScope {
+        state_dir: state_dir.to_path_buf(),
+    }
+}
+
 impl TestJournal {
     /// Newest first, as `coldclone`'s clean-up and `recover` do.
     /// What fails stays in the journal for `coldclone recover`.
@@ -53,7 +73,7 @@ impl TestJournal {
         let mut failed = vec![];
         let mut kept = vec![];
         while let Some((id, r)) = self.open.pop() {
-            if let Err(e) = cb::recover_resource(&r) {
+            if let Err(e) = cb::recover_resource(&r, &scope_of(&r)) {
                 failed.push(format!("{r:?}: {e}"));
                 kept.push((id, r));
             }
@@ -118,7 +138,11 @@ fn locator(r: &Rig, vm: &str) -> VmLocator {
         url: r.sim.url.clone(),
         vm: vm.into(),
         credentials_file: Some(r.creds.clone()),
-        options: Default::default(),
+        // The simulator speaks plain http.
+        options: cb::xapi::XapiOptions {
+            insecure_http: true,
+            ..Default::default()
+        },
     }
 }
 
@@ -181,7 +205,7 @@ fn backup(r: &Rig, run_id: &str, stop_timeout: Duration) -> RunResult {
         let mut out = vec![];
         for d in c.disks.clone() {
             let raw = work.join(format!("export-{}.raw", d.name));
-            backend.export_disk(&d, &raw)?;
+            backend.export_disk(c, &d, &raw)?;
             let src = FileSource::open(&raw).map_err(|e| BackendError::Clone(e.to_string()))?;
             let s = r
                 .repo
@@ -777,7 +801,10 @@ fn xapi_recover_removes_what_a_crashed_run_left() {
         .expect("verify")
         .expect("some");
     backend.resume_clone(&mut c, &v).expect("resume");
-    std::mem::forget(c);
+    // The run's XAPI session lives in its values (VM, checkpoint, clone):
+    // dropping them without the clean-up is the crash, as dropping the
+    // backend was when the backend held the session.
+    drop((c, ckpt, info, net));
     drop(backend);
     assert_eq!(
         r.sim.state().vms.len(),
@@ -793,7 +820,8 @@ fn xapi_recover_removes_what_a_crashed_run_left() {
     );
     let back: Vec<Resource> = serde_json::from_str(&saved).expect("parse");
     for res in back.iter().rev() {
-        cb::recover_resource(res).unwrap_or_else(|e| panic!("recover {res:?}: {e}"));
+        cb::recover_resource(res, &scope_of(res))
+            .unwrap_or_else(|e| panic!("recover {res:?}: {e}"));
     }
     assert_clean(&r, "after recover");
 }

@@ -169,6 +169,7 @@ fn inspect(t: &Tls, pin: Option<&str>) -> Result<String, String> {
         options: cb::xapi::XapiOptions {
             tls_fingerprint_sha256: pin.map(str::to_string),
             dom0_acpi: false,
+            insecure_http: false,
         },
     };
     cb::backend_for(&loc)

@@ -78,19 +78,54 @@ impl Namespace {
     }
 }
 
-fn run(mut cmd: Command) -> Result<String> {
+/// A tool that could not be started, or that exited with an error.
+#[derive(Debug)]
+pub enum ToolFailure {
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    Failed {
+        command: String,
+        stderr: String,
+    },
+}
+
+/// Runs a tool, returns its stdout; the one place coldclone runs a tool and
+/// reads its exit (the backends map [`ToolFailure`] into their own errors).
+pub fn run_tool(mut cmd: Command) -> std::result::Result<String, ToolFailure> {
     let command = format!("{cmd:?}").replace('"', "");
-    let out = cmd.output().map_err(|source| IsolationError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
+    match cmd.output() {
+        Ok(out) => tool_output(command, out),
+        Err(source) => Err(ToolFailure::Spawn { command, source }),
+    }
+}
+
+/// A finished tool's stdout, or [`ToolFailure::Failed`] with its stderr.
+pub fn tool_output(
+    command: String,
+    out: std::process::Output,
+) -> std::result::Result<String, ToolFailure> {
     if !out.status.success() {
-        return Err(IsolationError::Command {
+        return Err(ToolFailure::Failed {
             command,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl From<ToolFailure> for IsolationError {
+    fn from(f: ToolFailure) -> Self {
+        match f {
+            ToolFailure::Spawn { command, source } => IsolationError::Spawn { command, source },
+            ToolFailure::Failed { command, stderr } => IsolationError::Command { command, stderr },
+        }
+    }
+}
+
+fn run(cmd: Command) -> Result<String> {
+    run_tool(cmd).map_err(Into::into)
 }
 
 fn run_json<T: for<'de> Deserialize<'de>>(cmd: Command) -> Result<T> {

@@ -223,7 +223,12 @@ fn main() {
             let repo = Repository::open(&Location::Local(a[2].clone().into()), &pw)
                 .unwrap_or_else(|e| die(e.to_string()));
             let s = repo
-                .restore(&a[3], Path::new(&a[4]), &NoProgress)
+                .restore_with(
+                    &a[3],
+                    Path::new(&a[4]),
+                    &RestoreOptions { force: true },
+                    &NoProgress,
+                )
                 .unwrap_or_else(|e| die(e.to_string()));
             println!("{}", serde_json::to_string(&s).unwrap_or_default());
         }

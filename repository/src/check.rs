@@ -2,9 +2,7 @@
 
 use crate::crypto::Id;
 use crate::error::Result;
-use crate::pack::{
-    decode_index, open_blob, pack_key, parse_pack_header, BlobEntry, Index, INDEX_KIND,
-};
+use crate::pack::{open_blob, pack_key, parse_pack_header, BlobEntry};
 use crate::util::{to_hex, IdMap, IdSet};
 use crate::{Repository, ZERO_ID};
 use serde::{Deserialize, Serialize};
@@ -52,17 +50,12 @@ pub(crate) fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
     };
     let be = &repo.backend;
 
-    // Indexes, one by one, so that one bad index file is reported and not fatal.
-    let mut index = Index::default();
-    for o in be.list("index")? {
-        let r = be
-            .get(&o.key)
-            .and_then(|s| repo.key.open_file(INDEX_KIND, &o.key, &s))
-            .and_then(|p| decode_index(&p, &o.key));
-        match r {
-            Ok(packs) => packs.iter().for_each(|p| index.add_pack(p)),
-            Err(e) => rep.errors.push(format!("index file {}: {e}", o.key)),
-        }
+    // Indexes: a damaged one is reported, and the packs it listed read from their headers.
+    let index = repo.load_index()?;
+    for (f, e) in &index.damaged {
+        rep.errors.push(format!(
+            "index file {f}: {e}; run `coldclone repair-index` to rebuild the index from the packs"
+        ));
     }
     rep.packs = index.packs.len() as u64;
     rep.blobs = index.blobs.len() as u64;
@@ -282,5 +275,49 @@ pub(crate) fn check(repo: &Repository, read_data: bool) -> Result<CheckReport> {
         }
     }
     rep.ok = rep.errors.is_empty();
+    Ok(rep)
+}
+
+/// What `repair_index` did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// Packs whose headers were read into the new index.
+    pub packs_read: u64,
+    /// Packs left out: they do not match their name or their header is unreadable.
+    pub unreadable_packs: Vec<String>,
+    pub index_files_written: u64,
+    pub index_files_removed: u64,
+}
+
+/// Packs per index file written by `repair_index`.
+const REPAIR_PACKS_PER_FILE: usize = 1024;
+
+pub(crate) fn repair_index(repo: &Repository) -> Result<RepairReport> {
+    let lock = repo.lock(true, "repair-index")?;
+    let be = &repo.backend;
+    let mut rep = RepairReport::default();
+    let old: Vec<String> = be.list("index")?.into_iter().map(|o| o.key).collect();
+    let mut descs = Vec::new();
+    for o in be.list("data")? {
+        let Some(id) = o.key.rsplit('/').next().and_then(crate::util::id_from_hex) else {
+            rep.unreadable_packs.push(o.key);
+            continue;
+        };
+        match repo.read_pack_desc(&o.key, &id)? {
+            Some(d) => descs.push(d),
+            None => rep.unreadable_packs.push(o.key),
+        }
+    }
+    rep.packs_read = descs.len() as u64;
+    for batch in descs.chunks(REPAIR_PACKS_PER_FILE) {
+        repo.save_index(batch)?;
+        rep.index_files_written += 1;
+    }
+    // The new index is complete: only now do the old files go.
+    lock.check_fresh()?;
+    for k in &old {
+        be.delete(k)?;
+        rep.index_files_removed += 1;
+    }
     Ok(rep)
 }

@@ -60,6 +60,13 @@ impl MasterKey {
         *blake3::keyed_hash(&self.id_key, data).as_bytes()
     }
 
+    /// The MAC of the repository's `config` (format 2): keyed BLAKE3 under a key derived
+    /// from the id key, so that nobody without the password can change the configuration.
+    pub(crate) fn config_mac(&self, body: &[u8]) -> [u8; 32] {
+        let k = blake3::derive_key("coldclone repository config mac v2", &self.id_key);
+        *blake3::keyed_hash(&k, body).as_bytes()
+    }
+
     /// Encrypt `plain` with a fresh random nonce; `aad` is authenticated, not stored.
     /// Output: nonce || ciphertext || tag.
     pub(crate) fn seal(&self, plain: &[u8], aad: &[u8]) -> Vec<u8> {
@@ -88,14 +95,15 @@ impl MasterKey {
             .ok()
     }
 
-    /// Encrypt a repository file (index, snapshot): zstd, then seal with the file kind as AAD.
-    pub(crate) fn seal_file(&self, kind: &str, plain: &[u8]) -> Vec<u8> {
+    /// Encrypt a repository file (index, snapshot): zstd, then seal with `aad` (the file's
+    /// kind, and from format 2 on its name: see `Repository::file_aad`).
+    pub(crate) fn seal_file(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let z = zstd::bulk::compress(plain, 3).unwrap_or_else(|_| plain.to_vec());
-        self.seal(&z, kind.as_bytes())
+        self.seal(&z, aad)
     }
 
-    pub(crate) fn open_file(&self, kind: &str, path: &str, sealed: &[u8]) -> Result<Vec<u8>> {
-        let z = self.open(sealed, kind.as_bytes()).ok_or_else(|| {
+    pub(crate) fn open_file(&self, aad: &[u8], path: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+        let z = self.open(sealed, aad).ok_or_else(|| {
             RepoError::corrupt(
                 path,
                 "authentication failed (modified, truncated or not of this repository)",
@@ -150,7 +158,34 @@ pub(crate) struct KeyFile {
     pub host: String,
 }
 
+/// Bounds on a key file's Argon2 parameters: a key file is read from the storage before
+/// anything is authenticated, and a planted one must not make us allocate 4 TB or loop
+/// for a day.
+pub(crate) const MAX_M_COST_KIB: u32 = 4 << 20; // 4 GiB
+pub(crate) const MAX_T_COST: u32 = 64;
+pub(crate) const MAX_P_COST: u32 = 64;
+
+impl KdfParams {
+    /// Whether the parameters are within the bounds coldclone accepts.
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        let p = self;
+        if p.m_cost_kib > MAX_M_COST_KIB
+            || p.t_cost == 0
+            || p.t_cost > MAX_T_COST
+            || p.p_cost == 0
+            || p.p_cost > MAX_P_COST
+        {
+            return Err(format!(
+                "Argon2 parameters m_cost {} KiB, t_cost {}, p_cost {} are out of bounds (at most {MAX_M_COST_KIB} KiB, 1..={MAX_T_COST}, 1..={MAX_P_COST})",
+                p.m_cost_kib, p.t_cost, p.p_cost
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn derive(password: &str, salt: &[u8], p: &KdfParams) -> Result<[u8; 32]> {
+    p.check().map_err(RepoError::InvalidArgument)?;
     let params = argon2::Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32))
         .map_err(|e| RepoError::InvalidArgument(format!("Argon2 parameters {p:?}: {e}")))?;
     let a = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
@@ -197,6 +232,7 @@ pub(crate) fn open_key_file(kf: &KeyFile, password: &str, path: &str) -> Result<
             detail: format!("key file version {} kdf {}", kf.version, kf.kdf),
         });
     }
+    kf.params.check().map_err(|d| RepoError::corrupt(path, d))?;
     let salt = from_hex(&kf.salt).ok_or_else(|| RepoError::corrupt(path, "salt is not hex"))?;
     let wrapped =
         from_hex(&kf.wrapped).ok_or_else(|| RepoError::corrupt(path, "wrapped key is not hex"))?;

@@ -38,12 +38,15 @@ mod util;
 
 #[doc(hidden)]
 pub use backend::s3::{set_s3_list_page_size_for_tests, set_s3_timeout_for_tests};
-pub use check::{CheckReport, DamagedSnapshot};
+pub use check::{CheckReport, DamagedSnapshot, RepairReport};
 pub use crypto::KdfParams;
 pub use error::RepoError;
 #[doc(hidden)]
 pub use lock::set_lock_timings_for_tests;
+#[doc(hidden)]
+pub use prune::set_prune_grace_for_tests;
 pub use prune::{Keep, PruneReport, RetentionPolicy, SnapshotRef};
+pub use restore::RestoreOptions;
 pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress, Progress};
 pub use util::set_clock_offset_for_tests;
 
@@ -164,13 +167,20 @@ impl Default for InitOptions {
     }
 }
 
+const MIN_PACK_SIZE: u32 = 1 << 20;
+const MAX_PACK_SIZE: u32 = 1 << 30;
+
 /// Default chunk size (chosen by measurement, see docs/performance.md).
 pub const DEFAULT_CHUNK_SIZE: u32 = 16 << 10;
+
+/// The shortest snapshot id prefix accepted.
+pub const MIN_ID_PREFIX: usize = 4;
 
 /// Number of chunk ids per map blob.
 pub(crate) const MAP_ENTRIES: usize = 8192;
 
-/// The repository's `config` object (plaintext JSON).
+/// The repository's `config` object (plaintext JSON; from format 2 on authenticated by
+/// `mac`, see docs/format.md).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RepoConfig {
     pub format: String,
@@ -179,10 +189,29 @@ pub struct RepoConfig {
     pub chunk_size: u32,
     pub pack_size: u32,
     pub compression_level: i32,
+    /// Format 2: keyed BLAKE3 (a key derived from the master key) of this object's JSON
+    /// without `mac`, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl RepoConfig {
+    /// The bytes the MAC covers: the JSON of every field but `mac`.
+    fn mac_body(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(&RepoConfig {
+            mac: None,
+            ..self.clone()
+        })
+        .map_err(|e| RepoError::InvalidArgument(e.to_string()))
+    }
 }
 
 const FORMAT_NAME: &str = "coldclone-repository";
-const FORMAT_VERSION: u32 = 1;
+/// The format new repositories get. 2: `config` authenticated, index and snapshot files
+/// bound to their names. Format 1 repositories are read and written as format 1.
+const FORMAT_VERSION: u32 = 2;
+/// The oldest format this code reads.
+const OLDEST_FORMAT_VERSION: u32 = 1;
 const SNAPSHOT_KIND: &str = "snapshot";
 
 /// What describes the disk being backed up.
@@ -352,14 +381,19 @@ impl Repository {
         let kf_json = serde_json::to_vec_pretty(&kf)
             .map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
         backend.put(&format!("keys/{}", crypto::random_id()), &kf_json)?;
-        let config = RepoConfig {
+        if let Err(d) = opts.kdf.check() {
+            return Err(RepoError::InvalidArgument(d));
+        }
+        let mut config = RepoConfig {
             format: FORMAT_NAME.into(),
             version: FORMAT_VERSION,
             id: crypto::random_id(),
             chunk_size: opts.chunk_size,
-            pack_size: opts.pack_size.clamp(1 << 20, 1 << 30),
-            compression_level: opts.compression_level,
+            pack_size: opts.pack_size.clamp(MIN_PACK_SIZE, MAX_PACK_SIZE),
+            compression_level: opts.compression_level.clamp(-7, 22),
+            mac: None,
         };
+        config.mac = Some(to_hex(&key.config_mac(&config.mac_body()?)));
         let cj = serde_json::to_vec_pretty(&config)
             .map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
         // config last: a repository without it is not one yet.
@@ -391,14 +425,28 @@ impl Repository {
                 location: location.to_string(),
                 detail: format!("`config` is not a coldclone repository configuration: {e}"),
             })?;
-        if config.format != FORMAT_NAME || config.version != FORMAT_VERSION {
+        if config.format != FORMAT_NAME
+            || !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&config.version)
+        {
             return Err(RepoError::Unsupported {
                 location: location.to_string(),
                 detail: format!(
-                    "format {} version {} (this coldclone reads {FORMAT_NAME} version {FORMAT_VERSION})",
+                    "format {} version {} (this coldclone reads {FORMAT_NAME} versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
                     config.format, config.version
                 ),
             });
+        }
+        // Checked before the MAC too: format 1 has none.
+        if !(MIN_PACK_SIZE..=MAX_PACK_SIZE).contains(&config.pack_size)
+            || !(-7..=22).contains(&config.compression_level)
+        {
+            return Err(RepoError::corrupt(
+                "config",
+                format!(
+                    "pack size {} or compression level {} out of range",
+                    config.pack_size, config.compression_level
+                ),
+            ));
         }
         if !config.chunk_size.is_power_of_two()
             || config.chunk_size < 4096
@@ -416,23 +464,53 @@ impl Repository {
                 "no key files",
             ));
         }
+        let mut refused: Option<RepoError> = None;
+        let mut tried = 0;
         for k in keys {
             let body = backend.get(&k.key)?;
             let Ok(kf) = serde_json::from_slice::<crypto::KeyFile>(&body) else {
                 tracing::warn!("ignoring unreadable key file {}", k.key);
                 continue;
             };
-            if let Some(key) = crypto::open_key_file(&kf, password, &k.key)? {
-                return Ok(Repository {
-                    backend,
-                    key,
-                    config,
-                    location: location.clone(),
-                    zero_segment: Default::default(),
-                });
+            let key = match crypto::open_key_file(&kf, password, &k.key) {
+                Ok(Some(key)) => key,
+                Ok(None) => {
+                    tried += 1;
+                    continue;
+                }
+                // A damaged or planted key file must not keep the good ones from opening.
+                Err(e @ RepoError::Corrupt { .. }) => {
+                    tracing::warn!("ignoring key file {}: {e}", k.key);
+                    refused.get_or_insert(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if config.version >= 2 {
+                let want = to_hex(&key.config_mac(&config.mac_body()?));
+                if config.mac.as_deref() != Some(want.as_str()) {
+                    return Err(RepoError::corrupt(
+                        format!("{location}/config"),
+                        "`config` fails authentication: it was changed by someone without the repository's key",
+                    ));
+                }
+            } else {
+                tracing::info!(
+                    "repository {location} is of format 1: its config is not authenticated"
+                );
             }
+            return Ok(Repository {
+                backend,
+                key,
+                config,
+                location: location.clone(),
+                zero_segment: Default::default(),
+            });
         }
-        Err(RepoError::WrongPassword(location.to_string()))
+        match refused {
+            Some(e) if tried == 0 => Err(e),
+            _ => Err(RepoError::WrongPassword(location.to_string())),
+        }
     }
 
     pub fn config(&self) -> &RepoConfig {
@@ -454,7 +532,7 @@ impl Repository {
         backup::backup_disk(self, source, meta, opts, progress)
     }
 
-    /// All snapshots, oldest first. A damaged snapshot file is left out with a warning
+    /// All snapshots, oldest first (by time, then sequence number, then id). A damaged snapshot file is left out with a warning
     /// (tracing) so that the others stay usable; `check` reports it.
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
         let mut out = Vec::new();
@@ -469,7 +547,8 @@ impl Repository {
                 Err(e) => return Err(e),
             }
         }
-        out.sort_by(|a, b| (a.time_unix, &a.id).cmp(&(b.time_unix, &b.id)));
+        // Two backups in one second: the sequence number, not the random id, orders them.
+        out.sort_by(|a, b| (a.time_unix, a.seq, &a.id).cmp(&(b.time_unix, b.seq, &b.id)));
         Ok(out)
     }
 
@@ -509,11 +588,17 @@ impl Repository {
         }))
     }
 
-    /// The snapshot with this id or unique id prefix.
+    /// The snapshot with this id or unique id prefix (at least [`MIN_ID_PREFIX`]
+    /// characters: a shorter one would match another snapshot tomorrow).
     pub fn find_snapshot(&self, id: &str) -> Result<Snapshot> {
         let id = id.trim();
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(RepoError::SnapshotNotFound(id.into()));
+        }
+        if id.len() < MIN_ID_PREFIX {
+            return Err(RepoError::InvalidArgument(format!(
+                "snapshot id prefix {id:?} is too short: give at least {MIN_ID_PREFIX} characters"
+            )));
         }
         let id = id.to_ascii_lowercase();
         let all = self.backend.list("snapshots")?;
@@ -532,14 +617,30 @@ impl Repository {
         }
     }
 
-    /// Restore a snapshot to a file (written sparse) or a block device (written whole).
+    /// Restore a snapshot to a new file (written sparse): an existing target is refused.
+    /// See [`Repository::restore_with`].
     pub fn restore(
         &self,
         id: &str,
         target: &Path,
         progress: &dyn Progress,
     ) -> Result<RestoreSummary> {
-        restore::restore(self, id, target, progress)
+        restore::restore(self, id, target, &RestoreOptions::default(), progress)
+    }
+
+    /// Restore a snapshot to a file (written sparse) or, with `force`, a block device
+    /// (written whole, opened with O_EXCL). The snapshot's structure is checked before the
+    /// first write; a file is written to a temporary file beside it and renamed into place
+    /// when complete, so a failed restore leaves an existing file as it was. An existing
+    /// file is replaced only with `force`.
+    pub fn restore_with(
+        &self,
+        id: &str,
+        target: &Path,
+        opts: &RestoreOptions,
+        progress: &dyn Progress,
+    ) -> Result<RestoreSummary> {
+        restore::restore(self, id, target, opts, progress)
     }
 
     /// Verify the repository's structure; with `read_data`, every byte of every pack.
@@ -553,6 +654,23 @@ impl Repository {
         self.backend.delete(&format!("snapshots/{}", s.id))
     }
 
+    /// Remove every snapshot of one backup run (those tagged `run` = `run`, one per disk);
+    /// returns their ids, oldest first. None is not an error: a crashed run may have
+    /// committed nothing.
+    pub fn forget_run(&self, run: &str) -> Result<Vec<String>> {
+        if run.trim().is_empty() {
+            return Err(RepoError::InvalidArgument("an empty run id".into()));
+        }
+        let mut out = Vec::new();
+        for s in self.snapshots()? {
+            if s.tags.get("run").map(String::as_str) == Some(run) {
+                self.backend.delete(&format!("snapshots/{}", s.id))?;
+                out.push(s.id);
+            }
+        }
+        Ok(out)
+    }
+
     /// Apply a retention policy and remove data no snapshot uses any more.
     pub fn prune(&self, policy: &RetentionPolicy, dry_run: bool) -> Result<PruneReport> {
         prune::prune(self, policy, dry_run)
@@ -564,12 +682,18 @@ impl Repository {
         lock::remove_stale(self.backend.as_ref())
     }
 
+    /// Remove one lock object on purpose (`coldclone unlock KEY`), whatever it holds: for a
+    /// lock left by a process known to be gone, or an unreadable one. Returns its key.
+    pub fn unlock(&self, name: &str) -> Result<String> {
+        lock::unlock(self.backend.as_ref(), name)
+    }
+
     // ---- internals ----
 
     pub(crate) fn load_snapshot(&self, id: &str) -> Result<Snapshot> {
         let key = format!("snapshots/{id}");
         let sealed = self.backend.get(&key)?;
-        let plain = self.key.open_file(SNAPSHOT_KIND, &key, &sealed)?;
+        let plain = self.open_file(SNAPSHOT_KIND, &key, &sealed)?;
         let mut s: Snapshot = serde_json::from_slice(&plain)
             .map_err(|e| RepoError::corrupt(&key, format!("snapshot is not valid JSON: {e}")))?;
         s.id = id.to_string();
@@ -583,12 +707,33 @@ impl Repository {
             map: &s.map,
         })
         .map_err(|e| RepoError::InvalidArgument(e.to_string()))?;
-        let sealed = self.key.seal_file(SNAPSHOT_KIND, &body);
-        self.backend.put(&format!("snapshots/{}", s.id), &sealed)?;
+        let key = format!("snapshots/{}", s.id);
+        let sealed = self.seal_file(SNAPSHOT_KIND, &key, &body);
+        self.backend.put(&key, &sealed)?;
         Ok(sealed.len() as u64)
     }
 
-    /// Load and merge all index files.
+    /// The AAD of a sealed repository file: its kind, and from format 2 on its key, so
+    /// that a file copied or renamed to another name fails authentication.
+    fn file_aad(&self, kind: &str, key: &str) -> Vec<u8> {
+        if self.config.version >= 2 {
+            format!("{kind}\0{key}").into_bytes()
+        } else {
+            kind.as_bytes().to_vec()
+        }
+    }
+
+    pub(crate) fn open_file(&self, kind: &str, key: &str, sealed: &[u8]) -> Result<Vec<u8>> {
+        self.key.open_file(&self.file_aad(kind, key), key, sealed)
+    }
+
+    pub(crate) fn seal_file(&self, kind: &str, key: &str, plain: &[u8]) -> Vec<u8> {
+        self.key.seal_file(&self.file_aad(kind, key), plain)
+    }
+
+    /// Load and merge all index files. A damaged index file is reported (tracing, and in
+    /// `Index::damaged`) and left out; the packs no readable index lists are then read
+    /// from their own headers, so one bad index file blocks no restore, backup or prune.
     pub(crate) fn load_index(&self) -> Result<Index> {
         let mut idx = Index::default();
         for o in self.backend.list("index")? {
@@ -597,20 +742,92 @@ impl Repository {
                 Err(e) if e.is_not_found() => continue, // replaced by a prune meanwhile
                 Err(e) => return Err(e),
             };
-            let plain = self.key.open_file(INDEX_KIND, &o.key, &sealed)?;
-            for p in pack::decode_index(&plain, &o.key)? {
-                idx.add_pack(&p);
+            let packs = self
+                .open_file(INDEX_KIND, &o.key, &sealed)
+                .and_then(|plain| pack::decode_index(&plain, &o.key));
+            match packs {
+                Ok(packs) => {
+                    for p in packs {
+                        idx.add_pack(&p);
+                    }
+                    idx.files.push(o.key);
+                }
+                Err(e @ RepoError::Corrupt { .. }) => {
+                    tracing::warn!(
+                        "index file {} left out: {e}; its packs are read from their headers (`coldclone repair-index` rebuilds the index)",
+                        o.key
+                    );
+                    idx.damaged.push((o.key, e.to_string()));
+                }
+                Err(e) => return Err(e),
             }
-            idx.files.push(o.key);
+        }
+        if !idx.damaged.is_empty() {
+            self.index_unlisted_packs(&mut idx)?;
         }
         Ok(idx)
     }
 
+    /// Add to `idx` the packs in the storage it does not list, from their headers. A pack
+    /// that is damaged itself is reported and left out.
+    fn index_unlisted_packs(&self, idx: &mut Index) -> Result<()> {
+        let listed: util::IdSet = idx.packs.iter().map(|p| p.0).collect();
+        for o in self.backend.list("data")? {
+            let Some(id) = o.key.rsplit('/').next().and_then(id_from_hex) else {
+                continue;
+            };
+            if listed.contains(&id) {
+                continue;
+            }
+            match self.read_pack_desc(&o.key, &id) {
+                Ok(Some(d)) => {
+                    idx.add_pack(&d);
+                    idx.recovered.push(d);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// A pack's description from its own header; `None` (with a warning) when the pack is
+    /// damaged; storage errors are errors.
+    pub(crate) fn read_pack_desc(&self, key: &str, id: &Id) -> Result<Option<pack::PackDesc>> {
+        let data = match self.backend.get(key) {
+            Ok(d) => d,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if blake3::hash(&data).as_bytes() != id {
+            tracing::warn!("pack {key} does not match its name (damaged): left out");
+            return Ok(None);
+        }
+        match pack::parse_pack_header(&self.key, key, &data) {
+            Ok(blobs) => Ok(Some(pack::PackDesc {
+                id: *id,
+                size: data.len() as u64,
+                blobs,
+            })),
+            Err(e) => {
+                tracing::warn!("pack {key} left out: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Rebuild the index from the packs' headers: every pack in the storage is read (the
+    /// damaged ones are reported and left out), new index files are written, then the old
+    /// ones are removed. Holds the exclusive lock.
+    pub fn repair_index(&self) -> Result<RepairReport> {
+        check::repair_index(self)
+    }
+
     pub(crate) fn save_index(&self, packs: &[pack::PackDesc]) -> Result<u64> {
         let plain = pack::encode_index(packs);
-        let sealed = self.key.seal_file(INDEX_KIND, &plain);
-        self.backend
-            .put(&format!("index/{}", crypto::random_id()), &sealed)?;
+        let key = format!("index/{}", crypto::random_id());
+        let sealed = self.seal_file(INDEX_KIND, &key, &plain);
+        self.backend.put(&key, &sealed)?;
         Ok(sealed.len() as u64)
     }
 

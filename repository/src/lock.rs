@@ -7,7 +7,11 @@
 //! give up; never do both proceed.
 //!
 //! A lock is live while it was refreshed in the last 30 minutes, and, when it was taken on
-//! this host, while its process exists. Holders refresh every 5 minutes; a holder that
+//! this host, while its process exists. "This host" is the lock's `host_id` (machine-id,
+//! boot id and pid namespace), never its host name: two hypervisors cloned from one image,
+//! or two containers, share a host name, and a live backup on the other one must not be
+//! taken for stale because its pid does not exist here. A lock object that cannot be parsed
+//! is held (it blocks everybody) until `coldclone unlock KEY` removes it on purpose. Holders refresh every 5 minutes; a holder that
 //! could not refresh for too long fails instead of committing (its lock may have been taken
 //! for stale, so a prune may have run).
 //!
@@ -23,7 +27,7 @@
 use crate::backend::Backend;
 use crate::crypto::random_id;
 use crate::error::{RepoError, Result};
-use crate::util::{boottime_secs, hostname, now_unix, rfc3339};
+use crate::util::{boottime_secs, host_id, hostname, now_unix, rfc3339};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
@@ -50,6 +54,10 @@ pub fn set_lock_timings_for_tests(refresh_secs: u64, stale_secs: u64) {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub(crate) struct LockInfo {
     pub host: String,
+    /// Who can judge `pid`: see `util::host_id`. Empty in locks of older versions: their
+    /// pid is then never checked, only their age.
+    #[serde(default)]
+    pub host_id: String,
     pub pid: u32,
     pub time_unix: i64,
     pub exclusive: bool,
@@ -67,6 +75,7 @@ pub(crate) struct Now {
 
 impl LockInfo {
     /// `mtime`: the lock object's modification time in the storage (0 = unknown).
+    /// `my_host`: this process's `util::host_id` (empty: unknown, no pid is checked).
     pub(crate) fn is_stale(&self, now: Now, mtime: i64, my_host: &str) -> bool {
         let age = match now.storage {
             Some(t) if mtime > 0 => t - mtime,
@@ -77,7 +86,7 @@ impl LockInfo {
         if age > stale_secs() {
             return true;
         }
-        if self.host == my_host {
+        if !my_host.is_empty() && self.host_id == my_host {
             // SAFETY: kill with signal 0 only checks that the process exists.
             let r = unsafe { libc::kill(self.pid as libc::pid_t, 0) };
             if r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
@@ -158,12 +167,13 @@ pub(crate) fn remove_stale(backend: &dyn Backend) -> Result<usize> {
     let res = (|| {
         let locks = list_locks(backend)?;
         let now = now_for(&locks, &probe);
-        let host = hostname();
+        let host = host_id();
         let mut n = 0;
         for l in locks.iter().filter(|l| l.key != probe) {
             let stale = match &l.info {
                 Some(i) => i.is_stale(now, l.mtime, &host),
-                None => true,
+                // Unreadable: held until removed on purpose (`unlock`).
+                None => false,
             };
             if stale {
                 backend.delete(&l.key)?;
@@ -180,6 +190,7 @@ pub(crate) fn remove_stale(backend: &dyn Backend) -> Result<usize> {
 fn put_lock(backend: &dyn Backend, exclusive: bool, purpose: &str) -> Result<(String, LockInfo)> {
     let info = LockInfo {
         host: hostname(),
+        host_id: host_id(),
         pid: std::process::id(),
         time_unix: now_unix(),
         exclusive,
@@ -197,7 +208,7 @@ pub(crate) fn acquire(
     purpose: &str,
 ) -> Result<LockGuard> {
     let (key, info) = put_lock(backend.as_ref(), exclusive, purpose)?;
-    let host = info.host.clone();
+    let host = info.host_id.clone();
     let locks = match list_locks(backend.as_ref()) {
         Ok(l) => l,
         Err(e) => {
@@ -213,13 +224,19 @@ pub(crate) fn acquire(
             Some(i) if !i.is_stale(now, l.mtime, &host) && (exclusive || i.exclusive) => {
                 Some(format!("{} ({})", i.describe(), l.key))
             }
-            _ => None,
+            Some(_) => None,
+            // A lock nobody can read may be an exclusive one: held, for everybody.
+            None => Some(format!(
+                "an unreadable lock object {} (damaged or not written by coldclone); if no backup or prune is running anywhere, remove it with `coldclone unlock {}`",
+                l.key,
+                l.key.trim_start_matches("locks/")
+            )),
         })
         .collect();
     if !conflicts.is_empty() {
         let _ = backend.delete(&key);
         return Err(RepoError::Locked(format!(
-            "{}; wait for it to finish, or if its process is gone for good, remove that lock object from the repository",
+            "{}; wait for it to finish, or if its process is gone for good, remove that lock with `coldclone unlock KEY`",
             conflicts.join("; ")
         )));
     }
@@ -279,6 +296,29 @@ impl LockGuard {
             None => now_unix(),
         }
     }
+}
+
+/// Remove one lock object on purpose (`coldclone unlock KEY`): `name` is its key with or
+/// without `locks/`. Fails when there is no such lock.
+pub(crate) fn unlock(backend: &dyn Backend, name: &str) -> Result<String> {
+    let name = name.trim().trim_start_matches("locks/");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(RepoError::InvalidArgument(format!(
+            "{name:?} is not a lock name (see the `locks/...` key in the error that named it)"
+        )));
+    }
+    let key = format!("locks/{name}");
+    if !backend.list("locks")?.iter().any(|o| o.key == key) {
+        return Err(RepoError::InvalidArgument(format!(
+            "there is no lock {key} in the repository"
+        )));
+    }
+    backend.delete(&key)?;
+    Ok(key)
 }
 
 impl Drop for LockGuard {

@@ -301,6 +301,11 @@ pub(crate) struct Index {
     pub blobs: IdMap<BlobLoc>,
     /// Keys of the index files this was loaded from.
     pub files: Vec<String>,
+    /// Index files that could not be read (key, why).
+    pub damaged: Vec<(String, String)>,
+    /// Packs no readable index file lists, described from their headers (only read when
+    /// an index file is damaged).
+    pub recovered: Vec<PackDesc>,
 }
 
 impl Index {

@@ -6,8 +6,14 @@
 //! 2. copy the still-used blobs of mostly-unused packs into new packs (+ their index);
 //! 3. write one index listing every pack that stays;
 //! 4. delete the old index files;
-//! 5. delete packs no index lists any more (the dropped ones, and unindexed packs older
-//!    than `ORPHAN_GRACE_SECS`, left by killed backups).
+//! 5. delete packs no index lists any more (the dropped ones, and unindexed packs left by
+//!    killed backups).
+//!
+//! Young packs (written less than the grace period ago, 1 h, on the storage's clock) are
+//! never dropped, repacked or deleted, indexed or not: a backup whose lock this prune could
+//! not see as live (a holder whose refreshes did not arrive) may have written them and
+//! be about to commit a snapshot that uses them. While prune holds its exclusive lock no
+//! other lock is live, so "newer than the oldest live lock" is covered by the grace.
 
 use crate::backup::Packer;
 use crate::crypto::Id;
@@ -18,8 +24,21 @@ use crate::{Repository, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Unindexed packs younger than this are left alone.
+/// Temporary upload files younger than this are left alone.
 pub(crate) const ORPHAN_GRACE_SECS: i64 = 3600;
+
+static PACK_GRACE: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(3600);
+
+/// Set the age (seconds) below which prune leaves packs alone: for tests that prune data
+/// they have just written only. The default is one hour.
+#[doc(hidden)]
+pub fn set_prune_grace_for_tests(secs: i64) {
+    PACK_GRACE.store(secs.max(0), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn pack_grace() -> i64 {
+    PACK_GRACE.load(std::sync::atomic::Ordering::Relaxed)
+}
 /// Repack a pack when at least this share of its bytes is unused.
 const REPACK_UNUSED_SHARE: f64 = 0.3;
 
@@ -195,16 +214,29 @@ pub(crate) fn prune(
     let mut seen_packs = IdSet::default();
     for f in &index.files {
         let sealed = be.get(f)?;
-        let plain = repo.key.open_file(INDEX_KIND, f, &sealed)?;
+        let plain = repo.open_file(INDEX_KIND, f, &sealed)?;
         for p in decode_index(&plain, f)? {
             if seen_packs.insert(p.id) {
                 packs.push(p);
             }
         }
     }
+    // Packs of damaged index files, from their headers.
+    for p in &index.recovered {
+        if seen_packs.insert(p.id) {
+            packs.push(p.clone());
+        }
+    }
     let stored = be.list("data")?;
     // Pack ages on the storage's clock (the packs' times are the storage's), not ours.
     let now = lock.storage_now();
+    let grace = pack_grace();
+    // Young packs: left as they are (see the module's notes). mtime 0 = unknown: young.
+    let young: IdSet = stored
+        .iter()
+        .filter(|o| o.mtime == 0 || now - o.mtime < grace)
+        .filter_map(|o| id_from_hex(o.key.rsplit('/').next()?))
+        .collect();
 
     // Classify packs. One copy of each used blob is kept.
     let mut have = IdSet::default();
@@ -229,6 +261,11 @@ pub(crate) fn prune(
     order.sort_by(|a, b| b.cmp(a));
     for (_, i) in order {
         let p = &packs[i];
+        if young.contains(&p.id) {
+            have.extend(p.blobs.iter().map(|b| b.id));
+            keep_packs.push(p);
+            continue;
+        }
         let mut needed = Vec::new();
         let mut used_bytes = 0u64;
         for (k, b) in p.blobs.iter().enumerate() {
@@ -256,7 +293,7 @@ pub(crate) fn prune(
     let orphans: Vec<(Id, u64)> = stored
         .iter()
         .filter_map(|o| Some((id_from_hex(o.key.rsplit('/').next()?)?, o.size, o.mtime)))
-        .filter(|(id, _, mtime)| !indexed.contains(id) && now - mtime >= ORPHAN_GRACE_SECS)
+        .filter(|(id, _, _)| !indexed.contains(id) && !young.contains(id))
         .map(|(id, size, _)| (id, size))
         .collect();
 
@@ -313,8 +350,9 @@ pub(crate) fn prune(
         let kp: Vec<PackDesc> = keep_packs.iter().map(|p| (*p).clone()).collect();
         repo.save_index(&kp)?;
     }
-    // 4. old index files
-    for f in &index.files {
+    // 4. old index files (the damaged ones too: the packs they listed that are still
+    //    readable are in the index written in 3)
+    for f in index.files.iter().chain(index.damaged.iter().map(|d| &d.0)) {
         be.delete(f)?;
     }
     // 5. packs

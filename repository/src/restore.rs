@@ -11,8 +11,8 @@ use crate::{Repository, RestoreSummary, MAP_ENTRIES, ZERO_ID};
 const GROUP_SEGMENTS: usize = 16;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::Path;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -30,46 +30,26 @@ pub(crate) fn restore(
     repo: &Repository,
     id: &str,
     target: &Path,
+    opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreSummary> {
     let start = Instant::now();
     let snap = repo.find_snapshot(id)?;
     let _lock = repo.lock_for_reading("restore")?;
     let index = repo.load_index()?;
+    // Everything that can be checked without reading the data, before the first write.
+    validate(repo, &snap, &index)?;
     let tdisp = target.display().to_string();
     let terr = |e: std::io::Error| RepoError::Target {
         path: tdisp.clone(),
         source: e,
     };
-
-    let is_blockdev = std::fs::metadata(target)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
-    let file = if is_blockdev {
-        let f = OpenOptions::new().write(true).open(target).map_err(terr)?;
-        let dev_len = {
-            use std::io::Seek;
-            let mut r = &f;
-            r.seek(std::io::SeekFrom::End(0)).map_err(terr)?
-        };
-        if dev_len < snap.size {
-            return Err(RepoError::InvalidArgument(format!(
-                "block device {tdisp} has {dev_len} bytes, the snapshot needs {}",
-                snap.size
-            )));
-        }
-        f
-    } else {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(target)
-            .map_err(terr)?;
-        f.set_len(snap.size).map_err(terr)?;
-        f
-    };
-
+    let out = Output::open(target, snap.size, opts.force).map_err(|e| match e {
+        OpenError::Io(e) => terr(e),
+        OpenError::Refused(m) => RepoError::InvalidArgument(m),
+    })?;
+    let is_blockdev = out.is_blockdev();
+    let file = out.file();
     let cs = snap.chunk_size as u64;
     let len = snap.size;
     progress.set_total(len);
@@ -93,7 +73,7 @@ pub(crate) fn restore(
             let a = (seg * MAP_ENTRIES) as u64 * cs;
             let b = (a + MAP_ENTRIES as u64 * cs).min(len);
             if is_blockdev {
-                write_zeros(&file, a..b, &written, progress).map_err(terr)?;
+                write_zeros(file, a..b, &written, progress).map_err(terr)?;
             } else {
                 progress.advance(b - a);
             }
@@ -126,7 +106,7 @@ pub(crate) fn restore(
             &snap.id,
             &map,
             first,
-            &file,
+            file,
             is_blockdev,
             cs,
             len,
@@ -137,6 +117,7 @@ pub(crate) fn restore(
         seg = end;
     }
     file.sync_all().map_err(terr)?;
+    out.commit().map_err(terr)?;
     Ok(RestoreSummary {
         snapshot_id: snap.id,
         target: target.to_path_buf(),
@@ -144,6 +125,252 @@ pub(crate) fn restore(
         bytes_written: written.into_inner(),
         duration: start.elapsed(),
     })
+}
+
+/// How a restore treats its target.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Replace an existing file, or write over a block device (opened with O_EXCL, so not
+    /// while it is mounted or in use). Without it an existing target is refused.
+    pub force: bool,
+}
+
+/// The structure of a snapshot: every map blob readable and of the right length, every
+/// chunk in the index, every pack they are in present in the storage with its indexed size.
+fn validate(repo: &Repository, snap: &crate::Snapshot, index: &crate::pack::Index) -> Result<()> {
+    let cs = snap.chunk_size as u64;
+    if cs == 0 || snap.map.len() as u64 != snap.size.div_ceil(cs).div_ceil(MAP_ENTRIES as u64) {
+        return Err(RepoError::corrupt(
+            format!("snapshots/{}", snap.id),
+            "the number of map segments does not fit the disk size",
+        ));
+    }
+    let mut packs: IdMap<u64> = IdMap::default();
+    let mut known = IdMap::default();
+    let mut missing: Option<Id> = None;
+    repo.visit_map(snap, index, &mut known, |_, ids| {
+        for c in ids.iter().filter(|c| **c != ZERO_ID) {
+            match index.blobs.get(c) {
+                Some(l) => {
+                    let (pid, size) = index.packs[l.pack as usize];
+                    packs.insert(pid, size);
+                }
+                None => {
+                    missing.get_or_insert(*c);
+                }
+            }
+        }
+        Ok(true)
+    })?;
+    if let Some(c) = missing {
+        return Err(RepoError::corrupt(
+            format!("snapshots/{}", snap.id),
+            format!(
+                "chunk {} is in no index (data lost?); nothing was written",
+                crate::util::to_hex(&c)
+            ),
+        ));
+    }
+    let stored: IdMap<u64> = repo
+        .backend
+        .list("data")?
+        .into_iter()
+        .filter_map(|o| Some((crate::util::id_from_hex(o.key.rsplit('/').next()?)?, o.size)))
+        .collect();
+    for (pid, size) in &packs {
+        match stored.get(pid) {
+            Some(s) if s == size => {}
+            Some(s) => {
+                return Err(RepoError::corrupt(
+                    pack_key(pid),
+                    format!("{s} bytes, the index says {size}; nothing was written"),
+                ))
+            }
+            None => {
+                return Err(RepoError::corrupt(
+                    pack_key(pid),
+                    "missing from the storage; nothing was written",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+enum OpenError {
+    Io(std::io::Error),
+    Refused(String),
+}
+
+impl From<std::io::Error> for OpenError {
+    fn from(e: std::io::Error) -> Self {
+        OpenError::Io(e)
+    }
+}
+
+/// Where the restore writes: a block device in place, or a temporary file beside the
+/// target that replaces it only when complete (and is removed otherwise).
+enum Output {
+    Device(File),
+    Temp {
+        file: File,
+        tmp: PathBuf,
+        target: PathBuf,
+        replace: bool,
+        done: bool,
+    },
+}
+
+impl Output {
+    fn open(target: &Path, size: u64, force: bool) -> std::result::Result<Output, OpenError> {
+        let refuse = |m: String| Err(OpenError::Refused(m));
+        let t = target.display();
+        let (target, existing) = match std::fs::metadata(target) {
+            Ok(m) => (std::fs::canonicalize(target)?, Some(m)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (target.to_path_buf(), None),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(m) = &existing {
+            let ft = m.file_type();
+            if ft.is_block_device() {
+                if !force {
+                    return refuse(format!(
+                        "{t} is a block device: pass --force to overwrite it (all its data is replaced)"
+                    ));
+                }
+                // O_EXCL on a block device: refused while it is mounted or held open.
+                let f = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_EXCL)
+                    .open(&target)?;
+                let dev_len = {
+                    use std::io::Seek;
+                    let mut r = &f;
+                    r.seek(std::io::SeekFrom::End(0))?
+                };
+                if dev_len < size {
+                    return refuse(format!(
+                        "block device {t} has {dev_len} bytes, the snapshot needs {size}"
+                    ));
+                }
+                return Ok(Output::Device(f));
+            }
+            if !ft.is_file() {
+                return refuse(format!("{t} is neither a file nor a block device"));
+            }
+            if !force {
+                return refuse(format!(
+                    "{t} exists: pass --force to replace it, or name a new file"
+                ));
+            }
+        }
+        let name = target
+            .file_name()
+            .ok_or_else(|| OpenError::Refused(format!("{t} does not name a file")))?;
+        let tmp = target.with_file_name(format!(
+            ".{}.coldclone-restore-{}-{}",
+            name.to_string_lossy(),
+            std::process::id(),
+            &crate::crypto::random_id()[..8]
+        ));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let out = Output::Temp {
+            file,
+            tmp,
+            target,
+            replace: existing.is_some(),
+            done: false,
+        };
+        out.file().set_len(size)?;
+        Ok(out)
+    }
+
+    fn file(&self) -> &File {
+        match self {
+            Output::Device(f) => f,
+            Output::Temp { file, .. } => file,
+        }
+    }
+
+    fn is_blockdev(&self) -> bool {
+        matches!(self, Output::Device(_))
+    }
+
+    /// Put the complete temporary file in the target's place.
+    fn commit(mut self) -> std::io::Result<()> {
+        let Output::Temp {
+            tmp,
+            target,
+            replace,
+            done,
+            ..
+        } = &mut self
+        else {
+            return Ok(());
+        };
+        if *replace {
+            std::fs::rename(&*tmp, &*target)?;
+        } else {
+            rename_noreplace(tmp, target)?;
+        }
+        *done = true;
+        if let Some(dir) = target.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if let Output::Temp {
+            tmp, done: false, ..
+        } = self
+        {
+            let _ = std::fs::remove_file(&*tmp);
+        }
+    }
+}
+
+/// Rename without replacing what appeared at `to` meanwhile.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A file system without RENAME_NOREPLACE: a hard link fails if the target exists.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(e),
+    }
 }
 
 /// Write zeros over `r` of a block device (a hole of the snapshot).

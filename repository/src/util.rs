@@ -112,6 +112,34 @@ pub(crate) fn hostname() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
+/// Who this process is, for judging whether a lock's pid can be checked here: the
+/// machine-id (differs between installations), the boot id (differs between two hosts
+/// cloned from one image, which share a machine-id, and after every reboot) and the pid
+/// namespace (differs between containers of one kernel). Empty when none can be read: no
+/// lock is then judged by its pid.
+pub(crate) fn host_id() -> String {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let machine = read("/etc/machine-id").or_else(|| read("/var/lib/dbus/machine-id"));
+        let boot = read("/proc/sys/kernel/random/boot_id");
+        let pidns = std::fs::read_link("/proc/self/ns/pid")
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+        match (machine, boot, pidns) {
+            // The boot id alone tells hosts apart; the machine-id is extra.
+            (m, Some(b), Some(ns)) => format!("{}/{b}/{ns}", m.unwrap_or_default()),
+            _ => String::new(),
+        }
+    })
+    .clone()
+}
+
 /// Chunk ids are uniformly random (keyed BLAKE3): their first 8 bytes are a perfect hash.
 #[derive(Default, Clone, Copy)]
 pub(crate) struct IdHasher(u64);

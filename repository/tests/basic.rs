@@ -49,7 +49,7 @@ fn init_open_backup_restore_roundtrip() {
 
     let out = dir.path().join("restored.img");
     let r = repo
-        .restore(&sum.snapshot_id[..8], &out, &NoProgress)
+        .restore_with(&sum.snapshot_id[..8], &out, &FORCE, &NoProgress)
         .unwrap();
     assert_eq!(r.bytes, img.len() as u64);
     let got = std::fs::read(&out).unwrap();
@@ -97,8 +97,24 @@ fn find_latest_and_prefixes() {
         .unwrap();
     assert_eq!(repo.snapshots().unwrap().len(), 3);
     let latest = repo.find_latest("vm1", "a").unwrap().unwrap();
-    // Same second is possible: latest is by (time, id); it must be a or b, and b if later.
-    assert!(latest.id == b.snapshot_id || latest.id == a.snapshot_id);
+    // Both in one second, likely: the sequence number, not the random id, says b is later.
+    assert_eq!(latest.id, b.snapshot_id);
+    let order: Vec<String> = repo
+        .snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    let (pa, pb) = (
+        order.iter().position(|i| *i == a.snapshot_id).unwrap(),
+        order.iter().position(|i| *i == b.snapshot_id).unwrap(),
+    );
+    assert!(pa < pb, "a listed after b: {order:?}");
+    // Too short a prefix names nothing, even when it is unique today.
+    assert!(matches!(
+        repo.find_snapshot(&a.snapshot_id[..1]),
+        Err(RepoError::InvalidArgument(_))
+    ));
     assert_eq!(
         repo.find_latest("vm2", "a").unwrap().unwrap().id,
         c.snapshot_id
@@ -160,10 +176,12 @@ fn incremental_with_changed_ranges_reads_only_changes() {
     assert!(inc.stored_bytes < 120_000, "stored {}", inc.stored_bytes);
     assert_eq!(inc.reused_unread_chunks, 256 - 3);
     let out = dir.path().join("r.img");
-    repo.restore(&inc.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&inc.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == img);
     // The full one still restores the old content.
-    repo.restore(&full.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&full.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == random_bytes(7, 4 << 20));
 
     // Without a changed map: everything is read, still only changes are stored.
@@ -181,7 +199,8 @@ fn incremental_with_changed_ranges_reads_only_changes() {
         .unwrap();
     assert_eq!(inc2.bytes_read, 4 << 20);
     assert_eq!(inc2.new_chunks, 1);
-    repo.restore(&inc2.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&inc2.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == img);
 }
 
@@ -212,7 +231,8 @@ fn growing_disk_with_changed_ranges() {
         )
         .unwrap();
     let out = dir.path().join("r.img");
-    repo.restore(&b.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&b.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == img);
 }
 
@@ -250,7 +270,8 @@ fn sparse_source_and_sparse_restore() {
         );
     }
     let out = dir.path().join("out.img");
-    repo.restore(&s.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&s.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     let md = std::fs::metadata(&out).unwrap();
     assert_eq!(md.len(), size);
     assert!(
@@ -317,8 +338,36 @@ fn restore_to_a_block_device_writes_every_byte() {
             &NoProgress,
         )
         .unwrap();
-    let r = repo
+    // A device is overwritten only with force, and not while someone holds it exclusively
+    // (a mounted file system does).
+    let e = repo
         .restore(&s.snapshot_id, std::path::Path::new(&dev), &NoProgress)
+        .unwrap_err();
+    assert!(e.to_string().contains("--force"), "{e}");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _held = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&dev)
+            .unwrap();
+        let e = repo
+            .restore_with(
+                &s.snapshot_id,
+                std::path::Path::new(&dev),
+                &FORCE,
+                &NoProgress,
+            )
+            .unwrap_err();
+        assert!(matches!(e, RepoError::Target { .. }), "{e}");
+    }
+    let r = repo
+        .restore_with(
+            &s.snapshot_id,
+            std::path::Path::new(&dev),
+            &FORCE,
+            &NoProgress,
+        )
         .unwrap();
     assert_eq!(r.bytes_written, img.len() as u64);
     let got = std::fs::read(&dev).unwrap();
@@ -388,7 +437,8 @@ fn large_sparse_disk_spans_many_map_segments() {
     // The last change crosses a chunk boundary: four chunks read.
     assert_eq!(inc.bytes_read, 4 * 4096);
     let out = dir.path().join("out.img");
-    repo.restore(&inc.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&inc.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(
         std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap(),
         "incremental restore differs"
@@ -437,7 +487,7 @@ fn restore_from_a_read_only_repository() {
     };
     let r = Repository::open(&Location::Local(path), "pw").unwrap();
     let out = dir.path().join("out");
-    let res = r.restore(&s.snapshot_id, &out, &NoProgress);
+    let res = r.restore_with(&s.snapshot_id, &out, &FORCE, &NoProgress);
     let chk = r.check(false);
     if mounted {
         let _ = std::process::Command::new("umount").arg(&ro).status();
@@ -471,9 +521,11 @@ fn empty_and_all_zero_disks() {
     assert_eq!(z.new_chunks, 0);
     assert_eq!(z.zero_chunks, 64);
     let out = dir.path().join("out");
-    repo.restore(&e.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&e.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 0);
-    repo.restore(&z.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&z.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == vec![0u8; 1 << 20]);
     assert!(repo.check(true).unwrap().ok);
 }
@@ -495,4 +547,31 @@ fn snapshot_json_for_reports_leaves_out_the_map() {
     let j = serde_json::to_string(s).unwrap();
     assert!(!j.contains("\"map\""), "{j}");
     assert!(j.contains("\"vm\":\"vm\""));
+}
+
+#[test]
+fn forget_run_forgets_every_disk_of_one_run() {
+    let dir = TempDir::new("forgetrun");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(4096)).unwrap();
+    let tagged = |disk: &str, run: &str| {
+        let mut m = meta("vm1", disk);
+        m.tags.insert("run".into(), run.into());
+        m
+    };
+    for (disk, run) in [("a", "r1"), ("b", "r1"), ("a", "r2")] {
+        repo.backup_disk(
+            &MemSource(random_bytes(9, 9000)),
+            tagged(disk, run),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    }
+    assert_eq!(repo.forget_run("r1").unwrap().len(), 2);
+    assert!(repo.forget_run("r1").unwrap().is_empty());
+    assert!(repo.forget_run("").is_err());
+    let left = repo.snapshots().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].tags["run"], "r2");
 }

@@ -75,7 +75,7 @@ fn latest_snapshot_and_retention_follow_the_order_of_backups_not_the_clock() {
     assert_eq!(latest(&repo), d);
     assert_eq!(repo.find_latest("vm", "xvda").unwrap().unwrap().id, d);
     let out = dir.path().join("out");
-    repo.restore(&d, &out, &NoProgress).unwrap();
+    repo.restore_with(&d, &out, &FORCE, &NoProgress).unwrap();
     assert!(
         std::fs::read(&out).unwrap() == img,
         "D restores the disk as it was"
@@ -118,7 +118,7 @@ fn latest_snapshot_and_retention_follow_the_order_of_backups_not_the_clock() {
     assert_eq!(ids(&r), vec![d.clone()], "{r:?}");
     assert_eq!(r.removed.len(), 3);
     let _ = (a, c);
-    repo.restore(&d, &out, &NoProgress).unwrap();
+    repo.restore_with(&d, &out, &FORCE, &NoProgress).unwrap();
     assert!(std::fs::read(&out).unwrap() == img);
     let c = repo.check(true).unwrap();
     assert!(c.ok, "{c:?}");

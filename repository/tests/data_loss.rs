@@ -30,7 +30,7 @@ fn incremental(parent: &str, changed: &[std::ops::Range<u64>]) -> BackupOptions 
 
 fn restored(repo: &Repository, id: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join("restored");
-    repo.restore(id, &out, &NoProgress).unwrap();
+    repo.restore_with(id, &out, &FORCE, &NoProgress).unwrap();
     std::fs::read(&out).unwrap()
 }
 
@@ -114,8 +114,10 @@ fn a_disk_that_shrinks_restores_at_its_new_size() {
     assert_eq!(b.bytes, 600_077);
     // Restored over the bigger disk's image: the file takes the smaller size.
     let out = dir.path().join("restored");
-    repo.restore(&a.snapshot_id, &out, &NoProgress).unwrap();
-    repo.restore(&b.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&a.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
+    repo.restore_with(&b.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == small, "shrunk disk differs");
     // Shrinks again, to a whole number of chunks, with no changed-block map; then grows.
     let smaller = small[..40 * 4096].to_vec();
@@ -264,6 +266,8 @@ fn prune_loop_process_helper() {
     let Ok(root) = std::env::var(PRUNE_ENV) else {
         return;
     };
+    // The data here is seconds old: the lock, not the grace for young packs, is tested.
+    set_prune_grace_for_tests(0);
     let root = PathBuf::from(root);
     let stop = root.with_file_name("stop");
     let t = Instant::now();
@@ -360,4 +364,89 @@ fn prune_process_beside_a_backup_process_loses_nothing() {
     let c = repo.check(true).unwrap();
     assert!(c.ok, "{c:?}");
     assert!(restored(&repo, &id, dir.path()) == running_backup_image());
+}
+
+/// Flip one byte in the middle of the largest pack: a chunk in it fails authentication.
+fn damage_a_pack(root: &Path) {
+    let mut packs: Vec<PathBuf> = Vec::new();
+    for d in std::fs::read_dir(root.join("data")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            packs.push(f.unwrap().path());
+        }
+    }
+    let p = packs
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut b = std::fs::read(p).unwrap();
+    let mid = b.len() / 3;
+    b[mid] ^= 0x40;
+    std::fs::write(p, b).unwrap();
+}
+
+#[test]
+fn a_failed_restore_leaves_the_existing_target_as_it_was() {
+    // Finding 7: restore used to truncate its target first, write what it could and fail.
+    let dir = TempDir::new("restoretarget");
+    let root = dir.path().join("repo");
+    let repo = Repository::init_with(&Location::Local(root.clone()), "pw", &opts(4096)).unwrap();
+    let img = random_bytes(3, 3 << 20);
+    let s = backup(&repo, &img, meta("vm", "xvda"), BackupOptions::default());
+    let target = dir.path().join("vm.img");
+    let before = random_bytes(4, 5 << 20);
+    std::fs::write(&target, &before).unwrap();
+
+    // Without force an existing file is refused, and left alone.
+    let e = repo
+        .restore(&s.snapshot_id, &target, &NoProgress)
+        .unwrap_err();
+    assert!(e.to_string().contains("--force"), "{e}");
+    assert!(std::fs::read(&target).unwrap() == before);
+
+    // With force, a chunk that fails authentication half-way leaves the target unchanged
+    // and no temporary file behind.
+    damage_a_pack(&root);
+    let e = repo
+        .restore_with(&s.snapshot_id, &target, &FORCE, &NoProgress)
+        .unwrap_err();
+    assert!(matches!(e, RepoError::Corrupt { .. }), "{e}");
+    assert!(
+        std::fs::read(&target).unwrap() == before,
+        "the failed restore changed the target"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("coldclone-restore"))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+
+    // A snapshot whose pack is gone is refused before anything is created.
+    let s2 = backup(
+        &repo,
+        &random_bytes(5, 100_000),
+        meta("vm", "xvdb"),
+        BackupOptions::default(),
+    );
+    let newest = std::fs::read_dir(root.join("data"))
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+        .unwrap();
+    std::fs::remove_file(newest).unwrap();
+    let fresh = dir.path().join("fresh.img");
+    assert!(repo.restore(&s2.snapshot_id, &fresh, &NoProgress).is_err());
+    assert!(!fresh.exists());
+
+    // A good restore with force replaces the file whole.
+    let s3 = backup(
+        &repo,
+        &random_bytes(6, 200_000),
+        meta("vm", "xvdc"),
+        BackupOptions::default(),
+    );
+    repo.restore_with(&s3.snapshot_id, &target, &FORCE, &NoProgress)
+        .unwrap();
+    assert!(std::fs::read(&target).unwrap() == random_bytes(6, 200_000));
 }

@@ -114,7 +114,7 @@ fn a_disk_of_more_than_2_pow_32_chunks_backs_up_and_restores() {
     let check_restore = |id: &str, expect: &[(u64, Vec<u8>)]| {
         let out = mnt.join("out.img");
         let t = std::time::Instant::now();
-        let r = repo.restore(id, &out, &NoProgress).unwrap();
+        let r = repo.restore_with(id, &out, &FORCE, &NoProgress).unwrap();
         eprintln!("restore: {:?}", t.elapsed());
         assert_eq!(r.bytes, size);
         assert_eq!(std::fs::metadata(&out).unwrap().len(), size);

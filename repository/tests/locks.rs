@@ -60,3 +60,120 @@ fn a_long_backup_keeps_its_lock_alive_and_prune_waits() {
     repo.prune(&RetentionPolicy::default(), false).unwrap();
     assert!(repo.check(true).unwrap().ok);
 }
+
+/// A pid that existed a moment ago and does not any more.
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
+#[test]
+fn a_live_backup_on_a_cloned_host_of_the_same_name_is_not_taken_for_stale() {
+    // Finding 6: two hypervisors cloned from one image share a host name. The other one's
+    // backup holds a fresh lock whose pid does not exist here: it is live all the same.
+    let dir = TempDir::new("clonedhost");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    let now = real_now();
+    let lock = serde_json::json!({"host": host, "host_id": "another-machine/another-boot/pid:[1]",
+        "pid": dead_pid(), "time_unix": now, "exclusive": false, "purpose": "backup"});
+    std::fs::write(root.join("locks/clone"), lock.to_string()).unwrap();
+    let r = repo.prune(&RetentionPolicy::default(), false);
+    assert!(
+        matches!(r, Err(RepoError::Locked(_))),
+        "prune ran beside the cloned host's live backup: {r:?}"
+    );
+    assert_eq!(repo.remove_stale_locks().unwrap(), 0);
+    // A lock of an older version (no host id) is judged by its age only.
+    let lock = serde_json::json!({"host": host, "pid": dead_pid(), "time_unix": now,
+        "exclusive": false, "purpose": "backup"});
+    std::fs::write(root.join("locks/clone"), lock.to_string()).unwrap();
+    assert!(matches!(
+        repo.prune(&RetentionPolicy::default(), false),
+        Err(RepoError::Locked(_))
+    ));
+    std::fs::remove_file(root.join("locks/clone")).unwrap();
+    // This host's own dead process: stale.
+    let mine = serde_json::json!({"host": host, "host_id": own_host_id(&root), "pid": dead_pid(),
+        "time_unix": now, "exclusive": false, "purpose": "backup"});
+    std::fs::write(root.join("locks/mine"), mine.to_string()).unwrap();
+    repo.prune(&RetentionPolicy::default(), false).unwrap();
+    assert_eq!(repo.remove_stale_locks().unwrap(), 1);
+}
+
+/// This host's id as a lock of this process records it.
+fn own_host_id(root: &std::path::Path) -> String {
+    let loc = Location::Local(root.to_path_buf());
+    let repo = Repository::open(&loc, "pw").unwrap();
+    // A backup of a slow disk holds its lock long enough to read it.
+    let src = Slow(MemSource(vec![1u8; 20_000]));
+    std::thread::scope(|s| {
+        let b = s.spawn(|| {
+            repo.backup_disk(
+                &src,
+                meta("vm", "d"),
+                &BackupOptions::default(),
+                &NoProgress,
+            )
+        });
+        let id = loop {
+            let found = std::fs::read_dir(root.join("locks"))
+                .unwrap()
+                .filter_map(|e| std::fs::read(e.unwrap().path()).ok())
+                .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .find(|v| v["pid"] == std::process::id());
+            if let Some(v) = found {
+                break v["host_id"].as_str().unwrap().to_string();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        b.join().unwrap().unwrap();
+        assert!(!id.is_empty(), "this host has no host id");
+        id
+    })
+}
+
+#[test]
+fn an_unreadable_lock_is_held_until_unlocked_on_purpose() {
+    // Finding 13: a lock object nobody can parse may be an exclusive one.
+    let dir = TempDir::new("badlock");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    std::fs::write(root.join("locks/0badc0de"), b"{not json").unwrap();
+    let e = repo
+        .backup_disk(
+            &MemSource(vec![1; 5000]),
+            meta("vm", "d"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, RepoError::Locked(_)) && msg.contains("coldclone unlock 0badc0de"),
+        "{msg}"
+    );
+    assert!(matches!(
+        repo.prune(&RetentionPolicy::default(), false),
+        Err(RepoError::Locked(_))
+    ));
+    assert_eq!(repo.remove_stale_locks().unwrap(), 0);
+    assert!(repo.unlock("nonexistent").is_err());
+    assert!(repo.unlock("../config").is_err());
+    assert_eq!(repo.unlock("0badc0de").unwrap(), "locks/0badc0de");
+    repo.backup_disk(
+        &MemSource(vec![1; 5000]),
+        meta("vm", "d"),
+        &BackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+}

@@ -96,10 +96,11 @@ fn corrupted_chunk_is_reported_with_the_snapshots_it_hurts() {
     // Restore of a hurt snapshot fails loudly, never writes wrong data silently.
     let out = dir.path().join("out");
     assert!(matches!(
-        repo.restore(&sa.snapshot_id, &out, &NoProgress),
+        repo.restore_with(&sa.snapshot_id, &out, &FORCE, &NoProgress),
         Err(RepoError::Corrupt { .. })
     ));
-    repo.restore(&sc.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&sc.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
 }
 
 #[test]
@@ -167,7 +168,7 @@ fn forget_and_prune_free_space_and_keep_the_rest_restorable() {
     for k in &r.kept {
         let i = ids.iter().position(|x| *x == k.id).unwrap();
         let out = dir.path().join("out");
-        repo.restore(&k.id, &out, &NoProgress).unwrap();
+        repo.restore_with(&k.id, &out, &FORCE, &NoProgress).unwrap();
         assert!(std::fs::read(&out).unwrap() == imgs[i]);
     }
 
@@ -214,4 +215,165 @@ fn prune_is_refused_while_a_lock_is_live() {
         )
         .unwrap_err();
     assert!(matches!(e, RepoError::Locked(_)), "{e}");
+}
+
+fn files_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn flip_byte(p: &Path, at: usize) {
+    let mut b = std::fs::read(p).unwrap();
+    let at = at.min(b.len() - 1);
+    b[at] ^= 0x20;
+    std::fs::write(p, b).unwrap();
+}
+
+#[test]
+fn a_damaged_index_file_blocks_no_restore_backup_or_prune() {
+    // Finding 8: one bad index file used to fail every restore, backup and prune.
+    let dir = TempDir::new("badindex");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    let (a, b) = (disk_image(1, 2 << 20), disk_image(2, 2 << 20));
+    let sa = backup(&repo, &a, "vm1");
+    let sb = backup(&repo, &b, "vm2");
+    let idx = files_in(&root.join("index"));
+    assert_eq!(idx.len(), 2);
+    for f in &idx {
+        flip_byte(f, 40);
+    }
+    // Restores: the packs are read from their headers.
+    let out = dir.path().join("out");
+    for (s, img) in [(&sa, &a), (&sb, &b)] {
+        repo.restore_with(&s.snapshot_id, &out, &FORCE, &NoProgress)
+            .unwrap();
+        assert!(std::fs::read(&out).unwrap() == *img);
+    }
+    // check reports the damaged files and names the repair, but finds every chunk.
+    let c = repo.check(true).unwrap();
+    assert!(!c.ok);
+    assert_eq!(c.errors.len(), 2, "{:?}", c.errors);
+    assert!(c.errors.iter().all(|e| e.contains("repair-index")), "{c:?}");
+    assert!(c.damaged_snapshots.is_empty(), "{c:?}");
+    // A backup still deduplicates against the packs of the damaged files.
+    let again = backup(&repo, &a, "vm1");
+    assert_eq!(again.new_chunks, 0);
+    // Prune frees vm2's data, writes one index for what stays and removes the damaged
+    // files.
+    repo.forget(&sb.snapshot_id).unwrap();
+    let p = repo.prune(&RetentionPolicy::default(), false).unwrap();
+    assert!(p.packs_deleted > 0, "{p:?}");
+    for f in &idx {
+        assert!(!f.exists(), "damaged index {} left", f.display());
+    }
+    let c = repo.check(true).unwrap();
+    assert!(c.ok, "{c:?}");
+    repo.restore_with(&again.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == a);
+}
+
+#[test]
+fn repair_index_rebuilds_the_index_from_the_packs() {
+    let dir = TempDir::new("repairindex");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    let a = disk_image(3, 3 << 20);
+    let s = backup(&repo, &a, "vm1");
+    let idx = files_in(&root.join("index"));
+    flip_byte(&idx[0], 30);
+    // One pack damaged too: it is reported and left out.
+    let mut ps = packs(&root);
+    ps.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let victim = ps[0].clone();
+    flip_byte(&victim, 10);
+    let r = repo.repair_index().unwrap();
+    assert_eq!(r.packs_read as usize, ps.len() - 1, "{r:?}");
+    assert_eq!(r.unreadable_packs.len(), 1, "{r:?}");
+    assert!(r.unreadable_packs[0].ends_with(&*victim.file_name().unwrap().to_string_lossy()));
+    assert_eq!(r.index_files_removed, 1);
+    assert!(!idx[0].exists());
+    let c = repo.check(false).unwrap();
+    assert!(c.errors.iter().all(|e| !e.contains("index file")), "{c:?}");
+    // Undamaged, it restores whole again after a second repair (nothing left out).
+    flip_byte(&victim, 10);
+    let r = repo.repair_index().unwrap();
+    assert!(r.unreadable_packs.is_empty(), "{r:?}");
+    assert!(repo.check(true).unwrap().ok);
+    let out = dir.path().join("out");
+    repo.restore(&s.snapshot_id, &out, &NoProgress).unwrap();
+    assert!(std::fs::read(&out).unwrap() == a);
+}
+
+#[test]
+fn the_repository_is_untrusted_storage() {
+    // Finding 13.
+    let dir = TempDir::new("untrusted");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let repo = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    assert_eq!(repo.config().version, 2);
+    let s = backup(&repo, &disk_image(4, 1 << 20), "vm1");
+    drop(repo);
+
+    // `config` is authenticated: one pack per blob is not for a stranger to decide.
+    let cfg_path = root.join("config");
+    let good_cfg = std::fs::read(&cfg_path).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&good_cfg).unwrap();
+    cfg["pack_size"] = serde_json::json!(2 << 20);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = Repository::open(&loc, "pw")
+        .err()
+        .expect("a changed config opened");
+    assert!(matches!(e, RepoError::Corrupt { .. }), "{e}");
+    cfg["pack_size"] = serde_json::json!(0);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    assert!(Repository::open(&loc, "pw").is_err());
+    std::fs::write(&cfg_path, &good_cfg).unwrap();
+
+    // A snapshot file copied under another name is not a second snapshot.
+    let copy = "ab".repeat(32);
+    std::fs::copy(
+        root.join("snapshots").join(&s.snapshot_id),
+        root.join("snapshots").join(&copy),
+    )
+    .unwrap();
+    let repo = Repository::open(&loc, "pw").unwrap();
+    let ids: Vec<String> = repo
+        .snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(ids, vec![s.snapshot_id.clone()]);
+    assert!(repo.find_snapshot(&copy).is_err());
+    std::fs::remove_file(root.join("snapshots").join(&copy)).unwrap();
+
+    // Argon2 parameters from a key file are bounded: 4e9 KiB aborted the process, a huge
+    // t_cost hung it. Such a key file is refused, and does not hide the good one.
+    let keys = files_in(&root.join("keys"));
+    let good_key = std::fs::read(&keys[0]).unwrap();
+    let mut kf: serde_json::Value = serde_json::from_slice(&good_key).unwrap();
+    for (m, t) in [(4_000_000_000u64, 1u64), (64, 4_000_000_000)] {
+        kf["params"]["m_cost_kib"] = serde_json::json!(m);
+        kf["params"]["t_cost"] = serde_json::json!(t);
+        std::fs::write(root.join("keys").join("planted"), kf.to_string()).unwrap();
+        let t0 = std::time::Instant::now();
+        Repository::open(&loc, "pw").unwrap();
+        std::fs::remove_file(&keys[0]).unwrap();
+        let e = Repository::open(&loc, "pw")
+            .err()
+            .expect("opened with a planted key file");
+        assert!(e.to_string().contains("out of bounds"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+        std::fs::write(&keys[0], &good_key).unwrap();
+    }
 }

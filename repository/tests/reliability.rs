@@ -112,7 +112,8 @@ fn kill9_during_backup_leaves_a_valid_repository() {
         )
         .unwrap();
     let out = dir.path().join("out");
-    repo.restore(&s.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&s.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == img);
 }
 
@@ -182,7 +183,8 @@ fn full_disk_gives_a_clear_error_and_no_damage() {
     // Prune frees the space the failed backup took; then a small backup fits again.
     repo.prune(&RetentionPolicy::default(), false).unwrap();
     let out = dir.path().join("out");
-    repo.restore(&first.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&first.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == small);
     repo.backup_disk(
         &MemSource(random_bytes(3, 1 << 20)),
@@ -264,7 +266,7 @@ fn concurrent_writer_processes_share_one_repository() {
     assert!(c.ok, "{c:?}");
     for (k, id) in &ids {
         let out = dir.path().join(format!("out{k}"));
-        repo.restore(id, &out, &NoProgress).unwrap();
+        repo.restore_with(id, &out, &FORCE, &NoProgress).unwrap();
         let mut img = random_bytes(777, 2 << 20);
         img.extend(random_bytes(1000 + k, 6 << 20));
         assert!(

@@ -101,7 +101,7 @@ fn full_cycle(port: u16) {
     let dir = TempDir::new("s3");
     for (i, id) in ids.iter().enumerate() {
         let out = dir.path().join(format!("out{i}"));
-        repo2.restore(id, &out, &NoProgress).unwrap();
+        repo2.restore_with(id, &out, &FORCE, &NoProgress).unwrap();
         assert!(
             std::fs::read(&out).unwrap() == imgs[i],
             "restore {i} differs"
@@ -124,7 +124,8 @@ fn full_cycle(port: u16) {
         .unwrap();
     assert!(inc.bytes_read <= 2 * 16384);
     let out = dir.path().join("inc");
-    repo.restore(&inc.snapshot_id, &out, &NoProgress).unwrap();
+    repo.restore_with(&inc.snapshot_id, &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == img);
 
     // forget + prune over S3.
@@ -134,7 +135,8 @@ fn full_cycle(port: u16) {
     assert!(p.bytes_freed > 0, "{p:?}");
     let c = repo.check(true).unwrap();
     assert!(c.ok, "{c:?}");
-    repo.restore(&ids[2], &out, &NoProgress).unwrap();
+    repo.restore_with(&ids[2], &out, &FORCE, &NoProgress)
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == imgs[2]);
 
     // Another prefix in the same bucket is another (absent) repository.
@@ -193,7 +195,7 @@ fn listing_beyond_one_page(server_port: u16, plant: Plant) {
         assert_eq!(&repo.find_snapshot(&id[..12]).unwrap().id, id);
         let dir = TempDir::new("big");
         let out = dir.path().join("out");
-        repo.restore(id, &out, &NoProgress).unwrap();
+        repo.restore_with(id, &out, &FORCE, &NoProgress).unwrap();
         assert!(std::fs::read(&out).unwrap() == *img);
     }
     let c = repo.check(false).unwrap();

@@ -35,7 +35,7 @@ fn backup(
 fn restored(repo: &Repository, id: &str) -> Vec<u8> {
     let dir = TempDir::new("s3f");
     let out = dir.path().join("out");
-    repo.restore(id, &out, &NoProgress).unwrap();
+    repo.restore_with(id, &out, &FORCE, &NoProgress).unwrap();
     std::fs::read(&out).unwrap()
 }
 

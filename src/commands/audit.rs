@@ -4,10 +4,10 @@ use super::{host_name, open_repository};
 use crate::audit::{self, AuditReport, BootResult, Examination};
 use crate::config::{Config, VmConfig, DEFAULT_HEARTBEAT};
 use crate::journal::{RunJournal, Undo};
-use crate::pipeline::{backup_vm, new_run_id, RunContext};
+use crate::pipeline::{backup_vm, isolate, new_run_id, RunContext};
 use anyhow::{bail, Context, Result};
-use coldclone_backends::qemu::QemuBackend;
-use coldclone_backends::{backend_for, CloneNetwork, Journal, Resource, VmLocator};
+use coldclone_backends::shared::SharedResource;
+use coldclone_backends::{backend_for, BootSpec, Journal};
 use coldclone_repository::{NoProgress, Repository};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -26,16 +26,24 @@ impl Scratch {
         let id = format!("audit-{}", new_run_id());
         let mut journal = RunJournal::create(&cfg.state_dir, &id, vm)?;
         let dir = cfg.state_dir.join("runs").join(&id);
-        journal.will_create(&Resource::Dir { path: dir.clone() })?;
+        journal.will_create(&SharedResource::Dir { path: dir.clone() }.into())?;
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         Ok(Scratch { dir, journal, id })
     }
 
     fn finish(mut self, repo: &Repository) -> Result<()> {
-        let forget = |r: &str| super::recover::forget_run(repo, r);
+        let forget = |r: &str| crate::journal::forget_run(repo, r);
+        let state_dir = self
+            .dir
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
         let failed = self.journal.undo_all(&Undo {
             forget_run: &forget,
+            scope: coldclone_backends::RecoverScope {
+                state_dir: state_dir.to_path_buf(),
+            },
         });
         if !failed.is_empty() {
             bail!(
@@ -114,12 +122,15 @@ fn boot(
         console_tail: String::new(),
         reason: Some(reason),
     };
-    let Some(loc @ VmLocator::Qemu { .. }) = vm.locator() else {
-        return not(
-            "boot tests run the VM's own QEMU command line; this VM is not a QEMU VM".into(),
-        );
+    let not_qemu = "boot tests run the VM's own QEMU command line; this VM is not a QEMU VM";
+    let Some(backend) = vm
+        .locator()
+        .map(|loc| (backend_for(&loc), loc))
+        .filter(|(b, _)| b.can_boot_test())
+    else {
+        return not(not_qemu.into());
     };
-    let backend = backend_for(&loc);
+    let (backend, loc) = backend;
     let info = match backend.inspect(&loc) {
         Ok(i) => i,
         Err(e) => {
@@ -128,46 +139,24 @@ fn boot(
             ))
         }
     };
-    let short = &scratch.id[scratch.id.len() - 6..];
-    let namespace = network_isolation::Namespace(cfg.isolation.netns.clone());
-    let bridge = format!("ccbr{short}");
-    let made = scratch
-        .journal
-        .will_create(&Resource::Bridge {
-            namespace: namespace.0.clone(),
-            name: bridge.clone(),
-        })
-        .map_err(|e| e.to_string())
-        .and_then(|_| {
-            network_isolation::create_bridge(&namespace, &bridge).map_err(|e| e.to_string())
-        });
-    if let Err(e) = made {
-        return not(format!("could not make an isolated bridge: {e}"));
-    }
-    let net = CloneNetwork {
-        namespace,
-        bridge,
-        tap_prefix: format!("cc{short}t"),
+    let net = match isolate::linux_bridge(&mut scratch.journal, &scratch.id, &cfg.isolation) {
+        Ok(net) => net,
+        Err(e) => return not(format!("could not make an isolated bridge: {e}")),
     };
     let heartbeat = vm
         .audit_heartbeat
         .clone()
         .unwrap_or_else(|| DEFAULT_HEARTBEAT.to_string());
     let name = format!("coldclone-audit-{}", scratch.id);
-    let qemu = match &loc {
-        VmLocator::Qemu { options, .. } => QemuBackend::with_options(options),
-        _ => QemuBackend::default(),
-    };
-    match qemu.boot_test(
-        &info,
+    let spec = BootSpec {
         images,
-        &net,
-        &name,
-        &scratch.dir,
-        &heartbeat,
+        net: &net,
+        name: &name,
+        work_dir: &scratch.dir,
+        heartbeat: &heartbeat,
         timeout,
-        &mut scratch.journal,
-    ) {
+    };
+    match backend.boot_test(&info, &spec, &mut scratch.journal) {
         Ok(b) => BootResult {
             attempted: true,
             booted: b.booted,
@@ -331,9 +320,12 @@ pub fn compare(cfg: &Config, vm_name: &str, probe: Option<&Path>, json: bool) ->
         (|| {
             let crash_dir = scratch.dir.join("crash");
             std::fs::create_dir_all(&crash_dir)?;
-            scratch.journal.will_create(&Resource::Dir {
-                path: crash_dir.clone(),
-            })?;
+            scratch.journal.will_create(
+                &SharedResource::Dir {
+                    path: crash_dir.clone(),
+                }
+                .into(),
+            )?;
             let ctx = RunContext {
                 config: cfg,
                 repo: &repo,

@@ -7,47 +7,8 @@ use crate::progress::stderr_is_terminal;
 use crate::report::VmReport;
 use crate::report::{table, Summary};
 use crate::schedule::{run_all, Limits};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use coldclone_repository::Location;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-
-/// Holds the run lock for as long as it lives.
-pub struct RunLock {
-    _file: File,
-}
-
-/// One coldclone backup at a time per state folder: two runs would fight over
-/// host memory and could both try to clean each other's resources.
-pub fn take_run_lock(cfg: &Config, wait: bool) -> Result<Option<RunLock>> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("cannot create the state folder {}", cfg.state_dir.display()))?;
-    let path = cfg.state_dir.join("coldclone.lock");
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open the run lock {}", path.display()))?;
-    if file.try_lock().is_err() {
-        if !wait {
-            return Ok(None);
-        }
-        tracing::warn!("another coldclone run holds the lock; waiting for it to finish (--wait)");
-        file.lock()
-            .with_context(|| format!("waiting for the run lock {}", path.display()))?;
-    }
-    file.set_len(0)?;
-    writeln!(file, "{}", std::process::id())?;
-    Ok(Some(RunLock { _file: file }))
-}
-
-pub fn lock_holder(cfg: &Config) -> String {
-    std::fs::read_to_string(cfg.state_dir.join("coldclone.lock"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
 
 pub fn run(cfg: &Config, names: &[String], all: bool, json: bool) -> Result<Vec<VmReport>> {
     let vms: Vec<_> = if all || names.is_empty() {

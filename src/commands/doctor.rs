@@ -1,6 +1,7 @@
 //! `coldclone doctor`: can this host run backups? Tools, rights, memory, VMs.
 
 use crate::config::Config;
+use crate::journal::RunLock;
 use coldclone_backends::backend_for;
 use serde::Serialize;
 use std::process::Command;
@@ -118,8 +119,8 @@ fn checks_with_config(cfg: Option<&Config>, mut out: Vec<Check>) -> Vec<Check> {
                 Err(e) => format!("{e:#}"),
             },
         });
-        let lock_holder = super::backup::lock_holder(cfg);
-        let lock_free = super::backup::take_run_lock(cfg, false)
+        let lock_holder = RunLock::holder(&cfg.state_dir);
+        let lock_free = RunLock::take(&cfg.state_dir, false)
             .ok()
             .flatten()
             .is_some();

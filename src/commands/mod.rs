@@ -28,8 +28,8 @@ pub fn password(cfg: &Config) -> Result<String> {
         }
         return Ok(pw);
     }
-    match std::env::var("COLDCLONE_PASSWORD") {
-        Ok(p) if !p.is_empty() => Ok(p),
+    match coldclone_backends::secrets::var("COLDCLONE_PASSWORD") {
+        Some(p) if !p.is_empty() => Ok(p),
         _ => bail!(
             "no repository password: set repository.password_file in the config, or the COLDCLONE_PASSWORD environment variable"
         ),
@@ -43,6 +43,39 @@ struct S3Credentials {
     secret_key: String,
 }
 
+/// Parses an S3 credentials file. The error names the line and what is wrong, never the
+/// text of the line: toml's own message quotes it, and that line may be the secret key.
+fn parse_s3_credentials(text: &str) -> std::result::Result<S3Credentials, String> {
+    toml::from_str(text).map_err(|e: toml::de::Error| {
+        let line = e.span().map(|s| {
+            let upto = &text.as_bytes()[..s.start.min(text.len())];
+            upto.iter().filter(|b| **b == b'\n').count() + 1
+        });
+        let what = without_quoted_values(e.message().lines().next().unwrap_or("not valid TOML"));
+        match line {
+            Some(l) => format!("line {l}: {what}"),
+            None => what.to_string(),
+        }
+    })
+}
+
+/// serde quotes a value it did not expect between backticks (`invalid type: integer
+/// `12345``): keep the field names and punctuation toml names, drop anything else.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in message.split('`').enumerate() {
+        let quoted = i % 2 == 1;
+        let harmless = ["access_key", "secret_key"].contains(&part)
+            || (part.chars().count() == 1 && !part.chars().all(char::is_alphanumeric));
+        match (quoted, harmless) {
+            (false, _) => out.push_str(part),
+            (true, true) => out.push_str(&format!("`{part}`")),
+            (true, false) => out.push_str("(value not shown)"),
+        }
+    }
+    out
+}
+
 /// The repository's location: a folder, or S3 with credentials from a file or the environment.
 pub fn location(cfg: &Config) -> Result<Location> {
     let r = &cfg.repository;
@@ -53,16 +86,19 @@ pub fn location(cfg: &Config) -> Result<Location> {
         Some(f) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read the S3 credentials file {}", f.display()))?;
-            let c: S3Credentials = toml::from_str(&text).with_context(|| {
-                format!(
-                    "the S3 credentials file {} must hold access_key = \"...\" and secret_key = \"...\"",
+            let c = parse_s3_credentials(&text).map_err(|detail| {
+                anyhow::anyhow!(
+                    "the S3 credentials file {} must hold access_key = \"...\" and secret_key = \"...\" ({detail})",
                     f.display()
                 )
             })?;
             (c.access_key, c.secret_key)
         }
-        None => match (std::env::var("AWS_ACCESS_KEY_ID"), std::env::var("AWS_SECRET_ACCESS_KEY")) {
-            (Ok(a), Ok(s)) => (a, s),
+        None => match (
+            std::env::var("AWS_ACCESS_KEY_ID"),
+            coldclone_backends::secrets::var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            (Ok(a), Some(s)) => (a, s),
             _ => bail!(
                 "no S3 credentials: set repository.s3_credentials_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ),
@@ -96,4 +132,31 @@ pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_s3_credentials;
+
+    /// A malformed credentials file is named by line and fault; no error shows the secret.
+    #[test]
+    fn s3_credentials_errors_never_show_the_secret() {
+        let secret = "Zq9sEcReT7777";
+        for text in [
+            format!("access_key = \"AK\"\nsecret_key = {secret}\n"),
+            format!("access_key = \"AK\"\nsecret_key = \"{secret}\" trailing\n"),
+            "access_key = \"AK\"\nsecret_key = 7777123456\n".to_string(),
+            format!("access_key = \"AK\"\nsecret = \"{secret}\"\n"),
+            format!("access_key = \"AK\"\nsecret_key = \"{secret}\"\nsecret_key = \"{secret}\"\n"),
+            format!("{secret}\n"),
+        ] {
+            let e = match parse_s3_credentials(&text) {
+                Ok(_) => panic!("accepted {text:?}"),
+                Err(e) => e,
+            };
+            assert!(!e.contains(secret) && !e.contains("7777123456"), "{e}");
+            assert!(e.starts_with("line "), "names the line: {e}");
+        }
+        assert!(parse_s3_credentials("access_key = \"a\"\nsecret_key = \"b\"\n").is_ok());
+    }
 }

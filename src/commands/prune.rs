@@ -4,6 +4,7 @@ use super::open_repository;
 use crate::config::{Config, Keep};
 use anyhow::Result;
 use coldclone_repository::{self as repo, RetentionPolicy};
+use std::io::Write;
 
 fn to_repo(k: Keep) -> repo::Keep {
     repo::Keep {
@@ -29,12 +30,15 @@ pub fn policy(cfg: &Config) -> RetentionPolicy {
 
 pub fn run(cfg: &Config, dry_run: bool, json: bool) -> Result<()> {
     let repo = open_repository(cfg)?;
+    // Write errors (a closed pipe: `| head`) end the command; see main.rs.
+    let mut out = std::io::stdout().lock();
     let report = repo.prune(&policy(cfg), dry_run)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
         return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "{}keep {} snapshot(s), remove {}; packs deleted {}, repacked {}, written {}; {} bytes freed",
         if dry_run { "(dry run) " } else { "" },
         report.kept.len(),
@@ -43,6 +47,6 @@ pub fn run(cfg: &Config, dry_run: bool, json: bool) -> Result<()> {
         report.packs_repacked,
         report.packs_written,
         report.bytes_freed
-    );
+    )?;
     Ok(())
 }

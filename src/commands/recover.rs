@@ -1,21 +1,8 @@
 //! `coldclone recover`: undo what crashed runs left behind, from their journals.
 
 use crate::config::Config;
-use crate::journal::{recover_run, stale_runs, Recovered, Undo};
+use crate::journal::{forget_run, recover_run, stale_runs, Recovered, Undo};
 use anyhow::Result;
-use coldclone_repository::Repository;
-
-/// Withdraws every disk snapshot a run stored (a backup that did not finish).
-pub fn forget_run(repo: &Repository, run: &str) -> Result<(), String> {
-    let snaps = repo.snapshots().map_err(|e| e.to_string())?;
-    for s in snaps
-        .iter()
-        .filter(|s| s.tags.get("run").map(String::as_str) == Some(run))
-    {
-        repo.forget(&s.id).map_err(|e| e.to_string())?;
-    }
-    Ok(())
-}
 
 /// Recovers every crashed run; returns what was done.
 pub fn recover_all(cfg: &Config) -> Result<Vec<Recovered>> {
@@ -32,6 +19,9 @@ pub fn recover_all(cfg: &Config) -> Result<Vec<Recovered>> {
     };
     let undo = Undo {
         forget_run: &forget,
+        scope: coldclone_backends::RecoverScope {
+            state_dir: cfg.state_dir.clone(),
+        },
     };
     let mut out = Vec::new();
     for run in stale_runs(&cfg.state_dir)? {

@@ -1,9 +1,10 @@
-//! `coldclone restore VM --disk NAME --to FILE [--snapshot ID]`.
+//! `coldclone restore VM --disk NAME --to FILE [--snapshot ID] [--force]`.
 
 use super::open_repository;
 use crate::config::Config;
 use crate::progress::{stderr_is_terminal, BarProgress};
 use anyhow::{bail, Result};
+use coldclone_repository::RestoreOptions;
 use std::path::Path;
 
 pub fn run(
@@ -12,17 +13,34 @@ pub fn run(
     disk: &str,
     snapshot: Option<&str>,
     to: &Path,
+    force: bool,
     json: bool,
 ) -> Result<()> {
     let repo = open_repository(cfg)?;
     let snaps = repo.snapshots()?;
-    let chosen = match snapshot {
-        // A run id (the backup's id) or a disk snapshot id prefix.
-        Some(id) => snaps
+    let chosen = match snapshot.map(str::trim) {
+        Some("") => bail!(
+            "--snapshot is empty: name a backup (run) id or a snapshot id (see `coldclone snapshots --vm {vm}`)"
+        ),
+        // A run id (the backup's id), else a disk snapshot id or unique prefix.
+        Some(id) => match snaps
             .iter()
-            .filter(|s| s.vm == vm && s.disk == disk)
-            .find(|s| s.tags.get("run").map(String::as_str) == Some(id) || s.id.starts_with(id))
-            .cloned(),
+            .rfind(|s| s.vm == vm && s.disk == disk && s.tags.get("run").map(String::as_str) == Some(id))
+        {
+            Some(s) => Some(s.clone()),
+            None => {
+                let s = repo.find_snapshot(id)?;
+                if s.vm != vm || s.disk != disk {
+                    bail!(
+                        "snapshot {} is of vm {:?} disk {:?}, not of vm {vm:?} disk {disk:?}",
+                        s.short_id(),
+                        s.vm,
+                        s.disk
+                    );
+                }
+                Some(s)
+            }
+        },
         None => repo.find_latest(vm, disk)?,
     };
     let Some(snap) = chosen else {
@@ -40,7 +58,7 @@ pub fn run(
         );
     };
     let progress = BarProgress::new(stderr_is_terminal() && !json, &format!("restore {disk}"));
-    let summary = repo.restore(&snap.id, to, &progress)?;
+    let summary = repo.restore_with(&snap.id, to, &RestoreOptions { force }, &progress)?;
     progress.finish();
     if json {
         println!("{}", serde_json::to_string(&summary)?);

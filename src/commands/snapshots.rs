@@ -3,9 +3,12 @@
 use super::open_repository;
 use crate::config::Config;
 use anyhow::Result;
+use std::io::Write;
 
 pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
     let repo = open_repository(cfg)?;
+    // Write errors (a closed pipe: `| head`) end the command; see main.rs.
+    let mut out = std::io::stdout().lock();
     let mut snaps = repo.snapshots()?;
     snaps.retain(|s| vm.is_none_or(|v| s.vm == v));
     snaps.sort_by(|a, b| a.time_unix.cmp(&b.time_unix).then(a.disk.cmp(&b.disk)));
@@ -22,13 +25,14 @@ pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
                 v
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&with_audit)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&with_audit)?)?;
         return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {:<6} run",
         "id", "time", "vm", "disk", "consistency", "size", "added", "audit"
-    );
+    )?;
     for s in &snaps {
         let run = s.tags.get("run").map(String::as_str).unwrap_or("-");
         let audit = match crate::audit::load(&cfg.state_dir, &s.vm, run) {
@@ -36,7 +40,8 @@ pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
             Some(_) => "FAIL",
             None => "-",
         };
-        println!(
+        writeln!(
+            out,
             "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {:<6} {}",
             s.short_id(),
             s.time.get(..19).unwrap_or(&s.time),
@@ -47,8 +52,8 @@ pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
             s.stored_bytes,
             audit,
             run
-        );
+        )?;
     }
-    println!("{} snapshot(s)", snaps.len());
+    writeln!(out, "{} snapshot(s)", snaps.len())?;
     Ok(())
 }

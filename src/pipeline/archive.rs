@@ -3,9 +3,11 @@
 //! A backup becomes visible only when every one of its disks is stored.
 
 use super::{PipelineError, Run, RunContext};
+use crate::journal::RepositoryResource;
 use crate::progress::BarProgress;
 use crate::report::{DiskReport, VmReport};
-use coldclone_backends::{CloneNetwork, Journal, Resource};
+use coldclone_backends::shared::SharedResource;
+use coldclone_backends::{CloneNetwork, Journal};
 use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
 use std::collections::BTreeMap;
 
@@ -26,9 +28,12 @@ pub fn run(
     let mut written: Vec<String> = Vec::new();
     // Until every disk is stored, the run's snapshots are a partial backup
     // that `recover` withdraws should this process die.
-    let partial = run.journal.will_create(&Resource::RepositoryBackup {
-        run: run.id.clone(),
-    })?;
+    let partial = run.journal.record(
+        RepositoryResource::RepositoryBackup {
+            run: run.id.clone(),
+        }
+        .into(),
+    )?;
     let result = (|| {
         for disk in &disks {
             let raw = run
@@ -36,8 +41,12 @@ pub fn run(
                 .join(format!("export-{}.raw", disk.name.replace('/', "_")));
             let id = run
                 .journal
-                .will_create(&Resource::File { path: raw.clone() })?;
-            run.backend.export_disk(disk, &raw)?;
+                .will_create(&SharedResource::File { path: raw.clone() }.into())?;
+            let clone = run
+                .clone
+                .as_ref()
+                .ok_or_else(|| PipelineError::Other("no clone disks to archive".into()))?;
+            run.backend.export_disk(clone, disk, &raw)?;
             let source = FileSource::open(&raw)
                 .map_err(|e| PipelineError::Other(format!("{}: {e}", raw.display())))?;
             let parent = ctx
@@ -89,7 +98,7 @@ pub fn run(
         // that timed out after landing, is one too). Should the withdrawal
         // fail, the journal keeps the entry: the clean-up, or `recover`, tries again.
         report.disks.clear();
-        match crate::commands::recover::forget_run(ctx.repo, &run.id) {
+        match crate::journal::forget_run(ctx.repo, &run.id) {
             Ok(()) => run.journal.removed(partial)?,
             Err(f) => tracing::error!(
                 run = run.id,

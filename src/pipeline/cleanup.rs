@@ -12,9 +12,12 @@ pub fn run(mut run: Run, ctx: &RunContext) -> Result<(), PipelineError> {
             tracing::warn!("destroying the clone: {e}; the journal clean-up retries");
         }
     }
-    let forget = |r: &str| crate::commands::recover::forget_run(ctx.repo, r);
+    let forget = |r: &str| crate::journal::forget_run(ctx.repo, r);
     let undo = Undo {
         forget_run: &forget,
+        scope: coldclone_backends::RecoverScope {
+            state_dir: ctx.config.state_dir.clone(),
+        },
     };
     let failed = run.journal.undo_all(&undo);
     if failed.is_empty() {

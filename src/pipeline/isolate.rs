@@ -3,7 +3,8 @@
 
 use super::{PipelineError, Run};
 use crate::config::IsolationConfig;
-use coldclone_backends::{CloneNetwork, Journal, Resource, VmInfo};
+use coldclone_backends::shared::SharedResource;
+use coldclone_backends::{CloneNetwork, Journal, VmInfo};
 use network_isolation::{self as iso, Namespace};
 
 pub fn prepare(
@@ -19,12 +20,24 @@ pub fn prepare(
         run.journal.milestone("isolate:bridge-ready")?;
         return Ok(net);
     }
-    let short = &run.id[run.id.len().saturating_sub(6)..];
+    let net = linux_bridge(&mut run.journal, &run.id, cfg)?;
+    run.journal.milestone("isolate:bridge-ready")?;
+    Ok(net)
+}
+
+/// The Linux bridge of `cfg` (`isolation.bridge`, reused) or one made for
+/// the run, in `isolation.netns` (made if missing); all it makes journaled.
+/// The audit's boot test uses it too.
+pub fn linux_bridge(
+    journal: &mut dyn Journal,
+    run_id: &str,
+    cfg: &IsolationConfig,
+) -> Result<CloneNetwork, PipelineError> {
+    let short = &run_id[run_id.len().saturating_sub(6)..];
     let namespace = match &cfg.netns {
         Some(ns) => {
             if !iso::namespace_exists(ns) {
-                run.journal
-                    .will_create(&Resource::Namespace { name: ns.clone() })?;
+                journal.will_create(&SharedResource::Namespace { name: ns.clone() }.into())?;
                 iso::create_namespace(ns)?;
             }
             Namespace::named(ns)
@@ -44,19 +57,22 @@ pub fn prepare(
         }
         None => {
             let b = format!("ccbr{short}");
-            run.journal.will_create(&Resource::Bridge {
-                namespace: namespace.0.clone(),
-                name: b.clone(),
-            })?;
+            journal.will_create(
+                &SharedResource::Bridge {
+                    namespace: namespace.0.clone(),
+                    name: b.clone(),
+                }
+                .into(),
+            )?;
             iso::create_bridge(&namespace, &b)?;
             b
         }
     };
-    run.journal.milestone("isolate:bridge-ready")?;
     Ok(CloneNetwork {
         namespace,
         bridge,
         tap_prefix: format!("cc{short}t"),
+        handle: None,
     })
 }
 

@@ -8,11 +8,14 @@ pub mod cleanup;
 pub mod isolate;
 pub mod restore;
 pub mod stop;
+#[cfg(test)]
+mod tests;
 
 use crate::config::{Config, EffectivePolicy, VmConfig};
 use crate::journal::{JournalError, RunJournal};
 use crate::report::VmReport;
-use coldclone_backends::{BackendError, Hypervisor, Journal, PausedClone, Resource};
+use coldclone_backends::shared::SharedResource;
+use coldclone_backends::{BackendError, Hypervisor, Journal, PausedClone, VmLocator};
 use coldclone_repository::{RepoError, Repository};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,13 +68,21 @@ pub fn new_run_id() -> String {
 
 /// Backs up one VM. Never panics on bad input: every failure ends in the report.
 pub fn backup_vm(ctx: &RunContext, vm: &VmConfig) -> VmReport {
+    backup_vm_with(ctx, vm, &coldclone_backends::backend_for)
+}
+
+/// Picks the backend for a VM's locator (the real one: `backend_for`).
+pub type ChooseBackend<'a> = &'a dyn Fn(&VmLocator) -> Box<dyn Hypervisor>;
+
+/// [`backup_vm`] over the backend `choose` gives (tests hand it a fake one).
+pub fn backup_vm_with(ctx: &RunContext, vm: &VmConfig, choose: ChooseBackend) -> VmReport {
     let run_id = new_run_id();
     let mut report = VmReport::new(&vm.name, &run_id);
     let start = Instant::now();
     report.started_at = crate::journal::now();
     let span = tracing::info_span!("backup", vm = %vm.name, run = %run_id);
     let _enter = span.enter();
-    match run_steps(ctx, vm, &run_id, &mut report) {
+    match run_steps(ctx, vm, choose, &run_id, &mut report) {
         Ok(()) => report.status = "ok",
         Err(e) => {
             tracing::error!("backup failed: {e}");
@@ -89,21 +100,25 @@ pub fn backup_vm(ctx: &RunContext, vm: &VmConfig) -> VmReport {
 fn run_steps(
     ctx: &RunContext,
     vm: &VmConfig,
+    choose: ChooseBackend,
     run_id: &str,
     report: &mut VmReport,
 ) -> Result<(), PipelineError> {
     let locator = vm
         .locator()
         .ok_or_else(|| PipelineError::Other(format!("vm {} has no hypervisor handle", vm.name)))?;
-    let backend = coldclone_backends::backend_for(&locator);
+    let backend = choose(&locator);
     report.backend = backend.name().to_string();
     // Learn the VM before creating anything: a wrong handle fails here, cleanly.
     let info = backend.inspect(&locator)?;
     let mut journal = RunJournal::create(&ctx.config.state_dir, run_id, &vm.name)?;
     let work_dir = ctx.config.state_dir.join("runs").join(run_id);
-    journal.will_create(&Resource::Dir {
-        path: work_dir.clone(),
-    })?;
+    journal.will_create(
+        &SharedResource::Dir {
+            path: work_dir.clone(),
+        }
+        .into(),
+    )?;
     std::fs::create_dir_all(&work_dir).map_err(|source| BackendError::Io {
         path: work_dir.clone(),
         source,

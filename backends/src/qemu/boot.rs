@@ -3,8 +3,9 @@
 //! guest shows a heartbeat on its console.
 
 use super::{cmdline, qemu_vm, QemuBackend, Qmp};
+use crate::shared::SharedResource;
 use crate::util::{self, run_tool};
-use crate::{CloneNetwork, Journal, Resource, Result, VmInfo};
+use crate::{CloneNetwork, Journal, Result, VmInfo};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -42,13 +43,16 @@ impl QemuBackend {
         timeout: Duration,
         journal: &mut dyn Journal,
     ) -> Result<BootTest> {
-        let qv = qemu_vm(vm);
+        let qv = qemu_vm(vm)?;
         let mut overlays = BTreeMap::new();
         for (disk, image) in images {
             let overlay = work_dir.join(format!("boot-{}.qcow2", disk.replace('/', "_")));
-            journal.will_create(&Resource::File {
-                path: overlay.clone(),
-            })?;
+            journal.will_create(
+                &SharedResource::File {
+                    path: overlay.clone(),
+                }
+                .into(),
+            )?;
             let mut c = Command::new("qemu-img");
             c.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
                 .arg(image)

@@ -16,11 +16,12 @@ pub mod cmdline;
 pub mod qmp;
 pub mod space;
 
+use crate::shared::SharedResource;
 use crate::util::{self, absolute, run_tool};
 use crate::{
-    io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
-    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
-    VmDetail, VmInfo, VmLocator,
+    io_err, BackendError, Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk,
+    Hypervisor, Journal, Opaque, OpaqueMut, PauseTimes, PausedClone, Result, StopMethod, VmInfo,
+    VmLocator,
 };
 use qmp::{Event, Qmp};
 use serde_json::{json, Value};
@@ -28,6 +29,107 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// What can go wrong talking to QEMU (the other backend errors are shared).
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("cannot reach the VM's QMP socket {path}: {source} (is the VM running, and is this the socket given to -qmp?)")]
+    QmpConnect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("QMP I/O on {path} failed: {source}")]
+    QmpIo {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    QmpCommand {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP protocol error on {path}: {what}")]
+    QmpProtocol { path: PathBuf, what: String },
+}
+
+/// What the QEMU backend creates on the original, with what it takes to undo it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum QemuResource {
+    /// The original was paused by us (undo: resume it if it is still paused).
+    OriginalPaused { qmp: PathBuf },
+    /// Migration capabilities/parameters we changed on the original and a
+    /// migration we started (undo: cancel it, put the settings back).
+    OriginalMigration {
+        qmp: PathBuf,
+        capabilities: Vec<(String, bool)>,
+        max_bandwidth: Option<u64>,
+        #[serde(default)]
+        downtime_limit: Option<u64>,
+    },
+    /// A qcow2 overlay that the original now writes into, on top of its
+    /// frozen image (undo: commit it back into the image, delete it).
+    OriginalOverlay {
+        qmp: PathBuf,
+        original_pid: u32,
+        device: String,
+        base_node: String,
+        base_file: PathBuf,
+        overlay_file: PathBuf,
+        overlay_node: String,
+    },
+    /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
+    Balloon { qmp: PathBuf, restore_bytes: u64 },
+}
+
+/// Undoes one of the QEMU backend's own resources.
+pub(crate) fn recover(resource: &QemuResource) -> Result<()> {
+    match resource {
+        QemuResource::OriginalPaused { qmp } => match Qmp::connect(qmp) {
+            Ok(mut q) => QemuBackend::resume_if_paused(&mut q),
+            // No QEMU behind the socket: nothing is paused.
+            Err(BackendError::Qemu(QemuError::QmpConnect { .. })) => Ok(()),
+            Err(e) => Err(e),
+        },
+        QemuResource::OriginalMigration {
+            qmp,
+            capabilities,
+            max_bandwidth,
+            downtime_limit,
+        } => match Qmp::connect(qmp) {
+            Ok(mut q) => {
+                cancel_migration(&mut q)?;
+                restore_migration_settings(&mut q, capabilities, *max_bandwidth, *downtime_limit)?;
+                QemuBackend::resume_if_paused(&mut q)
+            }
+            Err(BackendError::Qemu(QemuError::QmpConnect { .. })) => Ok(()),
+            Err(e) => Err(e),
+        },
+        QemuResource::OriginalOverlay {
+            qmp,
+            original_pid,
+            device,
+            base_node,
+            base_file,
+            overlay_file,
+            ..
+        } => match Qmp::connect(qmp) {
+            Ok(mut q) if q.peer_pid().ok() == Some(*original_pid) => {
+                cancel_migration(&mut q)?;
+                merge_back_live(&mut q, device, base_node, base_file, overlay_file)
+            }
+            _ => merge_back_offline(*original_pid, overlay_file, base_file),
+        },
+        QemuResource::Balloon { qmp, restore_bytes } => match Qmp::connect(qmp) {
+            Ok(mut q) => q
+                .execute("balloon", json!({ "value": restore_bytes }))
+                .map(|_| ()),
+            Err(BackendError::Qemu(QemuError::QmpConnect { .. })) => Ok(()),
+            Err(e) => Err(e),
+        },
+    }
+}
 
 /// What the backend knows about a running QEMU.
 #[derive(Debug, Clone)]
@@ -67,6 +169,24 @@ impl std::fmt::Debug for QemuClone {
             .field("pid", &self.child.as_ref().map(Child::id))
             .finish()
     }
+}
+
+/// The overlay a checkpoint put on top of one of the original's disks.
+#[derive(Debug, Clone)]
+struct OriginalOverlay {
+    /// Its `QemuResource::OriginalOverlay` entry.
+    journal_id: u64,
+    device: String,
+    /// The block node of the frozen image (empty: found by file).
+    base_node: String,
+    base_file: PathBuf,
+    overlay: PathBuf,
+}
+
+/// The QEMU part of a checkpoint: what goes back into the original.
+#[derive(Debug, Clone, Default)]
+struct QemuCheckpoint {
+    overlays: Vec<OriginalOverlay>,
 }
 
 /// How the QEMU backend takes its checkpoint.
@@ -149,18 +269,12 @@ impl Default for QemuBackend {
     }
 }
 
-fn qemu_clone(detail: &mut CloneDetail) -> &mut QemuClone {
-    match detail {
-        CloneDetail::Qemu(c) => c,
-        _ => unreachable!("the QEMU backend was handed another backend's clone"),
-    }
+fn qemu_clone(detail: &mut OpaqueMut) -> Result<&mut QemuClone> {
+    crate::clone_state(detail, "QEMU")
 }
 
-fn qemu_vm(vm: &VmInfo) -> &QemuVm {
-    match &vm.detail {
-        VmDetail::Qemu(q) => q,
-        _ => unreachable!("the QEMU backend was handed another backend's VM"),
-    }
+pub(crate) fn qemu_vm(vm: &VmInfo) -> Result<&QemuVm> {
+    crate::vm_state(vm, "QEMU")
 }
 
 fn str_of(v: &Value, key: &str) -> String {
@@ -183,7 +297,7 @@ pub fn cont(q: &mut Qmp) -> Result<()> {
     loop {
         match q.execute("cont", json!({})) {
             Ok(_) => return Ok(()),
-            Err(BackendError::QmpCommand { desc, .. })
+            Err(BackendError::Qemu(QemuError::QmpCommand { desc, .. }))
                 if desc.contains("not finalized") && start.elapsed() < Duration::from_secs(30) =>
             {
                 std::thread::sleep(Duration::from_millis(2));
@@ -360,7 +474,8 @@ impl QemuBackend {
         journal: &mut dyn Journal,
     ) -> Result<(PauseTimes, Value)> {
         let qmp_path = q.path().to_path_buf();
-        let paused_id = journal.will_create(&Resource::OriginalPaused { qmp: qmp_path })?;
+        let paused_id =
+            journal.will_create(&QemuResource::OriginalPaused { qmp: qmp_path }.into())?;
         q.clear_events();
         let wall = Instant::now();
         q.execute("stop", json!({}))?;
@@ -475,9 +590,12 @@ impl QemuBackend {
         mem_uri: &str,
         journal: &mut dyn Journal,
     ) -> Result<(PauseTimes, Value)> {
-        let paused_id = journal.will_create(&Resource::OriginalPaused {
-            qmp: q.path().to_path_buf(),
-        })?;
+        let paused_id = journal.will_create(
+            &QemuResource::OriginalPaused {
+                qmp: q.path().to_path_buf(),
+            }
+            .into(),
+        )?;
         q.clear_events();
         q.execute("migrate", json!({ "uri": mem_uri }))?;
         let res = (|| {
@@ -712,7 +830,7 @@ impl Hypervisor for QemuBackend {
                     bytes: d.bytes,
                 })
                 .collect(),
-            detail: VmDetail::Qemu(QemuVm {
+            detail: Opaque::new(QemuVm {
                 qmp: path.clone(),
                 pid,
                 exe,
@@ -729,7 +847,7 @@ impl Hypervisor for QemuBackend {
         work_dir: &Path,
         journal: &mut dyn Journal,
     ) -> Result<Checkpoint> {
-        let qv = qemu_vm(vm);
+        let qv = qemu_vm(vm)?;
         if !vm.running {
             return Err(BackendError::Checkpoint(
                 "the VM is not running (paused or stopped); coldclone backs up running VMs".into(),
@@ -768,12 +886,15 @@ impl Hypervisor for QemuBackend {
         let params = q.execute("query-migrate-parameters", json!({}))?;
         let old_bandwidth = params.get("max-bandwidth").and_then(Value::as_u64);
         let old_downtime = params.get("downtime-limit").and_then(Value::as_u64);
-        let mig_id = journal.will_create(&Resource::OriginalMigration {
-            qmp: qv.qmp.clone(),
-            capabilities: caps.clone(),
-            max_bandwidth: old_bandwidth,
-            downtime_limit: old_downtime,
-        })?;
+        let mig_id = journal.will_create(
+            &QemuResource::OriginalMigration {
+                qmp: qv.qmp.clone(),
+                capabilities: caps.clone(),
+                max_bandwidth: old_bandwidth,
+                downtime_limit: old_downtime,
+            }
+            .into(),
+        )?;
         let want_bg = vec![
             ("events".to_string(), true),
             ("background-snapshot".to_string(), true),
@@ -805,19 +926,23 @@ impl Hypervisor for QemuBackend {
         )?;
 
         let mut disks = Vec::new();
+        let mut state = QemuCheckpoint::default();
         let mut actions = Vec::new();
         for (i, d) in qv.disks.iter().enumerate() {
             let overlay = overlays[i].clone();
             let overlay_node = format!("cc-{tag}-{i}");
-            let id = journal.will_create(&Resource::OriginalOverlay {
-                qmp: qv.qmp.clone(),
-                original_pid: qv.pid,
-                device: d.device.clone(),
-                base_node: d.node_name.clone(),
-                base_file: d.file.clone(),
-                overlay_file: overlay.clone(),
-                overlay_node: overlay_node.clone(),
-            })?;
+            let id = journal.will_create(
+                &QemuResource::OriginalOverlay {
+                    qmp: qv.qmp.clone(),
+                    original_pid: qv.pid,
+                    device: d.device.clone(),
+                    base_node: d.node_name.clone(),
+                    base_file: d.file.clone(),
+                    overlay_file: overlay.clone(),
+                    overlay_node: overlay_node.clone(),
+                }
+                .into(),
+            )?;
             actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
                 "device": d.device, "snapshot-file": overlay, "snapshot-node-name": overlay_node,
                 "format": "qcow2", "mode": "absolute-paths"}}));
@@ -826,12 +951,21 @@ impl Hypervisor for QemuBackend {
                 frozen_file: d.file.clone(),
                 format: d.format.clone(),
                 bytes: d.bytes,
-                original_overlay: Some((id, overlay, overlay_node)),
+            });
+            state.overlays.push(OriginalOverlay {
+                journal_id: id,
+                device: d.device.clone(),
+                base_node: d.node_name.clone(),
+                base_file: d.file.clone(),
+                overlay,
             });
         }
-        let mem_id = journal.will_create(&Resource::File {
-            path: memory_image.clone(),
-        })?;
+        let mem_id = journal.will_create(
+            &SharedResource::File {
+                path: memory_image.clone(),
+            }
+            .into(),
+        )?;
         let actions = Value::Array(actions);
         let result = if method == "background-snapshot" {
             self.checkpoint_background(&mut q, &actions, &mem_uri, journal)
@@ -843,7 +977,7 @@ impl Hypervisor for QemuBackend {
         let (pause, _mig) = match result {
             Ok(r) => r,
             Err(e) => {
-                self.release_partial(&mut q, &disks, journal);
+                self.release_partial(&mut q, &state, journal);
                 let _ = util::remove_file_if_exists(&memory_image).map(|_| journal.removed(mem_id));
                 if restored.is_ok() {
                     let _ = journal.removed(mig_id);
@@ -864,6 +998,7 @@ impl Hypervisor for QemuBackend {
             memory_image_bytes,
             pause,
             disks,
+            detail: Opaque::new(state),
             ..Default::default()
         })
     }
@@ -877,14 +1012,17 @@ impl Hypervisor for QemuBackend {
         work_dir: &Path,
         journal: &mut dyn Journal,
     ) -> Result<PausedClone> {
-        let qv = qemu_vm(vm);
+        let qv = qemu_vm(vm)?;
         let mut overlays = BTreeMap::new();
         let mut clone_disks = Vec::new();
         for d in &checkpoint.disks {
             let overlay = work_dir.join(format!("clone-{}.qcow2", d.name.replace('/', "_")));
-            journal.will_create(&Resource::File {
-                path: overlay.clone(),
-            })?;
+            journal.will_create(
+                &SharedResource::File {
+                    path: overlay.clone(),
+                }
+                .into(),
+            )?;
             let mut c = Command::new("qemu-img");
             // -u: the frozen image is held by the running original; its size is known.
             c.args(["create", "-q", "-u", "-f", "qcow2", "-F", &d.format, "-b"])
@@ -924,7 +1062,7 @@ impl Hypervisor for QemuBackend {
             taps: cmd.taps.clone(),
             disks: clone_disks,
             console_log,
-            detail: CloneDetail::Qemu(QemuClone {
+            detail: OpaqueMut::new(QemuClone {
                 qmp: None,
                 child: None,
                 marker: clone_name.to_string(),
@@ -937,7 +1075,7 @@ impl Hypervisor for QemuBackend {
         let connected = Qmp::connect_retry(&qmp_path, self.clone_start_timeout, &mut || {
             matches!(child.try_wait(), Ok(None))
         });
-        qemu_clone(&mut clone.detail).child = Some(child);
+        qemu_clone(&mut clone.detail)?.child = Some(child);
         let mut q = match connected {
             Ok(q) => q,
             Err(e) => {
@@ -976,7 +1114,7 @@ impl Hypervisor for QemuBackend {
             ));
         }
         journal.milestone("restore:memory-loaded")?;
-        qemu_clone(&mut clone.detail).qmp = Some(q);
+        qemu_clone(&mut clone.detail)?.qmp = Some(q);
         Ok(clone)
     }
 
@@ -993,7 +1131,7 @@ impl Hypervisor for QemuBackend {
                 )));
             }
         }
-        let q = qemu_clone(&mut clone.detail)
+        let q = qemu_clone(&mut clone.detail)?
             .qmp
             .as_mut()
             .ok_or_else(|| BackendError::Clone("no QMP connection to the clone".into()))?;
@@ -1010,7 +1148,7 @@ impl Hypervisor for QemuBackend {
                 "QEMU guests are stopped with the ACPI power button".into(),
             ));
         }
-        let q = qemu_clone(&mut clone.detail)
+        let q = qemu_clone(&mut clone.detail)?
             .qmp
             .as_mut()
             .ok_or_else(|| BackendError::Clone("no QMP connection to the clone".into()))?;
@@ -1020,7 +1158,7 @@ impl Hypervisor for QemuBackend {
     fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome> {
         let start = Instant::now();
         let mut outcome = CloneOutcome::Killed;
-        if let Some(q) = qemu_clone(&mut clone.detail).qmp.as_mut() {
+        if let Some(q) = qemu_clone(&mut clone.detail)?.qmp.as_mut() {
             match q.wait_event("the clone to shut down", timeout, &|e| e.name == "SHUTDOWN") {
                 Ok(ev) => {
                     let reason = ev.data.get("reason").and_then(Value::as_str).unwrap_or("");
@@ -1032,11 +1170,11 @@ impl Hypervisor for QemuBackend {
                 }
                 Err(BackendError::Timeout { .. }) => {}
                 // QEMU closing the socket as it exits is a stop too; the exit status decides.
-                Err(BackendError::QmpProtocol { .. }) => {}
+                Err(BackendError::Qemu(QemuError::QmpProtocol { .. })) => {}
                 Err(e) => return Err(e),
             }
         }
-        let child = qemu_clone(&mut clone.detail).child.as_mut();
+        let child = qemu_clone(&mut clone.detail)?.child.as_mut();
         if let Some(child) = child {
             let left = timeout
                 .saturating_sub(start.elapsed())
@@ -1055,14 +1193,14 @@ impl Hypervisor for QemuBackend {
                 }
             }
         }
-        qemu_clone(&mut clone.detail).qmp = None;
-        qemu_clone(&mut clone.detail).stopped = true;
+        qemu_clone(&mut clone.detail)?.qmp = None;
+        qemu_clone(&mut clone.detail)?.stopped = true;
         Ok(outcome)
     }
 
     fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()> {
         let taps = clone.taps.clone();
-        let d = qemu_clone(&mut clone.detail);
+        let d = qemu_clone(&mut clone.detail)?;
         d.qmp = None;
         if let Some(mut child) = d.child.take() {
             if matches!(child.try_wait(), Ok(None)) {
@@ -1082,7 +1220,7 @@ impl Hypervisor for QemuBackend {
         Ok(())
     }
 
-    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()> {
+    fn export_disk(&self, _clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()> {
         let mut c = Command::new("qemu-img");
         c.args(["convert", "-q", "-O", "raw", "-S", "4k"])
             .arg(&disk.overlay)
@@ -1096,27 +1234,24 @@ impl Hypervisor for QemuBackend {
         checkpoint: &Checkpoint,
         journal: &mut dyn Journal,
     ) -> Result<()> {
-        let qv = qemu_vm(vm);
+        let qv = qemu_vm(vm)?;
         let mut q = Qmp::connect(&qv.qmp);
+        let state: &QemuCheckpoint = checkpoint.detail.get().ok_or_else(|| {
+            BackendError::Unsupported(
+                "the QEMU backend was handed another backend's checkpoint".into(),
+            )
+        })?;
         let mut first_err = None;
-        for (i, d) in checkpoint.disks.iter().enumerate() {
-            let Some((id, overlay, _node)) = &d.original_overlay else {
-                continue;
-            };
-            let base_node = qv
-                .disks
-                .get(i)
-                .map(|x| x.node_name.clone())
-                .unwrap_or_default();
+        for o in &state.overlays {
             let r = match q.as_mut() {
-                Ok(q) => merge_back_live(q, &d.name, &base_node, &d.frozen_file, overlay),
-                Err(_) => merge_back_offline(qv.pid, overlay, &d.frozen_file),
+                Ok(q) => merge_back_live(q, &o.device, &o.base_node, &o.base_file, &o.overlay),
+                Err(_) => merge_back_offline(qv.pid, &o.overlay, &o.base_file),
             };
             match r {
-                Ok(()) => journal.removed(*id)?,
+                Ok(()) => journal.removed(o.journal_id)?,
                 Err(e) => {
                     tracing::error!(
-                        disk = d.name,
+                        disk = o.device,
                         "could not merge the original's overlay back: {e}"
                     );
                     first_err.get_or_insert(e);
@@ -1130,103 +1265,43 @@ impl Hypervisor for QemuBackend {
         Ok(())
     }
 
-    fn recover(&self, resource: &Resource) -> Result<()> {
-        match resource {
-            Resource::OriginalPaused { qmp } => match Qmp::connect(qmp) {
-                Ok(mut q) => Self::resume_if_paused(&mut q),
-                // No QEMU behind the socket: nothing is paused.
-                Err(BackendError::QmpConnect { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Resource::OriginalMigration {
-                qmp,
-                capabilities,
-                max_bandwidth,
-                downtime_limit,
-            } => match Qmp::connect(qmp) {
-                Ok(mut q) => {
-                    cancel_migration(&mut q)?;
-                    restore_migration_settings(
-                        &mut q,
-                        capabilities,
-                        *max_bandwidth,
-                        *downtime_limit,
-                    )?;
-                    Self::resume_if_paused(&mut q)
-                }
-                Err(BackendError::QmpConnect { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Resource::OriginalOverlay {
-                qmp,
-                original_pid,
-                device,
-                base_node,
-                base_file,
-                overlay_file,
-                ..
-            } => match Qmp::connect(qmp) {
-                Ok(mut q) if q.peer_pid().ok() == Some(*original_pid) => {
-                    cancel_migration(&mut q)?;
-                    merge_back_live(&mut q, device, base_node, base_file, overlay_file)
-                }
-                _ => merge_back_offline(*original_pid, overlay_file, base_file),
-            },
-            Resource::File { path } => util::remove_file_if_exists(path),
-            Resource::Dir { path } => match std::fs::remove_dir_all(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(BackendError::Io {
-                    path: path.clone(),
-                    source: e,
-                }),
-                _ => Ok(()),
-            },
-            Resource::CloneProcess { marker, .. } => {
-                for pid in util::find_processes_with_marker(marker) {
-                    if !util::kill_and_wait(pid, Duration::from_secs(10)) {
-                        return Err(BackendError::Clone(format!(
-                            "clone process {pid} does not die"
-                        )));
-                    }
-                }
-                Ok(())
-            }
-            Resource::Tap { namespace, name } => network_isolation::delete_link(
-                &network_isolation::Namespace(namespace.clone()),
-                name,
-            )
-            .map_err(Into::into),
-            Resource::Bridge { namespace, name } => network_isolation::delete_link(
-                &network_isolation::Namespace(namespace.clone()),
-                name,
-            )
-            .map_err(Into::into),
-            Resource::Namespace { name } => {
-                network_isolation::delete_namespace(name).map_err(Into::into)
-            }
-            Resource::Balloon { qmp, restore_bytes } => match Qmp::connect(qmp) {
-                Ok(mut q) => q
-                    .execute("balloon", json!({ "value": restore_bytes }))
-                    .map(|_| ()),
-                Err(BackendError::QmpConnect { .. }) => Ok(()),
-                Err(e) => Err(e),
-            },
-            Resource::RepositoryBackup { .. } => Err(BackendError::Unsupported(
-                "a partial backup is withdrawn by the repository, not by a backend".into(),
-            )),
-            other => crate::xl::XlBackend::default().recover(other),
-        }
-    }
-
     fn stop_methods(&self, _vm: &VmInfo) -> StopMethod {
         StopMethod::Acpi
     }
 
+    fn can_boot_test(&self) -> bool {
+        true
+    }
+
+    fn boot_test(
+        &self,
+        vm: &VmInfo,
+        s: &crate::BootSpec,
+        journal: &mut dyn Journal,
+    ) -> Result<crate::BootTest> {
+        // The inherent one, in boot.rs.
+        let (images, net, name, dir) = (s.images, s.net, s.name, s.work_dir);
+        QemuBackend::boot_test(
+            self,
+            vm,
+            images,
+            net,
+            name,
+            dir,
+            s.heartbeat,
+            s.timeout,
+            journal,
+        )
+    }
+
     fn memory_actual(&self, vm: &VmInfo) -> Result<Option<u64>> {
-        let mut q = Qmp::connect(&qemu_vm(vm).qmp)?;
+        let mut q = Qmp::connect(&qemu_vm(vm)?.qmp)?;
         match q.execute("query-balloon", json!({})) {
             Ok(v) => Ok(v.get("actual").and_then(Value::as_u64)),
             // No balloon device: the guest has all its memory.
-            Err(BackendError::QmpCommand { class, .. }) if class == "DeviceNotActive" => {
+            Err(BackendError::Qemu(QemuError::QmpCommand { class, .. }))
+                if class == "DeviceNotActive" =>
+            {
                 Ok(Some(vm.memory_bytes))
             }
             Err(e) => Err(e),
@@ -1253,30 +1328,36 @@ impl Hypervisor for QemuBackend {
     }
 
     fn balloon_supported(&self, vm: &VmInfo) -> bool {
-        Qmp::connect(&qemu_vm(vm).qmp)
+        qemu_vm(vm)
+            .and_then(|qv| Qmp::connect(&qv.qmp))
             .and_then(|mut q| q.execute("query-balloon", json!({})))
             .is_ok()
     }
 
     fn balloon(&self, vm: &VmInfo, target_bytes: u64, journal: &mut dyn Journal) -> Result<u64> {
-        let qmp = qemu_vm(vm).qmp.clone();
+        let qmp = qemu_vm(vm)?.qmp.clone();
         let mut q = Qmp::connect(&qmp)?;
         let before = match q.execute("query-balloon", json!({})) {
             Ok(v) => v
                 .get("actual")
                 .and_then(Value::as_u64)
                 .unwrap_or(vm.memory_bytes),
-            Err(BackendError::QmpCommand { class, .. }) if class == "DeviceNotActive" => {
+            Err(BackendError::Qemu(QemuError::QmpCommand { class, .. }))
+                if class == "DeviceNotActive" =>
+            {
                 return Err(BackendError::Unsupported(
                     "the VM has no balloon device (-device virtio-balloon-pci)".into(),
                 ))
             }
             Err(e) => return Err(e),
         };
-        journal.will_create(&Resource::Balloon {
-            qmp,
-            restore_bytes: before,
-        })?;
+        journal.will_create(
+            &QemuResource::Balloon {
+                qmp,
+                restore_bytes: before,
+            }
+            .into(),
+        )?;
         q.execute("balloon", json!({ "value": target_bytes }))?;
         Ok(before)
     }
@@ -1284,18 +1365,14 @@ impl Hypervisor for QemuBackend {
 
 impl QemuBackend {
     /// After a failed checkpoint: merge back any overlay the transaction made.
-    fn release_partial(&self, q: &mut Qmp, disks: &[FrozenDisk], journal: &mut dyn Journal) {
-        for d in disks {
-            let Some((id, overlay, _)) = &d.original_overlay else {
-                continue;
-            };
-            let r = merge_back_live_by_file(q, &d.name, &d.frozen_file, overlay);
-            match r {
+    fn release_partial(&self, q: &mut Qmp, state: &QemuCheckpoint, journal: &mut dyn Journal) {
+        for o in &state.overlays {
+            match merge_back_live_by_file(q, &o.device, &o.base_file, &o.overlay) {
                 Ok(()) => {
-                    let _ = journal.removed(*id);
+                    let _ = journal.removed(o.journal_id);
                 }
                 Err(e) => tracing::error!(
-                    disk = d.name,
+                    disk = o.device,
                     "could not merge back after a failed checkpoint: {e}"
                 ),
             }
@@ -1359,15 +1436,23 @@ pub(crate) fn spawn_journaled(
 ) -> Result<(Child, u64, Vec<u64>)> {
     let mut tap_ids = Vec::new();
     for t in &cmd.taps {
-        tap_ids.push(journal.will_create(&Resource::Tap {
-            namespace: net.namespace.0.clone(),
-            name: t.clone(),
-        })?);
+        tap_ids.push(
+            journal.will_create(
+                &SharedResource::Tap {
+                    namespace: net.namespace.0.clone(),
+                    name: t.clone(),
+                }
+                .into(),
+            )?,
+        );
     }
-    let process_id = journal.will_create(&Resource::CloneProcess {
-        marker: marker.to_string(),
-        qmp: qmp_path.to_path_buf(),
-    })?;
+    let process_id = journal.will_create(
+        &SharedResource::CloneProcess {
+            marker: marker.to_string(),
+            qmp: qmp_path.to_path_buf(),
+        }
+        .into(),
+    )?;
     let log = std::fs::File::create(log_path).map_err(io_err(log_path))?;
     let log2 = log.try_clone().map_err(io_err(log_path))?;
     let mut command = net.namespace.command(&qv.exe.display().to_string());

@@ -4,6 +4,7 @@
 //! caller can wait for `STOP`/`RESUME`/`MIGRATION`/`BLOCK_JOB_*` afterwards
 //! without polling, and read QEMU's own timestamps from them.
 
+use super::QemuError;
 use crate::{BackendError, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -30,9 +31,11 @@ pub struct Qmp {
 impl Qmp {
     /// Connects and negotiates capabilities.
     pub fn connect(path: &Path) -> Result<Qmp> {
-        let stream = UnixStream::connect(path).map_err(|source| BackendError::QmpConnect {
-            path: path.to_path_buf(),
-            source,
+        let stream = UnixStream::connect(path).map_err(|source| {
+            BackendError::Qemu(QemuError::QmpConnect {
+                path: path.to_path_buf(),
+                source,
+            })
         })?;
         Self::from_stream(path, stream)
     }
@@ -49,10 +52,10 @@ impl Qmp {
                 Ok(s) => return Self::from_stream(path, s),
                 Err(source) => {
                     if start.elapsed() > timeout || !alive() {
-                        return Err(BackendError::QmpConnect {
+                        return Err(BackendError::Qemu(QemuError::QmpConnect {
                             path: path.to_path_buf(),
                             source,
-                        });
+                        }));
                     }
                     std::thread::sleep(Duration::from_millis(25));
                 }
@@ -61,9 +64,11 @@ impl Qmp {
     }
 
     fn from_stream(path: &Path, stream: UnixStream) -> Result<Qmp> {
-        let io = |source| BackendError::QmpIo {
-            path: path.to_path_buf(),
-            source,
+        let io = |source| {
+            BackendError::Qemu(QemuError::QmpIo {
+                path: path.to_path_buf(),
+                source,
+            })
         };
         let writer = stream.try_clone().map_err(io)?;
         let mut q = Qmp {
@@ -86,17 +91,19 @@ impl Qmp {
     }
 
     fn protocol(&self, what: String) -> BackendError {
-        BackendError::QmpProtocol {
+        BackendError::Qemu(QemuError::QmpProtocol {
             path: self.path.clone(),
             what,
-        }
+        })
     }
 
     fn read_message(&mut self, timeout: Duration) -> Result<Value> {
         let path = self.path.clone();
-        let io = |source| BackendError::QmpIo {
-            path: path.clone(),
-            source,
+        let io = |source| {
+            BackendError::Qemu(QemuError::QmpIo {
+                path: path.clone(),
+                source,
+            })
         };
         self.reader
             .get_ref()
@@ -155,7 +162,7 @@ impl Qmp {
         let path = self.path.clone();
         self.writer
             .write_all(line.as_bytes())
-            .map_err(|source| BackendError::QmpIo { path, source })?;
+            .map_err(|source| BackendError::Qemu(QemuError::QmpIo { path, source }))?;
         let deadline = Instant::now() + self.command_timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -170,7 +177,7 @@ impl Qmp {
                 continue;
             }
             if let Some(err) = reply.get("error") {
-                return Err(BackendError::QmpCommand {
+                return Err(BackendError::Qemu(QemuError::QmpCommand {
                     command: command.to_string(),
                     class: err
                         .get("class")
@@ -182,7 +189,7 @@ impl Qmp {
                         .and_then(Value::as_str)
                         .unwrap_or("?")
                         .to_string(),
-                });
+                }));
             }
             if let Some(ret) = reply.get("return") {
                 return Ok(ret.clone());

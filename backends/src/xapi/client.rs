@@ -123,6 +123,10 @@ pub struct XapiTarget {
     /// redirected to the member that sees the VDI's storage).
     #[serde(default)]
     pub tls_fingerprint_sha256: Option<String>,
+    /// `http://` allowed (`xapi_insecure_http`); journals written before it read as false,
+    /// and it is left out when false so that journal lines keep their landed shape.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_http: bool,
 }
 
 #[derive(Clone)]
@@ -156,8 +160,8 @@ fn read_credentials(t: &XapiTarget) -> Result<Credentials> {
             ))),
         };
     }
-    match (std::env::var(ENV_USER), std::env::var(ENV_PASSWORD)) {
-        (Ok(user), Ok(password)) => Ok(Credentials { user, password }),
+    match (std::env::var(ENV_USER), crate::secrets::var(ENV_PASSWORD)) {
+        (Ok(user), Some(password)) => Ok(Credentials { user, password }),
         _ => Err(XapiError::Credentials(format!(
             "no xapi_credentials_file is configured and ${ENV_USER} / ${ENV_PASSWORD} are not set"
         ))),
@@ -329,6 +333,27 @@ pub(crate) fn is_busy(e: &XapiError) -> bool {
     matches!(e.code(), Some("OTHER_OPERATION_IN_PROGRESS"))
 }
 
+/// `text` with the session reference and any `session_id=` query value taken out: a
+/// session id is a bearer token, and errors end up in logs, reports and `--json`.
+pub fn without_session(text: &str, session: &str) -> String {
+    let mut out = if session.is_empty() {
+        text.to_string()
+    } else {
+        text.replace(session, "<session>")
+    };
+    let key = "session_id=";
+    let mut from = 0;
+    while let Some(i) = out[from..].find(key) {
+        let start = from + i + key.len();
+        let end = out[start..]
+            .find(|c: char| c == '&' || c == '"' || c == '\'' || c.is_whitespace() || c == ')')
+            .map_or(out.len(), |j| start + j);
+        out.replace_range(start..end, "<session>");
+        from = start + "<session>".len();
+    }
+    out
+}
+
 fn is_read_only(method: &str) -> bool {
     let m = method.rsplit('.').next().unwrap_or("");
     m.starts_with("get_") || method == "event.from" || method == "VDI.list_changed_blocks"
@@ -338,10 +363,17 @@ impl Client {
     pub fn login(target: &XapiTarget) -> Result<Client> {
         let creds = read_credentials(target)?;
         let url = target.url.trim_end_matches('/').to_string();
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
+        let plain = url.starts_with("http://");
+        if !(url.starts_with("https://") || plain && target.insecure_http) {
             return Err(XapiError::Tls {
                 url,
-                detail: "the XAPI URL must start with https:// (or http://)".into(),
+                detail: if plain {
+                    "an http:// XAPI URL sends the password and session in the clear: use https://, \
+                     or set xapi_insecure_http = true for a test host"
+                        .into()
+                } else {
+                    "the XAPI URL must start with https://".into()
+                },
             });
         }
         let c = Client {
@@ -416,9 +448,10 @@ impl Client {
     fn rpc(&self, method: &str, params: Vec<Value>) -> Result<Value> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
+        let session = self.session();
         let transport = |detail: String| XapiError::Transport {
             url: self.url.clone(),
-            detail: format!("{method}: {detail}"),
+            detail: format!("{method}: {}", without_session(&detail, &session)),
         };
         let resp = self
             .agent
@@ -454,6 +487,8 @@ impl Client {
                     )
                     .collect(),
             };
+            // SESSION_INVALID and friends name the session: it is a bearer token.
+            let desc: Vec<String> = desc.iter().map(|d| without_session(d, &session)).collect();
             return Err(XapiError::from_description(method, &desc));
         }
         v.get("result").cloned().ok_or_else(|| XapiError::Protocol {
@@ -655,9 +690,11 @@ impl Client {
             }
             r => r,
         };
+        let session = self.session();
         let resp = resp.map_err(|(_, detail)| XapiError::Transport {
             url: url.clone(),
-            detail,
+            // ureq's message quotes the whole URL, `session_id=` included.
+            detail: without_session(&detail, &session),
         })?;
         let io = |e: std::io::Error| XapiError::Transport {
             url: url.clone(),
@@ -806,6 +843,22 @@ pub fn refs(v: &Value, key: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn errors_lose_the_session_id() {
+        let s = "OpaqueRef:5f1c0d4e-aaaa-bbbb-cccc-0123456789ab";
+        let e = format!(
+            "http://h/export_raw_vdi?session_id={s}&task_id=t&vdi=v: Connection reset; SESSION_INVALID [{s}]"
+        );
+        let got = super::without_session(&e, s);
+        assert!(!got.contains("5f1c0d4e"), "{got}");
+        assert!(
+            got.contains("task_id=t") && got.contains("SESSION_INVALID"),
+            "{got}"
+        );
+        let other = super::without_session("x?session_id=OpaqueRef:zzz&a=1", s);
+        assert_eq!(other, "x?session_id=<session>&a=1");
+    }
+
     use super::*;
 
     #[test]

@@ -20,16 +20,16 @@ pub mod client;
 pub use client::{Client, XapiError, XapiTarget};
 
 use crate::{
-    BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
-    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
-    VmDetail, VmInfo, VmLocator,
+    BackendError, Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk,
+    Hypervisor, Journal, Opaque, OpaqueMut, PauseTimes, PausedClone, Result, StopMethod, VmInfo,
+    VmLocator,
 };
 use client::{refs, str_field, u64_field, NULL_REF};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Per-VM settings of the XAPI backend, from the config.
@@ -41,11 +41,71 @@ pub struct XapiOptions {
     /// be sent the ACPI power button with `xl trigger DOMID power`.
     #[serde(default)]
     pub dom0_acpi: bool,
+    /// Accept an `http://` URL (the simulator, a lab host): passwords and session ids
+    /// then travel in the clear. Off unless the config says `xapi_insecure_http = true`.
+    #[serde(default)]
+    pub insecure_http: bool,
+}
+
+/// What the XAPI backend creates on the pool, with what it takes to undo it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum XapiResource {
+    /// A XAPI VM made for the run (checkpoint or clone), by its unique name
+    /// label (undo: destroy its VDIs, then the VM).
+    XapiVm {
+        target: XapiTarget,
+        name_label: String,
+    },
+    /// A XAPI network with no PIF made for the run (undo: network.destroy).
+    XapiNetwork {
+        target: XapiTarget,
+        name_label: String,
+    },
+}
+
+/// Undoes one of the XAPI backend's own resources.
+pub(crate) fn recover(resource: &XapiResource) -> Result<()> {
+    match resource {
+        XapiResource::XapiVm { target, name_label } => {
+            let c = Client::login(target)?;
+            let found = c.call("VM.get_by_name_label", vec![json!(name_label)])?;
+            for r in found.as_array().into_iter().flatten() {
+                let r = client::value_string(r);
+                // Only what coldclone named: its labels carry the run id.
+                if name_label.starts_with("coldclone-") {
+                    destroy_vm_and_disks(&c, &r)?;
+                }
+            }
+            Ok(())
+        }
+        XapiResource::XapiNetwork { target, name_label } => {
+            let c = Client::login(target)?;
+            let found = c.call("network.get_by_name_label", vec![json!(name_label)])?;
+            for n in found.as_array().into_iter().flatten() {
+                let n = client::value_string(n);
+                let rec = c.record("network", &n)?;
+                let ours = rec
+                    .get("other_config")
+                    .and_then(|o| o.get("coldclone_run"))
+                    .is_some();
+                if ours && refs(&rec, "PIFs").is_empty() {
+                    match c.call("network.destroy", vec![json!(n)]) {
+                        Ok(_) | Err(XapiError::HandleInvalid { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// What the backend learned about the original.
 #[derive(Debug, Clone)]
 pub struct XapiVm {
+    /// The session opened at inspection; the run's calls all go through it.
+    pub client: Arc<Client>,
     pub target: XapiTarget,
     pub vm_ref: String,
     pub uuid: String,
@@ -53,8 +113,19 @@ pub struct XapiVm {
     pub pv_drivers: bool,
 }
 
+/// The XAPI part of a checkpoint: the checkpoint VM and its journal entry.
+#[derive(Debug, Clone)]
+struct XapiCheckpoint {
+    vm_ref: String,
+    journal_id: u64,
+}
+
 #[derive(Debug)]
 pub struct XapiClone {
+    client: Arc<Client>,
+    /// The run's isolated network (ref) and its bridge.
+    network: String,
+    bridge: String,
     vm_ref: String,
     journal_id: u64,
     /// The clone's VIFs by uuid (refs mean nothing in a report).
@@ -65,17 +136,8 @@ pub struct XapiClone {
     destroyed: bool,
 }
 
-#[derive(Default)]
-struct RunState {
-    client: Option<Arc<Client>>,
-    checkpoint: Option<(String, u64)>,
-    network: Option<(String, String)>,
-    clone_disks: BTreeMap<String, (String, String, u64)>,
-}
-
 pub struct XapiBackend {
     options: XapiOptions,
-    state: Mutex<RunState>,
     /// Attempts per VDI export (a dropped connection is tried again).
     pub export_attempts: u32,
     pub task_timeout: Duration,
@@ -85,21 +147,9 @@ impl XapiBackend {
     pub fn with_options(options: XapiOptions) -> XapiBackend {
         XapiBackend {
             options,
-            state: Mutex::new(RunState::default()),
             export_attempts: 3,
             task_timeout: Duration::from_secs(3600),
         }
-    }
-
-    fn st(&self) -> std::sync::MutexGuard<'_, RunState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn client(&self) -> Result<Arc<Client>> {
-        self.st()
-            .client
-            .clone()
-            .ok_or_else(|| BackendError::Unsupported("XAPI backend used before inspect".into()))
     }
 }
 
@@ -110,23 +160,11 @@ impl Default for XapiBackend {
 }
 
 fn xapi_vm(vm: &VmInfo) -> Result<&XapiVm> {
-    match &vm.detail {
-        VmDetail::Xapi(x) => Ok(x),
-        #[allow(unreachable_patterns)]
-        _ => Err(BackendError::Unsupported(
-            "the XAPI backend was handed another backend's VM".into(),
-        )),
-    }
+    crate::vm_state(vm, "XAPI")
 }
 
-fn xapi_clone(detail: &mut CloneDetail) -> Result<&mut XapiClone> {
-    match detail {
-        CloneDetail::Xapi(c) => Ok(c),
-        #[allow(unreachable_patterns)]
-        _ => Err(BackendError::Unsupported(
-            "the XAPI backend was handed another backend's clone".into(),
-        )),
-    }
+fn xapi_clone(detail: &mut OpaqueMut) -> Result<&mut XapiClone> {
+    crate::clone_state(detail, "XAPI")
 }
 
 fn looks_like_uuid(s: &str) -> bool {
@@ -261,23 +299,22 @@ pub fn network_label(tag: &str) -> String {
 }
 
 impl XapiBackend {
-    fn target_of(&self, vm: &VmInfo) -> Result<XapiTarget> {
-        Ok(xapi_vm(vm)?.target.clone())
-    }
-
     /// Makes the run's network with no PIF (XAPI's host-internal network).
     fn make_network(
         &self,
+        c: &Client,
         target: &XapiTarget,
         tag: &str,
         journal: &mut dyn Journal,
     ) -> Result<CloneNetwork> {
-        let c = self.client()?;
         let label = network_label(tag);
-        journal.will_create(&Resource::XapiNetwork {
-            target: target.clone(),
-            name_label: label.clone(),
-        })?;
+        journal.will_create(
+            &XapiResource::XapiNetwork {
+                target: target.clone(),
+                name_label: label.clone(),
+            }
+            .into(),
+        )?;
         let net = c.call_str(
             "network.create",
             vec![json!({
@@ -288,19 +325,19 @@ impl XapiBackend {
                 "tags": [],
             })],
         )?;
-        if network_has_pif(&c, &net)? {
+        if network_has_pif(c, &net)? {
             return Err(BackendError::Clone(format!(
                 "the network {label} made for the clone has a PIF"
             )));
         }
         let rec = c.record("network", &net)?;
         let bridge = str_field(&rec, "bridge");
-        self.st().network = Some((net, bridge.clone()));
         journal.milestone("isolate:xapi-network-ready")?;
         Ok(CloneNetwork {
             namespace: network_isolation::Namespace::current(),
             bridge,
             tap_prefix: String::new(),
+            handle: Some(net),
         })
     }
 }
@@ -326,6 +363,7 @@ impl Hypervisor for XapiBackend {
             url: url.clone(),
             credentials_file: credentials_file.clone(),
             tls_fingerprint_sha256: options.tls_fingerprint_sha256.clone(),
+            insecure_http: options.insecure_http,
         };
         let c = Arc::new(Client::login(&target)?);
         let vm_ref = if looks_like_uuid(handle) {
@@ -382,14 +420,14 @@ impl Hypervisor for XapiBackend {
                 })
                 .collect(),
             nics: refs(&rec, "VIFs").len(),
-            detail: VmDetail::Xapi(XapiVm {
+            detail: Opaque::new(XapiVm {
+                client: c,
                 target,
                 vm_ref,
                 uuid: str_field(&rec, "uuid"),
                 pv_drivers: allowed.iter().any(|o| o == "clean_shutdown"),
             }),
         };
-        self.st().client = Some(c);
         Ok(info)
     }
 
@@ -405,12 +443,15 @@ impl Hypervisor for XapiBackend {
                 "the VM is not running; coldclone backs up running VMs".into(),
             ));
         }
-        let c = self.client()?;
+        let c = &xv.client;
         let label = checkpoint_label(&run_tag(work_dir));
-        let id = journal.will_create(&Resource::XapiVm {
-            target: xv.target.clone(),
-            name_label: label.clone(),
-        })?;
+        let id = journal.will_create(
+            &XapiResource::XapiVm {
+                target: xv.target.clone(),
+                name_label: label.clone(),
+            }
+            .into(),
+        )?;
         let t = Instant::now();
         let r = c.call_async(
             "VM.checkpoint",
@@ -444,17 +485,15 @@ impl Hypervisor for XapiBackend {
         } else {
             (0, String::new())
         };
-        let disks = vm_disks(&c, &ckpt)?
+        let disks = vm_disks(c, &ckpt)?
             .into_iter()
             .map(|(name, (_, uuid, bytes))| FrozenDisk {
                 name,
                 frozen_file: PathBuf::from(format!("xapi:vdi/{uuid}")),
                 format: "raw".into(),
                 bytes,
-                original_overlay: None,
             })
             .collect();
-        self.st().checkpoint = Some((ckpt.clone(), id));
         Ok(Checkpoint {
             method: "xapi-checkpoint",
             memory_image: PathBuf::from(if suspend_uuid.is_empty() {
@@ -470,6 +509,10 @@ impl Hypervisor for XapiBackend {
                 memory_ms: took,
             },
             disks,
+            detail: Opaque::new(XapiCheckpoint {
+                vm_ref: ckpt,
+                journal_id: id,
+            }),
             ..Default::default()
         })
     }
@@ -480,35 +523,40 @@ impl Hypervisor for XapiBackend {
         run_id: &str,
         journal: &mut dyn Journal,
     ) -> Result<Option<CloneNetwork>> {
-        let target = self.target_of(vm)?;
-        self.make_network(&target, run_id, journal).map(Some)
+        let xv = xapi_vm(vm)?;
+        self.make_network(&xv.client, &xv.target, run_id, journal)
+            .map(Some)
     }
 
     fn restore_clone(
         &self,
         vm: &VmInfo,
-        _checkpoint: &Checkpoint,
-        _net: &CloneNetwork,
+        checkpoint: &Checkpoint,
+        net: &CloneNetwork,
         clone_name: &str,
         _work_dir: &Path,
         journal: &mut dyn Journal,
     ) -> Result<PausedClone> {
         let xv = xapi_vm(vm)?;
-        let c = self.client()?;
-        let (ckpt, _) = self
-            .st()
-            .checkpoint
-            .clone()
+        let c = &xv.client;
+        let ckpt = checkpoint
+            .detail
+            .get::<XapiCheckpoint>()
+            .map(|k| k.vm_ref.clone())
             .ok_or_else(|| BackendError::Clone("no XAPI checkpoint to clone".into()))?;
-        let (net, _) = self.st().network.clone().ok_or_else(|| {
+        let bridge = net.bridge.clone();
+        let net = net.handle.clone().ok_or_else(|| {
             BackendError::Clone(
                 "no isolated XAPI network: the pipeline must call isolated_network first".into(),
             )
         })?;
-        let journal_id = journal.will_create(&Resource::XapiVm {
-            target: xv.target.clone(),
-            name_label: clone_name.to_string(),
-        })?;
+        let journal_id = journal.will_create(
+            &XapiResource::XapiVm {
+                target: xv.target.clone(),
+                name_label: clone_name.to_string(),
+            }
+            .into(),
+        )?;
         let clone = c.call_async(
             "VM.clone",
             vec![json!(ckpt), json!(clone_name)],
@@ -519,7 +567,10 @@ impl Hypervisor for XapiBackend {
             taps: vec![],
             disks: vec![],
             console_log: PathBuf::new(),
-            detail: CloneDetail::Xapi(XapiClone {
+            detail: OpaqueMut::new(XapiClone {
+                client: c.clone(),
+                network: net.clone(),
+                bridge,
                 vm_ref: clone.clone(),
                 journal_id,
                 vifs: vec![],
@@ -535,7 +586,7 @@ impl Hypervisor for XapiBackend {
         for vif in &vifs {
             c.call("VIF.move", vec![json!(vif), json!(net)])?;
         }
-        let disks = vm_disks(&c, &clone)?;
+        let disks = vm_disks(c, &clone)?;
         pc.disks = disks
             .iter()
             .map(|(name, (_, uuid, bytes))| CloneDisk {
@@ -554,7 +605,6 @@ impl Hypervisor for XapiBackend {
             d.vifs = vifs;
             d.disks = disks.clone();
         }
-        self.st().clone_disks = disks;
         journal.milestone("restore:clone-created")?;
         c.call_async(
             "VM.resume",
@@ -575,13 +625,8 @@ impl Hypervisor for XapiBackend {
         &self,
         clone: &mut PausedClone,
     ) -> Result<Option<network_isolation::Verified>> {
-        let c = self.client()?;
-        let (net, bridge) = self
-            .st()
-            .network
-            .clone()
-            .ok_or_else(|| BackendError::Clone("no isolated XAPI network".into()))?;
         let d = xapi_clone(&mut clone.detail)?;
+        let (c, net, bridge) = (d.client.clone(), d.network.clone(), d.bridge.clone());
         let rec = c.record("VM", &d.vm_ref)?;
         let mut problems = vec![];
         if str_field(&rec, "power_state") != "Paused" {
@@ -632,14 +677,9 @@ impl Hypervisor for XapiBackend {
         clone: &mut PausedClone,
         verified: &network_isolation::Verified,
     ) -> Result<()> {
-        let c = self.client()?;
-        let (_, bridge) = self
-            .st()
-            .network
-            .clone()
-            .ok_or_else(|| BackendError::Clone("no isolated XAPI network".into()))?;
         let d = xapi_clone(&mut clone.detail)?;
-        if verified.bridge != bridge || d.vifs.iter().any(|v| !verified.ports.contains(v)) {
+        let c = d.client.clone();
+        if verified.bridge != d.bridge || d.vifs.iter().any(|v| !verified.ports.contains(v)) {
             return Err(BackendError::Clone(
                 "the clone's VIFs are not the ones whose isolation was verified".into(),
             ));
@@ -649,8 +689,8 @@ impl Hypervisor for XapiBackend {
     }
 
     fn request_stop(&self, clone: &mut PausedClone, method: StopMethod) -> Result<()> {
-        let c = self.client()?;
         let d = xapi_clone(&mut clone.detail)?;
+        let c = d.client.clone();
         match method {
             StopMethod::Pv => {
                 // Async: the guest takes its time; wait_stopped watches the VM and this task.
@@ -674,8 +714,8 @@ impl Hypervisor for XapiBackend {
     }
 
     fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome> {
-        let c = self.client()?;
         let d = xapi_clone(&mut clone.detail)?;
+        let c = d.client.clone();
         let start = Instant::now();
         let mut classes = vec![json!(format!("vm/{}", d.vm_ref))];
         if let Some(t) = &d.shutdown_task {
@@ -748,8 +788,8 @@ impl Hypervisor for XapiBackend {
     }
 
     fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()> {
-        let c = self.client()?;
         let d = xapi_clone(&mut clone.detail)?;
+        let c = d.client.clone();
         if d.destroyed {
             return Ok(());
         }
@@ -763,70 +803,31 @@ impl Hypervisor for XapiBackend {
         Ok(())
     }
 
-    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()> {
-        let c = self.client()?;
-        let (vdi, uuid, size) = self
-            .st()
-            .clone_disks
-            .get(&disk.name)
-            .cloned()
-            .ok_or_else(|| BackendError::Clone(format!("no clone VDI for disk {}", disk.name)))?;
-        c.export_raw_vdi(&vdi, &uuid, size, dest, self.export_attempts)?;
+    fn export_disk(&self, clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()> {
+        let d: &XapiClone = clone.detail.get().ok_or_else(|| {
+            BackendError::Unsupported("the XAPI backend was handed another backend's clone".into())
+        })?;
+        let (vdi, uuid, size) =
+            d.disks.get(&disk.name).cloned().ok_or_else(|| {
+                BackendError::Clone(format!("no clone VDI for disk {}", disk.name))
+            })?;
+        d.client
+            .export_raw_vdi(&vdi, &uuid, size, dest, self.export_attempts)?;
         Ok(())
     }
 
     fn release_checkpoint(
         &self,
-        _vm: &VmInfo,
-        _checkpoint: &Checkpoint,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
         journal: &mut dyn Journal,
     ) -> Result<()> {
-        let c = self.client()?;
-        let taken = self.st().checkpoint.take();
-        if let Some((ckpt, id)) = taken {
-            destroy_vm_and_disks(&c, &ckpt)?;
-            journal.removed(id)?;
+        let c = &xapi_vm(vm)?.client;
+        if let Some(k) = checkpoint.detail.get::<XapiCheckpoint>() {
+            destroy_vm_and_disks(c, &k.vm_ref)?;
+            journal.removed(k.journal_id)?;
         }
         Ok(())
-    }
-
-    fn recover(&self, resource: &Resource) -> Result<()> {
-        match resource {
-            Resource::XapiVm { target, name_label } => {
-                let c = Client::login(target)?;
-                let found = c.call("VM.get_by_name_label", vec![json!(name_label)])?;
-                for r in found.as_array().into_iter().flatten() {
-                    let r = client::value_string(r);
-                    // Only what coldclone named: its labels carry the run id.
-                    if name_label.starts_with("coldclone-") {
-                        destroy_vm_and_disks(&c, &r)?;
-                    }
-                }
-                Ok(())
-            }
-            Resource::XapiNetwork { target, name_label } => {
-                let c = Client::login(target)?;
-                let found = c.call("network.get_by_name_label", vec![json!(name_label)])?;
-                for n in found.as_array().into_iter().flatten() {
-                    let n = client::value_string(n);
-                    let rec = c.record("network", &n)?;
-                    let ours = rec
-                        .get("other_config")
-                        .and_then(|o| o.get("coldclone_run"))
-                        .is_some();
-                    if ours && refs(&rec, "PIFs").is_empty() {
-                        match c.call("network.destroy", vec![json!(n)]) {
-                            Ok(_) | Err(XapiError::HandleInvalid { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                }
-                Ok(())
-            }
-            other => Err(BackendError::Unsupported(format!(
-                "the XAPI backend does not undo {other:?}"
-            ))),
-        }
     }
 
     fn clone_uses_local_memory(&self) -> bool {

@@ -18,10 +18,11 @@ pub mod cli;
 pub mod lvm;
 pub mod xs;
 
+use crate::shared::SharedResource;
 use crate::{
-    io_err, BackendError, Checkpoint, CloneDetail, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo,
-    FrozenDisk, Hypervisor, Journal, PauseTimes, PausedClone, Resource, Result, StopMethod,
-    VmDetail, VmInfo, VmLocator,
+    io_err, BackendError, Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk,
+    Hypervisor, Journal, Opaque, OpaqueMut, PauseTimes, PausedClone, Result, StopMethod, VmInfo,
+    VmLocator,
 };
 use cli::{state, xl, xl_bounded};
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,80 @@ pub struct XlOptions {
     /// Size of classic (non-thin) LVM snapshots, as lvcreate takes it:
     /// "512m", "2g", or "20%ORIGIN" (the default). Thin snapshots need none.
     pub snapshot_size: Option<String>,
+}
+
+/// What can go wrong that only the xl backend knows.
+#[derive(Debug, thiserror::Error)]
+pub enum XlError {
+    #[error("xenstore: {0}")]
+    Xenstore(String),
+    #[error("the snapshot {lv} overflowed: its copy-on-write space filled up while the backup ran, so its contents are invalid and it is not archived; give classic snapshots more room (xl_snapshot_size) or use thin volumes")]
+    SnapshotOverflow { lv: String },
+}
+
+/// What the xl backend creates, with what it takes to undo it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum XlResource {
+    /// The original domain was paused by us (undo: unpause it if it is
+    /// still paused and is the same domain, by UUID).
+    XlOriginalPaused {
+        domain: String,
+        uuid: String,
+        /// The memory image a save was writing (recover waits for that xl to end).
+        #[serde(default)]
+        image: Option<PathBuf>,
+    },
+    /// The original's balloon target we lowered (undo: set it back).
+    XlBalloon {
+        domain: String,
+        uuid: String,
+        target_kib: u64,
+    },
+    /// An LVM snapshot of one of the original's disks (undo: lvremove it).
+    LvmSnapshot {
+        vg: String,
+        lv: String,
+        origin: String,
+    },
+    /// A clone domain (undo: xl destroy it, if it is still ours by name).
+    XlDomain { name: String },
+}
+
+/// Undoes one of the xl backend's own resources.
+pub(crate) fn recover(resource: &XlResource) -> Result<()> {
+    match resource {
+        XlResource::XlOriginalPaused {
+            domain,
+            uuid,
+            image,
+        } => {
+            if let Some(img) = image {
+                // A save still writing after our crash ends paused: wait for it.
+                cli::wait_for_xl_processes(&img.display().to_string(), SAVE_TIMEOUT);
+            }
+            match same_domain(domain, uuid)? {
+                Some(d) if d.paused() => xl(&["unpause", domain]).map(|_| ()),
+                _ => Ok(()),
+            }
+        }
+        XlResource::XlBalloon {
+            domain,
+            uuid,
+            target_kib,
+        } => match same_domain(domain, uuid)? {
+            Some(_) => xl(&["mem-set", domain, &format!("{target_kib}k")]).map(|_| ()),
+            None => Ok(()),
+        },
+        XlResource::LvmSnapshot { vg, lv, origin } => lvm::remove_snapshot(vg, lv, origin),
+        XlResource::XlDomain { name } => {
+            cli::wait_for_xl_processes(name, Duration::from_secs(120));
+            if state(name)?.is_some() {
+                xl(&["destroy", name])?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// What the backend knows about a running domain.
@@ -77,21 +152,11 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(1800);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(1800);
 
 fn xl_vm(vm: &VmInfo) -> Result<&XlVm> {
-    match &vm.detail {
-        VmDetail::Xl(x) => Ok(x),
-        _ => Err(BackendError::Unsupported(
-            "the xl backend was handed another backend's VM".into(),
-        )),
-    }
+    crate::vm_state(vm, "xl")
 }
 
-fn xl_clone(detail: &mut CloneDetail) -> Result<&mut XlClone> {
-    match detail {
-        CloneDetail::Xl(c) => Ok(c),
-        _ => Err(BackendError::Unsupported(
-            "the xl backend was handed another backend's clone".into(),
-        )),
-    }
+fn xl_clone(detail: &mut OpaqueMut) -> Result<&mut XlClone> {
+    crate::clone_state(detail, "xl")
 }
 
 fn ms(d: Duration) -> f64 {
@@ -143,18 +208,20 @@ impl XlBackend {
         let size = self.options.snapshot_size.as_deref().unwrap_or("20%ORIGIN");
         for d in &x.disks {
             let name = format!("{}-cc{short}", d.lv.name);
-            journal.will_create(&Resource::LvmSnapshot {
-                vg: d.lv.vg.clone(),
-                lv: name.clone(),
-                origin: d.lv.name.clone(),
-            })?;
+            journal.will_create(
+                &XlResource::LvmSnapshot {
+                    vg: d.lv.vg.clone(),
+                    lv: name.clone(),
+                    origin: d.lv.name.clone(),
+                }
+                .into(),
+            )?;
             lvm::snapshot(&d.lv, &name, size)?;
             disks.push(FrozenDisk {
                 name: d.vdev.clone(),
                 frozen_file: PathBuf::from(format!("/dev/{}/{name}", d.lv.vg)),
                 format: "raw".into(),
                 bytes: d.lv.bytes,
-                original_overlay: None,
             });
         }
         Ok(())
@@ -237,7 +304,7 @@ impl Hypervisor for XlBackend {
             memory_bytes: memory_kib * 1024,
             disks: infos,
             nics,
-            detail: VmDetail::Xl(XlVm {
+            detail: Opaque::new(XlVm {
                 name: domain.clone(),
                 domid: st.domid,
                 uuid: st.uuid,
@@ -281,14 +348,20 @@ impl Hypervisor for XlBackend {
             xs::read_u64(&format!("/local/domain/{}/memory/videoram", x.domid))?.unwrap_or(0);
         let guest_kib = memory_target_kib(x.domid)?.unwrap_or(vm.memory_bytes / 1024) + videoram;
         let result = (|| {
-            journal.will_create(&Resource::File {
-                path: image.clone(),
-            })?;
-            let paused_id = journal.will_create(&Resource::XlOriginalPaused {
-                domain: x.name.clone(),
-                uuid: x.uuid.clone(),
-                image: Some(image.clone()),
-            })?;
+            journal.will_create(
+                &SharedResource::File {
+                    path: image.clone(),
+                }
+                .into(),
+            )?;
+            let paused_id = journal.will_create(
+                &XlResource::XlOriginalPaused {
+                    domain: x.name.clone(),
+                    uuid: x.uuid.clone(),
+                    image: Some(image.clone()),
+                }
+                .into(),
+            )?;
             let image_s = image.display().to_string();
             let t0 = Instant::now();
             let saved = xl_bounded(&["save", "-p", &x.name, &image_s], SAVE_TIMEOUT);
@@ -382,13 +455,19 @@ impl Hypervisor for XlBackend {
             vif_prefix: &net.tap_prefix,
         })?;
         let cfg_path = work_dir.join("clone.cfg");
-        journal.will_create(&Resource::File {
-            path: cfg_path.clone(),
-        })?;
+        journal.will_create(
+            &SharedResource::File {
+                path: cfg_path.clone(),
+            }
+            .into(),
+        )?;
         std::fs::write(&cfg_path, text).map_err(io_err(&cfg_path))?;
-        let journal_id = journal.will_create(&Resource::XlDomain {
-            name: clone_name.to_string(),
-        })?;
+        let journal_id = journal.will_create(
+            &XlResource::XlDomain {
+                name: clone_name.to_string(),
+            }
+            .into(),
+        )?;
         let cfg_s = cfg_path.display().to_string();
         let img_s = checkpoint.memory_image.display().to_string();
         // -p: paused until the isolation is verified; -e: no monitor process
@@ -424,7 +503,7 @@ impl Hypervisor for XlBackend {
                 })
                 .collect(),
             console_log: PathBuf::from(format!("/var/log/xen/console/guest-{clone_name}.log")),
-            detail: CloneDetail::Xl(XlClone {
+            detail: OpaqueMut::new(XlClone {
                 name: clone_name.to_string(),
                 journal_id,
                 snapshots: classic,
@@ -512,7 +591,7 @@ impl Hypervisor for XlBackend {
         c.stopped = true;
         // An overflowed classic snapshot is not a backup, however the clone ended.
         if let Some(lv) = Self::overflowed(&c.snapshots)? {
-            return Err(BackendError::SnapshotOverflow { lv });
+            return Err(BackendError::Xl(XlError::SnapshotOverflow { lv }));
         }
         Ok(outcome)
     }
@@ -528,12 +607,14 @@ impl Hypervisor for XlBackend {
 
     /// The snapshot LV itself is the stopped disk: `dest` becomes a symlink
     /// to it, which the repository reads as a block device (no copy).
-    fn export_disk(&self, disk: &CloneDisk, dest: &Path) -> Result<()> {
+    fn export_disk(&self, _clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()> {
         let lv = lvm::lookup(&disk.overlay)?.ok_or_else(|| {
             BackendError::Clone(format!("snapshot {} is gone", disk.overlay.display()))
         })?;
         if lv.overflowed() {
-            return Err(BackendError::SnapshotOverflow { lv: lv.full_name() });
+            return Err(BackendError::Xl(XlError::SnapshotOverflow {
+                lv: lv.full_name(),
+            }));
         }
         crate::util::remove_file_if_exists(dest)?;
         std::os::unix::fs::symlink(&lv.path, dest).map_err(io_err(dest))
@@ -550,43 +631,6 @@ impl Hypervisor for XlBackend {
         Ok(())
     }
 
-    fn recover(&self, resource: &Resource) -> Result<()> {
-        match resource {
-            Resource::XlOriginalPaused {
-                domain,
-                uuid,
-                image,
-            } => {
-                if let Some(img) = image {
-                    // A save still writing after our crash ends paused: wait for it.
-                    cli::wait_for_xl_processes(&img.display().to_string(), SAVE_TIMEOUT);
-                }
-                match same_domain(domain, uuid)? {
-                    Some(d) if d.paused() => xl(&["unpause", domain]).map(|_| ()),
-                    _ => Ok(()),
-                }
-            }
-            Resource::XlBalloon {
-                domain,
-                uuid,
-                target_kib,
-            } => match same_domain(domain, uuid)? {
-                Some(_) => xl(&["mem-set", domain, &format!("{target_kib}k")]).map(|_| ()),
-                None => Ok(()),
-            },
-            Resource::LvmSnapshot { vg, lv, origin } => lvm::remove_snapshot(vg, lv, origin),
-            Resource::XlDomain { name } => {
-                cli::wait_for_xl_processes(name, Duration::from_secs(120));
-                if state(name)?.is_some() {
-                    xl(&["destroy", name])?;
-                }
-                Ok(())
-            }
-            // Files, folders and bridges are the shared kinds.
-            other => crate::qemu::QemuBackend::default().recover(other),
-        }
-    }
-
     /// The domain's actual memory (xl's Mem column: the guest's balloon
     /// driver reports nothing back through xenstore).
     fn memory_actual(&self, vm: &VmInfo) -> Result<Option<u64>> {
@@ -599,14 +643,18 @@ impl Hypervisor for XlBackend {
     fn balloon(&self, vm: &VmInfo, target_bytes: u64, journal: &mut dyn Journal) -> Result<u64> {
         let x = xl_vm(vm)?;
         let target_path = format!("/local/domain/{}/memory/target", x.domid);
-        let before = xs::read_u64(&target_path)?
-            .ok_or_else(|| BackendError::Xenstore(format!("{target_path} is missing")))?;
-        let kib = target_bytes / 1024;
-        journal.will_create(&Resource::XlBalloon {
-            domain: x.name.clone(),
-            uuid: x.uuid.clone(),
-            target_kib: before,
+        let before = xs::read_u64(&target_path)?.ok_or_else(|| {
+            BackendError::Xl(XlError::Xenstore(format!("{target_path} is missing")))
         })?;
+        let kib = target_bytes / 1024;
+        journal.will_create(
+            &XlResource::XlBalloon {
+                domain: x.name.clone(),
+                uuid: x.uuid.clone(),
+                target_kib: before,
+            }
+            .into(),
+        )?;
         xl(&["mem-set", &x.name, &format!("{kib}k")])?;
         let written = xs::read_u64(&target_path)?;
         if written != Some(kib) {

@@ -2,6 +2,7 @@
 //! `@releaseDomain` waits through its tokio client (the only one with watches),
 //! driven by a small current-thread runtime.
 
+use super::XlError;
 use crate::{BackendError, Result};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use xenstore_rs::unix::XsUnix;
 use xenstore_rs::{AsyncWatch, Xs};
 
 fn xs_err(what: &str, e: std::io::Error) -> BackendError {
-    BackendError::Xenstore(format!("{what}: {e}"))
+    BackendError::Xl(XlError::Xenstore(format!("{what}: {e}")))
 }
 
 /// Reads a node; `None` when it does not exist.
@@ -60,9 +61,9 @@ pub fn wait_release_domain(
             match tokio::time::timeout(left, watch.next()).await {
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    return Err(BackendError::Xenstore(
+                    return Err(BackendError::Xl(XlError::Xenstore(
                         "the @releaseDomain watch ended (xenstored went away?)".into(),
-                    ))
+                    )))
                 }
                 Err(_) => return done(),
             }

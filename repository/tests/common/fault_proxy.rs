@@ -3,6 +3,8 @@
 //! the server answers with a plain body and closes), the answer comes back with
 //! `Connection: close`. The Host header is passed unchanged, so signatures still verify.
 //! Every fault it injects is counted, so a test can assert that its faults really fired.
+// `is_multiple_of` needs Rust 1.87; the workspace supports 1.80.
+#![allow(clippy::manual_is_multiple_of)]
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

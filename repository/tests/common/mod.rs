@@ -35,7 +35,10 @@ impl Drop for TempDir {
     }
 }
 
+/// Options of a test repository. Also turns prune's grace for young packs off (process
+/// wide): the tests prune data they have just written.
 pub fn opts(chunk: u32) -> InitOptions {
+    set_prune_grace_for_tests(0);
     InitOptions {
         chunk_size: chunk,
         pack_size: 1 << 20,
@@ -145,3 +148,6 @@ pub fn write_lock(
         .set_modified(t)
         .unwrap();
 }
+
+/// Restore over what is there (the tests restore to one file again and again).
+pub const FORCE: RestoreOptions = RestoreOptions { force: true };

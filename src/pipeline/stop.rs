@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 /// killed at once and the backup fails (its disk may hold what the clone
 /// did while it could reach a network).
 pub fn reverify(run: &mut Run, net: &CloneNetwork, when: &str) -> Result<(), PipelineError> {
-    // A XAPI network is the pool's, checked by XAPI for a paused clone
-    // (verify_isolation); the bridge re-checked here is one on this host.
-    if run.backend.name() == "xapi" {
+    // A network the hypervisor made (XAPI's, with a handle) is checked by
+    // the backend for a paused clone (verify_isolation); what is re-checked
+    // here is a Linux bridge on this host.
+    if net.handle.is_some() {
         return Ok(());
     }
     let Some(clone) = run.clone.as_mut() else {

@@ -27,7 +27,9 @@ impl Lab {
         let name = format!("cc{tag}{}", std::process::id() % 100000);
         let _ = iso::delete_namespace(&name);
         iso::create_namespace(&name).expect("netns");
-        let dir = std::env::temp_dir().join(format!("coldclone-{name}"));
+        // A comma in the folder: the clone's QMP socket, console and pidfile
+        // paths must reach QEMU escaped (`,,`), not as new keys.
+        let dir = std::env::temp_dir().join(format!("coldclone-{name},state"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Lab {
@@ -228,7 +230,10 @@ fn needs_root_qemu_a_vm_on_the_default_user_mode_nic_is_refused() {
     ]);
     orig.extend(s(&[
         "-qmp",
-        &format!("unix:{},server=on,wait=off", qmp.display()),
+        &format!(
+            "unix:{},server=on,wait=off",
+            qmp.display().to_string().replace(',', ",,")
+        ),
     ]));
     let mut vm = start(&lab, &orig, &qmp);
     let net = network(&mut vm.qmp);

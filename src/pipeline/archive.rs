@@ -7,16 +7,19 @@ use crate::journal::RepositoryResource;
 use crate::progress::BarProgress;
 use crate::report::{Consistency, DiskReport, VmReport};
 use coldclone_backends::shared::SharedResource;
-use coldclone_backends::Journal;
+use coldclone_backends::{CloneNetwork, Journal};
 use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
 use std::collections::BTreeMap;
 
 pub fn run(
     run: &mut Run,
     ctx: &RunContext,
+    net: &CloneNetwork,
     consistency: Consistency,
     report: &mut VmReport,
 ) -> Result<(), PipelineError> {
+    // Whatever reached the bridge while the clone shut down taints its disk.
+    super::stop::reverify(run, net, "before-archive")?;
     let disks = run
         .clone
         .as_ref()

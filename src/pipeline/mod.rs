@@ -173,11 +173,11 @@ fn run_steps(
         report.durations_ms.restore = t.elapsed().as_millis() as u64;
 
         let t = Instant::now();
-        let consistency = stop::run(&mut run, &info, report)?;
+        let consistency = stop::run(&mut run, &info, &net, report)?;
         report.durations_ms.stop = t.elapsed().as_millis() as u64;
 
         let t = Instant::now();
-        archive::run(&mut run, ctx, consistency, report)?;
+        archive::run(&mut run, ctx, &net, consistency, report)?;
         report.durations_ms.archive = t.elapsed().as_millis() as u64;
         report.consistency = Some(consistency);
         Ok::<(), PipelineError>(())

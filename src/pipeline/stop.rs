@@ -1,18 +1,49 @@
 //! Step 4: ask the clone to power off (ACPI button or PV shutdown) and wait,
 //! bounded. Its own shutdown flushes and unmounts: that is the consistency.
 
-use super::{PipelineError, Run};
+use super::{isolate, PipelineError, Run};
 use crate::config::OnCloneFailure;
 use crate::report::{Consistency, VmReport};
-use coldclone_backends::{CloneOutcome, Journal, VmInfo};
+use coldclone_backends::{CloneNetwork, CloneOutcome, Journal, VmInfo};
 use std::time::{Duration, Instant};
+
+/// Verifies the clone's network again, from the kernel's state now: a host
+/// network manager may have enslaved a port to the bridge, or moved the
+/// clone's tap, since the check before resume. If it fails, the clone is
+/// killed at once and the backup fails (its disk may hold what the clone
+/// did while it could reach a network).
+pub fn reverify(run: &mut Run, net: &CloneNetwork, when: &str) -> Result<(), PipelineError> {
+    // A network the hypervisor made (XAPI's, with a handle) is checked by
+    // the backend for a paused clone (verify_isolation); what is re-checked
+    // here is a Linux bridge on this host.
+    if net.handle.is_some() {
+        return Ok(());
+    }
+    let Some(clone) = run.clone.as_mut() else {
+        return Ok(());
+    };
+    let checked = isolate::verify(net, &clone.taps).map(|_| ());
+    if let Err(e) = checked {
+        tracing::error!("isolation no longer holds {when}: {e}; killing the clone");
+        match run.backend.destroy_clone(clone, &mut run.journal) {
+            Ok(()) => run.clone = None,
+            Err(d) => tracing::error!("destroying the clone: {d}; the clean-up retries"),
+        }
+        return Err(e);
+    }
+    run.journal
+        .milestone(&format!("isolation:reverified-{when}"))?;
+    Ok(())
+}
 
 /// Returns the consistency the archived disk will have.
 pub fn run(
     run: &mut Run,
     vm: &VmInfo,
+    net: &CloneNetwork,
     report: &mut VmReport,
 ) -> Result<Consistency, PipelineError> {
+    reverify(run, net, "before-stop")?;
     let clone = run
         .clone
         .as_mut()

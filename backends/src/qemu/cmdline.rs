@@ -797,7 +797,8 @@ fn judge_object(p: &Props, arg: &str) -> Result<()> {
         )));
     }
     if ty.starts_with("memory-backend") {
-        // memfd is shared unless told otherwise (backends/hostmem-memfd.c).
+        // memfd is shared unless told otherwise: QEMU 7.2 reports share=true
+        // (qom-get) for a memory-backend-memfd given without share=.
         let shared = p
             .bool("share", ty == "memory-backend-memfd")
             .map_err(|e| unsupported(format!("-object {ty}: {e}")))?;
@@ -1174,8 +1175,9 @@ pub fn clone_command(original: &[Opt], spec: &CloneSpec) -> Result<CloneCommand>
         )));
     }
     if !has_net {
-        // vl.c: without -nodefaults and any -net/-nic/-netdev, QEMU gives the
-        // VM a NIC on user-mode networking (SLIRP), an uplink to everything
+        // Without -nodefaults and any -net/-nic/-netdev, QEMU gives the VM
+        // a NIC on user-mode networking (SLIRP; `info network` shows
+        // type=user, see backends/tests/qemu_clone_network.rs), an uplink to everything
         // the host reaches. A clone cannot have it and must have the same
         // devices, so such a VM is refused; otherwise the clone gets
         // `-nic none` so that it never gets a default NIC.

@@ -14,6 +14,7 @@
 pub mod boot;
 pub mod cmdline;
 pub mod qmp;
+pub mod space;
 
 use crate::shared::SharedResource;
 use crate::util::{self, absolute, run_tool};
@@ -657,13 +658,68 @@ impl QemuBackend {
     }
 }
 
-fn overlay_path_for(base: &Path, run_tag: &str) -> PathBuf {
+/// Where the original's write overlay of `disk` goes: beside its image when
+/// that is a file (same file system, same owner's folder), or, for a block
+/// device (a logical volume: beside it is devtmpfs, RAM), in
+/// `STATE_DIR/originals/`, which no run's clean-up removes (a failed merge
+/// leaves the original running on it).
+fn overlay_path_for(base: &Path, run_tag: &str, work_dir: &Path, device: &str) -> PathBuf {
+    use std::os::unix::fs::FileTypeExt;
+    let on_device = std::fs::metadata(base).is_ok_and(|m| m.file_type().is_block_device());
+    if on_device {
+        let state_dir = work_dir.parent().and_then(Path::parent).unwrap_or(work_dir);
+        let safe: String = device
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        return state_dir
+            .join("originals")
+            .join(format!("{run_tag}-{safe}.qcow2"));
+    }
     let dir = base.parent().unwrap_or(Path::new("/"));
     let name = base
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     dir.join(format!(".{name}.coldclone-{run_tag}.qcow2"))
+}
+
+/// The checkpoint's files (memory image, original overlays) on real file
+/// systems with room (space.rs), checked before anything is paused.
+fn check_checkpoint_room(
+    vm: &VmInfo,
+    qv: &QemuVm,
+    work_dir: &Path,
+    overlays: &[PathBuf],
+) -> Result<()> {
+    let mut needs = vec![space::Need {
+        dir: work_dir.to_path_buf(),
+        bytes: vm.memory_bytes.saturating_add(space::RESERVE),
+        what: "the memory image".into(),
+    }];
+    for (d, o) in qv.disks.iter().zip(overlays) {
+        let dir = o.parent().unwrap_or(Path::new("/")).to_path_buf();
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io_err(&dir))?;
+        }
+        needs.push(space::Need {
+            dir,
+            bytes: space::overlay_need(d.bytes),
+            what: format!("the original's write overlay of {}", d.device),
+        });
+    }
+    space::check(&needs)
 }
 
 fn shell_quote(p: &Path) -> String {
@@ -803,6 +859,12 @@ impl Hypervisor for QemuBackend {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| util::random_hex(4));
         let memory_image = work_dir.join("memory.bin");
+        let overlays: Vec<PathBuf> = qv
+            .disks
+            .iter()
+            .map(|d| overlay_path_for(&d.file, &tag, work_dir, &d.device))
+            .collect();
+        check_checkpoint_room(vm, qv, work_dir, &overlays)?;
         let mem_uri = format!("exec:cat > {}", shell_quote(&memory_image));
 
         // The configured method; background-snapshot falls back to
@@ -867,7 +929,7 @@ impl Hypervisor for QemuBackend {
         let mut state = QemuCheckpoint::default();
         let mut actions = Vec::new();
         for (i, d) in qv.disks.iter().enumerate() {
-            let overlay = overlay_path_for(&d.file, &tag);
+            let overlay = overlays[i].clone();
             let overlay_node = format!("cc-{tag}-{i}");
             let id = journal.will_create(
                 &QemuResource::OriginalOverlay {

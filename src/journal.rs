@@ -605,7 +605,14 @@ mod tests {
         let p = journal_dir(&dir).join("r1.jsonl");
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
         f.write_all(b"{\"op\":\"create\",\"id\":9,\"reso").unwrap();
-        let runs = stale_runs(&dir).unwrap();
+        // Another test's child (mkfs, a probe) forked while the journal was
+        // open holds a copy of its locked descriptor until it execs: retry.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut runs = stale_runs(&dir).unwrap();
+        while runs.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            runs = stale_runs(&dir).unwrap();
+        }
         assert_eq!(runs.len(), 1);
         let open = runs[0].open_resources();
         assert_eq!(open.len(), 1);

@@ -80,6 +80,30 @@ fn assert_safe(args: &[String], forbidden: &[&str]) -> std::result::Result<(), S
                     return Err(format!("-object {a}"));
                 }
             }
+            // Character devices: null, or the run's own console file / QMP socket.
+            "chardev" => {
+                let p = Props::parse("chardev", a, Some("backend"), false)
+                    .map_err(|e| e.to_string())?;
+                let ours = |k: &str| {
+                    p.get(k)
+                        .is_some_and(|v| v.starts_with("/var/lib/coldclone/runs/r1/"))
+                };
+                let ok = match p.get("backend") {
+                    Some("null") => p.pairs.len() == 2,
+                    Some("file") => ours("path"),
+                    Some("socket") => ours("path") && p.get("id") == Some("coldclone-qmp"),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(format!("-chardev {a}"));
+                }
+            }
+            "serial" | "parallel" | "debugcon"
+                if !(matches!(a, "none" | "null") || a.starts_with("chardev:")) =>
+            {
+                return Err(format!("-{} {a}", o.name));
+            }
+            "audiodev" if !a.starts_with("none,") => return Err(format!("-audiodev {a}")),
             "device"
                 if ["9p", "vhost-user", "vfio", "ivshmem", "vsock"]
                     .iter()

@@ -134,6 +134,28 @@ fn img(args: &[&str]) {
     assert!(st.success(), "qemu-img {args:?}");
 }
 
+/// A qcow2 overlay at `overlay` backed by `backing`, with 64 KiB written into it.
+fn overlay_with_a_write(backing: &Path, overlay: &Path) {
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        backing.to_str().unwrap(),
+        overlay.to_str().unwrap(),
+    ]);
+    let st = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k"])
+        .arg(overlay)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 fn dead_pid() -> u32 {
     let mut c = Command::new("true").spawn().unwrap();
     let pid = c.id();
@@ -164,24 +186,7 @@ fn needs_root_qemu_offline_merge_back_only_into_the_journaled_image() {
     ]);
     let victim_before = std::fs::read(&victim).unwrap();
     // A planted overlay whose header names another file.
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        victim.to_str().unwrap(),
-        overlay.to_str().unwrap(),
-    ]);
-    let st = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k"])
-        .arg(&overlay)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    overlay_with_a_write(&victim, &overlay);
     let e = qemu::merge_back_offline(dead_pid(), &overlay, &base).unwrap_err();
     assert!(e.to_string().contains("not by the journaled image"), "{e}");
     assert_eq!(
@@ -192,24 +197,7 @@ fn needs_root_qemu_offline_merge_back_only_into_the_journaled_image() {
     assert!(overlay.exists());
     // The real one: committed into the frozen image, overlay gone.
     std::fs::remove_file(&overlay).unwrap();
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        overlay.to_str().unwrap(),
-    ]);
-    let st = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k"])
-        .arg(&overlay)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    overlay_with_a_write(&base, &overlay);
     qemu::merge_back_offline(dead_pid(), &overlay, &base).unwrap();
     assert!(!overlay.exists());
     let out = Command::new("qemu-io")

@@ -49,6 +49,18 @@ fn s3s_fs_repository_full_cycle_and_signatures() {
     full_cycle(port);
 }
 
+/// A full backup of `img` as disk xvda of VM `vm<i>`; its snapshot id.
+fn backup_as_vm(repo: &Repository, i: usize, img: &[u8]) -> String {
+    repo.backup_disk(
+        &MemSource(img.to_vec()),
+        meta(&format!("vm{i}"), "xvda"),
+        &BackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap()
+    .snapshot_id
+}
+
 fn full_cycle(port: u16) {
     let loc = loc(port, "fleet/repo1");
     let mut o = opts(16384);
@@ -81,14 +93,7 @@ fn full_cycle(port: u16) {
                 let loc = loc.clone();
                 s.spawn(move || {
                     let r = Repository::open(&loc, "pw").unwrap();
-                    r.backup_disk(
-                        &MemSource(img.clone()),
-                        meta(&format!("vm{i}"), "xvda"),
-                        &BackupOptions::default(),
-                        &NoProgress,
-                    )
-                    .unwrap()
-                    .snapshot_id
+                    backup_as_vm(&r, i, img)
                 })
             })
             .collect();
@@ -162,16 +167,7 @@ fn listing_beyond_one_page(server_port: u16, plant: Plant) {
     let ids: Vec<String> = imgs
         .iter()
         .enumerate()
-        .map(|(i, img)| {
-            repo.backup_disk(
-                &MemSource(img.clone()),
-                meta(&format!("vm{i}"), "xvda"),
-                &BackupOptions::default(),
-                &NoProgress,
-            )
-            .unwrap()
-            .snapshot_id
-        })
+        .map(|(i, img)| backup_as_vm(&repo, i, img))
         .collect();
     for i in 0..PLANTED {
         plant(&format!("big/snapshots/0000{i:060x}"), b"not a snapshot");

@@ -80,7 +80,7 @@ impl SharedResource {
                     return Ok(());
                 }
                 let ns = network_isolation::Namespace::named(name);
-                let foreign: Vec<String> = link_kinds(&ns)?
+                let foreign: Vec<String> = network_isolation::link_kinds(&ns)?
                     .into_iter()
                     .map(|(n, _)| n)
                     .filter(|n| n != "lo" && !is_coldclone_link_name(n))
@@ -139,8 +139,9 @@ impl RecoverScope {
 fn is_the_clone(pid: u32, qmp: &Path) -> std::result::Result<(), String> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
         .map_err(|e| format!("its executable cannot be read ({e})"))?;
-    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    if !name.starts_with("qemu-system-") {
+    // A clone whose binary a package upgrade replaced still is our clone.
+    let exe = PathBuf::from(exe.to_string_lossy().trim_end_matches(" (deleted)"));
+    if !util::is_qemu_binary(&exe) {
         return Err(format!("runs {}, not QEMU", exe.display()));
     }
     let args = util::process_cmdline(pid).unwrap_or_default();
@@ -161,44 +162,21 @@ fn is_coldclone_link_name(name: &str) -> bool {
     name.starts_with("cc")
 }
 
-/// Each link of `ns` with its kind (`bridge`, `tun`, `veth`, ...; empty for a plain one).
-fn link_kinds(ns: &network_isolation::Namespace) -> Result<Vec<(String, String)>> {
-    let mut c = ns.command("ip");
-    c.args(["-d", "-j", "link", "show"]);
-    let out = util::run_tool(c)?;
-    let v: serde_json::Value = serde_json::from_str(&out)
-        .map_err(|e| refused(format!("ip -j link show gave unreadable output: {e}")))?;
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .map(|l| {
-            let name = l.get("ifname").and_then(|x| x.as_str()).unwrap_or("");
-            let kind = l
-                .pointer("/linkinfo/info_kind")
-                .and_then(|x| x.as_str())
-                .unwrap_or("");
-            (name.to_string(), kind.to_string())
-        })
-        .collect())
-}
-
 /// Deletes the link `name` if it is there, has coldclone's name and is of `kind`.
 fn undo_link(namespace: &Option<String>, name: &str, kind: &str) -> Result<()> {
     let ns = network_isolation::Namespace(namespace.clone());
-    if namespace
-        .as_deref()
-        .is_some_and(|n| !network_isolation::namespace_exists(n))
-    {
-        return Ok(()); // its namespace is gone, and the link with it
-    }
-    let Some((_, found)) = link_kinds(&ns)?.into_iter().find(|(n, _)| n == name) else {
+    // A gone namespace lists no links: the link went with it.
+    let Some((_, found)) = network_isolation::link_kinds(&ns)?
+        .into_iter()
+        .find(|(n, _)| n == name)
+    else {
         return Ok(());
     };
-    if !is_coldclone_link_name(name) || found != kind {
+    if !is_coldclone_link_name(name) || found.as_deref() != Some(kind) {
         return Err(refused(format!(
             "link {name} in {} is a {} link{}, not the {kind} coldclone made; left alone",
             ns.describe(),
-            if found.is_empty() { "plain" } else { &found },
+            found.as_deref().unwrap_or("plain"),
             if is_coldclone_link_name(name) {
                 ""
             } else {

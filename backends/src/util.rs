@@ -151,6 +151,16 @@ pub fn absolute(cwd: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// Whether `exe` names a QEMU system emulator (`qemu-system-x86_64`...).
+/// /proc/PID/exe is the resolved binary, so a `kvm` symlink (Proxmox VE) or
+/// wrapper script (Debian) shows up as the qemu-system binary it runs.
+pub fn is_qemu_binary(exe: &Path) -> bool {
+    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.strip_prefix("qemu-system-").is_some_and(|arch| {
+        !arch.is_empty() && arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,6 +214,20 @@ fn links(ns: &Namespace) -> Result<Vec<Link>> {
     run_json(c)
 }
 
+/// Each link of `ns` with its kind as `ip -d` reports it (`bridge`, `tun`, `veth`, ...;
+/// `None` for a plain one). A namespace that does not exist has none.
+pub fn link_kinds(ns: &Namespace) -> Result<Vec<(String, Option<String>)>> {
+    if let Some(n) = &ns.0 {
+        if !namespace_exists(n) {
+            return Ok(Vec::new());
+        }
+    }
+    Ok(links(ns)?
+        .into_iter()
+        .map(|l| (l.ifname, l.linkinfo.and_then(|i| i.info_kind)))
+        .collect())
+}
+
 pub fn link_exists(ns: &Namespace, name: &str) -> Result<bool> {
     if let Some(n) = &ns.0 {
         if !namespace_exists(n) {

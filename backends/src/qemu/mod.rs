@@ -17,6 +17,7 @@ pub mod qmp;
 pub mod space;
 
 use crate::shared::SharedResource;
+pub use crate::util::is_qemu_binary;
 use crate::util::{self, absolute, run_tool};
 use crate::{
     io_err, BackendError, Checkpoint, CloneDisk, CloneNetwork, CloneOutcome, DiskInfo, FrozenDisk,
@@ -1378,16 +1379,6 @@ impl QemuBackend {
             }
         }
     }
-}
-
-/// Whether `exe` names a QEMU system emulator (`qemu-system-x86_64`...).
-/// /proc/PID/exe is the resolved binary, so a `kvm` symlink (Proxmox VE) or
-/// wrapper script (Debian) shows up as the qemu-system binary it runs.
-pub fn is_qemu_binary(exe: &Path) -> bool {
-    let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    name.strip_prefix("qemu-system-").is_some_and(|arch| {
-        !arch.is_empty() && arch.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    })
 }
 
 /// The QMP socket's peer must be QEMU run by root or by the VM's configured

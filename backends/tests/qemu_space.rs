@@ -6,32 +6,14 @@
 
 use coldclone_backends::qemu::qmp::Qmp;
 use coldclone_backends::qemu::{space, QemuBackend};
-use coldclone_backends::{self as cb, Hypervisor, Journal, Resource, VmLocator};
+use coldclone_backends::{Hypervisor, VmLocator};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-#[derive(Debug, Default)]
-struct TestJournal {
-    open: Vec<(u64, Resource)>,
-    next: u64,
-}
-
-impl Journal for TestJournal {
-    fn will_create(&mut self, r: &Resource) -> cb::Result<u64> {
-        self.next += 1;
-        self.open.push((self.next, r.clone()));
-        Ok(self.next)
-    }
-    fn removed(&mut self, id: u64) -> cb::Result<()> {
-        self.open.retain(|(i, _)| *i != id);
-        Ok(())
-    }
-    fn milestone(&mut self, _name: &str) -> cb::Result<()> {
-        Ok(())
-    }
-}
+mod common;
+use common::TestJournal;
 
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();

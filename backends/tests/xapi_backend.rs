@@ -4,7 +4,7 @@
 //! No root, no real XAPI: what the simulator models is in docs/xapi.md.
 
 use coldclone_backends::{
-    self as cb, BackendError, CloneOutcome, Journal, PausedClone, Resource, VmLocator,
+    self as cb, BackendError, CloneOutcome, PausedClone, Resource, VmLocator,
 };
 use coldclone_repository::{
     BackupOptions, FileSource, InitOptions, KdfParams, Location, NoProgress, Repository,
@@ -15,6 +15,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use xapi_sim::{At, Faults, Fired, Sim, VmSpec};
 
+mod common;
+use common::TestJournal;
+
 /// The backend's milestones in a good run, in order.
 const MILESTONES: [&str; 4] = [
     "checkpoint:disks-snapshotted",
@@ -22,29 +25,6 @@ const MILESTONES: [&str; 4] = [
     "restore:clone-created",
     "restore:memory-loaded",
 ];
-
-#[derive(Debug, Default)]
-struct TestJournal {
-    open: Vec<(u64, Resource)>,
-    next: u64,
-    milestones: Vec<String>,
-}
-
-impl Journal for TestJournal {
-    fn will_create(&mut self, r: &Resource) -> cb::Result<u64> {
-        self.next += 1;
-        self.open.push((self.next, r.clone()));
-        Ok(self.next)
-    }
-    fn removed(&mut self, id: u64) -> cb::Result<()> {
-        self.open.retain(|(i, _)| *i != id);
-        Ok(())
-    }
-    fn milestone(&mut self, name: &str) -> cb::Result<()> {
-        self.milestones.push(name.into());
-        Ok(())
-    }
-}
 
 /// The state folder a run's file lies in (`STATE/runs/RUN/...`): these tests keep each
 /// run's files in its rig's own folder, which plays the state folder.

@@ -20,6 +20,8 @@ struct Scratch {
     dir: PathBuf,
     journal: RunJournal,
     id: String,
+    /// What its clean-up may touch: the run folders of this state folder.
+    scope: coldclone_backends::RecoverScope,
 }
 
 impl Scratch {
@@ -30,21 +32,22 @@ impl Scratch {
         journal.will_create(&SharedResource::Dir { path: dir.clone() }.into())?;
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(Scratch { dir, journal, id })
+        let scope = coldclone_backends::RecoverScope {
+            state_dir: cfg.state_dir.clone(),
+        };
+        Ok(Scratch {
+            dir,
+            journal,
+            id,
+            scope,
+        })
     }
 
     fn finish(mut self, repo: &Repository) -> Result<()> {
         let forget = |r: &str| crate::journal::forget_run(repo, r);
-        let state_dir = self
-            .dir
-            .parent()
-            .and_then(Path::parent)
-            .unwrap_or(Path::new("/"));
         let failed = self.journal.undo_all(&Undo {
             forget_run: &forget,
-            scope: coldclone_backends::RecoverScope {
-                state_dir: state_dir.to_path_buf(),
-            },
+            scope: self.scope.clone(),
         });
         if !failed.is_empty() {
             bail!(

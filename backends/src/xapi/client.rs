@@ -448,10 +448,10 @@ impl Client {
     fn rpc(&self, method: &str, params: Vec<Value>) -> Result<Value> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let body = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
-        let session = self.session();
+        // The session is read only when an error must be cleaned of it, not on every call.
         let transport = |detail: String| XapiError::Transport {
             url: self.url.clone(),
-            detail: format!("{method}: {}", without_session(&detail, &session)),
+            detail: format!("{method}: {}", without_session(&detail, &self.session())),
         };
         let resp = self
             .agent
@@ -488,6 +488,7 @@ impl Client {
                     .collect(),
             };
             // SESSION_INVALID and friends name the session: it is a bearer token.
+            let session = self.session();
             let desc: Vec<String> = desc.iter().map(|d| without_session(d, &session)).collect();
             return Err(XapiError::from_description(method, &desc));
         }
@@ -690,11 +691,10 @@ impl Client {
             }
             r => r,
         };
-        let session = self.session();
         let resp = resp.map_err(|(_, detail)| XapiError::Transport {
             url: url.clone(),
             // ureq's message quotes the whole URL, `session_id=` included.
-            detail: without_session(&detail, &session),
+            detail: without_session(&detail, &self.session()),
         })?;
         let io = |e: std::io::Error| XapiError::Transport {
             url: url.clone(),

@@ -61,6 +61,20 @@ pub struct DiskReport {
     pub stored_bytes: u64,
     pub bytes_read: u64,
     pub snapshot_id: String,
+    /// Read where it lies (an image export), not from a copy in the state folder.
+    pub read_in_place: bool,
+    /// What told the repository which ranges changed since the previous backup.
+    pub changed_block_map: ChangedBlockMap,
+}
+
+/// The source of a disk's changed ranges; `none` means every allocated byte was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChangedBlockMap {
+    None,
+    QemuBitmap,
+    XapiCbt,
+    LvmThin,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -110,12 +124,20 @@ pub struct VmReport {
     pub clone_stop_seconds: Option<f64>,
     pub isolated_network: Option<IsolatedNetwork>,
     pub disks: Vec<DiskReport>,
+    /// Peak bytes the run held in its folder of the state folder (memory image, copies
+    /// of disks), sampled after each step and after each disk is stored.
+    pub scratch_bytes: u64,
     pub durations_ms: Durations,
     pub warnings: Vec<String>,
     pub error: Option<String>,
 }
 
 impl VmReport {
+    /// Raises `scratch_bytes` to what `dir` holds now.
+    pub fn note_scratch(&mut self, dir: &std::path::Path) {
+        self.scratch_bytes = self.scratch_bytes.max(allocated_bytes(dir));
+    }
+
     pub fn new(vm: &str, run_id: &str) -> VmReport {
         VmReport {
             vm: vm.to_string(),
@@ -136,6 +158,7 @@ impl VmReport {
             clone_stop_seconds: None,
             isolated_network: None,
             disks: Vec::new(),
+            scratch_bytes: 0,
             durations_ms: Durations::default(),
             warnings: Vec::new(),
             error: None,
@@ -277,4 +300,34 @@ pub fn table(reports: &[VmReport], summary: &Summary) -> String {
         summary.duration_ms as f64 / 1000.0
     ));
     out
+}
+
+/// Bytes allocated on disk under `dir`, on `dir`'s own file system only: an image
+/// export mounted in the run folder is a view of the clone's disk, not scratch.
+pub fn allocated_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fn walk(dir: &std::path::Path, dev: u64) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut total = 0;
+        for e in entries.flatten() {
+            // symlink_metadata: a link (xl's export of an LV) is not followed.
+            let Ok(md) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if md.dev() != dev {
+                continue;
+            }
+            total += md.blocks() * 512;
+            if md.is_dir() {
+                total += walk(&e.path(), dev);
+            }
+        }
+        total
+    }
+    match std::fs::metadata(dir) {
+        Ok(md) => walk(dir, md.dev()),
+        Err(_) => 0,
+    }
 }

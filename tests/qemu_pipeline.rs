@@ -151,6 +151,16 @@ fn needs_root_qemu_backup_of_a_writing_guest_is_clean_and_the_original_unharmed(
     assert!(report["isolated_network"]["bridge"]
         .as_str()
         .is_some_and(|b| b.starts_with("ccbr")));
+    // The clone's disk is read where it lies: no copy of it in the state folder,
+    // whose peak is the memory image and the clone's small overlay.
+    assert_eq!(report["disks"][0]["read_in_place"], true, "{report}");
+    assert_eq!(report["disks"][0]["changed_block_map"], "none");
+    let scratch = report["scratch_bytes"].as_u64().expect("scratch_bytes");
+    let memory = report["memory_image_bytes"].as_u64().expect("memory image");
+    assert!(
+        scratch > 0 && scratch <= memory + (8 << 20),
+        "scratch {scratch} bytes for a memory image of {memory}: a disk copy was written?"
+    );
 
     let in_backup = assert_restored_disk_is_clean(&setup, None);
     assert!(

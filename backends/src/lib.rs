@@ -7,6 +7,7 @@
 //! `coldclone recover` can remove it after a crash; [`recover_resource`]
 //! sends each [`Resource`] to the undo of the backend that owns its kind.
 
+pub mod image_export;
 pub mod qemu;
 pub mod secrets;
 pub mod shared;
@@ -316,6 +317,20 @@ pub struct CloneDisk {
     pub bytes: u64,
 }
 
+/// How the archive reads a stopped clone disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskAccess {
+    /// Copied out with [`Hypervisor::export_disk`] first (a stream over HTTP, or a
+    /// device the export only links to).
+    Export,
+    /// An image file that the archive serves read-only where it lies
+    /// ([`image_export`]): no copy in the state folder.
+    Image {
+        path: PathBuf,
+        format: image_export::ImageFormat,
+    },
+}
+
 /// How the clone ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -358,6 +373,11 @@ pub trait Hypervisor {
     fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()>;
     /// Writes a stopped clone disk as a sparse raw image at `dest`.
     fn export_disk(&self, clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()>;
+    /// How the archive reads a stopped clone disk; [`DiskAccess::Export`] unless the
+    /// backend's clone disks are image files the archive can serve in place.
+    fn disk_access(&self, _clone: &PausedClone, _disk: &CloneDisk) -> DiskAccess {
+        DiskAccess::Export
+    }
     /// Puts the original's disks back to one image each, and removes the
     /// checkpoint's files.
     fn release_checkpoint(

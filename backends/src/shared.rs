@@ -29,6 +29,12 @@ pub enum SharedResource {
     },
     /// A network namespace made for the run.
     Namespace { name: String },
+    /// A read-only qemu-storage-daemon FUSE export of a disk image
+    /// ([`crate::image_export`]), at a mount point in the run folder.
+    ImageExport {
+        mountpoint: PathBuf,
+        pidfile: PathBuf,
+    },
 }
 
 impl SharedResource {
@@ -92,6 +98,14 @@ impl SharedResource {
                     )));
                 }
                 network_isolation::delete_namespace(name).map_err(Into::into)
+            }
+            SharedResource::ImageExport {
+                mountpoint,
+                pidfile,
+            } => {
+                scope.check_run_path(mountpoint)?;
+                scope.check_run_path(pidfile)?;
+                crate::image_export::take_down(mountpoint, pidfile)
             }
         }
     }

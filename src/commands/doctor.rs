@@ -69,6 +69,8 @@ fn host_checks() -> Vec<Check> {
     let mut out = vec![
         tool("qemu-system-x86_64", &["--version"]),
         tool("qemu-img", &["--version"]),
+        // The archive reads QEMU clones' disks through its read-only FUSE export.
+        tool("qemu-storage-daemon", &["--version"]),
         tool("ip", &["-V"]),
     ];
     // SAFETY: geteuid has no preconditions.
@@ -86,6 +88,11 @@ fn host_checks() -> Vec<Check> {
         name: "/dev/net/tun".into(),
         ok: std::path::Path::new("/dev/net/tun").exists(),
         detail: "clones' NICs are taps".into(),
+    });
+    out.push(Check {
+        name: "/dev/fuse".into(),
+        ok: std::path::Path::new("/dev/fuse").exists(),
+        detail: "the archive reads a QEMU clone's disk in place through a FUSE export".into(),
     });
     out
 }

@@ -5,11 +5,13 @@
 use super::{PipelineError, Run, RunContext};
 use crate::journal::RepositoryResource;
 use crate::progress::BarProgress;
-use crate::report::{Consistency, DiskReport, VmReport};
+use crate::report::{ChangedBlockMap, Consistency, DiskReport, VmReport};
+use coldclone_backends::image_export::ImageExport;
 use coldclone_backends::shared::SharedResource;
-use coldclone_backends::{CloneNetwork, Journal};
+use coldclone_backends::{CloneDisk, CloneNetwork, DiskAccess, Journal};
 use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
 use std::collections::BTreeMap;
+use std::path::Path;
 
 pub fn run(
     run: &mut Run,
@@ -36,19 +38,16 @@ pub fn run(
     )?;
     let result = (|| {
         for disk in &disks {
-            let raw = run
-                .work_dir
-                .join(format!("export-{}.raw", disk.name.replace('/', "_")));
-            let id = run
-                .journal
-                .will_create(&SharedResource::File { path: raw.clone() }.into())?;
-            let clone = run
-                .clone
-                .as_ref()
-                .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
-            run.backend.export_disk(clone, disk, &raw)?;
-            let source = FileSource::open(&raw).map_err(|source| PipelineError::Io {
-                path: raw.clone(),
+            let access = {
+                let clone = run
+                    .clone
+                    .as_ref()
+                    .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
+                run.backend.disk_access(clone, disk)
+            };
+            let opened = open_disk(run, access, disk)?;
+            let source = FileSource::open(opened.path()).map_err(|source| PipelineError::Io {
+                path: opened.path().to_path_buf(),
                 source,
             })?;
             let parent = ctx
@@ -65,6 +64,7 @@ pub fn run(
                 consistency: consistency.as_str().to_string(),
                 tags,
             };
+            let read_in_place = matches!(opened, OpenedDisk::InPlace(_));
             let progress =
                 BarProgress::new(ctx.show_progress, &format!("{} {}", run.vm.name, disk.name));
             let summary = ctx.repo.backup_disk(
@@ -79,17 +79,18 @@ pub fn run(
             progress.finish();
             test_fault(&disk.name, &mut run.journal)?;
             written.push(summary.snapshot_id.clone());
-            std::fs::remove_file(&raw).map_err(|source| PipelineError::Io {
-                path: raw.clone(),
-                source,
-            })?;
-            run.journal.removed(id)?;
+            // The scratch is largest now: the memory image and this disk's copy, if any.
+            report.note_scratch(&run.work_dir);
+            drop(source);
+            opened.close(&mut run.journal)?;
             report.disks.push(DiskReport {
                 name: disk.name.clone(),
                 bytes: summary.bytes,
                 stored_bytes: summary.stored_bytes,
                 bytes_read: summary.bytes_read,
                 snapshot_id: summary.snapshot_id,
+                read_in_place,
+                changed_block_map: ChangedBlockMap::None,
             });
             run.journal.milestone("archive:disk-stored")?;
         }
@@ -115,6 +116,70 @@ pub fn run(
     run.journal.removed(partial)?;
     report.snapshot_id = Some(run.id.clone());
     Ok(())
+}
+
+/// A clone disk open for the repository to read, and what closing it takes.
+enum OpenedDisk {
+    /// Served where it lies; stopping the export is all.
+    InPlace(ImageExport),
+    /// Copied into the run folder (journal id of the copy).
+    Copy { path: std::path::PathBuf, id: u64 },
+}
+
+impl OpenedDisk {
+    fn path(&self) -> &Path {
+        match self {
+            OpenedDisk::InPlace(e) => e.path(),
+            OpenedDisk::Copy { path, .. } => path,
+        }
+    }
+
+    fn close(self, journal: &mut dyn Journal) -> Result<(), PipelineError> {
+        match self {
+            OpenedDisk::InPlace(e) => e.stop(journal)?,
+            OpenedDisk::Copy { path, id } => {
+                std::fs::remove_file(&path).map_err(|source| PipelineError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                journal.removed(id)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens one stopped clone disk: in place where the backend allows, else as a copy
+/// in the run folder. Both are journaled before they exist.
+fn open_disk(
+    run: &mut Run,
+    access: DiskAccess,
+    disk: &CloneDisk,
+) -> Result<OpenedDisk, PipelineError> {
+    let safe_name = disk.name.replace('/', "_");
+    match access {
+        DiskAccess::Image { path, format } => {
+            let mountpoint = run.work_dir.join(format!("read-{safe_name}.raw"));
+            Ok(OpenedDisk::InPlace(ImageExport::start(
+                &path,
+                format,
+                &mountpoint,
+                &mut run.journal,
+            )?))
+        }
+        DiskAccess::Export => {
+            let raw = run.work_dir.join(format!("export-{safe_name}.raw"));
+            let id = run
+                .journal
+                .will_create(&SharedResource::File { path: raw.clone() }.into())?;
+            let clone = run
+                .clone
+                .as_ref()
+                .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
+            run.backend.export_disk(clone, disk, &raw)?;
+            Ok(OpenedDisk::Copy { path: raw, id })
+        }
+    }
 }
 
 /// Fault hook for tests, debug builds only: `COLDCLONE_TEST_ARCHIVE_FAULT`

@@ -159,6 +159,7 @@ fn run_steps(
         let t = Instant::now();
         let checkpoint = checkpoint::run(&mut run, &info, report)?;
         report.durations_ms.checkpoint = t.elapsed().as_millis() as u64;
+        report.note_scratch(&run.work_dir);
         if let Some(dir) = &ctx.crash_copy_dir {
             for d in &checkpoint.disks {
                 let dest = dir.join(format!("crash-{}.raw", d.name.replace('/', "_")));
@@ -175,6 +176,7 @@ fn run_steps(
         let t = Instant::now();
         let consistency = stop::run(&mut run, &info, &net, report)?;
         report.durations_ms.stop = t.elapsed().as_millis() as u64;
+        report.note_scratch(&run.work_dir);
 
         let t = Instant::now();
         archive::run(&mut run, ctx, &net, consistency, report)?;
@@ -182,6 +184,7 @@ fn run_steps(
         report.consistency = Some(consistency);
         Ok::<(), PipelineError>(())
     })();
+    report.note_scratch(&run.work_dir);
     let t = Instant::now();
     let cleaned = cleanup::run(run, ctx);
     report.durations_ms.cleanup = t.elapsed().as_millis() as u64;

@@ -533,6 +533,17 @@ impl Setup {
             .map(str::to_string)
             .collect();
         assert!(ours.is_empty(), "clone processes left: {ours:?}");
+        // The archive's read-only exports of clone disks: daemons and their mounts.
+        let daemons = sh("pgrep -af qemu-storage-daemon || true");
+        let ours: Vec<String> = String::from_utf8_lossy(&daemons.stdout)
+            .lines()
+            .filter(|l| l.contains(&state) && !l.contains("pgrep"))
+            .map(str::to_string)
+            .collect();
+        assert!(ours.is_empty(), "image export daemons left: {ours:?}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let ours: Vec<&str> = mounts.lines().filter(|l| l.contains(&state)).collect();
+        assert!(ours.is_empty(), "mounts left in the state folder: {ours:?}");
         let ours: Vec<String> = net
             .links()
             .into_iter()

@@ -1229,6 +1229,14 @@ impl Hypervisor for QemuBackend {
         run_tool(c).map(|_| ())
     }
 
+    /// The clone's overlay over the frozen image is read where it lies.
+    fn disk_access(&self, _clone: &PausedClone, disk: &CloneDisk) -> crate::DiskAccess {
+        crate::DiskAccess::Image {
+            path: disk.overlay.clone(),
+            format: crate::image_export::ImageFormat::Qcow2,
+        }
+    }
+
     fn release_checkpoint(
         &self,
         vm: &VmInfo,

@@ -65,6 +65,9 @@ pub struct DiskReport {
     pub read_in_place: bool,
     /// What told the repository which ranges changed since the previous backup.
     pub changed_block_map: ChangedBlockMap,
+    /// With COLDCLONE_VERIFY_INCREMENTAL=1: the bytes of the whole-disk read that
+    /// confirmed a map-driven backup (`None`: not verified).
+    pub verify_bytes_read: Option<u64>,
 }
 
 /// The source of a disk's changed ranges; `none` means every allocated byte was read.

@@ -173,6 +173,7 @@ fn needs_root_qemu_backup_of_a_writing_guest_is_clean_and_the_original_unharmed(
     // A second backup is incremental: the unchanged blocks cost nothing.
     let (code, report2, stderr) = setup.backup(&net.ns);
     assert_eq!(code, 0, "second backup failed: {report2} {stderr}");
+    eprintln!("second backup: {}", report2["disks"]);
     let stored = report2["disks"][0]["stored_bytes"]
         .as_u64()
         .unwrap_or(u64::MAX);

@@ -16,6 +16,7 @@ pub mod xapi;
 pub mod xl;
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -268,6 +269,22 @@ pub struct Checkpoint {
     /// The backend's own record of what the checkpoint made (QEMU: the
     /// original's overlays; XAPI: the checkpoint VM).
     pub detail: Opaque,
+    /// Changed-block tracking, per disk name; empty where the backend has none.
+    pub change_maps: BTreeMap<String, DiskChangeMaps>,
+}
+
+/// A byte range of a disk.
+pub type ChangedRange = std::ops::Range<u64>;
+
+/// What changed-block tracking knows of one disk at a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct DiskChangeMaps {
+    /// The map this checkpoint started: the snapshot names it, so that the next run can
+    /// ask for the changes since (`qemu-bitmap:coldclone-<run>`).
+    pub started: String,
+    /// The original's writes since each earlier map still held, by the name the
+    /// snapshot of that run recorded. A map missing here means a full read.
+    pub since: BTreeMap<String, Vec<ChangedRange>>,
 }
 
 /// A disk as it was at the checkpoint.
@@ -373,6 +390,27 @@ pub trait Hypervisor {
     fn destroy_clone(&self, clone: &mut PausedClone, journal: &mut dyn Journal) -> Result<()>;
     /// Writes a stopped clone disk as a sparse raw image at `dest`.
     fn export_disk(&self, clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()>;
+    /// Every range the clone itself wrote to `disk` (while it shut down); `None` when the
+    /// backend cannot tell, which rules out an incremental read from a map.
+    fn clone_writes(
+        &self,
+        _clone: &PausedClone,
+        _disk: &CloneDisk,
+    ) -> Result<Option<Vec<ChangedRange>>> {
+        Ok(None)
+    }
+    /// After the archive step: `stored` when every disk is in the repository, so the maps
+    /// this checkpoint started are the next run's and the earlier ones can go; otherwise
+    /// the run's clean-up removes the started ones (they are journaled).
+    fn settle_change_maps(
+        &self,
+        _vm: &VmInfo,
+        _checkpoint: &Checkpoint,
+        _stored: bool,
+        _journal: &mut dyn Journal,
+    ) -> Result<()> {
+        Ok(())
+    }
     /// How the archive reads a stopped clone disk; [`DiskAccess::Export`] unless the
     /// backend's clone disks are image files the archive can serve in place.
     fn disk_access(&self, _clone: &PausedClone, _disk: &CloneDisk) -> DiskAccess {

@@ -27,6 +27,7 @@
 mod backend;
 mod backup;
 mod check;
+mod compare;
 mod crypto;
 mod error;
 mod lock;
@@ -39,6 +40,7 @@ mod util;
 #[doc(hidden)]
 pub use backend::s3::{set_s3_list_page_size_for_tests, set_s3_timeout_for_tests};
 pub use check::{CheckReport, DamagedSnapshot, RepairReport};
+pub use compare::CompareReport;
 pub use crypto::KdfParams;
 pub use error::RepoError;
 #[doc(hidden)]
@@ -641,6 +643,12 @@ impl Repository {
         progress: &dyn Progress,
     ) -> Result<RestoreSummary> {
         restore::restore(self, id, target, opts, progress)
+    }
+
+    /// Compares snapshot `id` with `source` chunk by chunk, storing nothing: every byte
+    /// of the source is read.
+    pub fn compare_disk(&self, id: &str, source: &dyn DiskSource) -> Result<CompareReport> {
+        compare::compare(self, id, source)
     }
 
     /// Verify the repository's structure; with `read_data`, every byte of every pack.

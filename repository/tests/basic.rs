@@ -575,3 +575,54 @@ fn forget_run_forgets_every_disk_of_one_run() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].tags["run"], "r2");
 }
+
+#[allow(clippy::single_range_in_vec_init)]
+/// The verify mode's check: a snapshot compared with its disk is equal; an incremental
+/// made from a map that missed a change is caught chunk by chunk, at the right offsets.
+#[test]
+fn compare_disk_catches_an_incremental_from_a_wrong_map() {
+    let dir = TempDir::new("compare");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(4096)).unwrap();
+    let mut disk = random_bytes(7, 64 * 4096);
+    disk[10 * 4096..12 * 4096].fill(0);
+    let full = repo
+        .backup_disk(
+            &MemSource(disk.clone()),
+            meta("vm1", "a"),
+            &BackupOptions::default(),
+            &NoProgress,
+        )
+        .unwrap();
+    let same = repo
+        .compare_disk(&full.snapshot_id, &MemSource(disk.clone()))
+        .unwrap();
+    assert!(same.is_equal(), "{same:?}");
+    assert_eq!(same.chunks, 64);
+    assert_eq!(same.bytes_read, 64 * 4096);
+
+    // Two chunks change; the map names only the first.
+    disk[3 * 4096] ^= 0xff;
+    disk[40 * 4096 + 17] ^= 0xff;
+    let inc = repo
+        .backup_disk(
+            &MemSource(disk.clone()),
+            meta("vm1", "a"),
+            &BackupOptions {
+                parent: Some(full.snapshot_id.clone()),
+                changed_ranges: Some(vec![3 * 4096..3 * 4096 + 1]),
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    let caught = repo
+        .compare_disk(&inc.snapshot_id, &MemSource(disk.clone()))
+        .unwrap();
+    assert_eq!(caught.mismatched, 1, "{caught:?}");
+    assert_eq!(caught.first_mismatches, vec![40 * 4096]);
+    // A disk of another size is never equal.
+    let short = repo
+        .compare_disk(&inc.snapshot_id, &MemSource(disk[..4096].to_vec()))
+        .unwrap();
+    assert!(!short.is_equal());
+}

@@ -2,13 +2,14 @@
 //! compressed, encrypted, incremental against the VM's previous backup.
 //! A backup becomes visible only when every one of its disks is stored.
 
+use super::changes;
 use super::{PipelineError, Run, RunContext};
 use crate::journal::RepositoryResource;
 use crate::progress::BarProgress;
-use crate::report::{ChangedBlockMap, Consistency, DiskReport, VmReport};
+use crate::report::{Consistency, DiskReport, VmReport};
 use coldclone_backends::image_export::ImageExport;
 use coldclone_backends::shared::SharedResource;
-use coldclone_backends::{CloneDisk, CloneNetwork, DiskAccess, Journal};
+use coldclone_backends::{Checkpoint, CloneDisk, CloneNetwork, DiskAccess, Journal};
 use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +18,7 @@ pub fn run(
     run: &mut Run,
     ctx: &RunContext,
     net: &CloneNetwork,
+    checkpoint: &Checkpoint,
     consistency: Consistency,
     report: &mut VmReport,
 ) -> Result<(), PipelineError> {
@@ -38,24 +40,36 @@ pub fn run(
     )?;
     let result = (|| {
         for disk in &disks {
-            let access = {
+            let (access, clone_writes) = {
                 let clone = run
                     .clone
                     .as_ref()
                     .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
-                run.backend.disk_access(clone, disk)
+                let writes = match run.backend.clone_writes(clone, disk) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::warn!(
+                            disk = disk.name,
+                            "what the clone wrote is unknown ({e}); reading the disk whole"
+                        );
+                        None
+                    }
+                };
+                (run.backend.disk_access(clone, disk), writes)
             };
             let opened = open_disk(run, access, disk)?;
             let source = FileSource::open(opened.path()).map_err(|source| PipelineError::Io {
                 path: opened.path().to_path_buf(),
                 source,
             })?;
-            let parent = ctx
-                .repo
-                .find_latest(&run.vm.name, &disk.name)?
-                .map(|s| s.id);
+            let parent = ctx.repo.find_latest(&run.vm.name, &disk.name)?;
+            let maps = checkpoint.change_maps.get(&disk.name);
+            let (changed_ranges, changed_block_map) =
+                changes::plan(parent.as_ref(), &ctx.host, maps, clone_writes.as_deref());
+            let parent = parent.map(|s| s.id);
             let mut tags = BTreeMap::new();
             tags.insert("run".to_string(), run.id.clone());
+            changes::tag(&mut tags, maps, clone_writes.as_deref());
             let meta = SnapshotMeta {
                 vm: run.vm.name.clone(),
                 disk: disk.name.clone(),
@@ -72,11 +86,28 @@ pub fn run(
                 meta,
                 &BackupOptions {
                     parent,
-                    changed_ranges: None,
+                    changed_ranges: changed_ranges.clone(),
                 },
                 &progress,
             )?;
             progress.finish();
+            // Never wrong: with the verify mode on, a map-driven read is checked against
+            // a read of the whole disk before the backup counts.
+            let verified = if changed_ranges.is_some() && changes::verify_requested() {
+                let cmp = ctx.repo.compare_disk(&summary.snapshot_id, &source)?;
+                if !cmp.is_equal() {
+                    written.push(summary.snapshot_id.clone());
+                    return Err(PipelineError::IncrementalMismatch {
+                        disk: disk.name.clone(),
+                        map: changed_block_map,
+                        chunks: cmp.mismatched,
+                        first: cmp.first_mismatches.first().copied().unwrap_or(0),
+                    });
+                }
+                Some(cmp.bytes_read)
+            } else {
+                None
+            };
             test_fault(&disk.name, &mut run.journal)?;
             written.push(summary.snapshot_id.clone());
             // The scratch is largest now: the memory image and this disk's copy, if any.
@@ -90,7 +121,8 @@ pub fn run(
                 bytes_read: summary.bytes_read,
                 snapshot_id: summary.snapshot_id,
                 read_in_place,
-                changed_block_map: ChangedBlockMap::None,
+                changed_block_map,
+                verify_bytes_read: verified,
             });
             run.journal.milestone("archive:disk-stored")?;
         }

@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod balloon;
+pub mod changes;
 pub mod checkpoint;
 pub mod cleanup;
 pub mod isolate;
@@ -54,6 +55,13 @@ pub enum PipelineError {
     CleanupFailedToo {
         step: Box<PipelineError>,
         cleanup: Box<PipelineError>,
+    },
+    #[error("disk {disk}: the backup read by the {map:?} changed-block map differs from a whole read in {chunks} chunk(s), the first at byte {first}; the backup was withdrawn. Report this: the map missed a change")]
+    IncrementalMismatch {
+        disk: String,
+        map: crate::report::ChangedBlockMap,
+        chunks: u64,
+        first: u64,
     },
     /// Debug builds only: COLDCLONE_TEST_ARCHIVE_FAULT.
     #[error("COLDCLONE_TEST_ARCHIVE_FAULT: injected failure after disk {0} was stored")]
@@ -179,7 +187,15 @@ fn run_steps(
         report.note_scratch(&run.work_dir);
 
         let t = Instant::now();
-        archive::run(&mut run, ctx, &net, consistency, report)?;
+        archive::run(&mut run, ctx, &net, &checkpoint, consistency, report)?;
+        // The maps this checkpoint started serve the next run now; should this fail,
+        // the clean-up removes them and the next run reads whole disks.
+        if let Err(e) = run
+            .backend
+            .settle_change_maps(&info, &checkpoint, true, &mut run.journal)
+        {
+            tracing::warn!("changed-block maps: {e}; the next backup reads whole disks");
+        }
         report.durations_ms.archive = t.elapsed().as_millis() as u64;
         report.consistency = Some(consistency);
         Ok::<(), PipelineError>(())

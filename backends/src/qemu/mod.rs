@@ -11,6 +11,7 @@
 //! new qcow2 overlay while its image stays frozen for the clone; afterwards a
 //! `block-commit` merges the overlay back so the chain is one image again.
 
+mod bitmap;
 pub mod boot;
 pub mod cmdline;
 pub mod qmp;
@@ -82,6 +83,29 @@ pub enum QemuResource {
     },
     /// The original's memory was ballooned down (undo: set it back to `restore_bytes`).
     Balloon { qmp: PathBuf, restore_bytes: u64 },
+    /// A dirty bitmap this run started on an original's image node (undo: remove it;
+    /// a stored backup releases it to the next run instead).
+    DirtyBitmap {
+        qmp: PathBuf,
+        original_pid: u32,
+        node: String,
+        name: String,
+    },
+    /// An earlier run's bitmap, disabled while this run reads it. Undo: remove it (the
+    /// next backup reads whole disks): a run killed before enabling it again may have
+    /// missed writes into the image, and a bitmap that missed one must never be read.
+    DirtyBitmapDisabled {
+        qmp: PathBuf,
+        original_pid: u32,
+        node: String,
+        name: String,
+    },
+    /// The NBD server started on the original to read its bitmaps (undo: stop it).
+    OriginalNbdServer {
+        qmp: PathBuf,
+        original_pid: u32,
+        socket: PathBuf,
+    },
 }
 
 /// Undoes one of the QEMU backend's own resources.
@@ -121,6 +145,36 @@ pub(crate) fn recover(resource: &QemuResource) -> Result<()> {
                 merge_back_live(&mut q, device, base_node, base_file, overlay_file)
             }
             _ => merge_back_offline(*original_pid, overlay_file, base_file),
+        },
+        QemuResource::DirtyBitmap {
+            qmp,
+            original_pid,
+            node,
+            name,
+        }
+        | QemuResource::DirtyBitmapDisabled {
+            qmp,
+            original_pid,
+            node,
+            name,
+        } => match Qmp::connect(qmp) {
+            // Only on the very QEMU that had it: another process at the socket is not ours.
+            Ok(mut q) if q.peer_pid().ok() == Some(*original_pid) => {
+                bitmap::remove(&mut q, node, name)
+            }
+            // The original is gone, and a bitmap with it (or, persistent, it is marked
+            // inconsistent and the next run drops it).
+            _ => Ok(()),
+        },
+        QemuResource::OriginalNbdServer {
+            qmp,
+            original_pid,
+            socket,
+        } => match Qmp::connect(qmp) {
+            Ok(mut q) if q.peer_pid().ok() == Some(*original_pid) => {
+                bitmap::undo_nbd_server(&mut q, socket)
+            }
+            _ => util::remove_file_if_exists(socket),
         },
         QemuResource::Balloon { qmp, restore_bytes } => match Qmp::connect(qmp) {
             Ok(mut q) => q
@@ -188,6 +242,8 @@ struct OriginalOverlay {
 #[derive(Debug, Clone, Default)]
 struct QemuCheckpoint {
     overlays: Vec<OriginalOverlay>,
+    /// Changed-block tracking, per disk (device) where it could be set up.
+    bitmaps: Vec<(String, bitmap::DiskBitmaps)>,
 }
 
 /// How the QEMU backend takes its checkpoint.
@@ -932,6 +988,17 @@ impl Hypervisor for QemuBackend {
         for (i, d) in qv.disks.iter().enumerate() {
             let overlay = overlays[i].clone();
             let overlay_node = format!("cc-{tag}-{i}");
+            // The bitmaps go in the same transaction: they start, and the earlier one
+            // stops, at the very instant the image is frozen. Journaled before the
+            // overlay, so that a clean-up undoes them after the merge-back, once the
+            // image is writable again (QEMU refuses to remove a read-only node's bitmap).
+            let mut bitmap_actions = Vec::new();
+            if !d.node_name.is_empty() {
+                let (plan, acts) =
+                    bitmap::plan(&mut q, &qv.qmp, qv.pid, &d.node_name, &tag, journal)?;
+                bitmap_actions = acts;
+                state.bitmaps.push((d.device.clone(), plan));
+            }
             let id = journal.will_create(
                 &QemuResource::OriginalOverlay {
                     qmp: qv.qmp.clone(),
@@ -947,6 +1014,8 @@ impl Hypervisor for QemuBackend {
             actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
                 "device": d.device, "snapshot-file": overlay, "snapshot-node-name": overlay_node,
                 "format": "qcow2", "mode": "absolute-paths"}}));
+            actions.extend(bitmap_actions);
+
             disks.push(FrozenDisk {
                 name: d.device.clone(),
                 frozen_file: d.file.clone(),
@@ -978,6 +1047,11 @@ impl Hypervisor for QemuBackend {
         let (pause, _mig) = match result {
             Ok(r) => r,
             Err(e) => {
+                // Earlier bitmaps record again before any overlay commits into the image.
+                let plans: Vec<_> = state.bitmaps.iter().map(|(_, p)| p.clone()).collect();
+                if let Err(e2) = bitmap::reenable(&mut q, &plans, journal) {
+                    tracing::error!("could not enable the earlier dirty bitmaps again: {e2}");
+                }
                 self.release_partial(&mut q, &state, journal);
                 let _ = util::remove_file_if_exists(&memory_image).map(|_| journal.removed(mem_id));
                 if restored.is_ok() {
@@ -990,6 +1064,24 @@ impl Hypervisor for QemuBackend {
         journal.removed(mig_id)?;
         caps.clear();
         journal.milestone("checkpoint:memory-saved")?;
+        let plans: Vec<_> = state.bitmaps.iter().map(|(_, p)| p.clone()).collect();
+        let read = bitmap::read_and_reenable(&mut q, &qv.qmp, qv.pid, &plans, work_dir, journal)?;
+        let mut change_maps = BTreeMap::new();
+        for (device, p) in &state.bitmaps {
+            let since = read
+                .get(&p.node)
+                .into_iter()
+                .flatten()
+                .map(|(name, ranges)| (format!("qemu-bitmap:{name}"), ranges.clone()))
+                .collect();
+            change_maps.insert(
+                device.clone(),
+                crate::DiskChangeMaps {
+                    started: format!("qemu-bitmap:{}", p.started),
+                    since,
+                },
+            );
+        }
         let memory_image_bytes = std::fs::metadata(&memory_image)
             .map_err(io_err(&memory_image))?
             .len();
@@ -1000,8 +1092,39 @@ impl Hypervisor for QemuBackend {
             pause,
             disks,
             detail: Opaque::new(state),
+            change_maps,
             ..Default::default()
         })
+    }
+
+    fn clone_writes(
+        &self,
+        _clone: &PausedClone,
+        disk: &CloneDisk,
+    ) -> Result<Option<Vec<crate::ChangedRange>>> {
+        bitmap::clone_writes(&disk.overlay).map(Some)
+    }
+
+    fn settle_change_maps(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        stored: bool,
+        journal: &mut dyn Journal,
+    ) -> Result<()> {
+        let Some(state) = checkpoint.detail.get::<QemuCheckpoint>() else {
+            return Ok(());
+        };
+        if !stored || state.bitmaps.is_empty() {
+            return Ok(());
+        }
+        let _ = vm;
+        // The started bitmaps now belong to the next run, not to this run's clean-up;
+        // the earlier ones go at the next checkpoint, while the image is writable.
+        for (_, p) in &state.bitmaps {
+            journal.removed(p.started_journal_id)?;
+        }
+        Ok(())
     }
 
     fn restore_clone(

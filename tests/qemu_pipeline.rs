@@ -173,7 +173,10 @@ fn needs_root_qemu_backup_of_a_writing_guest_is_clean_and_the_original_unharmed(
     // A second backup is incremental: the unchanged blocks cost nothing.
     let (code, report2, stderr) = setup.backup(&net.ns);
     assert_eq!(code, 0, "second backup failed: {report2} {stderr}");
-    eprintln!("second backup: {}", report2["disks"]);
+    assert_eq!(
+        report2["disks"][0]["changed_block_map"], "qemu-bitmap",
+        "{report2}"
+    );
     let stored = report2["disks"][0]["stored_bytes"]
         .as_u64()
         .unwrap_or(u64::MAX);
@@ -322,6 +325,12 @@ fn needs_root_qemu_kill_9_at_every_step_then_recover_leaves_nothing() {
         let rec: Value = serde_json::from_slice(&out.stdout).expect("recover json");
         assert_eq!(rec.as_array().map(Vec::len), Some(1), "after {step}: {rec}");
         vm.assert_unharmed();
+        // No backup was ever stored: no changed-block bitmap may outlive its run.
+        let bitmaps = vm.coldclone_bitmaps();
+        assert!(
+            bitmaps.is_empty(),
+            "after a kill at {step}: bitmaps left {bitmaps:?}"
+        );
         setup.assert_nothing_left(&net);
         assert!(
             setup.snapshots().is_empty(),

@@ -156,6 +156,9 @@ pub struct VmOptions {
     /// Data disks beside d0: d1, d2, ... (vm1.qcow2, ...), each a copy of the
     /// 64 MiB disk; the guest writes its counter on every one.
     pub extra_disks: u32,
+    /// A disk `s0` (scratch.qcow2) made from this raw image, which the guest leaves
+    /// alone: the tests write into it through the original's block layer (HMP qemu-io).
+    pub scratch_disk: Option<PathBuf>,
 }
 
 /// An "original" VM: the test guest writing its counter, pinging the peer.
@@ -275,6 +278,21 @@ impl Vm {
                 &format!("virtio-blk-pci,drive=d{i}"),
             ]);
         }
+        if let Some(raw) = &opts.scratch_disk {
+            let st = Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(raw)
+                .arg(dir.join("scratch.qcow2"))
+                .status()
+                .expect("qemu-img");
+            assert!(st.success());
+            cmd.args([
+                "-drive",
+                "file=scratch.qcow2,if=none,id=s0,format=qcow2",
+                "-device",
+                "virtio-blk-pci,drive=s0",
+            ]);
+        }
         let child = cmd.spawn().expect("start qemu");
         let vm = Vm {
             dir: dir.to_path_buf(),
@@ -321,6 +339,27 @@ impl Vm {
     pub fn qmp(&self, cmd: &str, args: Value) -> Value {
         let mut q = Qmp::connect(&self.qmp).expect("connect to the original's QMP");
         q.execute(cmd, args).expect("QMP command")
+    }
+
+    /// coldclone's dirty bitmaps on the original, as (node, name, recording).
+    pub fn coldclone_bitmaps(&self) -> Vec<(String, String, bool)> {
+        let nodes = self
+            .observe("query-named-block-nodes", json!({"flat": true}))
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for n in nodes.as_array().into_iter().flatten() {
+            for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+                let name = b["name"].as_str().unwrap_or("").to_string();
+                if name.starts_with("coldclone-") {
+                    out.push((
+                        n["node-name"].as_str().unwrap_or("").to_string(),
+                        name,
+                        b["recording"].as_bool().unwrap_or(false),
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// A QMP command on the observer socket (never competes with coldclone).

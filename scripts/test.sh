@@ -13,6 +13,9 @@ bash scripts/setup.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 # In CI the S3 tests must run against both servers, never skip.
 export COLDCLONE_REQUIRE_S3S=1
+# Every backup a test makes from a changed-block map is checked against a read of the
+# whole disk (withdrawn and failed on a difference): a wrong map can never pass CI.
+export COLDCLONE_VERIFY_INCREMENTAL=1
 cargo build --workspace --all-targets
 mkdir -p target
 export COLDCLONE_SKIP_LOG="$PWD/target/test-skips.log"

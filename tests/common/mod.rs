@@ -159,6 +159,9 @@ pub struct VmOptions {
     /// A disk `s0` (scratch.qcow2) made from this raw image, which the guest leaves
     /// alone: the tests write into it through the original's block layer (HMP qemu-io).
     pub scratch_disk: Option<PathBuf>,
+    /// Like `scratch_disk`, but s0 is a qcow2 overlay over this raw image (benchmarks:
+    /// a large, allocated disk without copying it per VM).
+    pub scratch_overlay_of: Option<PathBuf>,
 }
 
 /// An "original" VM: the test guest writing its counter, pinging the peer.
@@ -282,6 +285,21 @@ impl Vm {
             let st = Command::new("qemu-img")
                 .args(["convert", "-O", "qcow2"])
                 .arg(raw)
+                .arg(dir.join("scratch.qcow2"))
+                .status()
+                .expect("qemu-img");
+            assert!(st.success());
+            cmd.args([
+                "-drive",
+                "file=scratch.qcow2,if=none,id=s0,format=qcow2",
+                "-device",
+                "virtio-blk-pci,drive=s0",
+            ]);
+        }
+        if let Some(base) = &opts.scratch_overlay_of {
+            let st = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(base)
                 .arg(dir.join("scratch.qcow2"))
                 .status()
                 .expect("qemu-img");

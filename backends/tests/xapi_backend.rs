@@ -835,7 +835,10 @@ fn xapi_export_redirected_to_another_host_is_followed() {
 fn xapi_clone_left_on_the_uplink_is_never_unpaused() {
     let r = rig("noisolation", VmSpec::new("db1", &DISKS));
     r.sim.set_faults(Faults {
-        vif_move_noop: true,
+        // The landed test had VIF.move do nothing; the clone path now makes
+        // its VIFs with VIF.create on the run's network, so the broken host
+        // puts them on the uplink instead.
+        vif_create_on_uplink: true,
         ..Faults::default()
     });
     let out = backup(&r, "v1", Duration::from_secs(30));

@@ -359,6 +359,8 @@ pub struct Resumed {
     pub cloned_from_uuid: Option<String>,
     /// The snapshot VM whose suspend VDI that was (the checkpoint), when it still exists.
     pub cloned_from_checkpoint: Option<String>,
+    /// The memory the image holds (the domain's size).
+    pub memory_bytes: u64,
 }
 
 /// An ACPI power button press through the stand-in `xl` (evidence).
@@ -2182,6 +2184,7 @@ fn exec(
                 suspend_vdi_uuid: image.uuid.clone(),
                 cloned_from_uuid: image.copied_from.clone(),
                 cloned_from_checkpoint: checkpoint,
+                memory_bytes: image.virtual_size,
             });
             if let Some(m) = st.vms.get_mut(&a0) {
                 m.guest = Some(guest);

@@ -22,7 +22,7 @@ fn random_image(gib: u64) -> std::path::PathBuf {
     let dir = workspace_root().join("target/bench-images");
     std::fs::create_dir_all(&dir).expect("image dir");
     let path = dir.join(format!("random-{gib}g.raw"));
-    if std::fs::metadata(&path).map(|m| m.len()) != Ok(gib << 30) {
+    if std::fs::metadata(&path).ok().map(|m| m.len()) != Some(gib << 30) {
         let tmp = path.with_extension("tmp");
         let st = sh(&format!(
             "head -c {} /dev/urandom > {} && mv {} {}",

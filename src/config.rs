@@ -238,6 +238,9 @@ pub struct VmConfig {
     /// XAPI: coldclone runs in the host's dom0 and may press an HVM guest's
     /// ACPI power button with `xl trigger` (XAPI itself has no call for it).
     pub xapi_dom0_acpi: Option<bool>,
+    /// XAPI, with xapi_dom0_acpi: the dom0's inventory naming its host
+    /// (`INSTALLATION_UUID=`); default /etc/xensource-inventory.
+    pub xapi_dom0_inventory: Option<PathBuf>,
     /// Accept an `http://` xapi_url (a simulator or lab host only: credentials in the clear).
     #[serde(default)]
     pub xapi_insecure_http: bool,
@@ -254,6 +257,7 @@ impl VmConfig {
                 options: coldclone_backends::xapi::XapiOptions {
                     tls_fingerprint_sha256: self.xapi_tls_fingerprint_sha256.clone(),
                     dom0_acpi: self.xapi_dom0_acpi.unwrap_or(false),
+                    dom0_inventory: self.xapi_dom0_inventory.clone(),
                     insecure_http: self.xapi_insecure_http,
                 },
             });

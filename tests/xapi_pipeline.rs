@@ -28,10 +28,18 @@ fn rig(tag: &str, spec: VmSpec) -> Rig {
 }
 
 fn rig_with(tag: &str, spec: VmSpec, extra_vm_config: &str) -> Rig {
+    rig_with_hosts(tag, spec, extra_vm_config, &[])
+}
+
+/// A pool of host0 (the master, where the VM runs) and `hosts`.
+fn rig_with_hosts(tag: &str, spec: VmSpec, extra_vm_config: &str, hosts: &[&str]) -> Rig {
     let d = std::env::temp_dir().join(format!("coldclone-xapi-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("dir");
     let sim = Sim::start(&d.join("sr")).expect("simulator");
+    for h in hosts {
+        sim.add_host(h, xapi_sim::DEFAULT_XAPI_VERSION);
+    }
     sim.add_user("root", "pool secret");
     sim.add_vm(&spec).expect("vm");
     std::fs::write(d.join("pw"), "pw\n").expect("pw");
@@ -578,18 +586,22 @@ fn xapi_multi_disk_vm_killed_between_its_disks_is_withdrawn_by_recover() {
     }
 }
 
-/// A stand-in for dom0's `xl` in the rig's `bin/`: runs `first` (a shell line), then
-/// presses the simulated guest's power button for `xl trigger DOMID power`.
-fn stand_in_xl(r: &Rig, first: &str) -> PathBuf {
+/// A stand-in for the `xl` of the dom0 of host `host` (a uuid) in the rig's
+/// `bin/`: runs `first` (a shell line), then answers `xl list -l DOMID` with the
+/// domain that has that id on that host and presses its power button for
+/// `xl trigger DOMID power` (what each does in a real dom0: one host's domains).
+fn stand_in_xl(r: &Rig, first: &str, host: &str) -> PathBuf {
     let bin = r.dir.0.join("bin");
     std::fs::create_dir_all(&bin).expect("bin");
     let xl = bin.join("xl");
+    let url = &r.sim.url;
     std::fs::write(
         &xl,
         format!(
-            "#!/bin/sh\n{first}\n[ \"$1\" = trigger ] && [ \"$3\" = power ] || exit 1\n\
-             exec curl -sf -X POST \"{}/sim/acpi_power_button?domid=$2\"\n",
-            r.sim.url
+            "#!/bin/sh\n{first}\ncase \"$1\" in\n\
+             list) [ \"$2\" = -l ] || exit 1; exec curl -sf \"{url}/sim/domain?host={host}&domid=$3\" ;;\n\
+             trigger) [ \"$3\" = power ] || exit 1; exec curl -sf -X POST \"{url}/sim/acpi_power_button?host={host}&domid=$2\" ;;\n\
+             esac\nexit 1\n"
         ),
     )
     .expect("xl");
@@ -598,14 +610,41 @@ fn stand_in_xl(r: &Rig, first: &str) -> PathBuf {
     bin
 }
 
-#[test]
-fn xapi_hvm_guest_on_dom0_gets_the_acpi_button_through_xl_trigger() {
+/// The dom0 inventory of the host `host` (a uuid), as /etc/xensource-inventory has it.
+fn inventory(r: &Rig, host: &str) -> PathBuf {
+    let p = r.dir.0.join("xensource-inventory");
+    std::fs::write(
+        &p,
+        format!("PRODUCT_BRAND='XCP-ng'\nINSTALLATION_UUID='{host}'\n"),
+    )
+    .expect("inventory");
+    p
+}
+
+fn dom0_rig(tag: &str, hosts: &[&str]) -> Rig {
     let mut spec = VmSpec::new("win01", &[512 << 10]);
     spec.pv_drivers = false;
-    let mut r = rig_with("dom0", spec, "xapi_dom0_acpi = true\n");
-    // A stand-in for dom0's `xl`: it presses the simulated guest's power button.
+    let inv = std::env::temp_dir()
+        .join(format!("coldclone-xapi-{tag}-{}", std::process::id()))
+        .join("xensource-inventory");
+    rig_with_hosts(
+        tag,
+        spec,
+        &format!(
+            "xapi_dom0_acpi = true\nxapi_dom0_inventory = \"{}\"\n",
+            inv.display()
+        ),
+        hosts,
+    )
+}
+
+#[test]
+fn xapi_hvm_guest_on_dom0_gets_the_acpi_button_through_xl_trigger() {
+    let mut r = dom0_rig("dom0", &[]);
+    let here = r.sim.host_uuid("host0").expect("host0");
+    inventory(&r, &here);
     let first = format!("echo \"$@\" >> {}/xl.log", r.dir.0.display());
-    let bin = stand_in_xl(&r, &first);
+    let bin = stand_in_xl(&r, &first, &here);
     r.path_prefix = Some(bin);
     let (ok, report, stderr) = r.backup();
     assert!(ok, "backup failed: {stderr}\n{report}");
@@ -621,14 +660,79 @@ fn xapi_hvm_guest_on_dom0_gets_the_acpi_button_through_xl_trigger() {
     );
     let log = std::fs::read_to_string(r.dir.0.join("xl.log")).expect("xl was run");
     assert!(
-        log.starts_with("trigger ") && log.trim_end().ends_with(" power"),
-        "{log}"
+        log.starts_with("list -l ")
+            && log
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.starts_with("trigger ") && l.ends_with(" power")),
+        "the domain is checked, then its button pressed: {log}"
+    );
+    let presses = r.sim.state().presses.clone();
+    assert_eq!(presses.len(), 1, "{presses:?}");
+    assert!(
+        presses[0]
+            .vm_name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("coldclone-clone-")),
+        "the clone's own domain was pressed: {presses:?}"
     );
     let halted = halted_images(&r.sim);
     let got = restore(&r, "xvda", &r.dir.0.join("xvda.raw"));
     assert!(
         halted.contains(&got),
         "the backup equals the clone's disk after its ACPI shutdown"
+    );
+    r.assert_clean();
+}
+
+#[test]
+fn xapi_two_host_pool_clone_on_the_other_host_never_gets_the_local_domid_pressed() {
+    // The original runs on host0 (this dom0) as domid 1; VM.resume places the
+    // clone on host1, where it is domid 1 too. `xl trigger 1 power` here would
+    // power off the original: the path is refused and nothing is pressed.
+    let mut r = dom0_rig("pool", &["host1"]);
+    let here = r.sim.host_uuid("host0").expect("host0");
+    inventory(&r, &here);
+    r.sim
+        .with_state(|st| st.faults.resume_on_host = Some("host1".into()));
+    let bin = stand_in_xl(&r, "", &here);
+    r.path_prefix = Some(bin);
+    let (ok, report, stderr) = r.backup();
+    assert!(!ok, "refused: {report}");
+    let text = format!("{report}{stderr}");
+    assert!(text.contains("not on this dom0's host"), "{text}");
+    assert!(
+        r.sim.state().presses.is_empty(),
+        "no button pressed: {:?}",
+        r.sim.state().presses
+    );
+    assert!(r
+        .sim
+        .state()
+        .vms
+        .values()
+        .any(|v| v.name_label == "win01" && v.power_state == "Running"));
+    r.assert_clean();
+
+    // coldclone in host1's dom0, the clone on host1: its own domain is pressed.
+    let mut r = dom0_rig("pool-b", &["host1"]);
+    let there = r.sim.host_uuid("host1").expect("host1");
+    inventory(&r, &there);
+    r.sim
+        .with_state(|st| st.faults.resume_on_host = Some("host1".into()));
+    let bin = stand_in_xl(&r, "", &there);
+    r.path_prefix = Some(bin);
+    let (ok, report, stderr) = r.backup();
+    assert!(ok, "backup failed: {stderr}\n{report}");
+    let presses = r.sim.state().presses.clone();
+    assert_eq!(presses.len(), 1, "{presses:?}");
+    assert_eq!(presses[0].host, there);
+    assert!(
+        presses[0]
+            .vm_name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("coldclone-clone-")),
+        "{presses:?}"
     );
     r.assert_clean();
 }
@@ -715,7 +819,19 @@ fn xapi_secrets_reach_no_child_no_output_and_files_are_private() {
     const AWS_KEY: &str = "aws-Secret-0b7f";
     let mut spec = VmSpec::new("win02", &[512 << 10]);
     spec.pv_drivers = false;
-    let mut r = rig_with("secrets", spec, "xapi_dom0_acpi = true\n");
+    let inv = std::env::temp_dir()
+        .join(format!("coldclone-xapi-secrets-{}", std::process::id()))
+        .join("xensource-inventory");
+    let mut r = rig_with(
+        "secrets",
+        spec,
+        &format!(
+            "xapi_dom0_acpi = true\nxapi_dom0_inventory = \"{}\"\n",
+            inv.display()
+        ),
+    );
+    let here = r.sim.host_uuid("host0").expect("host0");
+    inventory(&r, &here);
     r.sim.add_user("probe", XAPI_PW);
     // Secrets from the environment only: no password file, no credentials file.
     let text = std::fs::read_to_string(&r.cfg).expect("config");
@@ -726,7 +842,11 @@ fn xapi_secrets_reach_no_child_no_output_and_files_are_private() {
         .collect();
     std::fs::write(&r.cfg, text).expect("config");
     std::fs::remove_dir_all(r.dir.0.join("repo")).expect("old repository");
-    let bin = stand_in_xl(&r, &format!("env > {}/xl-env.txt", r.dir.0.display()));
+    let bin = stand_in_xl(
+        &r,
+        &format!("env > {}/xl-env.txt", r.dir.0.display()),
+        &here,
+    );
     r.path_prefix = Some(bin.clone());
     let run = |xapi_pw: &str, args: &[&str]| -> Output {
         let path = std::env::var("PATH").unwrap_or_default();
@@ -798,4 +918,62 @@ fn xapi_secrets_reach_no_child_no_output_and_files_are_private() {
     );
     no_secret("the failed backup's output", &out);
     r.assert_clean();
+}
+
+/// The original's dynamic memory range on the simulated pool.
+fn range_of(sim: &Sim, name: &str) -> (u64, u64) {
+    let st = sim.state();
+    let v = st
+        .vms
+        .values()
+        .find(|v| v.name_label == name)
+        .expect("the original");
+    (v.memory_dynamic_min, v.memory_dynamic_max)
+}
+
+#[test]
+fn xapi_ballooning_through_the_binary_is_undone_on_success_and_after_kill_9() {
+    // Larger than the pipeline's 8 MiB slack (the image is a sparse file).
+    let mut spec = VmSpec::new("web01", &[512 << 10]);
+    spec.memory = 256 << 20;
+    let r = rig_with(
+        "balloon",
+        spec,
+        "balloon = { target = \"62%\", floor_mib = 1 }\n",
+    );
+    let before = range_of(&r.sim, "web01");
+    let (ok, report, stderr) = r.backup();
+    assert!(ok, "backup failed: {stderr}\n{report}");
+    let b = find(&report, "balloon").expect("a balloon report");
+    let target = b["target_bytes"].as_u64().expect("target");
+    assert!(target < before.1, "{report}");
+    assert!(
+        b["reached_bytes"].as_u64().is_some_and(|x| x <= target),
+        "reached before the checkpoint: {report}"
+    );
+    let sets = r.sim.state().ranges_set.clone();
+    assert_eq!(sets.first().map(|s| s.2), Some(target), "{sets:?}");
+    assert_eq!(range_of(&r.sim, "web01"), before, "put back: {sets:?}");
+    assert_eq!(
+        find(&report, "memory_image_bytes").and_then(Value::as_u64),
+        Some(target),
+        "the memory image (and the clone) is the ballooned size: {report}"
+    );
+    r.assert_clean();
+    let journal_dir = r.dir.0.join("state/journal");
+    for step in ["balloon:requested", "checkpoint:disks-snapshotted"] {
+        let ctx = format!("killed at {step}");
+        let mut child = r.spawn_backup(Some(step));
+        wait_for(&mut child, step, || journal_reached(&journal_dir, step, 1));
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+        r.recover_after_kill(&ctx);
+        r.gc_after_kill(&ctx);
+        assert_eq!(
+            range_of(&r.sim, "web01"),
+            before,
+            "{ctx}: the range is back"
+        );
+        r.assert_clean();
+    }
 }

@@ -149,6 +149,11 @@ struct RunResult {
 
 /// The pipeline's steps against the XAPI backend, then its clean-up.
 fn backup(r: &Rig, run_id: &str, stop_timeout: Duration) -> RunResult {
+    backup_with(r, run_id, stop_timeout, None)
+}
+
+/// The same, ballooning the original to `balloon` bytes first (as the pipeline's balloon step).
+fn backup_with(r: &Rig, run_id: &str, stop_timeout: Duration, balloon: Option<u64>) -> RunResult {
     let loc = locator(r, &r.vm_uuid);
     let backend = cb::backend_for(&loc);
     let mut j = TestJournal::default();
@@ -158,6 +163,15 @@ fn backup(r: &Rig, run_id: &str, stop_timeout: Duration) -> RunResult {
     let mut bridge = None;
     let archived = (|| -> Result<Vec<Archived>, BackendError> {
         let info = backend.inspect(&loc)?;
+        if let Some(target) = balloon {
+            backend.balloon(&info, target, &mut j)?;
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10)
+                && backend.memory_actual(&info)?.is_none_or(|m| m > target)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let ckpt = backend.checkpoint(&info, &work, &mut j)?;
         let net = backend
             .isolated_network(&info, run_id, &mut j)?
@@ -393,6 +407,21 @@ fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
     let nets: std::collections::BTreeSet<_> = clone_att.iter().map(|a| &a.network).collect();
     assert_eq!(nets.len(), 1, "one isolated network: {nets:?}");
     assert!(out.network_bridge.is_some_and(|b| b.starts_with("xapi")));
+    // The clone resumed from the checkpoint's memory: the suspend VDI it ran
+    // from is a clone of the checkpoint's suspend VDI.
+    let resumed: Vec<_> = st
+        .resumed
+        .iter()
+        .filter(|x| x.vm_name == "coldclone-clone-run1")
+        .collect();
+    assert_eq!(resumed.len(), 1, "{:?}", st.resumed);
+    assert_eq!(
+        resumed[0].cloned_from_checkpoint.as_deref(),
+        Some("coldclone-checkpoint-run1"),
+        "{resumed:?}"
+    );
+    // It was never made with VM.clone (which drops a checkpoint clone's memory).
+    assert!(!st.call_log.iter().any(|c| c.ends_with("VM.clone")));
     drop(st);
     assert_clean(&r, "after a good run");
 }
@@ -405,6 +434,7 @@ fn xapi_happy_path_archives_the_stopped_clone_disk_and_stays_isolated() {
 fn certain_calls(seq: &[At]) -> Vec<At> {
     let mut kept: Vec<&str> = vec![];
     let (mut in_wait, mut wait_power_seen, mut prev) = (false, false, "");
+    let mut metrics_kept = false;
     for c in seq {
         let m = c.method.as_str();
         let keep = match m {
@@ -416,6 +446,12 @@ fn certain_calls(seq: &[At]) -> Vec<At> {
             }
             "VM.get_power_state" if in_wait => !std::mem::replace(&mut wait_power_seen, true),
             "task.get_record" => !in_wait && prev != "task.get_record",
+            // The balloon's wait polls memory_actual as long as the guest takes.
+            "VM.get_metrics" => {
+                metrics_kept = prev != "VM_metrics.get_memory_actual";
+                metrics_kept
+            }
+            "VM_metrics.get_memory_actual" => metrics_kept,
             _ => {
                 in_wait = false;
                 true
@@ -835,7 +871,10 @@ fn xapi_export_redirected_to_another_host_is_followed() {
 fn xapi_clone_left_on_the_uplink_is_never_unpaused() {
     let r = rig("noisolation", VmSpec::new("db1", &DISKS));
     r.sim.set_faults(Faults {
-        vif_move_noop: true,
+        // The landed test had VIF.move do nothing; the clone path now makes
+        // its VIFs with VIF.create on the run's network, so the broken host
+        // puts them on the uplink instead.
+        vif_create_on_uplink: true,
         ..Faults::default()
     });
     let out = backup(&r, "v1", Duration::from_secs(30));
@@ -974,4 +1013,258 @@ fn xapi_vm_with_a_disk_that_cannot_be_named_is_refused_before_anything_is_made()
         assert!(made.is_empty(), "{devs:?}: only reads were made: {made:?}");
         assert_clean(&r, &format!("refused {devs:?}"));
     }
+}
+
+#[test]
+fn xapi_guest_that_never_acknowledges_the_shutdown_is_hard_shut_at_xenopsd_timeout() {
+    // xenopsd fails the request with VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT after its
+    // acknowledgement timeout (scaled to 0.3 s); the backend powers the clone off
+    // then, not at the end of its own, much longer, stop timeout.
+    let r = rig("noack", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        guest_ignores_shutdown: true,
+        ..Faults::default()
+    });
+    let t = Instant::now();
+    let out = backup(&r, "a1", Duration::from_secs(60));
+    let e = out.archived.expect_err("no clean shutdown: no backup");
+    assert!(e.contains("did not power off"), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "ended on xenopsd's answer, not the 60 s stop timeout: {:?}",
+        t.elapsed()
+    );
+    let log = r.sim.state().call_log.clone();
+    let asked = log.iter().position(|c| c == "Async.VM.clean_shutdown");
+    let killed = log.iter().position(|c| c == "VM.hard_shutdown");
+    assert!(
+        matches!((asked, killed), (Some(a), Some(k)) if a < k),
+        "{log:?}"
+    );
+    assert!(r.sim.state().halted_images.is_empty());
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "no acknowledgement");
+}
+
+#[test]
+fn xapi_guest_that_acknowledges_and_never_halts_is_hard_shut_at_vm_shutdown_timeout() {
+    let r = rig("nohalt", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        guest_acks_but_never_halts: true,
+        ..Faults::default()
+    });
+    let t = Instant::now();
+    let out = backup(&r, "h1", Duration::from_secs(60));
+    let e = out.archived.expect_err("no clean shutdown: no backup");
+    assert!(e.contains("did not power off"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    assert!(r
+        .sim
+        .state()
+        .call_log
+        .iter()
+        .any(|c| c == "VM.hard_shutdown"));
+    assert!(r.sim.state().halted_images.is_empty());
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "acknowledged, never halted");
+}
+
+#[test]
+fn xapi_host_older_than_1_257_is_refused_before_anything_is_made() {
+    let r = rig("old", VmSpec::new("db1", &DISKS));
+    r.sim.set_xapi_version("1.249");
+    let out = backup(&r, "o1", Duration::from_secs(30));
+    let e = out.archived.expect_err("refused");
+    assert!(
+        e.contains("xapi \"1.249\"") && e.contains("1.257"),
+        "the error names both versions: {e}"
+    );
+    let log = r.sim.state().call_log.clone();
+    assert!(
+        log.iter()
+            .all(|c| c.starts_with("session.") || c.contains(".get_") || c == "host.get_all"),
+        "only reads: {log:?}"
+    );
+    assert!(
+        out.journal.open.is_empty() && out.journal.next == 0,
+        "nothing journaled"
+    );
+    assert_clean(&r, "old host");
+}
+
+#[test]
+fn xapi_vdi_in_use_right_after_an_export_is_asked_again() {
+    let r = rig("inuse", VmSpec::new("db1", &DISKS));
+    r.sim.set_faults(Faults {
+        vdi_in_use_after_export: 2,
+        ..Faults::default()
+    });
+    let out = backup(&r, "u1", Duration::from_secs(30));
+    let archived = out.archived.expect("the backup succeeds");
+    assert_archive_matches(&r, &archived, "VDI_IN_USE after export");
+    let destroys = r
+        .sim
+        .state()
+        .call_log
+        .iter()
+        .filter(|c| *c == "VDI.destroy")
+        .count();
+    assert!(destroys >= 2 * DISKS.len() + 2, "retried: {destroys}");
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "VDI_IN_USE after export");
+}
+
+#[test]
+fn xapi_recover_after_a_crash_between_vm_destroy_and_vdi_destroy_leaves_nothing() {
+    // xe's order destroys the VM before its VDIs: a crash in between orphans
+    // the checkpoint's disks and memory unless each VDI is journaled itself.
+    let r = rig("orphans", VmSpec::new("db1", &DISKS));
+    let loc = locator(&r, "db1");
+    let backend = cb::backend_for(&loc);
+    let info = backend.inspect(&loc).expect("inspect");
+    let mut j = TestJournal::default();
+    let work = r.dir.join("runs/o1");
+    std::fs::create_dir_all(&work).expect("dir");
+    let ckpt = backend
+        .checkpoint(&info, &work, &mut j)
+        .expect("checkpoint");
+    drop((ckpt, info));
+    drop(backend);
+    // The "crash": the checkpoint's VM is gone, its VDIs are not.
+    let sim_call = |m: &str, args: Vec<serde_json::Value>| {
+        let s = r
+            .sim
+            .call(
+                "session.login_with_password",
+                &[json!("root"), json!("s3cret pass")],
+            )
+            .expect("login");
+        let mut p = vec![s.clone()];
+        p.extend(args);
+        let out = r.sim.call(m, &p);
+        let _ = r.sim.call("session.logout", &[s]);
+        out
+    };
+    let ck = sim_call(
+        "VM.get_by_name_label",
+        vec![json!("coldclone-checkpoint-o1")],
+    )
+    .expect("found")[0]
+        .clone();
+    sim_call("VM.hard_shutdown", vec![ck.clone()]).expect("hard shutdown");
+    sim_call("VM.destroy", vec![ck]).expect("destroy");
+    let orphans = r.sim.state().vdis.len() - DISKS.len();
+    assert_eq!(orphans, DISKS.len(), "the checkpoint's disks are orphaned");
+    let saved =
+        serde_json::to_string(&j.open.iter().map(|(_, r)| r).collect::<Vec<_>>()).expect("json");
+    let back: Vec<Resource> = serde_json::from_str(&saved).expect("parse");
+    for res in back.iter().rev() {
+        cb::recover_resource(res, &scope_of(res))
+            .unwrap_or_else(|e| panic!("recover {res:?}: {e}"));
+    }
+    assert_clean(&r, "orphaned checkpoint VDIs");
+}
+
+use serde_json::json;
+
+/// The original's dynamic range as the simulator holds it.
+fn range(r: &Rig) -> (u64, u64) {
+    let st = r.sim.state();
+    let v = &st.vms[&r.vm_ref];
+    (v.memory_dynamic_min, v.memory_dynamic_max)
+}
+
+const MEM: u64 = 8 << 20;
+const TARGET: u64 = 5 << 20;
+
+#[test]
+fn xapi_balloon_lowers_the_range_before_the_checkpoint_and_restores_it() {
+    let r = rig("balloon", VmSpec::new("db1", &DISKS));
+    let before = range(&r);
+    let out = backup_with(&r, "b1", Duration::from_secs(30), Some(TARGET));
+    let archived = out.archived.expect("the backup succeeds");
+    assert_archive_matches(&r, &archived, "ballooned");
+    let st = r.sim.state();
+    assert_eq!(
+        st.ranges_set,
+        vec![
+            ("db1".to_string(), TARGET, TARGET),
+            ("db1".to_string(), before.0, before.1)
+        ],
+        "lowered to the target, then put back"
+    );
+    // Lowered before the checkpoint, put back after it.
+    let log = &st.call_log;
+    let pos = |m: &str| log.iter().position(|c| c == m);
+    let last_set = log.iter().rposition(|c| c == "VM.set_memory_dynamic_range");
+    assert!(pos("VM.set_memory_dynamic_range") < pos("Async.VM.checkpoint"));
+    assert!(last_set > pos("Async.VM.checkpoint"));
+    // The memory image and so the clone are the ballooned size.
+    let clone_mem: Vec<_> = st
+        .resumed
+        .iter()
+        .filter(|x| x.vm_name == "coldclone-clone-b1")
+        .collect();
+    assert_eq!(clone_mem.len(), 1);
+    assert_eq!(
+        clone_mem[0].memory_bytes, TARGET,
+        "the clone holds the ballooned memory, not {MEM}"
+    );
+    drop(st);
+    assert_eq!(range(&r), before, "the original's range is back");
+    assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
+    assert_clean(&r, "balloon");
+}
+
+#[test]
+fn xapi_balloon_is_undone_after_a_fault_at_every_call_and_after_a_crash() {
+    let base = |tag: &str| {
+        let r = rig(tag, VmSpec::new("db1", &SMALL));
+        let out = backup_with(&r, "count", Duration::from_secs(30), Some(TARGET));
+        out.archived.expect("the baseline run succeeds");
+        certain_calls(&r.sim.call_sequence())
+    };
+    let calls = base("bcount-a");
+    assert_eq!(calls, base("bcount-b"), "two runs agree");
+    // Every call while the range is lowered: up to the one that puts it back, and the next.
+    let upto = calls
+        .iter()
+        .position(|c| *c == At::new("VM.set_memory_dynamic_range", 2))
+        .expect("the range is put back in a good run")
+        + 2;
+    let mut n = 0;
+    for at in calls.iter().take(upto) {
+        let r = rig("bfault", VmSpec::new("db1", &SMALL));
+        let before = range(&r);
+        r.sim.set_faults(Faults {
+            fail_at: Some(at.clone()),
+            ..Faults::default()
+        });
+        let mut out = backup_with(&r, "f", Duration::from_secs(10), Some(TARGET));
+        assert_fired(&r, "fail_at", at, &format!("balloon fault at {at}"));
+        if !out.leftovers.is_empty() {
+            let again = out.journal.undo_all();
+            assert!(again.is_empty(), "{at}: recover failed: {again:?}");
+        }
+        assert_eq!(range(&r), before, "{at}: the range is back");
+        assert_clean(&r, &format!("balloon fault at {at}"));
+        n += 1;
+    }
+    assert!(n > 5, "{n} faults");
+    // A crash after the balloon, before the checkpoint: recover puts it back.
+    let r = rig("bcrash", VmSpec::new("db1", &SMALL));
+    let before = range(&r);
+    let loc = locator(&r, "db1");
+    let backend = cb::backend_for(&loc);
+    let info = backend.inspect(&loc).expect("inspect");
+    let mut j = TestJournal::default();
+    backend.balloon(&info, TARGET, &mut j).expect("balloon");
+    drop(info);
+    drop(backend);
+    assert_eq!(range(&r), (TARGET, TARGET));
+    for (_, res) in j.open.iter().rev() {
+        cb::recover_resource(res, &scope_of(res)).expect("recover");
+    }
+    assert_eq!(range(&r), before, "recover put the range back");
+    assert_clean(&r, "balloon crash");
 }

@@ -169,6 +169,7 @@ fn inspect(t: &Tls, pin: Option<&str>) -> Result<String, String> {
         options: cb::xapi::XapiOptions {
             tls_fingerprint_sha256: pin.map(str::to_string),
             dom0_acpi: false,
+            dom0_inventory: None,
             insecure_http: false,
         },
     };

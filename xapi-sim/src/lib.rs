@@ -1,24 +1,25 @@
-//! A stateful XAPI simulator for coldclone's tests.
+//! A stateful XAPI simulator for coldclone's tests, built on xapi's own
+//! semantics.
 //!
 //! XAPI (the XenServer / XCP-ng toolstack) cannot run on the test machines,
 //! so coldclone's XAPI backend is tested against this: an HTTP server that
 //! speaks XAPI's JSON-RPC wire format (`POST /jsonrpc`, JSON-RPC 1.0 and 2.0
-//! envelopes, error codes as XAPI sends them) and `GET /export_raw_vdi`, and
-//! keeps the state those calls change: sessions, VMs (originals, checkpoints,
-//! clones), VDIs backed by real files, VBDs, VIFs, networks, PIFs, tasks and
-//! an event stream. It models only what coldclone uses; see `docs/xapi.md`.
+//! envelopes) and `GET /export_raw_vdi`, and keeps the state those calls
+//! change. Every behaviour it models carries a comment naming the file and
+//! function of xapi-project/xen-api (commit e2ee48d6, paths under `ocaml/`)
+//! it follows; a behaviour with no such comment is the simulator's own
+//! plumbing (faults, evidence), not a claim about xapi.
 //!
-//! Tests can inject faults ([`Faults`]): fail a method's Nth call (or every
-//! call from it on) or every call of a method, expire every session at a
-//! call, hold, slow or cut an export, a guest that ignores the shutdown
-//! request. Each fault that takes effect is recorded ([`State::fired`]). The simulator also keeps evidence a real
-//! host would not: every VIF's network while its VM had a domain, and a copy
-//! of each disk as the guest left it at a clean shutdown.
+//! Tests can inject faults ([`Faults`]); each one that takes effect is
+//! recorded ([`State::fired`]). The simulator also keeps evidence a real host
+//! would not: every VIF's network over its life, the suspend image each VM
+//! resumed from, which domain each ACPI button press reached, and a copy of
+//! each disk as the guest left it at a clean shutdown.
 
 mod http;
 
 use base64::Engine;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -31,10 +32,12 @@ use std::time::{Duration, Instant};
 pub const NULL: &str = "OpaqueRef:NULL";
 /// CBT granularity: one bit of `VDI.list_changed_blocks` per 64 KiB.
 pub const CBT_BLOCK: u64 = 64 << 10;
+/// The xapi version the simulated hosts report in `software_version["xapi"]`
+/// (xapi/xapi_globs.ml `software_version`: "major.minor").
+pub const DEFAULT_XAPI_VERSION: &str = "24.19";
 
 /// The `occurrence`th call (1-based) of `method`, as the call log names it
 /// (`"Async.VM.checkpoint"`; `"export_raw_vdi"` for an export request).
-/// Polling does not shift it, as it shifts a call's index in the run.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct At {
     pub method: String,
@@ -56,16 +59,13 @@ impl std::fmt::Display for At {
     }
 }
 
-/// Faults a test can inject. Each one that takes effect is recorded in
-/// [`State::fired`], so a test can tell a fault that fired from one that
-/// lay past the calls its run made.
+/// Faults a test can inject. Each one that takes effect is recorded in [`State::fired`].
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     /// This call fails with INTERNAL_ERROR; for an `Async.` call the task is
     /// returned and then fails; an export request answers HTTP 500.
     pub fail_at: Option<At>,
-    /// This call and every later call of the same method fail so (an export
-    /// that fails on every attempt from then on).
+    /// This call and every later call of the same method fail so.
     pub fail_from: Option<At>,
     /// Every call of this method fails (`"export_raw_vdi"` fails exports).
     pub fail_method: Option<String>,
@@ -73,34 +73,93 @@ pub struct Faults {
     pub expire_sessions_at: Option<At>,
     /// The first export request finds every session invalid.
     pub expire_sessions_at_first_export: bool,
-    /// This call is refused with OTHER_OPERATION_IN_PROGRESS (an `Async.` call's task
-    /// fails so), as xapi refuses work on an object that another operation holds.
+    /// This call is refused with OTHER_OPERATION_IN_PROGRESS (an `Async.`
+    /// call's task fails so): what a client sees when xapi's own retry
+    /// (xapi/helpers.ml, up to 2 h inside the call) gave up or was not used.
     pub busy_at: Option<At>,
-    /// Export requests from the Nth (1-based) on wait, their connection open,
-    /// until this is cleared (a test kills the client between two disks there).
+    /// Export requests from the Nth (1-based) on wait until this is cleared.
     pub hold_exports_from: Option<u64>,
     /// The export pauses this long after every 64 KiB.
     pub export_delay_per_block: Duration,
     /// The first `drop_export_count` exports close the connection after this many bytes.
     pub drop_export_after: Option<u64>,
     pub drop_export_count: u32,
-    /// The guest never acts on a clean shutdown request.
+    /// The guest never acknowledges a clean shutdown request.
     pub guest_ignores_shutdown: bool,
-    /// Exports answer 302 first, as a pool master does for a VDI on another host's storage.
+    /// The guest acknowledges a clean shutdown request and never halts.
+    pub guest_acks_but_never_halts: bool,
+    /// Exports answer 302 to an absolute URL first, as a pool master does for
+    /// a VDI on another host's storage.
     pub redirect_exports: bool,
-    /// `VIF.move` answers success but moves nothing (a broken host): isolation checks must catch it.
-    pub vif_move_noop: bool,
+    /// `VDI.destroy` answers VDI_IN_USE this many times after an export of the VDI.
+    pub vdi_in_use_after_export: u32,
+    /// `VM.resume` places the VM on the host with this name label.
+    pub resume_on_host: Option<String>,
+    /// A broken host: `VIF.create` answers success but puts the VIF on the
+    /// pool's uplink network, whatever it was asked (isolation checks must catch it).
+    pub vif_create_on_uplink: bool,
 }
 
 /// A fault that took effect: which one, at which call, and the call's index in the log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fired {
-    /// The [`Faults`] field: "fail_at", "fail_from", "fail_method", "busy_at",
-    /// "expire_sessions_at", "expire_sessions_at_first_export", "hold_exports_from".
     pub fault: &'static str,
     pub at: At,
     /// 1-based index in [`State::call_log`].
     pub call: u64,
+}
+
+/// A VM's power state (xapi's `vm_power_state` enum, idl/datamodel_vm.ml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Power {
+    Halted,
+    Paused,
+    Running,
+    Suspended,
+}
+
+impl Power {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Power::Halted => "Halted",
+            Power::Paused => "Paused",
+            Power::Running => "Running",
+            Power::Suspended => "Suspended",
+        }
+    }
+    /// As errors name it (xapi/record_util.ml `vm_power_state_to_lowercase_string`).
+    pub fn lower(self) -> String {
+        self.as_str().to_ascii_lowercase()
+    }
+    pub fn has_domain(self) -> bool {
+        matches!(self, Power::Running | Power::Paused)
+    }
+    fn parse(s: &str) -> Option<Power> {
+        Some(match s {
+            "Halted" => Power::Halted,
+            "Paused" => Power::Paused,
+            "Running" => Power::Running,
+            "Suspended" => Power::Suspended,
+            _ => return None,
+        })
+    }
+}
+
+impl PartialEq<&str> for Power {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// What a guest is: it travels with its memory image (a suspend VDI), so a
+/// VM resumed from a copy of that image is the same guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guest {
+    /// PV drivers: `VM.clean_shutdown` works.
+    pub pv_drivers: bool,
+    pub can_suspend: bool,
+    /// A balloon driver: the guest follows its dynamic memory range.
+    pub balloon: bool,
 }
 
 /// An original VM to put on the simulated host.
@@ -110,14 +169,16 @@ pub struct VmSpec {
     /// Disk sizes in bytes (each a multiple of 64 KiB).
     pub disks: Vec<u64>,
     pub nics: usize,
-    /// PV drivers in the guest: `VM.clean_shutdown` works.
     pub pv_drivers: bool,
-    /// The VM can be suspended (so checkpointed).
     pub can_suspend: bool,
+    pub balloon: bool,
     pub cbt: bool,
+    /// memory_static_max = dynamic_max = the memory the guest has.
     pub memory: u64,
     /// Each disk's VBD `userdevice`; empty: "0", "1", .. in disk order.
     pub userdevices: Vec<String>,
+    /// The host it runs on (name label); None: the master.
+    pub host: Option<String>,
 }
 
 impl VmSpec {
@@ -128,9 +189,11 @@ impl VmSpec {
             nics: 2,
             pv_drivers: true,
             can_suspend: true,
+            balloon: true,
             cbt: false,
             memory: 8 << 20,
             userdevices: vec![],
+            host: None,
         }
     }
 }
@@ -139,20 +202,50 @@ impl VmSpec {
 pub struct Vm {
     pub uuid: String,
     pub name_label: String,
-    pub power_state: String,
+    pub power_state: Power,
     pub is_a_template: bool,
     pub is_a_snapshot: bool,
     pub snapshot_of: String,
     pub suspend_vdi: String,
     pub vbds: Vec<String>,
     pub vifs: Vec<String>,
-    pub pv_drivers: bool,
-    pub can_suspend: bool,
-    pub memory: u64,
+    /// The guest while it has a domain or a memory image; None for a VM
+    /// created Halted with no image.
+    pub guest: Option<Guest>,
+    pub memory_static_min: u64,
+    pub memory_static_max: u64,
+    pub memory_dynamic_min: u64,
+    pub memory_dynamic_max: u64,
+    /// VM_metrics.memory_actual: what the domain holds now.
+    pub memory_actual: u64,
+    /// When the guest last got a new dynamic range (the balloon moves after a moment).
+    pub range_changed: Option<Instant>,
+    pub metrics: String,
     pub domid: i64,
+    pub resident_on: String,
+    pub last_booted_record: String,
+    pub last_boot_cpu_flags: BTreeMap<String, String>,
     pub other_config: BTreeMap<String, String>,
+    /// The static fields given to `VM.create` or copied from the source VM
+    /// (VCPUs, platform, ..): returned in the record as given.
+    pub statics: Map<String, Value>,
     /// A clean shutdown the guest was asked for and has not done (its task).
     pub shutdown_task: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VdiType {
+    User,
+    Suspend,
+}
+
+impl VdiType {
+    fn as_str(self) -> &'static str {
+        match self {
+            VdiType::User => "user",
+            VdiType::Suspend => "suspend",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -165,8 +258,15 @@ pub struct Vdi {
     pub snapshot_of: String,
     pub cbt_enabled: bool,
     pub vbds: Vec<String>,
-    /// "user" or "suspend".
-    pub kind: String,
+    pub kind: VdiType,
+    pub sr: String,
+    pub other_config: BTreeMap<String, String>,
+    /// Evidence: the uuid of the VDI this one was cloned or snapshotted from.
+    pub copied_from: Option<String>,
+    /// For a suspend image: the guest whose memory it holds.
+    pub image_of: Option<Guest>,
+    /// VDI_IN_USE answers still due after an export (Faults::vdi_in_use_after_export).
+    pub busy_after_export: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +275,10 @@ pub struct Vbd {
     pub vm: String,
     pub vdi: String,
     pub userdevice: String,
+    pub device: String,
+    pub currently_attached: bool,
+    pub mode: String,
+    pub bootable: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +288,8 @@ pub struct Vif {
     pub network: String,
     pub device: String,
     pub mac: String,
+    pub mtu: i64,
+    pub currently_attached: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -201,6 +307,15 @@ pub struct Pif {
     pub uuid: String,
     pub network: String,
     pub device: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub uuid: String,
+    pub name_label: String,
+    /// `software_version["xapi"]`.
+    pub xapi_version: String,
+    next_domid: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -222,7 +337,8 @@ struct Event {
     snapshot: Value,
 }
 
-/// A VIF's network at a moment its VM had a domain (Running or Paused).
+/// A VIF's network at a moment: when it was created or moved, and whenever
+/// its VM gained a domain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attachment {
     pub vm: String,
@@ -233,11 +349,58 @@ pub struct Attachment {
     pub power_state: String,
 }
 
-/// Everything the simulated host knows.
+/// A VM resumed: from which suspend VDI, and what that VDI was copied from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resumed {
+    pub vm_name: String,
+    pub host: String,
+    pub suspend_vdi_uuid: String,
+    /// The VDI the suspend VDI was cloned from, if any.
+    pub cloned_from_uuid: Option<String>,
+    /// The snapshot VM whose suspend VDI that was (the checkpoint), when it still exists.
+    pub cloned_from_checkpoint: Option<String>,
+    /// The memory the image holds (the domain's size).
+    pub memory_bytes: u64,
+}
+
+/// An ACPI power button press through the stand-in `xl` (evidence).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Press {
+    pub host: String,
+    pub domid: i64,
+    /// The VM whose domain that is on that host, if any.
+    pub vm_name: Option<String>,
+}
+
+/// The scaled-down timeouts of xenopsd and xapi.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// xenopsd/lib/xenops_server.ml `domain_shutdown_ack_timeout` (60 s).
+    pub shutdown_ack: Duration,
+    /// xapi/xapi_globs.ml `domain_shutdown_total_timeout` (1200 s).
+    pub shutdown_total: Duration,
+    /// How long a balloon takes to reach its target.
+    pub balloon: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            shutdown_ack: Duration::from_millis(300),
+            shutdown_total: Duration::from_millis(1200),
+            balloon: Duration::from_millis(40),
+        }
+    }
+}
+
+/// Everything the simulated pool knows.
 #[derive(Debug, Default)]
 pub struct State {
     pub users: BTreeMap<String, String>,
     pub sessions: BTreeMap<String, String>,
+    pub pool: String,
+    pub master: String,
+    pub hosts: BTreeMap<String, Host>,
     pub vms: BTreeMap<String, Vm>,
     pub vdis: BTreeMap<String, Vdi>,
     pub vbds: BTreeMap<String, Vbd>,
@@ -245,26 +408,28 @@ pub struct State {
     pub networks: BTreeMap<String, Network>,
     pub pifs: BTreeMap<String, Pif>,
     pub tasks: BTreeMap<String, Task>,
+    pub sr: String,
+    pub sr_uuid: String,
     pub attachments: Vec<Attachment>,
-    /// Every RPC method called, in order (an export request as "export_raw_vdi").
+    pub resumed: Vec<Resumed>,
+    pub presses: Vec<Press>,
+    /// Every `VM.set_memory_dynamic_range` that took effect: (VM name, min, max).
+    pub ranges_set: Vec<(String, u64, u64)>,
     pub call_log: Vec<String>,
-    /// Calls so far per method (the `occurrence` of [`At`]).
     pub call_counts: BTreeMap<String, u64>,
-    /// Every injected fault that took effect, in order.
     pub fired: Vec<Fired>,
-    /// Export requests held by `hold_exports_from` right now.
     pub exports_held: u64,
     /// Copies of each disk as the guest left it at a clean shutdown: VDI uuid → file.
     pub halted_images: BTreeMap<String, PathBuf>,
     pub faults: Faults,
-    /// Exports that ran to the end.
+    pub timeouts: Timeouts,
     pub exports_completed: u64,
     exports_dropped: u32,
     events: Vec<Event>,
     next_event: u64,
     next_bridge: u32,
-    next_domid: i64,
     data_dir: PathBuf,
+    url: String,
 }
 
 struct Shared {
@@ -286,6 +451,10 @@ fn err<T>(code: &str, params: &[&str]) -> XResult<T> {
     let mut v = vec![code.to_string()];
     v.extend(params.iter().map(|s| s.to_string()));
     Err(v)
+}
+
+fn invalid(class: &str, r: &str) -> Vec<String> {
+    vec!["HANDLE_INVALID".into(), class.into(), r.into()]
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(1);
@@ -311,10 +480,6 @@ fn uuid() -> String {
 fn new_ref() -> (String, String) {
     let u = uuid();
     (format!("OpaqueRef:{}", uuid()), u)
-}
-
-fn lower(s: &str) -> String {
-    s.to_ascii_lowercase()
 }
 
 /// A disk's initial contents: two thirds of its 64 KiB blocks hold data, the rest are zero.
@@ -381,8 +546,27 @@ fn matches_from(at: &Option<At>, method: &str, occurrence: u64) -> bool {
         .is_some_and(|a| a.method == method && occurrence >= a.occurrence)
 }
 
+fn str_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), s(v))).collect())
+        .unwrap_or_default()
+}
+
+/// An Int field of a record argument: xapi's JSON-RPC sends Int as a JSON
+/// number (ocaml-rpc's jsonrpc encoder, `Rpc.Int`); the simulator insists on
+/// it so that a client sending strings fails here as it may on a host.
+fn int_arg(rec: &Value, key: &str) -> XResult<Option<i64>> {
+    match rec.get(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| vec!["FIELD_TYPE_ERROR".into(), key.into()]),
+        Some(_) => err("FIELD_TYPE_ERROR", &[key]),
+    }
+}
+
 impl State {
-    /// Logs a call; returns its index in the log and its occurrence of `method`.
     fn log_call(&mut self, method: &str) -> (u64, u64) {
         self.call_log.push(method.to_string());
         let c = self.call_counts.entry(method.to_string()).or_insert(0);
@@ -414,59 +598,76 @@ impl State {
         });
     }
 
+    /// A class's record as `<class>.get_record` returns it. Int fields are
+    /// JSON numbers (ocaml-rpc jsonrpc; sdk-gen/component-test/spec/xapi-24/
+    /// vm_get_all_records.json has `"domid": 50`).
     fn record(&self, class: &str, r: &str) -> XResult<Value> {
-        let invalid = || {
-            vec![
-                "HANDLE_INVALID".to_string(),
-                class_name(class).to_string(),
-                r.to_string(),
-            ]
-        };
         Ok(match class {
             "vm" => {
-                let v = self.vms.get(r).ok_or_else(invalid)?;
-                json!({
-                    "uuid": v.uuid, "name_label": v.name_label, "name_description": "",
-                    "power_state": v.power_state, "is_a_template": v.is_a_template,
+                let v = self.vms.get(r).ok_or_else(|| invalid("VM", r))?;
+                let mut rec = v.statics.clone();
+                let dynamic = json!({
+                    "uuid": v.uuid, "name_label": v.name_label,
+                    "power_state": v.power_state.as_str(), "is_a_template": v.is_a_template,
                     "is_a_snapshot": v.is_a_snapshot, "snapshot_of": v.snapshot_of,
                     "suspend_VDI": v.suspend_vdi, "VBDs": v.vbds, "VIFs": v.vifs,
-                    "domid": v.domid.to_string(),
-                    "memory_static_max": v.memory.to_string(),
-                    "memory_dynamic_max": v.memory.to_string(),
+                    "domid": v.domid,
+                    "resident_on": v.resident_on,
+                    "memory_static_min": v.memory_static_min,
+                    "memory_static_max": v.memory_static_max,
+                    "memory_dynamic_min": v.memory_dynamic_min,
+                    "memory_dynamic_max": v.memory_dynamic_max,
+                    "memory_target": v.memory_dynamic_min,
+                    "metrics": v.metrics,
                     "is_control_domain": false,
                     "allowed_operations": self.allowed_operations(v),
                     "other_config": v.other_config,
-                    "HVM_boot_policy": if v.pv_drivers { "" } else { "BIOS order" },
-                })
+                    "last_booted_record": v.last_booted_record,
+                    "last_boot_CPU_flags": v.last_boot_cpu_flags,
+                });
+                if let Value::Object(d) = dynamic {
+                    rec.extend(d);
+                }
+                Value::Object(rec)
+            }
+            "vm_metrics" => {
+                let v = self
+                    .vms
+                    .values()
+                    .find(|v| v.metrics == r)
+                    .ok_or_else(|| invalid("VM_metrics", r))?;
+                json!({"uuid": "", "memory_actual": self.memory_actual(v), "VCPUs_number": 1})
             }
             "vdi" => {
-                let v = self.vdis.get(r).ok_or_else(invalid)?;
+                let v = self.vdis.get(r).ok_or_else(|| invalid("VDI", r))?;
                 json!({
                     "uuid": v.uuid, "name_label": v.name_label,
-                    "virtual_size": v.virtual_size.to_string(),
+                    "virtual_size": v.virtual_size,
+                    "physical_utilisation": v.virtual_size,
                     "is_a_snapshot": v.is_a_snapshot, "snapshot_of": v.snapshot_of,
-                    "cbt_enabled": v.cbt_enabled, "VBDs": v.vbds, "type": v.kind,
-                    "read_only": false, "SR": "OpaqueRef:sim-local-sr",
+                    "cbt_enabled": v.cbt_enabled, "VBDs": v.vbds, "type": v.kind.as_str(),
+                    "read_only": false, "SR": v.sr, "other_config": v.other_config,
                 })
             }
             "vbd" => {
-                let v = self.vbds.get(r).ok_or_else(invalid)?;
-                let attached = self
-                    .vms
-                    .get(&v.vm)
-                    .is_some_and(|m| has_domain(&m.power_state));
+                let v = self.vbds.get(r).ok_or_else(|| invalid("VBD", r))?;
                 json!({
                     "uuid": v.uuid, "VM": v.vm, "VDI": v.vdi, "userdevice": v.userdevice,
-                    "device": device_name(&v.userdevice),
-                    "type": "Disk", "mode": "RW", "currently_attached": attached, "empty": false,
+                    "device": v.device, "bootable": v.bootable, "unpluggable": true,
+                    "type": "Disk", "mode": v.mode, "currently_attached": v.currently_attached,
+                    "empty": false, "other_config": {}, "qos_algorithm_type": "",
+                    "qos_algorithm_params": {},
                 })
             }
             "vif" => {
-                let v = self.vifs.get(r).ok_or_else(invalid)?;
-                json!({"uuid": v.uuid, "VM": v.vm, "network": v.network, "device": v.device, "MAC": v.mac})
+                let v = self.vifs.get(r).ok_or_else(|| invalid("VIF", r))?;
+                json!({"uuid": v.uuid, "VM": v.vm, "network": v.network, "device": v.device,
+                       "MAC": v.mac, "MTU": v.mtu, "currently_attached": v.currently_attached,
+                       "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {},
+                       "locking_mode": "network_default", "ipv4_allowed": [], "ipv6_allowed": []})
             }
             "network" => {
-                let n = self.networks.get(r).ok_or_else(invalid)?;
+                let n = self.networks.get(r).ok_or_else(|| invalid("network", r))?;
                 let vifs: Vec<&String> = self
                     .vifs
                     .iter()
@@ -475,16 +676,35 @@ impl State {
                     .collect();
                 json!({
                     "uuid": n.uuid, "name_label": n.name_label, "name_description": n.name_description,
-                    "bridge": n.bridge, "PIFs": n.pifs, "VIFs": vifs, "MTU": "1500",
+                    "bridge": n.bridge, "PIFs": n.pifs, "VIFs": vifs, "MTU": 1500,
                     "other_config": n.other_config,
                 })
             }
             "pif" => {
-                let p = self.pifs.get(r).ok_or_else(invalid)?;
+                let p = self.pifs.get(r).ok_or_else(|| invalid("PIF", r))?;
                 json!({"uuid": p.uuid, "network": p.network, "device": p.device, "physical": true})
             }
+            "host" => {
+                let h = self.hosts.get(r).ok_or_else(|| invalid("host", r))?;
+                json!({"uuid": h.uuid, "name_label": h.name_label,
+                       "software_version": {"xapi": h.xapi_version, "product_brand": "XCP-ng"},
+                       "API_version_major": 2, "API_version_minor": 21})
+            }
+            "pool" => {
+                if r != self.pool {
+                    return Err(invalid("pool", r));
+                }
+                json!({"uuid": "", "name_label": "", "master": self.master, "other_config": {}})
+            }
+            "sr" => {
+                if r != self.sr {
+                    return Err(invalid("SR", r));
+                }
+                let vdis: Vec<&String> = self.vdis.keys().collect();
+                json!({"uuid": self.sr_uuid, "name_label": "Local storage", "VDIs": vdis, "type": "ext"})
+            }
             "task" => {
-                let t = self.tasks.get(r).ok_or_else(invalid)?;
+                let t = self.tasks.get(r).ok_or_else(|| invalid("task", r))?;
                 json!({
                     "uuid": t.uuid, "name_label": t.name_label, "status": t.status,
                     "progress": t.progress, "result": t.result, "error_info": t.error_info,
@@ -494,31 +714,56 @@ impl State {
         })
     }
 
+    /// xapi/xapi_vm_lifecycle.ml `allowed_operations` (a subset: the operations coldclone reads).
     fn allowed_operations(&self, v: &Vm) -> Vec<&'static str> {
         let mut ops = vec![];
-        match v.power_state.as_str() {
-            "Running" => {
-                ops.extend(["hard_shutdown", "pause"]);
-                if v.pv_drivers {
+        let g = v.guest.unwrap_or(Guest {
+            pv_drivers: false,
+            can_suspend: false,
+            balloon: false,
+        });
+        match v.power_state {
+            Power::Running => {
+                ops.extend(["hard_shutdown", "pause", "changing_dynamic_range"]);
+                if g.pv_drivers {
                     ops.push("clean_shutdown");
                 }
-                if v.can_suspend {
+                if g.can_suspend {
                     ops.extend(["checkpoint", "suspend"]);
                 }
             }
-            "Paused" => ops.extend(["hard_shutdown", "unpause"]),
-            "Suspended" => ops.extend(["resume", "clone", "destroy"]),
-            _ => ops.extend(["start", "clone", "destroy"]),
+            Power::Paused => ops.extend(["hard_shutdown", "unpause"]),
+            Power::Suspended => ops.extend(["resume", "hard_shutdown", "destroy"]),
+            Power::Halted => ops.extend(["start", "clone", "destroy", "changing_dynamic_range"]),
         }
         ops
     }
 
+    /// The guest's memory now: with a balloon driver it has reached its
+    /// dynamic_max a moment after the range changed (squeezed sets the target
+    /// within the range; with free memory, at its top).
+    fn memory_actual(&self, v: &Vm) -> u64 {
+        if !v.power_state.has_domain() {
+            return 0;
+        }
+        match (v.guest, v.range_changed) {
+            (Some(g), Some(t)) if g.balloon && t.elapsed() >= self.timeouts.balloon => {
+                v.memory_dynamic_max
+            }
+            _ => v.memory_actual,
+        }
+    }
+
+    fn settle_balloon(&mut self, vm: &str) {
+        let actual = self.vms.get(vm).map(|v| self.memory_actual(v));
+        if let (Some(a), Some(v)) = (actual, self.vms.get_mut(vm)) {
+            v.memory_actual = a;
+        }
+    }
+
     fn record_attachments(&mut self, vm: &str) {
         let Some(v) = self.vms.get(vm) else { return };
-        if !has_domain(&v.power_state) {
-            return;
-        }
-        let (name, ps, vifs) = (v.name_label.clone(), v.power_state.clone(), v.vifs.clone());
+        let (name, ps, vifs) = (v.name_label.clone(), v.power_state, v.vifs.clone());
         for vif in vifs {
             if let Some(x) = self.vifs.get(&vif) {
                 let has_pif = self
@@ -531,46 +776,72 @@ impl State {
                     vif: vif.clone(),
                     network: x.network.clone(),
                     network_has_pif: has_pif,
-                    power_state: ps.clone(),
+                    power_state: ps.as_str().into(),
                 });
             }
         }
     }
 
-    fn set_power(&mut self, vm: &str, ps: &str) {
+    /// A domain starts on `host` (domids are per host: each host's Xen counts its own).
+    fn start_domain(&mut self, vm: &str, host: &str, ps: Power) {
+        let domid = self.hosts.get_mut(host).map(|h| {
+            h.next_domid += 1;
+            h.next_domid
+        });
         if let Some(v) = self.vms.get_mut(vm) {
-            v.power_state = ps.into();
-            if has_domain(ps) {
-                if v.domid < 0 {
-                    self.next_domid += 1;
-                    v.domid = self.next_domid;
-                }
-            } else {
-                v.domid = -1;
-            }
+            v.power_state = ps;
+            v.domid = domid.unwrap_or(-1);
+            v.resident_on = host.into();
         }
         self.record_attachments(vm);
         self.emit("vm", vm, "mod");
     }
 
-    fn vm(&self, r: &str) -> XResult<&Vm> {
-        self.vms
-            .get(r)
-            .ok_or_else(|| vec!["HANDLE_INVALID".into(), "VM".into(), r.into()])
+    /// xapi/xapi_vm_lifecycle.ml `force_state_reset_keep_current_operations`:
+    /// Halted marks every VBD and VIF of the VM detached.
+    fn force_state_reset(&mut self, vm: &str, ps: Power) {
+        let Some(v) = self.vms.get_mut(vm) else {
+            return;
+        };
+        v.power_state = ps;
+        if !ps.has_domain() {
+            v.domid = -1;
+            v.resident_on = NULL.into();
+        }
+        if ps == Power::Halted {
+            let (vbds, vifs) = (v.vbds.clone(), v.vifs.clone());
+            for b in vbds {
+                if let Some(b) = self.vbds.get_mut(&b) {
+                    b.currently_attached = false;
+                }
+            }
+            for f in vifs {
+                if let Some(f) = self.vifs.get_mut(&f) {
+                    f.currently_attached = false;
+                }
+            }
+        }
+        self.emit("vm", vm, "mod");
     }
 
-    fn need_power(&self, r: &str, expected: &str) -> XResult<()> {
+    fn vm(&self, r: &str) -> XResult<&Vm> {
+        self.vms.get(r).ok_or_else(|| invalid("VM", r))
+    }
+
+    /// xapi/xapi_vm_lifecycle.ml `check_operation_error`: VM_BAD_POWER_STATE [vm; expected; actual].
+    fn need_power(&self, r: &str, allowed: &[Power]) -> XResult<()> {
         let v = self.vm(r)?;
-        if v.power_state != expected {
+        if !allowed.contains(&v.power_state) {
+            let expected: Vec<String> = allowed.iter().map(|p| p.lower()).collect();
             return err(
                 "VM_BAD_POWER_STATE",
-                &[r, &lower(expected), &lower(&v.power_state)],
+                &[r, &expected.join(", "), &v.power_state.lower()],
             );
         }
         Ok(())
     }
 
-    fn new_vdi(&mut self, name: &str, size: u64, kind: &str) -> XResult<String> {
+    fn new_vdi(&mut self, name: &str, size: u64, kind: VdiType) -> XResult<String> {
         let (r, u) = new_ref();
         let file = self.data_dir.join(format!("{u}.img"));
         let f = std::fs::File::create(&file).and_then(|f| f.set_len(size));
@@ -588,21 +859,27 @@ impl State {
                 snapshot_of: NULL.into(),
                 cbt_enabled: false,
                 vbds: vec![],
-                kind: kind.into(),
+                kind,
+                sr: self.sr.clone(),
+                other_config: BTreeMap::new(),
+                copied_from: None,
+                image_of: None,
+                busy_after_export: 0,
             },
         );
         self.emit("vdi", &r, "add");
         Ok(r)
     }
 
-    /// A copy of a VDI (a snapshot or a clone's disk).
+    /// xapi/xapi_vdi.ml `snapshot_and_clone`: a copy of the VDI's data; the
+    /// new VDI takes the source's name_label, type and other_config.
     fn copy_vdi(&mut self, src: &str, snapshot: bool) -> XResult<String> {
         let v = self
             .vdis
             .get(src)
             .cloned()
-            .ok_or_else(|| vec!["HANDLE_INVALID".into(), "VDI".into(), src.into()])?;
-        let r = self.new_vdi(&v.name_label, v.virtual_size, &v.kind)?;
+            .ok_or_else(|| invalid("VDI", src))?;
+        let r = self.new_vdi(&v.name_label, v.virtual_size, v.kind)?;
         let file = self.vdis[&r].file.clone();
         if let Err(e) = sparse_copy(&v.file, &file) {
             return err("SR_BACKEND_FAILURE", &[&e.to_string()]);
@@ -611,11 +888,14 @@ impl State {
             n.is_a_snapshot = snapshot;
             n.snapshot_of = if snapshot { src.into() } else { NULL.into() };
             n.cbt_enabled = v.cbt_enabled;
+            n.other_config = v.other_config.clone();
+            n.copied_from = Some(v.uuid.clone());
+            n.image_of = v.image_of;
         }
         Ok(r)
     }
 
-    fn add_vbd(&mut self, vm: &str, vdi: &str, userdevice: &str) {
+    fn add_vbd(&mut self, vm: &str, vdi: &str, userdevice: &str, attached: bool) -> String {
         let (r, u) = new_ref();
         self.vbds.insert(
             r.clone(),
@@ -624,19 +904,35 @@ impl State {
                 vm: vm.into(),
                 vdi: vdi.into(),
                 userdevice: userdevice.into(),
+                device: if attached {
+                    device_name(userdevice)
+                } else {
+                    String::new()
+                },
+                currently_attached: attached,
+                mode: "RW".into(),
+                bootable: userdevice == "0",
             },
         );
         if let Some(v) = self.vms.get_mut(vm) {
             v.vbds.push(r.clone());
         }
         if let Some(d) = self.vdis.get_mut(vdi) {
-            d.vbds.push(r);
+            d.vbds.push(r.clone());
         }
+        r
     }
 
-    fn add_vif(&mut self, vm: &str, network: &str, device: &str) {
+    fn add_vif(
+        &mut self,
+        vm: &str,
+        network: &str,
+        device: &str,
+        mac: Option<String>,
+        attached: bool,
+    ) -> String {
         let (r, u) = new_ref();
-        let mac = format!("00:16:3e:{}:{}:{}", &u[0..2], &u[2..4], &u[4..6]);
+        let mac = mac.unwrap_or_else(|| format!("00:16:3e:{}:{}:{}", &u[0..2], &u[2..4], &u[4..6]));
         self.vifs.insert(
             r.clone(),
             Vif {
@@ -645,39 +941,14 @@ impl State {
                 network: network.into(),
                 device: device.into(),
                 mac,
+                mtu: 1500,
+                currently_attached: attached,
             },
         );
         if let Some(v) = self.vms.get_mut(vm) {
-            v.vifs.push(r);
+            v.vifs.push(r.clone());
         }
-    }
-
-    /// A new VM record like `src` (VBDs over `disks`, VIFs on the same networks).
-    fn copy_vm(&mut self, src: &str, name: &str, disks: &[(String, String)]) -> XResult<String> {
-        let s = self.vm(src)?.clone();
-        let (r, u) = new_ref();
-        self.vms.insert(
-            r.clone(),
-            Vm {
-                uuid: u,
-                name_label: name.into(),
-                vbds: vec![],
-                vifs: vec![],
-                domid: -1,
-                shutdown_task: None,
-                other_config: BTreeMap::new(),
-                ..s.clone()
-            },
-        );
-        for (vdi, dev) in disks {
-            self.add_vbd(&r, vdi, dev);
-        }
-        for vif in &s.vifs {
-            if let Some(x) = self.vifs.get(vif).cloned() {
-                self.add_vif(&r, &x.network, &x.device);
-            }
-        }
-        Ok(r)
+        r
     }
 
     fn disks_of(&self, vm: &str) -> Vec<(String, String)> {
@@ -693,23 +964,26 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// xapi/xapi_vdi.ml `destroy_and_data_destroy_common`: VDI_IN_USE while
+    /// any VBD of the VDI is currently_attached (or reserved); else the VDI
+    /// and its VBDs go (xapi/xapi_vdi.ml `destroy`: VBDs are destroyed with it).
     fn destroy_vdi(&mut self, r: &str) -> XResult<()> {
-        let v = self
-            .vdis
-            .get(r)
-            .cloned()
-            .ok_or_else(|| vec!["HANDLE_INVALID".into(), "VDI".into(), r.into()])?;
-        for b in &v.vbds {
-            let vm = self.vbds.get(b).map(|b| b.vm.clone()).unwrap_or_default();
-            if self
-                .vms
-                .get(&vm)
-                .is_some_and(|m| has_domain(&m.power_state))
-            {
-                return err("VDI_IN_USE", &[r, "destroy"]);
-            }
+        let v = self.vdis.get(r).cloned().ok_or_else(|| invalid("VDI", r))?;
+        if v.vbds
+            .iter()
+            .any(|b| self.vbds.get(b).is_some_and(|b| b.currently_attached))
+        {
+            return err("VDI_IN_USE", &[r, "destroy"]);
         }
-        // Like xapi: the VBDs of a destroyed VDI go with it.
+        if v.busy_after_export > 0 {
+            // Not xapi's code: the tapdisk of a just-finished export may still
+            // hold the VDI a moment (Xen Orchestra retries VDI_IN_USE,
+            // @xen-orchestra/xapi/vdi.mjs).
+            if let Some(x) = self.vdis.get_mut(r) {
+                x.busy_after_export -= 1;
+            }
+            return err("VDI_IN_USE", &[r, "destroy"]);
+        }
         for b in &v.vbds {
             if let Some(vbd) = self.vbds.remove(b) {
                 if let Some(m) = self.vms.get_mut(&vbd.vm) {
@@ -717,20 +991,49 @@ impl State {
                 }
             }
         }
-        for m in self.vms.values_mut() {
-            if m.suspend_vdi == r {
-                m.suspend_vdi = NULL.into();
-            }
-        }
         let _ = std::fs::remove_file(&v.file);
         self.vdis.remove(r);
         self.emit("vdi", r, "del");
         Ok(())
     }
+
+    /// xapi/xapi_vm.ml `hard_shutdown`: a Suspended VM loses its suspend VDI
+    /// (destroyed, errors ignored, the field cleared) and is forced Halted;
+    /// a Running or Paused one is shut down.
+    fn hard_shutdown(&mut self, vm: &str) -> XResult<()> {
+        // xapi/xapi_vm_lifecycle.ml: hard_shutdown is allowed Paused, Suspended, Running.
+        self.need_power(vm, &[Power::Paused, Power::Suspended, Power::Running])?;
+        let v = self.vm(vm)?.clone();
+        if v.power_state == Power::Suspended {
+            if v.suspend_vdi != NULL {
+                let _ = self.destroy_vdi(&v.suspend_vdi);
+            }
+            if let Some(m) = self.vms.get_mut(vm) {
+                m.suspend_vdi = NULL.into();
+            }
+            self.force_state_reset(vm, Power::Halted);
+            return Ok(());
+        }
+        // xapi/message_forwarding.ml VM.hard_shutdown: other operations of the VM are cancelled.
+        if let Some(t) = v.shutdown_task {
+            finish_task(self, &t, err("TASK_CANCELLED", &[&t]));
+        }
+        if let Some(m) = self.vms.get_mut(vm) {
+            m.shutdown_task = None;
+        }
+        self.force_state_reset(vm, Power::Halted);
+        Ok(())
+    }
+
+    fn host_by_name(&self, name: &str) -> Option<String> {
+        self.hosts
+            .iter()
+            .find(|(_, h)| h.name_label == name)
+            .map(|(k, _)| k.clone())
+    }
 }
 
-/// The guest's name for a VBD's disk, as xen-blkfront names it (xvda..xvdz,
-/// xvdaa..); none for a userdevice that is not a number.
+/// The guest's name for a VBD's disk (xvda..xvdz, xvdaa..).
 fn device_name(userdevice: &str) -> String {
     let Ok(mut n) = userdevice.parse::<u64>() else {
         return String::new();
@@ -747,39 +1050,35 @@ fn device_name(userdevice: &str) -> String {
     format!("xvd{}", String::from_utf8_lossy(&letters))
 }
 
-fn has_domain(ps: &str) -> bool {
-    ps == "Running" || ps == "Paused"
-}
-
-fn class_name(c: &str) -> &str {
-    match c {
-        "vm" => "VM",
-        "vdi" => "VDI",
-        "vbd" => "VBD",
-        "vif" => "VIF",
-        "pif" => "PIF",
-        other => other,
-    }
-}
-
 /// Parameters each method takes after the session (for MESSAGE_PARAMETER_COUNT_MISMATCH).
 fn arity(method: &str) -> Option<usize> {
     Some(match method {
-        "session.logout" | "VM.get_all" | "network.get_all" | "task.get_all" => 0,
+        "session.logout" | "VM.get_all" | "network.get_all" | "task.get_all" | "pool.get_all"
+        | "host.get_all" | "SR.get_all" => 0,
         "VM.get_record"
         | "VM.get_power_state"
         | "VM.get_by_uuid"
         | "VM.get_by_name_label"
+        | "VM.get_uuid"
         | "VM.unpause"
         | "VM.clean_shutdown"
         | "VM.hard_shutdown"
         | "VM.destroy"
         | "VM.get_domid"
+        | "VM.get_resident_on"
+        | "VM.get_metrics"
+        | "VM.create"
+        | "VM_metrics.get_memory_actual"
+        | "VM_metrics.get_record"
         | "VDI.get_record"
         | "VDI.get_by_uuid"
+        | "VDI.get_by_name_label"
+        | "VDI.get_uuid"
         | "VDI.destroy"
         | "VBD.get_record"
+        | "VBD.create"
         | "VIF.get_record"
+        | "VIF.create"
         | "network.get_record"
         | "network.get_by_uuid"
         | "network.get_by_name_label"
@@ -787,6 +1086,14 @@ fn arity(method: &str) -> Option<usize> {
         | "network.get_PIFs"
         | "network.create"
         | "PIF.get_record"
+        | "host.get_record"
+        | "host.get_uuid"
+        | "host.get_software_version"
+        | "pool.get_record"
+        | "pool.get_master"
+        | "SR.get_record"
+        | "SR.get_by_uuid"
+        | "SR.get_VDIs"
         | "task.get_record"
         | "task.destroy"
         | "task.cancel"
@@ -795,16 +1102,19 @@ fn arity(method: &str) -> Option<usize> {
         | "VM.clone"
         | "VM.set_is_a_template"
         | "VIF.move"
+        | "VDI.clone"
+        | "VDI.set_name_label"
+        | "VDI.remove_from_other_config"
         | "VDI.list_changed_blocks"
         | "task.create"
         | "VM.send_trigger" => 2,
-        "VM.resume" | "event.from" => 3,
+        "VM.resume" | "event.from" | "VM.set_memory_dynamic_range" | "VDI.add_to_other_config" => 3,
         _ => return None,
     })
 }
 
 impl Sim {
-    /// Starts a simulator on 127.0.0.1 (a free port), VDI files under `data_dir`.
+    /// Starts a one-host pool on 127.0.0.1 (a free port), VDI files under `data_dir`.
     pub fn start(data_dir: &Path) -> std::io::Result<Sim> {
         Self::start_on("127.0.0.1:0", data_dir)
     }
@@ -816,7 +1126,7 @@ impl Sim {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 data_dir: data_dir.to_path_buf(),
-                next_bridge: 0,
+                url: format!("http://{addr}"),
                 ..State::default()
             }),
             changed: Condvar::new(),
@@ -843,11 +1153,16 @@ impl Sim {
             stop,
         };
         sim.with_state(|st| {
+            let (p, _) = new_ref();
+            st.pool = p;
+            let (sr, sr_uuid) = new_ref();
+            st.sr = sr;
+            st.sr_uuid = sr_uuid;
             // The pool's physical network: what the clone must never touch.
             let (n, nu) = new_ref();
-            let (p, pu) = new_ref();
+            let (pif, pu) = new_ref();
             st.pifs.insert(
-                p.clone(),
+                pif.clone(),
                 Pif {
                     uuid: pu,
                     network: n.clone(),
@@ -861,15 +1176,50 @@ impl Sim {
                     name_label: "Pool-wide network associated with eth0".into(),
                     name_description: String::new(),
                     bridge: "xenbr0".into(),
-                    pifs: vec![p],
+                    pifs: vec![pif],
                     other_config: BTreeMap::new(),
                 },
             );
         });
+        sim.add_host("host0", DEFAULT_XAPI_VERSION);
         Ok(sim)
     }
 
-    /// Locks the state (tests read and change it directly).
+    /// Adds a host to the pool (the first one is the master). Returns its uuid.
+    pub fn add_host(&self, name: &str, xapi_version: &str) -> String {
+        self.with_state(|st| {
+            let (r, u) = new_ref();
+            st.hosts.insert(
+                r.clone(),
+                Host {
+                    uuid: u.clone(),
+                    name_label: name.into(),
+                    xapi_version: xapi_version.into(),
+                    next_domid: 0,
+                },
+            );
+            if st.master.is_empty() {
+                st.master = r;
+            }
+            u
+        })
+    }
+
+    /// The uuid of the host with this name label.
+    pub fn host_uuid(&self, name: &str) -> Option<String> {
+        let st = self.state();
+        st.host_by_name(name).map(|h| st.hosts[&h].uuid.clone())
+    }
+
+    /// Sets every host's `software_version["xapi"]`.
+    pub fn set_xapi_version(&self, v: &str) {
+        self.with_state(|st| {
+            for h in st.hosts.values_mut() {
+                h.xapi_version = v.into();
+            }
+        });
+    }
+
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -890,8 +1240,8 @@ impl Sim {
         self.with_state(|st| st.faults = f);
     }
 
-    /// Puts a running VM on the host: disks filled with data, NICs on the pool network.
-    /// Returns (ref, uuid).
+    /// Puts a running VM on the pool: disks filled with data, NICs on the
+    /// pool network, VBDs and VIFs attached. Returns (ref, uuid).
     pub fn add_vm(&self, spec: &VmSpec) -> std::io::Result<(String, String)> {
         self.with_state(|st| {
             let net = st
@@ -900,48 +1250,110 @@ impl Sim {
                 .find(|(_, n)| !n.pifs.is_empty())
                 .map(|(k, _)| k.clone())
                 .unwrap_or_default();
+            let host = match &spec.host {
+                Some(h) => st
+                    .host_by_name(h)
+                    .ok_or_else(|| std::io::Error::other(format!("no host {h}")))?,
+                None => st.master.clone(),
+            };
             let (r, u) = new_ref();
+            let (metrics, _) = new_ref();
+            let mut statics = Map::new();
+            for (k, v) in [
+                ("name_description", json!("")),
+                ("user_version", json!(1)),
+                ("VCPUs_max", json!(2)),
+                ("VCPUs_at_startup", json!(2)),
+                ("VCPUs_params", json!({})),
+                ("actions_after_shutdown", json!("destroy")),
+                ("actions_after_reboot", json!("restart")),
+                ("actions_after_crash", json!("restart")),
+                ("PV_bootloader", json!("")),
+                ("PV_kernel", json!("")),
+                ("PV_ramdisk", json!("")),
+                ("PV_args", json!("")),
+                ("PV_bootloader_args", json!("")),
+                ("PV_legacy_args", json!("")),
+                (
+                    "HVM_boot_policy",
+                    json!(if spec.pv_drivers { "" } else { "BIOS order" }),
+                ),
+                ("HVM_boot_params", json!({})),
+                ("HVM_shadow_multiplier", json!(1.0)),
+                ("platform", json!({})),
+                ("PCI_bus", json!("")),
+                ("recommendations", json!("")),
+                ("xenstore_data", json!({})),
+                ("ha_always_run", json!(false)),
+                ("ha_restart_priority", json!("")),
+                ("tags", json!([])),
+                ("blocked_operations", json!({})),
+                ("affinity", json!(NULL)),
+                (
+                    "domain_type",
+                    json!(if spec.pv_drivers { "pv" } else { "hvm" }),
+                ),
+                ("NVRAM", json!({})),
+            ] {
+                statics.insert(k.into(), v);
+            }
             st.vms.insert(
                 r.clone(),
                 Vm {
                     uuid: u.clone(),
                     name_label: spec.name.clone(),
-                    power_state: "Halted".into(),
+                    power_state: Power::Halted,
                     is_a_template: false,
                     is_a_snapshot: false,
                     snapshot_of: NULL.into(),
                     suspend_vdi: NULL.into(),
                     vbds: vec![],
                     vifs: vec![],
-                    pv_drivers: spec.pv_drivers,
-                    can_suspend: spec.can_suspend,
-                    memory: spec.memory,
+                    guest: Some(Guest {
+                        pv_drivers: spec.pv_drivers,
+                        can_suspend: spec.can_suspend,
+                        balloon: spec.balloon,
+                    }),
+                    memory_static_min: spec.memory / 4,
+                    memory_static_max: spec.memory,
+                    memory_dynamic_min: spec.memory,
+                    memory_dynamic_max: spec.memory,
+                    memory_actual: spec.memory,
+                    range_changed: None,
+                    metrics,
                     domid: -1,
+                    resident_on: NULL.into(),
+                    last_booted_record: format!("(boot record of {u})"),
+                    last_boot_cpu_flags: BTreeMap::from([
+                        ("vendor".to_string(), "GenuineIntel".to_string()),
+                        ("features".to_string(), "1fcbfbff-f7fa3223".to_string()),
+                    ]),
                     other_config: BTreeMap::new(),
+                    statics,
                     shutdown_task: None,
                 },
             );
             for (i, size) in spec.disks.iter().enumerate() {
                 let d = st
-                    .new_vdi(&format!("{} disk {i}", spec.name), *size, "user")
+                    .new_vdi(&format!("{} disk {i}", spec.name), *size, VdiType::User)
                     .map_err(|e| std::io::Error::other(e.join(" ")))?;
                 fill_disk(&st.vdis[&d].file, *size, i as u64 + 7)?;
                 if let Some(v) = st.vdis.get_mut(&d) {
                     v.cbt_enabled = spec.cbt;
                 }
                 let dev = spec.userdevices.get(i).cloned().unwrap_or(i.to_string());
-                st.add_vbd(&r, &d, &dev);
+                st.add_vbd(&r, &d, &dev, true);
             }
             for i in 0..spec.nics {
-                st.add_vif(&r, &net, &i.to_string());
+                st.add_vif(&r, &net, &i.to_string(), None, true);
             }
-            st.set_power(&r, "Running");
+            st.start_domain(&r, &host, Power::Running);
             Ok((r, u))
         })
     }
 
-    /// What xapi's database GC does after a while (`db_gc.ml`: completed tasks
-    /// after 65 minutes, idle sessions after 24 hours): for a killed client's leftovers.
+    /// What xapi's database GC does after a while (xapi/db_gc.ml: completed
+    /// tasks after 65 minutes; idle sessions): for a killed client's leftovers.
     pub fn gc_completed_tasks_and_idle_sessions(&self) {
         self.with_state(|st| {
             st.tasks.retain(|_, t| t.status == "pending");
@@ -949,12 +1361,10 @@ impl Sim {
         });
     }
 
-    /// RPC calls made so far.
     pub fn calls(&self) -> u64 {
         self.state().call_log.len() as u64
     }
 
-    /// The calls made so far, each as its method's occurrence.
     pub fn call_sequence(&self) -> Vec<At> {
         let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
         let st = self.state();
@@ -968,7 +1378,6 @@ impl Sim {
             .collect()
     }
 
-    /// The injected faults that took effect so far.
     pub fn fired(&self) -> Vec<Fired> {
         self.state().fired.clone()
     }
@@ -982,7 +1391,6 @@ impl Sim {
 impl Drop for Sim {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loop so it sees the flag.
         let _ = TcpStream::connect(self.addr);
     }
 }
@@ -1000,6 +1408,7 @@ fn serve(shared: &Arc<Shared>, conn: TcpStream) {
         ("POST", "/jsonrpc") => jsonrpc(shared, &conn, &req.body),
         ("GET", "/export_raw_vdi") => export(shared, &conn, &req.query),
         ("POST", "/sim/acpi_power_button") => acpi_power_button(shared, &conn, &req.query),
+        ("GET", "/sim/domain") => sim_domain(shared, &conn, &req.query),
         ("POST", "/") => {
             http::internal_error(&conn, "the simulator speaks JSON-RPC only: POST /jsonrpc")
         }
@@ -1064,7 +1473,6 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
         || (st.faults.fail_method.is_some()
             && st.faults.fail_method.as_deref() == method.strip_prefix("Async."));
     let busy = matches(&st.faults.busy_at, method, occurrence);
-    // Which fault this call meets, recorded when it takes effect.
     let which: &'static str = if busy {
         "busy_at"
     } else if failed {
@@ -1076,10 +1484,14 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
     };
     let injected = failed || fail_from || by_method;
     let fault = if busy {
+        // xapi/xapi_vm_lifecycle.ml `check_operation_error`: OTHER_OPERATION_IN_PROGRESS
+        // carries ["VM"; ref; the operation(s) in progress; their task ref(s)].
         vec![
             "OTHER_OPERATION_IN_PROGRESS".to_string(),
             "VM".to_string(),
             params.get(1).map(s).unwrap_or_default(),
+            "clean_shutdown".to_string(),
+            "OpaqueRef:another-client-task".to_string(),
         ]
     } else {
         vec![
@@ -1089,7 +1501,6 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
     };
     let injected = injected || busy;
     if method == "session.login_with_password" {
-        // A login is never refused as busy.
         if injected && !busy {
             st.fire(which, method, occurrence, n);
             return Err(fault);
@@ -1137,7 +1548,6 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
         return Err(fault);
     }
     if injected {
-        // The task is returned, then fails.
         st.fire(which, method, occurrence, n);
     }
     if name == "session.logout" {
@@ -1147,10 +1557,7 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
     if name == "event.from" {
         let timeout = args
             .get(2)
-            .and_then(|t| {
-                t.as_f64()
-                    .or_else(|| t.as_str().and_then(|s| s.parse().ok()))
-            })
+            .and_then(Value::as_f64)
             .unwrap_or(0.0)
             .clamp(0.0, 60.0);
         let deadline = Instant::now() + Duration::from_secs_f64(timeout);
@@ -1161,7 +1568,7 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
             let left = deadline.saturating_duration_since(Instant::now());
             st = shared
                 .changed
-                .wait_timeout(st, left)
+                .wait_timeout(st, left.min(Duration::from_millis(50)))
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
@@ -1210,7 +1617,6 @@ fn call(shared: &Arc<Shared>, method: &str, params: &[Value]) -> XResult<Value> 
     if is_async {
         return Ok(json!(task));
     }
-    // A synchronous call that runs as a task: wait for it, then drop the task.
     let mut st = lock(shared);
     loop {
         match st.tasks.get(&task) {
@@ -1244,7 +1650,7 @@ fn guest_powers_off(shared: &Arc<Shared>, vm: &str, task: Option<String>) {
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(30));
         let mut st = lock(&shared);
-        if st.vms.get(&vm).map(|v| v.power_state.as_str()) != Some("Running") {
+        if st.vms.get(&vm).map(|v| v.power_state) != Some(Power::Running) {
             return;
         }
         let name = st.vms[&vm].name_label.clone();
@@ -1259,7 +1665,7 @@ fn guest_powers_off(shared: &Arc<Shared>, vm: &str, task: Option<String>) {
         if let Some(m) = st.vms.get_mut(&vm) {
             m.shutdown_task = None;
         }
-        st.set_power(&vm, "Halted");
+        st.force_state_reset(&vm, Power::Halted);
         if let Some(task) = task {
             finish_task(&mut st, &task, Ok(json!("")));
         }
@@ -1268,29 +1674,109 @@ fn guest_powers_off(shared: &Arc<Shared>, vm: &str, task: Option<String>) {
     });
 }
 
-/// Not XAPI: what `xl trigger DOMID power` does on a real host's dom0, for a
-/// stand-in `xl` in tests (`POST /sim/acpi_power_button?domid=N`).
+/// xenopsd/lib/xenops_server.ml `VM_shutdown_domain`: no acknowledgement
+/// within `domain_shutdown_ack_timeout` fails with
+/// Failed_to_acknowledge_shutdown_request (xapi/xapi_xenops.ml: VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT
+/// [vm]); acknowledged but not halted within the total timeout, Failed_to_shutdown
+/// (VM_SHUTDOWN_TIMEOUT [vm; timeout]).
+fn shutdown_times_out(shared: &Arc<Shared>, vm: &str, task: &str, acked: bool) {
+    let (shared, vm, task) = (shared.clone(), vm.to_string(), task.to_string());
+    std::thread::spawn(move || {
+        let t = lock(&shared).timeouts;
+        std::thread::sleep(if acked {
+            t.shutdown_total
+        } else {
+            t.shutdown_ack
+        });
+        let mut st = lock(&shared);
+        if st.tasks.get(&task).map(|t| t.status.as_str()) != Some("pending") {
+            return;
+        }
+        let e = if acked {
+            err(
+                "VM_SHUTDOWN_TIMEOUT",
+                &[
+                    &vm,
+                    &format!("{:.1}", t.shutdown_total.as_secs_f64() * 1000.0),
+                ],
+            )
+        } else {
+            err("VM_FAILED_SHUTDOWN_ACKNOWLEDGMENT", &[&vm])
+        };
+        if let Some(m) = st.vms.get_mut(&vm) {
+            m.shutdown_task = None;
+        }
+        finish_task(&mut st, &task, e);
+        drop(st);
+        shared.changed.notify_all();
+    });
+}
+
+/// Not XAPI: what `xl trigger DOMID power` does in a host's dom0, for a
+/// stand-in `xl` (`POST /sim/acpi_power_button?host=UUID&domid=N`). The
+/// press reaches whatever domain has that id on that host.
 fn acpi_power_button(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) {
     let domid: i64 = q.get("domid").and_then(|d| d.parse().ok()).unwrap_or(-1);
-    let st = lock(shared);
+    let mut st = lock(shared);
+    let host = q.get("host").cloned().unwrap_or_default();
+    let Some(href) = st
+        .hosts
+        .iter()
+        .find(|(_, h)| h.uuid == host)
+        .map(|(k, _)| k.clone())
+    else {
+        drop(st);
+        return http::respond(conn, "400 Bad Request", "text/plain", b"unknown host");
+    };
     let vm = st
         .vms
         .iter()
-        .find(|(_, v)| v.domid == domid && v.power_state == "Running")
-        .map(|(k, _)| k.clone());
+        .find(|(_, v)| v.domid == domid && v.resident_on == href && v.power_state.has_domain())
+        .map(|(k, v)| (k.clone(), v.name_label.clone(), v.power_state));
+    st.presses.push(Press {
+        host: host.clone(),
+        domid,
+        vm_name: vm.as_ref().map(|v| v.1.clone()),
+    });
     drop(st);
     match vm {
-        Some(vm) => {
+        Some((vm, _, Power::Running)) => {
             guest_powers_off(shared, &vm, None);
             http::respond(conn, "200 OK", "text/plain", b"");
         }
-        None => http::respond(
+        _ => http::respond(
             conn,
             "404 Not Found",
             "text/plain",
             b"no running domain with that id",
         ),
     }
+}
+
+/// Not XAPI: what `xl list -l DOMID` tells in a host's dom0 about a domain
+/// (its uuid), for the stand-in `xl` (`GET /sim/domain?host=UUID&domid=N`).
+fn sim_domain(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) {
+    let domid: i64 = q.get("domid").and_then(|d| d.parse().ok()).unwrap_or(-1);
+    let host = q.get("host").cloned().unwrap_or_default();
+    let st = lock(shared);
+    let found = st.vms.values().find(|v| {
+        v.domid == domid
+            && v.power_state.has_domain()
+            && st.hosts.get(&v.resident_on).is_some_and(|h| h.uuid == host)
+    });
+    let body = match found {
+        Some(v) => {
+            json!([{"domid": domid, "config": {"c_info": {"uuid": v.uuid, "name": v.name_label}}}])
+        }
+        None => json!([]),
+    };
+    drop(st);
+    http::respond(
+        conn,
+        "200 OK",
+        "application/json",
+        body.to_string().as_bytes(),
+    );
 }
 
 fn finish_task(st: &mut State, task: &str, out: XResult<Value>) {
@@ -1310,6 +1796,39 @@ fn finish_task(st: &mut State, task: &str, out: XResult<Value>) {
     st.emit("task", task, "mod");
 }
 
+/// The fields of a VM record `VM.create` takes as given (idl/datamodel_vm.ml:
+/// the StaticRO and RW fields); the rest are the simulator's own.
+const VM_STATIC_FIELDS: &[&str] = &[
+    "name_description",
+    "user_version",
+    "VCPUs_max",
+    "VCPUs_at_startup",
+    "VCPUs_params",
+    "actions_after_shutdown",
+    "actions_after_reboot",
+    "actions_after_crash",
+    "PV_bootloader",
+    "PV_kernel",
+    "PV_ramdisk",
+    "PV_args",
+    "PV_bootloader_args",
+    "PV_legacy_args",
+    "HVM_boot_policy",
+    "HVM_boot_params",
+    "HVM_shadow_multiplier",
+    "platform",
+    "PCI_bus",
+    "recommendations",
+    "xenstore_data",
+    "ha_always_run",
+    "ha_restart_priority",
+    "tags",
+    "blocked_operations",
+    "affinity",
+    "domain_type",
+    "NVRAM",
+];
+
 /// One API operation on the state. `Ok(Null)` from a task-backed operation
 /// means it finishes its task later (clean shutdown).
 fn exec(
@@ -1323,10 +1842,40 @@ fn exec(
     let a1 = a.get(1).map(s).unwrap_or_default();
     let void = Ok(json!(""));
     match name {
+        "pool.get_all" => Ok(json!([st.pool])),
+        "pool.get_record" => st.record("pool", &a0),
+        "pool.get_master" => {
+            st.record("pool", &a0)?;
+            Ok(json!(st.master))
+        }
+        "host.get_all" => Ok(json!(st.hosts.keys().collect::<Vec<_>>())),
+        "host.get_record" => st.record("host", &a0),
+        "host.get_uuid" => Ok(json!(
+            st.hosts.get(&a0).ok_or_else(|| invalid("host", &a0))?.uuid
+        )),
+        "host.get_software_version" => Ok(st.record("host", &a0)?["software_version"].clone()),
+        "SR.get_all" => Ok(json!([st.sr])),
+        "SR.get_record" => st.record("sr", &a0),
+        "SR.get_by_uuid" => {
+            if a0 == st.sr_uuid {
+                Ok(json!(st.sr))
+            } else {
+                err("UUID_INVALID", &["SR", &a0])
+            }
+        }
+        "SR.get_VDIs" => Ok(st.record("sr", &a0)?["VDIs"].clone()),
         "VM.get_all" => Ok(json!(st.vms.keys().collect::<Vec<_>>())),
         "VM.get_record" => st.record("vm", &a0),
-        "VM.get_power_state" => Ok(json!(st.vm(&a0)?.power_state)),
-        "VM.get_domid" => Ok(json!(st.vm(&a0)?.domid.to_string())),
+        "VM.get_uuid" => Ok(json!(st.vm(&a0)?.uuid)),
+        "VM.get_power_state" => Ok(json!(st.vm(&a0)?.power_state.as_str())),
+        // An Int field: a JSON number (ocaml-rpc jsonrpc `Rpc.Int`).
+        "VM.get_domid" => Ok(json!(st.vm(&a0)?.domid)),
+        "VM.get_resident_on" => Ok(json!(st.vm(&a0)?.resident_on)),
+        "VM.get_metrics" => Ok(json!(st.vm(&a0)?.metrics)),
+        "VM_metrics.get_record" => st.record("vm_metrics", &a0),
+        "VM_metrics.get_memory_actual" => {
+            Ok(st.record("vm_metrics", &a0)?["memory_actual"].clone())
+        }
         "VM.get_by_uuid" => st
             .vms
             .iter()
@@ -1339,34 +1888,94 @@ fn exec(
             .filter(|(_, v)| v.name_label == a0)
             .map(|(k, _)| k)
             .collect::<Vec<_>>())),
-        "VM.checkpoint" => {
-            st.need_power(&a0, "Running")?;
+        "VM.set_memory_dynamic_range" => {
+            // xapi/xapi_vm.ml `set_memory_dynamic_range`: allowed Halted or Running
+            // (xapi_vm_lifecycle.ml `changing_dynamic_range`), checked by
+            // Vm_memory_constraints (static_min <= min <= max <= static_max).
+            st.need_power(&a0, &[Power::Halted, Power::Running])?;
+            let (min, max) = (
+                a.get(1)
+                    .and_then(Value::as_i64)
+                    .ok_or_else(|| vec!["FIELD_TYPE_ERROR".to_string(), "min".into()])?,
+                a.get(2)
+                    .and_then(Value::as_i64)
+                    .ok_or_else(|| vec!["FIELD_TYPE_ERROR".to_string(), "max".into()])?,
+            );
             let v = st.vm(&a0)?.clone();
-            if !v.can_suspend {
+            let (min, max) = (min.max(0) as u64, max.max(0) as u64);
+            if !(v.memory_static_min <= min && min <= max && max <= v.memory_static_max) {
+                return err("MEMORY_CONSTRAINT_VIOLATION", &["Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max"]);
+            }
+            st.settle_balloon(&a0);
+            if let Some(m) = st.vms.get_mut(&a0) {
+                m.memory_dynamic_min = min;
+                m.memory_dynamic_max = max;
+                m.range_changed = Some(Instant::now());
+            }
+            st.ranges_set.push((v.name_label.clone(), min, max));
+            st.emit("vm", &a0, "mod");
+            void
+        }
+        "VM.checkpoint" => {
+            // xapi/xapi_vm_snapshot.ml `checkpoint`: suspend the VM (memory →
+            // a suspend VDI), clone it as a snapshot with Disk_op_checkpoint
+            // (xapi/xapi_vm_clone.ml: disks and the suspend VDI snapshotted,
+            // the VBDs keep currently_attached as the suspended VM had them),
+            // then resume the original.
+            st.need_power(&a0, &[Power::Running])?;
+            let v = st.vm(&a0)?.clone();
+            let guest = v
+                .guest
+                .ok_or_else(|| vec!["INTERNAL_ERROR".to_string(), "no guest".into()])?;
+            if !guest.can_suspend {
                 return err("VM_LACKS_FEATURE", &[&a0]);
             }
-            // Suspend (memory → a suspend VDI), snapshot disks and memory, resume.
+            st.settle_balloon(&a0);
+            let actual = st.vms[&a0].memory_actual;
+            // The image holds the memory the domain had (after any balloon).
             let mem = st.new_vdi(
                 &format!("Suspend image for {}", v.name_label),
-                v.memory,
-                "suspend",
+                actual,
+                VdiType::Suspend,
             )?;
             let file = st.vdis[&mem].file.clone();
             let _ = write_at(&file, 0, format!("memory of {}", v.uuid).as_bytes());
-            let mut disks = vec![];
-            for (vdi, dev) in st.disks_of(&a0) {
-                disks.push((st.copy_vdi(&vdi, true)?, dev));
-            }
-            let snap = st.copy_vm(&a0, &a1, &disks)?;
-            if let Some(sv) = st.vms.get_mut(&snap) {
-                sv.is_a_snapshot = true;
-                sv.is_a_template = true;
-                sv.snapshot_of = a0.clone();
-                sv.power_state = "Suspended".into();
-                sv.suspend_vdi = mem.clone();
-            }
             if let Some(m) = st.vdis.get_mut(&mem) {
+                m.image_of = Some(guest);
                 m.is_a_snapshot = true;
+            }
+            let (snap, su) = new_ref();
+            let (metrics, _) = new_ref();
+            st.vms.insert(
+                snap.clone(),
+                Vm {
+                    uuid: su,
+                    name_label: a1.clone(),
+                    power_state: Power::Suspended,
+                    is_a_template: true,
+                    is_a_snapshot: true,
+                    snapshot_of: a0.clone(),
+                    suspend_vdi: mem.clone(),
+                    vbds: vec![],
+                    vifs: vec![],
+                    metrics,
+                    domid: -1,
+                    resident_on: NULL.into(),
+                    memory_actual: actual,
+                    range_changed: None,
+                    shutdown_task: None,
+                    other_config: BTreeMap::new(),
+                    ..v.clone()
+                },
+            );
+            for (vdi, dev) in st.disks_of(&a0) {
+                let c = st.copy_vdi(&vdi, true)?;
+                st.add_vbd(&snap, &c, &dev, true);
+            }
+            for vif in v.vifs.clone() {
+                if let Some(x) = st.vifs.get(&vif).cloned() {
+                    st.add_vif(&snap, &x.network, &x.device, Some(x.mac), true);
+                }
             }
             st.emit("vm", &snap, "add");
             // The original runs on and writes: its disks move past the checkpoint.
@@ -1377,35 +1986,67 @@ fn exec(
             Ok(json!(snap))
         }
         "VM.clone" => {
+            // xapi/xapi_vm_lifecycle.ml: clone is allowed Halted, and Suspended
+            // for a snapshot (or with the pool's allow_clone_suspended_vm).
+            st.need_power(&a0, &[Power::Halted, Power::Suspended])?;
             let v = st.vm(&a0)?.clone();
-            if has_domain(&v.power_state) {
-                return err(
-                    "VM_BAD_POWER_STATE",
-                    &[&a0, "halted", &lower(&v.power_state)],
-                );
+            if v.power_state == Power::Suspended && !v.is_a_snapshot {
+                return err("VM_BAD_POWER_STATE", &[&a0, "halted", "suspended"]);
             }
-            let mut disks = vec![];
-            for (vdi, dev) in st.disks_of(&a0) {
-                disks.push((st.copy_vdi(&vdi, false)?, dev));
-            }
+            let (c, cu) = new_ref();
+            let (metrics, _) = new_ref();
             let suspend = if v.suspend_vdi != NULL {
                 st.copy_vdi(&v.suspend_vdi, false)?
             } else {
                 NULL.into()
             };
-            let c = st.copy_vm(&a0, &a1, &disks)?;
-            if let Some(cv) = st.vms.get_mut(&c) {
-                cv.is_a_snapshot = false;
-                cv.snapshot_of = NULL.into();
-                cv.suspend_vdi = suspend;
+            st.vms.insert(
+                c.clone(),
+                Vm {
+                    uuid: cu,
+                    name_label: a1.clone(),
+                    is_a_snapshot: false,
+                    snapshot_of: NULL.into(),
+                    suspend_vdi: suspend,
+                    vbds: vec![],
+                    vifs: vec![],
+                    metrics,
+                    domid: -1,
+                    resident_on: NULL.into(),
+                    shutdown_task: None,
+                    other_config: BTreeMap::new(),
+                    ..v.clone()
+                },
+            );
+            for (vdi, dev) in st.disks_of(&a0) {
+                let d = st.copy_vdi(&vdi, false)?;
+                st.add_vbd(&c, &d, &dev, v.power_state == Power::Suspended);
+            }
+            for vif in v.vifs.clone() {
+                if let Some(x) = st.vifs.get(&vif).cloned() {
+                    st.add_vif(
+                        &c,
+                        &x.network,
+                        &x.device,
+                        None,
+                        v.power_state == Power::Suspended,
+                    );
+                }
             }
             st.emit("vm", &c, "add");
+            // xapi/xapi_vm.ml `clone`: a clone of a snapshot that is not Halted
+            // is hard-shut at once (so it loses the suspend VDI: `hard_shutdown`).
+            if v.is_a_snapshot && st.vms[&c].power_state != Power::Halted {
+                st.hard_shutdown(&c)?;
+            }
             Ok(json!(c))
         }
+        "VM.create" => vm_create(st, a.first().unwrap_or(&Value::Null)),
         "VM.set_is_a_template" => {
             st.vm(&a0)?;
             let val = a.get(1).and_then(Value::as_bool).unwrap_or(false);
             if let Some(v) = st.vms.get_mut(&a0) {
+                // xapi/xapi_vm_helpers.ml `set_is_a_template`: a snapshot stays a template.
                 if v.is_a_snapshot && !val {
                     return err("VM_IS_SNAPSHOT", &[&a0]);
                 }
@@ -1415,64 +2056,182 @@ fn exec(
             void
         }
         "VIF.get_record" => st.record("vif", &a0),
+        "VIF.create" => {
+            // xapi/xapi_vif.ml `create`: currently_attached is kept only for a
+            // Suspended VM (its VIFs are plugged at resume).
+            let rec = a.first().cloned().unwrap_or(Value::Null);
+            let vm = rec.get("VM").map(s).unwrap_or_default();
+            let net = rec.get("network").map(s).unwrap_or_default();
+            let ps = st.vm(&vm)?.power_state;
+            if !st.networks.contains_key(&net) {
+                return Err(invalid("network", &net));
+            }
+            int_arg(&rec, "MTU")?;
+            let attached = ps == Power::Suspended
+                && rec
+                    .get("currently_attached")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+            let mac = rec.get("MAC").map(s).filter(|m| !m.is_empty());
+            let net = if st.faults.vif_create_on_uplink {
+                st.networks
+                    .iter()
+                    .find(|(_, n)| !n.pifs.is_empty())
+                    .map(|(k, _)| k.clone())
+                    .unwrap_or(net)
+            } else {
+                net
+            };
+            let r = st.add_vif(
+                &vm,
+                &net,
+                &rec.get("device").map(s).unwrap_or_default(),
+                mac,
+                attached,
+            );
+            st.record_attachments(&vm);
+            st.emit("vif", &r, "add");
+            Ok(json!(r))
+        }
         "VIF.move" => {
+            // xapi/xapi_vif.ml `move`: the database first, the device too when active.
             let vm = st
                 .vifs
                 .get(&a0)
                 .map(|v| v.vm.clone())
-                .ok_or_else(|| vec!["HANDLE_INVALID".into(), "VIF".into(), a0.clone()])?;
+                .ok_or_else(|| invalid("VIF", &a0))?;
             if !st.networks.contains_key(&a1) {
-                return err("HANDLE_INVALID", &["network", &a1]);
+                return Err(invalid("network", &a1));
             }
-            if !st.faults.vif_move_noop {
-                if let Some(v) = st.vifs.get_mut(&a0) {
-                    v.network = a1.clone();
-                }
+            if let Some(v) = st.vifs.get_mut(&a0) {
+                v.network = a1.clone();
             }
             st.record_attachments(&vm);
             st.emit("vif", &a0, "mod");
             void
         }
+        "VBD.get_record" => st.record("vbd", &a0),
+        "VBD.create" => {
+            // xapi/xapi_vbd.ml `create`: device and currently_attached are kept
+            // only for a Suspended VM; the VDI's type must be one a VBD takes.
+            let rec = a.first().cloned().unwrap_or(Value::Null);
+            let vm = rec.get("VM").map(s).unwrap_or_default();
+            let vdi = rec.get("VDI").map(s).unwrap_or_default();
+            let ps = st.vm(&vm)?.power_state;
+            if !st.vdis.contains_key(&vdi) {
+                return Err(invalid("VDI", &vdi));
+            }
+            let userdevice = rec.get("userdevice").map(s).unwrap_or_default();
+            let attached = ps == Power::Suspended
+                && rec
+                    .get("currently_attached")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+            let r = st.add_vbd(&vm, &vdi, &userdevice, attached);
+            if let Some(b) = st.vbds.get_mut(&r) {
+                b.device = if ps == Power::Suspended {
+                    rec.get("device").map(s).unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                b.bootable = rec
+                    .get("bootable")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                b.mode = rec.get("mode").map(s).unwrap_or_else(|| "RW".into());
+            }
+            st.emit("vbd", &r, "add");
+            Ok(json!(r))
+        }
         "VM.resume" => {
-            st.need_power(&a0, "Suspended")?;
+            // xapi/xapi_vm_lifecycle.ml: resume needs Suspended and not a template.
+            st.need_power(&a0, &[Power::Suspended])?;
             if st.vm(&a0)?.is_a_template {
                 return err("VM_IS_TEMPLATE", &[&a0, "resume"]);
             }
             let paused = a.get(1).and_then(Value::as_bool).unwrap_or(false);
-            let mem = st.vm(&a0)?.suspend_vdi.clone();
-            st.set_power(&a0, if paused { "Paused" } else { "Running" });
-            // xapi drops the suspend image once the domain runs from it.
-            if mem != NULL {
-                st.destroy_vdi(&mem)?;
+            let v = st.vm(&a0)?.clone();
+            let Some(image) = st.vdis.get(&v.suspend_vdi).cloned() else {
+                return err("VM_BAD_POWER_STATE", &[&a0, "suspended", "halted"]);
+            };
+            let Some(guest) = image.image_of else {
+                return err("INTERNAL_ERROR", &["the suspend image holds no memory"]);
+            };
+            // xapi/message_forwarding.ml VM.resume: forward_to_suitable_host
+            // (any host of the pool that sees the VM's storage).
+            let host = st
+                .faults
+                .resume_on_host
+                .clone()
+                .and_then(|h| st.host_by_name(&h))
+                .unwrap_or_else(|| st.master.clone());
+            let checkpoint = image.copied_from.as_ref().and_then(|src| {
+                st.vms
+                    .values()
+                    .find(|m| {
+                        m.is_a_snapshot
+                            && st.vdis.get(&m.suspend_vdi).is_some_and(|d| &d.uuid == src)
+                    })
+                    .map(|m| m.name_label.clone())
+            });
+            st.resumed.push(Resumed {
+                vm_name: v.name_label.clone(),
+                host: st
+                    .hosts
+                    .get(&host)
+                    .map(|h| h.uuid.clone())
+                    .unwrap_or_default(),
+                suspend_vdi_uuid: image.uuid.clone(),
+                cloned_from_uuid: image.copied_from.clone(),
+                cloned_from_checkpoint: checkpoint,
+                memory_bytes: image.virtual_size,
+            });
+            if let Some(m) = st.vms.get_mut(&a0) {
+                m.guest = Some(guest);
+                m.memory_actual = image.virtual_size;
+                m.range_changed = None;
             }
+            // Devices the record says are attached are plugged with the domain.
+            for b in v.vbds.iter() {
+                if let Some(b) = st.vbds.get_mut(b) {
+                    b.currently_attached = true;
+                }
+            }
+            for f in v.vifs.iter() {
+                if let Some(f) = st.vifs.get_mut(f) {
+                    f.currently_attached = true;
+                }
+            }
+            st.start_domain(
+                &a0,
+                &host,
+                if paused {
+                    Power::Paused
+                } else {
+                    Power::Running
+                },
+            );
+            // xapi/xapi_xenops.ml `resume`: the suspend VDI is destroyed once the domain runs from it.
+            if let Some(m) = st.vms.get_mut(&a0) {
+                m.suspend_vdi = NULL.into();
+            }
+            let _ = st.destroy_vdi(&v.suspend_vdi);
             void
         }
         "VM.unpause" => {
-            st.need_power(&a0, "Paused")?;
-            st.set_power(&a0, "Running");
-            void
-        }
-        "VM.hard_shutdown" => {
-            let v = st.vm(&a0)?.clone();
-            if !has_domain(&v.power_state) {
-                return err(
-                    "VM_BAD_POWER_STATE",
-                    &[&a0, "running", &lower(&v.power_state)],
-                );
-            }
-            if let Some(t) = v.shutdown_task {
-                finish_task(st, &t, err("VM_SHUTDOWN_TIMEOUT", &[&a0, "hard shutdown"]));
-            }
+            st.need_power(&a0, &[Power::Paused])?;
             if let Some(m) = st.vms.get_mut(&a0) {
-                m.shutdown_task = None;
+                m.power_state = Power::Running;
             }
-            st.set_power(&a0, "Halted");
+            st.record_attachments(&a0);
+            st.emit("vm", &a0, "mod");
             void
         }
+        "VM.hard_shutdown" => st.hard_shutdown(&a0).map(|_| json!("")),
         "VM.clean_shutdown" => {
-            st.need_power(&a0, "Running")?;
+            st.need_power(&a0, &[Power::Running])?;
             let v = st.vm(&a0)?.clone();
-            if !v.pv_drivers {
+            if !v.guest.is_some_and(|g| g.pv_drivers) {
                 return err("VM_LACKS_FEATURE", &[&a0]);
             }
             let Some(task) = task else {
@@ -1482,20 +2241,19 @@ fn exec(
                 m.shutdown_task = Some(task.to_string());
             }
             if st.faults.guest_ignores_shutdown {
-                return Ok(Value::Null);
+                shutdown_times_out(shared, &a0, task, false);
+            } else if st.faults.guest_acks_but_never_halts {
+                shutdown_times_out(shared, &a0, task, true);
+            } else {
+                guest_powers_off(shared, &a0, Some(task.to_string()));
             }
-            guest_powers_off(shared, &a0, Some(task.to_string()));
             Ok(Value::Null)
         }
         "VM.destroy" => {
+            // xapi/xapi_vm_lifecycle.ml: destroy is allowed Halted or Suspended;
+            // xapi/xapi_vm_helpers.ml `destroy`: VBDs and VIFs go, VDIs stay.
+            st.need_power(&a0, &[Power::Halted, Power::Suspended])?;
             let v = st.vm(&a0)?.clone();
-            if has_domain(&v.power_state) {
-                return err(
-                    "VM_BAD_POWER_STATE",
-                    &[&a0, "halted", &lower(&v.power_state)],
-                );
-            }
-            // VBDs and VIFs go; VDIs stay (as in xapi).
             for b in &v.vbds {
                 if let Some(vbd) = st.vbds.remove(b) {
                     if let Some(d) = st.vdis.get_mut(&vbd.vdi) {
@@ -1510,21 +2268,56 @@ fn exec(
             st.emit("vm", &a0, "del");
             void
         }
+        // xapi/xapi_vm.ml `send_trigger`: not implemented.
         "VM.send_trigger" => err("NOT_IMPLEMENTED", &["VM.send_trigger"]),
-        "VBD.get_record" => st.record("vbd", &a0),
         "VDI.get_record" => st.record("vdi", &a0),
+        "VDI.get_uuid" => Ok(json!(
+            st.vdis.get(&a0).ok_or_else(|| invalid("VDI", &a0))?.uuid
+        )),
         "VDI.get_by_uuid" => st
             .vdis
             .iter()
             .find(|(_, v)| v.uuid == a0)
             .map(|(k, _)| json!(k))
             .ok_or_else(|| vec!["UUID_INVALID".into(), "VDI".into(), a0.clone()]),
+        "VDI.get_by_name_label" => Ok(json!(st
+            .vdis
+            .iter()
+            .filter(|(_, v)| v.name_label == a0)
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>())),
         "VDI.destroy" => st.destroy_vdi(&a0).map(|_| json!("")),
+        "VDI.clone" => {
+            // xapi/xapi_vdi.ml `check_operation_error`: clone may run with
+            // attached VBDs (operation_can_be_performed_live); `clone` →
+            // `snapshot_and_clone`.
+            st.vdis.get(&a0).ok_or_else(|| invalid("VDI", &a0))?;
+            st.copy_vdi(&a0, false).map(|r| json!(r))
+        }
+        "VDI.set_name_label" => {
+            let v = st.vdis.get_mut(&a0).ok_or_else(|| invalid("VDI", &a0))?;
+            v.name_label = a1.clone();
+            st.emit("vdi", &a0, "mod");
+            void
+        }
+        "VDI.add_to_other_config" => {
+            let v = st.vdis.get_mut(&a0).ok_or_else(|| invalid("VDI", &a0))?;
+            // Generated map setters refuse a key that exists (MAP_DUPLICATE_KEY).
+            if v.other_config.contains_key(&a1) {
+                return err("MAP_DUPLICATE_KEY", &["VDI", "other_config", &a0, &a1]);
+            }
+            v.other_config
+                .insert(a1.clone(), a.get(2).map(s).unwrap_or_default());
+            st.emit("vdi", &a0, "mod");
+            void
+        }
+        "VDI.remove_from_other_config" => {
+            let v = st.vdis.get_mut(&a0).ok_or_else(|| invalid("VDI", &a0))?;
+            v.other_config.remove(&a1);
+            void
+        }
         "VDI.enable_cbt" => {
-            let v = st
-                .vdis
-                .get_mut(&a0)
-                .ok_or_else(|| vec!["HANDLE_INVALID".into(), "VDI".into(), a0.clone()])?;
+            let v = st.vdis.get_mut(&a0).ok_or_else(|| invalid("VDI", &a0))?;
             v.cbt_enabled = true;
             void
         }
@@ -1542,7 +2335,7 @@ fn exec(
         "network.get_PIFs" => Ok(json!(
             st.networks
                 .get(&a0)
-                .ok_or_else(|| vec!["HANDLE_INVALID".into(), "network".into(), a0.clone()])?
+                .ok_or_else(|| invalid("network", &a0))?
                 .pifs
         )),
         "network.get_by_uuid" => st
@@ -1558,15 +2351,12 @@ fn exec(
             .map(|(k, _)| k)
             .collect::<Vec<_>>())),
         "network.create" => {
+            // xapi/xapi_network.ml `create`: a network with no PIF is host-internal (bridge xapiN).
             let rec = a.first().cloned().unwrap_or(Value::Null);
             let Some(label) = rec.get("name_label").and_then(Value::as_str) else {
                 return err("FIELD_TYPE_ERROR", &["name_label"]);
             };
-            let other_config = rec
-                .get("other_config")
-                .and_then(Value::as_object)
-                .map(|o| o.iter().map(|(k, v)| (k.clone(), s(v))).collect())
-                .unwrap_or_default();
+            int_arg(&rec, "MTU")?;
             let (r, u) = new_ref();
             let bridge = format!("xapi{}", st.next_bridge);
             st.next_bridge += 1;
@@ -1578,7 +2368,7 @@ fn exec(
                     name_description: rec.get("name_description").map(s).unwrap_or_default(),
                     bridge,
                     pifs: vec![],
-                    other_config,
+                    other_config: str_map(rec.get("other_config")),
                 },
             );
             st.emit("network", &r, "add");
@@ -1588,6 +2378,7 @@ fn exec(
             if !st.networks.contains_key(&a0) {
                 return err("HANDLE_INVALID", &["network", &a0]);
             }
+            // xapi/xapi_network.ml `destroy`: refused while VIFs are on it.
             let vifs: Vec<String> = st
                 .vifs
                 .iter()
@@ -1643,26 +2434,147 @@ fn exec(
     }
 }
 
-/// `event.from(classes, token, timeout)`: events after `token` in `classes`
-/// ("vm", "vm/<ref>", "*"). Token "" returns every current object of those
-/// classes as an "add". `None`: nothing yet, and `deadline` has not passed.
+/// xapi/xapi_vm.ml `create`: a VM is made Halted, or Suspended when the
+/// record says so — then suspend_VDI, last_booted_record and
+/// last_boot_CPU_flags must all be given, else VM_BAD_POWER_STATE [vm;
+/// halted; suspended]. VBDs and VIFs are added by the caller.
+fn vm_create(st: &mut State, rec: &Value) -> XResult<Value> {
+    let Some(label) = rec.get("name_label").and_then(Value::as_str) else {
+        return err("FIELD_TYPE_ERROR", &["name_label"]);
+    };
+    let ps = match rec.get("power_state").and_then(Value::as_str) {
+        None => Power::Halted,
+        Some(p) => Power::parse(p)
+            .ok_or_else(|| vec!["FIELD_TYPE_ERROR".to_string(), "power_state".into()])?,
+    };
+    let mut mem = [0u64; 4];
+    for (i, k) in [
+        "memory_static_min",
+        "memory_static_max",
+        "memory_dynamic_min",
+        "memory_dynamic_max",
+    ]
+    .iter()
+    .enumerate()
+    {
+        mem[i] = int_arg(rec, k)?
+            .ok_or_else(|| vec!["FIELD_TYPE_ERROR".to_string(), k.to_string()])?
+            .max(0) as u64;
+    }
+    for k in ["VCPUs_max", "VCPUs_at_startup", "user_version"] {
+        int_arg(rec, k)?;
+    }
+    let (r, u) = new_ref();
+    let suspended = ps == Power::Suspended;
+    let suspend_vdi = if suspended {
+        rec.get("suspend_VDI").map(s).unwrap_or_else(|| NULL.into())
+    } else {
+        NULL.into()
+    };
+    let lbr = if suspended {
+        rec.get("last_booted_record").map(s).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let flags = if suspended {
+        str_map(rec.get("last_boot_CPU_flags"))
+    } else {
+        BTreeMap::new()
+    };
+    if suspended && (flags.is_empty() || lbr.is_empty() || suspend_vdi == NULL) {
+        return err("VM_BAD_POWER_STATE", &[&r, "halted", "suspended"]);
+    }
+    if suspended && !st.vdis.contains_key(&suspend_vdi) {
+        return Err(invalid("VDI", &suspend_vdi));
+    }
+    let mut statics = Map::new();
+    for k in VM_STATIC_FIELDS {
+        if let Some(v) = rec.get(*k) {
+            statics.insert(k.to_string(), v.clone());
+        }
+    }
+    let (metrics, _) = new_ref();
+    let image = st.vdis.get(&suspend_vdi).and_then(|v| v.image_of);
+    st.vms.insert(
+        r.clone(),
+        Vm {
+            uuid: u,
+            name_label: label.into(),
+            power_state: if suspended {
+                Power::Suspended
+            } else {
+                Power::Halted
+            },
+            is_a_template: rec
+                .get("is_a_template")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            is_a_snapshot: false,
+            snapshot_of: NULL.into(),
+            suspend_vdi,
+            vbds: vec![],
+            vifs: vec![],
+            guest: image,
+            memory_static_min: mem[0],
+            memory_static_max: mem[1],
+            memory_dynamic_min: mem[2],
+            memory_dynamic_max: mem[3],
+            memory_actual: 0,
+            range_changed: None,
+            metrics,
+            domid: -1,
+            resident_on: NULL.into(),
+            last_booted_record: lbr,
+            last_boot_cpu_flags: flags,
+            other_config: str_map(rec.get("other_config")),
+            statics,
+            shutdown_task: None,
+        },
+    );
+    st.emit("vm", &r, "add");
+    Ok(json!(r))
+}
+
+/// xapi/xapi_event.ml `Token`: "" is (0, 0); else two decimal numbers
+/// "%020Ld,%020Ld"; anything else is EVENT_FROM_TOKEN_PARSE_FAILURE [token].
+fn parse_token(token: &str) -> XResult<u64> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    let parts: Vec<&str> = token.split(',').collect();
+    match parts.as_slice() {
+        [a, b] if a.parse::<i64>().is_ok() && b.parse::<i64>().is_ok() => {
+            Ok(a.parse::<u64>().unwrap_or(0))
+        }
+        _ => err("EVENT_FROM_TOKEN_PARSE_FAILURE", &[token]),
+    }
+}
+
+fn token_of(last: u64) -> String {
+    format!("{last:020},{:020}", 0)
+}
+
+/// xapi/xapi_event.ml `from`: events after `token` in `classes` ("vm",
+/// "vm/<ref>", "*"), each with an Int `id`; token "" (0) returns every current
+/// object of those classes as an "add". `None`: nothing yet, deadline not passed.
 fn event_from(st: &State, a: &[Value], deadline: Instant) -> XResult<Option<Value>> {
     let classes: Vec<String> = a
         .first()
         .and_then(Value::as_array)
-        .map(|c| c.iter().map(|x| lower(&s(x))).collect())
+        .map(|c| c.iter().map(|x| s(x).to_ascii_lowercase()).collect())
         .unwrap_or_default();
     let token = a.get(1).map(s).unwrap_or_default();
+    let since = parse_token(&token)?;
     let wanted = |class: &str, r: &str| {
         classes
             .iter()
-            .any(|c| c == "*" || c == class || *c == format!("{class}/{}", lower(r)))
+            .any(|c| c == "*" || c == class || c.eq_ignore_ascii_case(&format!("{class}/{r}")))
     };
     let ev = |e: &Event| {
-        json!({"id": e.id.to_string(), "class": e.class, "operation": e.operation,
+        json!({"id": e.id, "class": e.class, "operation": e.operation,
                "ref": e.reference, "snapshot": e.snapshot, "timestamp": "20260101T00:00:00Z"})
     };
-    if token.is_empty() {
+    if since == 0 {
         let mut out = vec![];
         for (class, refs) in [
             ("vm", st.vms.keys().cloned().collect::<Vec<_>>()),
@@ -1683,12 +2595,9 @@ fn event_from(st: &State, a: &[Value], deadline: Instant) -> XResult<Option<Valu
             }
         }
         return Ok(Some(
-            json!({"events": out, "valid_ref_counts": {}, "token": st.next_event.to_string()}),
+            json!({"events": out, "valid_ref_counts": {}, "token": token_of(st.next_event)}),
         ));
     }
-    let Ok(since) = token.parse::<u64>() else {
-        return err("EVENT_FROM_TOKEN_PARSE_FAILURE", &[&token]);
-    };
     let found: Vec<Value> = st
         .events
         .iter()
@@ -1699,7 +2608,7 @@ fn event_from(st: &State, a: &[Value], deadline: Instant) -> XResult<Option<Valu
         return Ok(None);
     }
     Ok(Some(json!({"events": found, "valid_ref_counts": {},
-                   "token": st.next_event.max(since).to_string()})))
+                   "token": token_of(st.next_event.max(since))})))
 }
 
 /// The CBT bitmap between two disk images: one bit per 64 KiB that differs, base64.
@@ -1733,7 +2642,7 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// `GET /export_raw_vdi?session_id=&task_id=&vdi=&format=raw`: the VDI's
-/// bytes to EOF, no content-length (as xapi streams it).
+/// bytes to EOF, no content-length (xapi/export_raw_vdi.ml, as xapi streams it).
 fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) {
     let get = |k: &str| q.get(k).cloned().unwrap_or_default();
     let (session, task, vdi) = (get("session_id"), get("task_id"), get("vdi"));
@@ -1763,7 +2672,6 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
         st.sessions.clear();
         st.fire("expire_sessions_at_first_export", M, occurrence, n);
     }
-    // xapi fails the export's task when the handler refuses the request.
     let refuse = |st: &mut State, why: &str| {
         if st.tasks.contains_key(&task) {
             finish_task(st, &task, err("VDI_IO_ERROR", &[why]));
@@ -1792,10 +2700,14 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
         );
     }
     if st.faults.redirect_exports && !q.contains_key("redirected") {
+        // xapi/importexport.ml: a request for a VDI another host serves is
+        // answered 302 with an absolute https://<member>/... Location (here
+        // http://, the simulator's own address).
+        let base = st.url.clone();
         drop(st);
         let query: Vec<String> = q.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let head = format!(
-            "HTTP/1.1 302 Found\r\nlocation: /export_raw_vdi?{}&redirected=1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            "HTTP/1.1 302 Found\r\nlocation: {base}/export_raw_vdi?{}&redirected=1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
             query.join("&")
         );
         let mut c = conn;
@@ -1820,7 +2732,7 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
         st.vbds
             .get(b)
             .and_then(|b| st.vms.get(&b.vm))
-            .is_some_and(|m| has_domain(&m.power_state))
+            .is_some_and(|m| m.power_state.has_domain())
     }) {
         refuse(&mut st, "VDI_IN_USE");
         return http::internal_error(conn, &format!("VDI_IN_USE {vdi}"));
@@ -1857,7 +2769,6 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
             if sent + n as u64 >= limit {
                 n = (limit - sent) as usize;
                 let _ = out.write_all(&buf[..n]);
-                // The connection dies mid-transfer.
                 let _ = conn.shutdown(std::net::Shutdown::Both);
                 break false;
             }
@@ -1880,6 +2791,10 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     let mut st = lock(shared);
     if ok {
         st.exports_completed += 1;
+        let n = st.faults.vdi_in_use_after_export;
+        if let Some(x) = st.vdis.get_mut(&vdi) {
+            x.busy_after_export = n;
+        }
     }
     if st.tasks.contains_key(&task) {
         let r = if ok {
@@ -1892,4 +2807,26 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     drop(st);
     shared.changed.notify_all();
     let _ = conn.shutdown(std::net::Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_as_xapi_event_token() {
+        assert_eq!(parse_token(""), Ok(0));
+        assert_eq!(parse_token(&token_of(42)), Ok(42));
+        assert_eq!(token_of(7), "00000000000000000007,00000000000000000000");
+        for bad in ["42", "x,y", "1,2,3", "abc"] {
+            assert_eq!(
+                parse_token(bad)
+                    .err()
+                    .and_then(|e| e.first().cloned())
+                    .as_deref(),
+                Some("EVENT_FROM_TOKEN_PARSE_FAILURE"),
+                "{bad}"
+            );
+        }
+    }
 }

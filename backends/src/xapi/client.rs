@@ -478,13 +478,13 @@ impl Client {
             let desc: Vec<String> = match e {
                 Value::Array(a) => a.iter().map(value_string).collect(),
                 _ => std::iter::once(e.get("message").map(value_string).unwrap_or_default())
-                    .chain(
-                        e.get("data")
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                            .map(value_string),
-                    )
+                    // `data` is the parameter list; xen-api's own fixture
+                    // (sdk-gen/component-test/spec/xapi-24/xapi_error.json) has a lone string.
+                    .chain(match e.get("data") {
+                        Some(Value::Array(a)) => a.iter().map(value_string).collect(),
+                        Some(Value::Null) | None => vec![],
+                        Some(other) => vec![value_string(other)],
+                    })
                     .collect(),
             };
             // SESSION_INVALID and friends name the session: it is a bearer token.
@@ -813,7 +813,7 @@ pub fn task_result(s: &str) -> String {
     t.strip_suffix("</string>").unwrap_or(t).to_string()
 }
 
-/// A string field (XAPI sends 64-bit ints as strings, some clients as numbers).
+/// A field as text (a number is written out in decimal).
 pub fn str_field(v: &Value, key: &str) -> String {
     v.get(key).map(value_string).unwrap_or_default()
 }
@@ -826,11 +826,17 @@ pub fn value_string(v: &Value) -> String {
     }
 }
 
+/// An Int field: xapi's JSON-RPC sends Int as a JSON number (ocaml-rpc's
+/// jsonrpc encoder); a decimal string (XML-RPC habits, other servers) is read too.
 pub fn u64_field(v: &Value, key: &str) -> u64 {
-    match v.get(key) {
-        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
-        Some(Value::String(s)) => s.parse().unwrap_or(0),
-        _ => 0,
+    v.get(key).and_then(value_u64).unwrap_or(0)
+}
+
+pub fn value_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
     }
 }
 

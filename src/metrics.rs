@@ -24,6 +24,12 @@ pub struct VmMetrics {
     /// When the newest backup that passed an audit was taken, and when it was audited.
     #[serde(default)]
     pub last_verified_good_backup_time: Option<f64>,
+    /// Peak bytes the last good backup held in the state folder.
+    #[serde(default)]
+    pub scratch_bytes: u64,
+    /// Disks of the last good backup read from a changed-block map, by map kind.
+    #[serde(default)]
+    pub changed_block_maps: BTreeMap<String, u64>,
 }
 
 pub type State = BTreeMap<String, VmMetrics>;
@@ -48,6 +54,13 @@ pub fn update(mut state: State, reports: &[VmReport]) -> State {
             m.pause_ms = r.original_pause_ms;
             m.bytes_read = r.disks.iter().map(|d| d.bytes_read).sum();
             m.bytes_stored = r.disks.iter().map(|d| d.stored_bytes).sum();
+            m.scratch_bytes = r.scratch_bytes;
+            m.changed_block_maps.clear();
+            for d in &r.disks {
+                *m.changed_block_maps
+                    .entry(d.changed_block_map.as_str().to_string())
+                    .or_default() += 1;
+            }
         }
         m.duration_seconds = r.durations_ms.total as f64 / 1000.0;
     }
@@ -128,6 +141,31 @@ pub fn render(state: &State) -> String {
         "How long the original was paused in its last good backup.",
         "gauge",
         per(&|m| m.pause_ms),
+    );
+    metric(
+        &mut out,
+        "last_scratch_bytes",
+        "Peak bytes the VM's last good backup held in the state folder.",
+        "gauge",
+        per(&|m| Some(m.scratch_bytes as f64)),
+    );
+    let maps: Vec<(String, f64)> = state
+        .iter()
+        .flat_map(|(vm, m)| {
+            m.changed_block_maps.iter().map(move |(k, n)| {
+                (
+                    format!("vm=\"{}\",map=\"{}\"", label(vm), label(k)),
+                    *n as f64,
+                )
+            })
+        })
+        .collect();
+    metric(
+        &mut out,
+        "last_changed_block_map_disks",
+        "Disks of the VM's last good backup by what told it what changed (none: read whole).",
+        "gauge",
+        maps,
     );
     metric(
         &mut out,
@@ -248,5 +286,43 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("consistency=\"clean-shutdown\""), "{text}");
+    }
+
+    #[test]
+    fn scratch_and_changed_block_maps_are_exported() {
+        use crate::report::{ChangedBlockMap, DiskReport};
+        let mut ok = VmReport::new("web1", "r1");
+        ok.status = RunStatus::Ok;
+        ok.scratch_bytes = 4096;
+        for (name, map) in [
+            ("d0", ChangedBlockMap::QemuBitmap),
+            ("d1", ChangedBlockMap::None),
+        ] {
+            ok.disks.push(DiskReport {
+                name: name.into(),
+                bytes: 1,
+                stored_bytes: 1,
+                bytes_read: 1,
+                snapshot_id: "x".into(),
+                read_in_place: true,
+                changed_block_map: map,
+                verify_bytes_read: None,
+            });
+        }
+        let text = render(&update(State::new(), &[ok]));
+        assert!(
+            text.contains("coldclone_last_scratch_bytes{vm=\"web1\"} 4096"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "coldclone_last_changed_block_map_disks{vm=\"web1\",map=\"qemu-bitmap\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("coldclone_last_changed_block_map_disks{vm=\"web1\",map=\"none\"} 1"),
+            "{text}"
+        );
     }
 }

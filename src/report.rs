@@ -80,6 +80,17 @@ pub enum ChangedBlockMap {
     LvmThin,
 }
 
+impl ChangedBlockMap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangedBlockMap::None => "none",
+            ChangedBlockMap::QemuBitmap => "qemu-bitmap",
+            ChangedBlockMap::XapiCbt => "xapi-cbt",
+            ChangedBlockMap::LvmThin => "lvm-thin",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct IsolatedNetwork {
     pub bridge: String,

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod config;
 pub mod journal;
 pub mod metrics;
+pub mod nbd;
 pub mod pipeline;
 pub mod progress;
 pub mod report;

@@ -75,6 +75,24 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Serve one disk of a backup as a read-only NBD export on a unix socket, read straight
+    /// from the repository (nbd+unix:///DISK?socket=PATH).
+    Serve {
+        /// The VM's name.
+        vm: String,
+        /// The disk's name (as listed by `snapshots`).
+        #[arg(long)]
+        disk: String,
+        /// The unix socket to listen on (must not exist; made 0600).
+        #[arg(long)]
+        socket: PathBuf,
+        /// A backup (run) id or disk snapshot id; default: the latest.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Exit when the first client disconnects.
+        #[arg(long)]
+        once: bool,
+    },
     /// Prove a backup good: restore it, fsck every file system, boot it isolated, run a probe.
     Audit {
         /// The VM's name.
@@ -245,6 +263,16 @@ fn run(cli: Cli) -> Result<u8> {
             force,
         } => {
             commands::restore::run(&cfg, &vm, &disk, snapshot.as_deref(), &to, force, json)?;
+            Ok(exit::OK)
+        }
+        Cmd::Serve {
+            vm,
+            disk,
+            socket,
+            snapshot,
+            once,
+        } => {
+            commands::serve::run(&cfg, &vm, &disk, snapshot.as_deref(), &socket, once)?;
             Ok(exit::OK)
         }
         Cmd::Audit {

@@ -33,6 +33,7 @@ mod error;
 mod lock;
 mod pack;
 mod prune;
+mod reader;
 mod restore;
 mod source;
 mod util;
@@ -48,6 +49,7 @@ pub use lock::set_lock_timings_for_tests;
 #[doc(hidden)]
 pub use prune::set_prune_grace_for_tests;
 pub use prune::{Keep, PruneReport, RetentionPolicy, SnapshotRef};
+pub use reader::SnapshotReader;
 pub use restore::RestoreOptions;
 pub use source::{seek_data_ranges, DiskSource, FileSource, MemSource, NoProgress, Progress};
 pub use util::set_clock_offset_for_tests;
@@ -643,6 +645,11 @@ impl Repository {
         progress: &dyn Progress,
     ) -> Result<RestoreSummary> {
         restore::restore(self, id, target, opts, progress)
+    }
+
+    /// Random access to snapshot `id`, chunk by chunk on demand, each chunk verified.
+    pub fn open_snapshot(&self, id: &str) -> Result<SnapshotReader<'_>> {
+        SnapshotReader::open(self, id)
     }
 
     /// Compares snapshot `id` with `source` chunk by chunk, storing nothing: every byte

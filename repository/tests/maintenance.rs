@@ -377,3 +377,52 @@ fn the_repository_is_untrusted_storage() {
         std::fs::write(&keys[0], &good_key).unwrap();
     }
 }
+
+/// `coldclone serve`'s reader: any range of a snapshot, across chunks and map segments,
+/// holes and the disk's end, equals the disk; a damaged chunk is an error to the reader,
+/// never other bytes.
+#[test]
+fn a_snapshot_reads_at_random_and_a_damaged_chunk_is_an_error() {
+    let dir = TempDir::new("reader");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let mut o = opts(4096);
+    o.pack_size = 1 << 20;
+    let repo = Repository::init_with(&loc, "pw", &o).unwrap();
+    // 9000 chunks of 4 KiB: two map segments; a hole of zeros in the middle; an odd end.
+    let mut disk = random_bytes(11, 9000 * 4096 + 777);
+    disk[100 * 4096..300 * 4096].fill(0);
+    let id = backup(&repo, &disk, "vm1").snapshot_id;
+    let r = repo.open_snapshot(&id).unwrap();
+    assert_eq!(r.len(), disk.len() as u64);
+    let mut x = 12345u64;
+    for _ in 0..300 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let off = (x >> 20) % disk.len() as u64;
+        let len = ((x >> 8) % 20000) as usize + 1;
+        let mut buf = vec![0xeeu8; len];
+        let n = r.read_at(&mut buf, off).unwrap();
+        let end = (off as usize + len).min(disk.len());
+        assert_eq!(n, end - off as usize);
+        assert_eq!(&buf[..n], &disk[off as usize..end], "at {off}+{len}");
+    }
+    let mut buf = [0u8; 10];
+    assert_eq!(r.read_at(&mut buf, disk.len() as u64).unwrap(), 0);
+    drop(r);
+
+    for p in packs(&root) {
+        flip_byte(&p, 5000);
+    }
+    let r = repo.open_snapshot(&id).unwrap();
+    let mut errors = 0;
+    for chunk in (0..9000u64).step_by(5) {
+        let mut buf = vec![0u8; 4096];
+        match r.read_at(&mut buf, chunk * 4096) {
+            Ok(_) => assert_eq!(&buf[..], &disk[chunk as usize * 4096..][..4096]),
+            Err(_) => errors += 1,
+        }
+    }
+    assert!(errors > 0, "a damaged pack went unnoticed");
+}

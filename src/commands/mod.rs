@@ -9,6 +9,7 @@ pub mod init;
 pub mod prune;
 pub mod recover;
 pub mod restore;
+pub mod serve;
 pub mod snapshots;
 
 use crate::config::Config;

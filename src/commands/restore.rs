@@ -18,6 +18,38 @@ pub fn run(
     json: bool,
 ) -> Result<()> {
     let repo = open_repository(cfg)?;
+    let snap = choose_snapshot(&repo, vm, disk, snapshot)?;
+    let progress = BarProgress::new(stderr_is_terminal() && !json, &format!("restore {disk}"));
+    let summary = repo.restore_with(&snap.id, to, &RestoreOptions { force }, &progress)?;
+    progress.finish();
+    // Write errors (a closed pipe) end the command; see main.rs.
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(&summary)?)?;
+    } else {
+        writeln!(
+            out,
+            "restored {} ({} bytes, {} consistency, taken {}) to {} in {:.1} s",
+            snap.short_id(),
+            summary.bytes,
+            snap.consistency,
+            snap.time,
+            to.display(),
+            summary.duration.as_secs_f64()
+        )?;
+    }
+    Ok(())
+}
+
+/// The snapshot of `vm`/`disk` that `--snapshot` names (a backup's run id, or a disk
+/// snapshot id or unique prefix), or the latest; a clear error naming the VM's disks
+/// when there is none.
+pub fn choose_snapshot(
+    repo: &coldclone_repository::Repository,
+    vm: &str,
+    disk: &str,
+    snapshot: Option<&str>,
+) -> Result<coldclone_repository::Snapshot> {
     let snaps = repo.snapshots()?;
     let chosen = match snapshot.map(str::trim) {
         Some("") => bail!(
@@ -58,24 +90,5 @@ pub fn run(
             disks
         );
     };
-    let progress = BarProgress::new(stderr_is_terminal() && !json, &format!("restore {disk}"));
-    let summary = repo.restore_with(&snap.id, to, &RestoreOptions { force }, &progress)?;
-    progress.finish();
-    // Write errors (a closed pipe) end the command; see main.rs.
-    let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(out, "{}", serde_json::to_string(&summary)?)?;
-    } else {
-        writeln!(
-            out,
-            "restored {} ({} bytes, {} consistency, taken {}) to {} in {:.1} s",
-            snap.short_id(),
-            summary.bytes,
-            snap.consistency,
-            snap.time,
-            to.display(),
-            summary.duration.as_secs_f64()
-        )?;
-    }
-    Ok(())
+    Ok(snap)
 }

@@ -271,7 +271,7 @@ mod tests {
             self.0
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-            if offset >= 1 << 20 && offset < 2 << 20 {
+            if (1 << 20..2 << 20).contains(&offset) {
                 return Err(io::Error::other("damaged"));
             }
             for (i, b) in buf.iter_mut().enumerate() {

@@ -1407,6 +1407,27 @@ impl Hypervisor for XapiBackend {
         true
     }
 
+    /// The clone may land on any host (xapi/message_forwarding.ml VM.resume):
+    /// the most free on one host (`host.compute_free_memory`) is what it can get.
+    fn clone_memory_pool(&self, vm: &VmInfo) -> Result<Option<crate::PoolRoom>> {
+        let xv = xapi_vm(vm)?;
+        let c = &xv.client;
+        let mut best = 0;
+        for h in c
+            .call("host.get_all", vec![])?
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let free = c.call("host.compute_free_memory", vec![h.clone()])?;
+            best = best.max(client::value_u64(&free).unwrap_or(0));
+        }
+        Ok(Some(crate::PoolRoom {
+            pool: xv.target.url.clone(),
+            free_bytes: best,
+        }))
+    }
+
     /// Lowers the original's dynamic range to `target_bytes`
     /// (xapi/xapi_vm.ml `set_memory_dynamic_range`; the guest's balloon
     /// driver follows it), journaled first; put back after the checkpoint.

@@ -439,6 +439,8 @@ fn xapi_kill_9_at_every_step_then_recover_leaves_nothing() {
     let steps = [
         "checkpoint:disks-snapshotted",
         "isolate:bridge-ready",
+        // The disk and memory VDIs cloned, the clone VM not made yet.
+        "restore:vdis-cloned",
         "restore:clone-created",
         "restore:memory-loaded",
         "restore:isolation-verified",

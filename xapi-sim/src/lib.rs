@@ -988,7 +988,7 @@ impl State {
         if v.busy_after_export > 0 {
             // Not xapi's code: the tapdisk of a just-finished export may still
             // hold the VDI a moment (Xen Orchestra retries VDI_IN_USE,
-            // @xen-orchestra/xapi/vdi.mjs).
+            // @xen-orchestra/xapi/index.mjs `_vdiDestroyRetryWhenInUse`).
             if let Some(x) = self.vdis.get_mut(r) {
                 x.busy_after_export -= 1;
             }

@@ -1003,6 +1003,7 @@ impl Hypervisor for XapiBackend {
             journal,
         )?;
         xapi_clone(&mut pc.detail)?.vdi_ids.push((id, mem.clone()));
+        journal.milestone("restore:vdis-cloned")?;
         // 2. A Suspended VM from the checkpoint's record with the cloned memory
         // (xapi/xapi_vm.ml `create`).
         let journal_id = journal.will_create(

@@ -439,6 +439,8 @@ fn xapi_kill_9_at_every_step_then_recover_leaves_nothing() {
     let steps = [
         "checkpoint:disks-snapshotted",
         "isolate:bridge-ready",
+        // The disk and memory VDIs cloned, the clone VM not made yet.
+        "restore:vdis-cloned",
         "restore:clone-created",
         "restore:memory-loaded",
         "restore:isolation-verified",
@@ -976,4 +978,66 @@ fn xapi_ballooning_through_the_binary_is_undone_on_success_and_after_kill_9() {
         );
         r.assert_clean();
     }
+}
+
+#[test]
+fn xapi_clones_count_against_the_pools_free_memory() {
+    // Two 256 MiB VMs on a host with room for one clone beside them: with
+    // max_parallel = 2 the scheduler still runs one clone at a time (xapi
+    // would refuse the second resume, HOST_NOT_ENOUGH_FREE_MEMORY); a third
+    // VM whose clone cannot fit at all is skipped with the reason.
+    let mut a = VmSpec::new("web01", &[256 << 10]);
+    a.memory = 256 << 20;
+    let r = rig("pool-budget", a);
+    let mut b = VmSpec::new("web02", &[256 << 10]);
+    b.memory = 256 << 20;
+    r.sim.add_vm(&b).expect("web02");
+    r.sim.set_host_memory("host0", (2 * 256 + 300) << 20);
+    let text = std::fs::read_to_string(&r.cfg).expect("config");
+    let web1 = text
+        .split("[[vm]]")
+        .nth(1)
+        .expect("the vm table")
+        .to_string();
+    let text = format!(
+        "{}[[vm]]{}",
+        text.replacen("[[vm]]", "[run]\nmax_parallel = 2\n[[vm]]", 1),
+        web1.replace("name = \"web1\"", "name = \"web2\"")
+            .replace("xapi_vm = \"web01\"", "xapi_vm = \"web02\"")
+    );
+    std::fs::write(&r.cfg, text).expect("config");
+    let o = r.run(&["--json", "backup"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let reports: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    let ok = reports
+        .iter()
+        .filter(|v| find(v, "status").and_then(Value::as_str) == Some("ok"))
+        .count();
+    assert_eq!(ok, 2, "both backed up: {out}");
+    assert_eq!(
+        r.sim.state().peak_domains,
+        3,
+        "never two clones at once beside the two originals"
+    );
+    assert!(out.contains("\"clone_memory_mib\":256"), "{out}");
+    r.sim.set_host_memory("host0", (2 * 256 + 100) << 20);
+    let o = r.run(&["--json", "backup"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("on the pool at") && out.contains("at most 100 MiB free"),
+        "skipped with the reason: {out}"
+    );
+    let st = r.sim.state();
+    assert!(st
+        .vms
+        .values()
+        .all(|v| !v.name_label.starts_with("coldclone-")));
 }

@@ -158,6 +158,15 @@ pub enum VmLocator {
     },
 }
 
+/// Memory free for clones on a pool of hosts (XAPI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRoom {
+    /// Names the pool (its master's URL): clones of one pool share its room.
+    pub pool: String,
+    /// The most a clone can get on one host of the pool now.
+    pub free_bytes: u64,
+}
+
 /// What a backend learned about a running VM.
 #[derive(Debug, Clone, Serialize)]
 pub struct VmInfo {
@@ -464,6 +473,11 @@ pub trait Hypervisor {
     /// Memory free for clones when it is not the memory of the host coldclone
     /// runs on (Xen: the hypervisor's free memory, not dom0's). `None`: the host's.
     fn free_memory_for_clones(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Where the clone takes its memory when not on this machine (XAPI: the
+    /// pool), and how much is free there now. `None`: this machine's memory.
+    fn clone_memory_pool(&self, _vm: &VmInfo) -> Result<Option<PoolRoom>> {
         Ok(None)
     }
     /// Whether [`Hypervisor::balloon`] can work for this VM (for `doctor`).

@@ -19,9 +19,10 @@ mod common;
 use common::TestJournal;
 
 /// The backend's milestones in a good run, in order.
-const MILESTONES: [&str; 4] = [
+const MILESTONES: [&str; 5] = [
     "checkpoint:disks-snapshotted",
     "isolate:xapi-network-ready",
+    "restore:vdis-cloned",
     "restore:clone-created",
     "restore:memory-loaded",
 ];

@@ -315,6 +315,8 @@ pub struct Host {
     pub name_label: String,
     /// `software_version["xapi"]`.
     pub xapi_version: String,
+    /// The host's memory for guests.
+    pub memory_total: u64,
     next_domid: i64,
 }
 
@@ -413,6 +415,8 @@ pub struct State {
     pub attachments: Vec<Attachment>,
     pub resumed: Vec<Resumed>,
     pub presses: Vec<Press>,
+    /// The most domains the pool ran at once (originals included).
+    pub peak_domains: usize,
     /// Every `VM.set_memory_dynamic_range` that took effect: (VM name, min, max).
     pub ranges_set: Vec<(String, u64, u64)>,
     pub call_log: Vec<String>,
@@ -793,6 +797,12 @@ impl State {
             v.domid = domid.unwrap_or(-1);
             v.resident_on = host.into();
         }
+        let running = self
+            .vms
+            .values()
+            .filter(|v| v.power_state.has_domain())
+            .count();
+        self.peak_domains = self.peak_domains.max(running);
         self.record_attachments(vm);
         self.emit("vm", vm, "mod");
     }
@@ -978,7 +988,7 @@ impl State {
         if v.busy_after_export > 0 {
             // Not xapi's code: the tapdisk of a just-finished export may still
             // hold the VDI a moment (Xen Orchestra retries VDI_IN_USE,
-            // @xen-orchestra/xapi/vdi.mjs).
+            // @xen-orchestra/xapi/index.mjs `_vdiDestroyRetryWhenInUse`).
             if let Some(x) = self.vdis.get_mut(r) {
                 x.busy_after_export -= 1;
             }
@@ -1023,6 +1033,20 @@ impl State {
         }
         self.force_state_reset(vm, Power::Halted);
         Ok(())
+    }
+
+    /// xapi/xapi_host.ml `compute_free_memory` →
+    /// Memory_check.host_compute_free_memory_with_maximum_compression: the
+    /// host's memory less what its domains hold at their dynamic_min.
+    fn host_free_memory(&self, host: &str) -> u64 {
+        let total = self.hosts.get(host).map(|h| h.memory_total).unwrap_or(0);
+        let used: u64 = self
+            .vms
+            .values()
+            .filter(|v| v.resident_on == host && v.power_state.has_domain())
+            .map(|v| v.memory_dynamic_min)
+            .sum();
+        total.saturating_sub(used)
     }
 
     fn host_by_name(&self, name: &str) -> Option<String> {
@@ -1089,6 +1113,7 @@ fn arity(method: &str) -> Option<usize> {
         | "host.get_record"
         | "host.get_uuid"
         | "host.get_software_version"
+        | "host.compute_free_memory"
         | "pool.get_record"
         | "pool.get_master"
         | "SR.get_record"
@@ -1195,6 +1220,7 @@ impl Sim {
                     uuid: u.clone(),
                     name_label: name.into(),
                     xapi_version: xapi_version.into(),
+                    memory_total: 64 << 30,
                     next_domid: 0,
                 },
             );
@@ -1209,6 +1235,17 @@ impl Sim {
     pub fn host_uuid(&self, name: &str) -> Option<String> {
         let st = self.state();
         st.host_by_name(name).map(|h| st.hosts[&h].uuid.clone())
+    }
+
+    /// Sets a host's memory for guests.
+    pub fn set_host_memory(&self, name: &str, bytes: u64) {
+        self.with_state(|st| {
+            if let Some(h) = st.host_by_name(name) {
+                if let Some(h) = st.hosts.get_mut(&h) {
+                    h.memory_total = bytes;
+                }
+            }
+        });
     }
 
     /// Sets every host's `software_version["xapi"]`.
@@ -1854,6 +1891,10 @@ fn exec(
             st.hosts.get(&a0).ok_or_else(|| invalid("host", &a0))?.uuid
         )),
         "host.get_software_version" => Ok(st.record("host", &a0)?["software_version"].clone()),
+        "host.compute_free_memory" => {
+            st.hosts.get(&a0).ok_or_else(|| invalid("host", &a0))?;
+            Ok(json!(st.host_free_memory(&a0)))
+        }
         "SR.get_all" => Ok(json!([st.sr])),
         "SR.get_record" => st.record("sr", &a0),
         "SR.get_by_uuid" => {
@@ -2165,6 +2206,15 @@ fn exec(
                 .clone()
                 .and_then(|h| st.host_by_name(&h))
                 .unwrap_or_else(|| st.master.clone());
+            // xapi/xapi_vm_helpers.ml `assert_enough_memory_available`: the
+            // domain needs its memory free on the host.
+            let free = st.host_free_memory(&host);
+            if image.virtual_size > free {
+                return err(
+                    "HOST_NOT_ENOUGH_FREE_MEMORY",
+                    &[&image.virtual_size.to_string(), &free.to_string()],
+                );
+            }
             let checkpoint = image.copied_from.as_ref().and_then(|src| {
                 st.vms
                     .values()

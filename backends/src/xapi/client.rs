@@ -82,6 +82,26 @@ impl XapiError {
         }
     }
 
+    /// XAPI's error description as it came (code first, then parameters),
+    /// for the errors that keep it whole.
+    pub fn description(&self) -> Option<Vec<String>> {
+        let mut d = match self {
+            XapiError::SessionInvalid { .. } => vec!["SESSION_INVALID".to_string()],
+            XapiError::HandleInvalid {
+                class, reference, ..
+            } => vec!["HANDLE_INVALID".into(), class.clone(), reference.clone()],
+            XapiError::LacksFeature { .. } => vec!["VM_LACKS_FEATURE".into()],
+            XapiError::Api { code, params, .. } => std::iter::once(code.clone())
+                .chain(params.iter().cloned())
+                .collect(),
+            _ => return None,
+        };
+        while d.len() > 1 && d.last().is_some_and(String::is_empty) {
+            d.pop();
+        }
+        Some(d)
+    }
+
     /// Maps XAPI's error description (code first, then parameters).
     pub fn from_description(method: &str, desc: &[String]) -> XapiError {
         let code = desc.first().cloned().unwrap_or_else(|| "UNKNOWN".into());
@@ -469,10 +489,15 @@ impl Client {
             }
             Err(e) => return Err(transport(e.to_string())),
         };
-        let v: Value = serde_json::from_str(&text).map_err(|e| XapiError::Protocol {
-            method: method.into(),
-            detail: format!("not JSON ({e})"),
-        })?;
+        // A non-finite float is written bare (`Infinity`), which is not JSON
+        // (xen-api's fixture sdk-gen/component-test/spec/xapi-24/vm_special_value.json):
+        // read it as a string rather than lose the whole answer.
+        let v: Value = serde_json::from_str(&text)
+            .or_else(|e| serde_json::from_str(&quote_non_finite(&text)).map_err(|_| e))
+            .map_err(|e| XapiError::Protocol {
+                method: method.into(),
+                detail: format!("not JSON ({e})"),
+            })?;
         if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
             // JSON-RPC 2.0: {code, message, data}; 1.0: an array of strings.
             let desc: Vec<String> = match e {
@@ -804,6 +829,47 @@ pub fn cbt_ranges(b64: &str, size: u64) -> std::result::Result<Vec<std::ops::Ran
     Ok(out)
 }
 
+/// `text` with the bare `Infinity`, `-Infinity`, `+Infinity` and `NaN` outside
+/// strings quoted ("Infinity", ...), so that it parses as JSON.
+pub fn quote_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let (mut in_str, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_str {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_str = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_str = true;
+        }
+        let word = ["-Infinity", "+Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|w| rest.starts_with(w));
+        match word {
+            Some(w) => {
+                out.push('"');
+                out.push_str(w);
+                out.push('"');
+                rest = &rest[w.len()..];
+            }
+            None => {
+                out.push(c);
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
+}
+
 /// A task's result is an XML-RPC value even over JSON-RPC: `<value>OpaqueRef:..</value>`.
 pub fn task_result(s: &str) -> String {
     let t = s.trim();
@@ -891,6 +957,14 @@ mod tests {
         assert!(
             parse_fingerprint(&"é".repeat(32)).is_err(),
             "no panic on non-ASCII"
+        );
+    }
+
+    #[test]
+    fn non_finite_floats_are_quoted_outside_strings_only() {
+        assert_eq!(
+            quote_non_finite(r#"{"a": Infinity, "b": "Infinity \" NaN", "c": [-Infinity, NaN]}"#),
+            r#"{"a": "Infinity", "b": "Infinity \" NaN", "c": ["-Infinity", "NaN"]}"#
         );
     }
 

@@ -1003,6 +1003,7 @@ impl Hypervisor for XapiBackend {
             journal,
         )?;
         xapi_clone(&mut pc.detail)?.vdi_ids.push((id, mem.clone()));
+        journal.milestone("restore:vdis-cloned")?;
         // 2. A Suspended VM from the checkpoint's record with the cloned memory
         // (xapi/xapi_vm.ml `create`).
         let journal_id = journal.will_create(
@@ -1405,6 +1406,27 @@ impl Hypervisor for XapiBackend {
 
     fn balloon_supported(&self, _vm: &VmInfo) -> bool {
         true
+    }
+
+    /// The clone may land on any host (xapi/message_forwarding.ml VM.resume):
+    /// the most free on one host (`host.compute_free_memory`) is what it can get.
+    fn clone_memory_pool(&self, vm: &VmInfo) -> Result<Option<crate::PoolRoom>> {
+        let xv = xapi_vm(vm)?;
+        let c = &xv.client;
+        let mut best = 0;
+        for h in c
+            .call("host.get_all", vec![])?
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let free = c.call("host.compute_free_memory", vec![h.clone()])?;
+            best = best.max(client::value_u64(&free).unwrap_or(0));
+        }
+        Ok(Some(crate::PoolRoom {
+            pool: xv.target.url.clone(),
+            free_bytes: best,
+        }))
     }
 
     /// Lowers the original's dynamic range to `target_bytes`

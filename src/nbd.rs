@@ -104,6 +104,14 @@ fn option_reply(w: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> io::Res
     w.write_all(&m)
 }
 
+/// The size the export is announced with: the snapshot's, rounded up to whole 512-byte
+/// sectors, whose tail reads as zeros. QEMU's NBD client (7.2) waits forever for the
+/// last partial sector of an export whose size is not a multiple of 512 (seen with
+/// `qemu-img convert`); qemu-nbd announces an odd-sized image rounded up the same way.
+fn announced_size(export: &dyn Export) -> u64 {
+    export.size().div_ceil(512).saturating_mul(512)
+}
+
 fn transmission_flags() -> u16 {
     TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN
 }
@@ -139,7 +147,7 @@ pub fn serve_client<S: Read + Write>(conn: &mut S, export: &dyn Export) -> io::R
                     return Err(protocol("the client asked for another export"));
                 }
                 let mut m = Vec::new();
-                m.extend_from_slice(&export.size().to_be_bytes());
+                m.extend_from_slice(&announced_size(export).to_be_bytes());
                 m.extend_from_slice(&transmission_flags().to_be_bytes());
                 if !no_zeroes {
                     m.extend_from_slice(&[0u8; 124]);
@@ -179,7 +187,7 @@ pub fn serve_client<S: Read + Write>(conn: &mut S, export: &dyn Export) -> io::R
                     continue;
                 }
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
-                info.extend_from_slice(&export.size().to_be_bytes());
+                info.extend_from_slice(&announced_size(export).to_be_bytes());
                 info.extend_from_slice(&transmission_flags().to_be_bytes());
                 option_reply(conn, opt, REP_INFO, &info)?;
                 let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
@@ -209,7 +217,8 @@ fn simple_reply(w: &mut impl Write, error: u32, handle: u64, data: &[u8]) -> io:
 }
 
 fn transmission<S: Read + Write>(conn: &mut S, export: &dyn Export) -> io::Result<Ended> {
-    let size = export.size();
+    let size = announced_size(export);
+    let real_size = export.size();
     loop {
         let magic = match read_u32(conn) {
             Ok(m) => m,
@@ -234,7 +243,14 @@ fn transmission<S: Read + Write>(conn: &mut S, export: &dyn Export) -> io::Resul
                     continue;
                 }
                 let mut buf = vec![0u8; len as usize];
-                match export.read_at(&mut buf, offset) {
+                // Past the snapshot's end (the sector padding): zeros, not a read.
+                let inside = real_size.saturating_sub(offset).min(u64::from(len)) as usize;
+                let read = if inside == 0 {
+                    Ok(())
+                } else {
+                    export.read_at(&mut buf[..inside], offset)
+                };
+                match read {
                     Ok(()) => simple_reply(conn, 0, handle, &buf)?,
                     Err(e) => {
                         tracing::error!(offset, len, "read failed: {e}");
@@ -273,6 +289,9 @@ mod tests {
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
             if (1 << 20..2 << 20).contains(&offset) {
                 return Err(io::Error::other("damaged"));
+            }
+            if offset + buf.len() as u64 > self.0 {
+                return Err(io::Error::other("read past the end"));
             }
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = ((offset + i as u64) % 251) as u8;
@@ -361,6 +380,35 @@ mod tests {
         request(&mut c, 5, 13, 0, 0); // WRITE_ZEROES on a read-only export
         assert_eq!(simple(&mut c), (ENOTSUP, 13));
         request(&mut c, CMD_DISC, 14, 0, 0);
+        assert_eq!(server.join().unwrap().unwrap(), Ended::Disconnected);
+    }
+
+    #[test]
+    fn an_odd_sized_export_is_announced_in_whole_sectors_with_a_zero_tail() {
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || serve_client(&mut s, &Pattern(1000)));
+        handshake(&mut c);
+        option(&mut c, OPT_GO, &[0, 0, 0, 2, b'd', b'0', 0, 0]);
+        let (_, info) = reply(&mut c);
+        assert_eq!(&info[2..10], &1024u64.to_be_bytes());
+        assert_eq!(reply(&mut c).0, REP_INFO);
+        assert_eq!(reply(&mut c).0, REP_ACK);
+        request(&mut c, CMD_READ, 1, 990, 34);
+        assert_eq!(simple(&mut c), (0, 1));
+        let mut data = vec![0xff; 34];
+        c.read_exact(&mut data).unwrap();
+        assert!(data[..10]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == ((990 + i) % 251) as u8));
+        assert!(data[10..].iter().all(|b| *b == 0), "{data:?}");
+        request(&mut c, CMD_READ, 2, 1000, 24); // wholly in the padding
+        assert_eq!(simple(&mut c), (0, 2));
+        c.read_exact(&mut data[..24]).unwrap();
+        assert!(data[..24].iter().all(|b| *b == 0));
+        request(&mut c, CMD_READ, 3, 1000, 25); // past the announced end
+        assert_eq!(simple(&mut c), (EINVAL, 3));
+        request(&mut c, CMD_DISC, 4, 0, 0);
         assert_eq!(server.join().unwrap().unwrap(), Ended::Disconnected);
     }
 

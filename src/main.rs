@@ -61,10 +61,14 @@ enum Cmd {
     Restore {
         /// The VM's name.
         vm: String,
-        /// The disk's name (as listed by `snapshots`).
-        #[arg(long)]
-        disk: String,
-        /// Target file (written sparse) or block device.
+        /// The disk's name (as listed by `snapshots`); without it, `--as` restores the whole VM.
+        #[arg(long, required_unless_present = "as_name")]
+        disk: Option<String>,
+        /// Make a new VM of this name from the backup (QEMU): every disk as qcow2 in `--to`
+        /// (a folder) and a start script, with new UUID and MACs and no network.
+        #[arg(long = "as", conflicts_with = "disk")]
+        as_name: Option<String>,
+        /// Target file (written sparse) or block device; with `--as`, a folder.
         #[arg(long)]
         to: PathBuf,
         /// A backup (run) id or disk snapshot id; default: the latest.
@@ -258,11 +262,28 @@ fn run(cli: Cli) -> Result<u8> {
         Cmd::Restore {
             vm,
             disk,
+            as_name,
             to,
             snapshot,
             force,
         } => {
-            commands::restore::run(&cfg, &vm, &disk, snapshot.as_deref(), &to, force, json)?;
+            match (disk, as_name) {
+                (Some(disk), _) => {
+                    commands::restore::run(&cfg, &vm, &disk, snapshot.as_deref(), &to, force, json)?
+                }
+                (None, Some(new_name)) => commands::restore_vm::run(
+                    &cfg,
+                    &commands::restore_vm::Request {
+                        vm: &vm,
+                        new_name: &new_name,
+                        snapshot: snapshot.as_deref(),
+                        to: &to,
+                        force,
+                        json,
+                    },
+                )?,
+                (None, None) => anyhow::bail!("give --disk NAME, or --as NEW for the whole VM"),
+            }
             Ok(exit::OK)
         }
         Cmd::Serve {

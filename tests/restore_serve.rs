@@ -125,6 +125,7 @@ fn needs_qemu_serve_exports_a_backup_that_qemu_reads_identically() {
             host: "h".into(),
             consistency: "clean-shutdown".into(),
             tags: Default::default(),
+            vm_config: None,
         },
         &BackupOptions::default(),
         &NoProgress,

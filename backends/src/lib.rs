@@ -357,6 +357,49 @@ pub enum DiskAccess {
     },
 }
 
+/// What kind of VM definition a backend keeps with a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmDefinitionKind {
+    /// `{"program": ..., "cwd": ..., "argv": [...]}`: the original's QEMU command line,
+    /// options as coldclone parsed them (`-readconfig` inlined), secrets removed.
+    QemuCommandLine,
+    /// libxl's domain configuration as `xl list -l` gives it (JSON), passwords removed.
+    XlJson,
+    /// The VM's XAPI record (JSON).
+    XapiVmRecord,
+    /// The domain's libvirt XML.
+    LibvirtXml,
+}
+
+impl VmDefinitionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmDefinitionKind::QemuCommandLine => "qemu-command-line",
+            VmDefinitionKind::XlJson => "xl-json",
+            VmDefinitionKind::XapiVmRecord => "xapi-vm-record",
+            VmDefinitionKind::LibvirtXml => "libvirt-xml",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            VmDefinitionKind::QemuCommandLine,
+            VmDefinitionKind::XlJson,
+            VmDefinitionKind::XapiVmRecord,
+            VmDefinitionKind::LibvirtXml,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// A VM's definition, kept with its backup so that a lost VM can be made again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDefinition {
+    pub kind: VmDefinitionKind,
+    pub text: String,
+}
+
 /// How the clone ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -424,6 +467,11 @@ pub trait Hypervisor {
     /// backend's clone disks are image files the archive can serve in place.
     fn disk_access(&self, _clone: &PausedClone, _disk: &CloneDisk) -> DiskAccess {
         DiskAccess::Export
+    }
+    /// The VM's definition (secrets removed) to keep with its backup; `None` where the
+    /// backend keeps none.
+    fn vm_definition(&self, _vm: &VmInfo) -> Result<Option<VmDefinition>> {
+        Ok(None)
     }
     /// Puts the original's disks back to one image each, and removes the
     /// checkpoint's files.

@@ -213,6 +213,7 @@ fn backup_with(r: &Rig, run_id: &str, stop_timeout: Duration, balloon: Option<u6
                         host: "test".into(),
                         consistency: "clean-shutdown".into(),
                         tags: BTreeMap::new(),
+                        vm_config: None,
                     },
                     &BackupOptions::default(),
                     &NoProgress,

@@ -213,6 +213,7 @@ fn main() {
                 host: "bench".into(),
                 consistency: "crash".into(),
                 tags: Default::default(),
+                vm_config: None,
             };
             let s = repo
                 .backup_disk(&src, m, &opts, &NoProgress)

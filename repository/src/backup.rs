@@ -894,6 +894,7 @@ fn commit_snapshot(
         host: meta.host,
         consistency: meta.consistency,
         tags: meta.tags,
+        vm_config: meta.vm_config,
         size: plan.len,
         chunk_size: plan.cs as u32,
         parent: plan.parent.map(|p| p.id),

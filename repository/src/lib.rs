@@ -228,6 +228,18 @@ pub struct SnapshotMeta {
     /// `clean-shutdown` or `crash`.
     pub consistency: String,
     pub tags: BTreeMap<String, String>,
+    /// The VM's definition when it was backed up, so that a lost VM can be made again.
+    pub vm_config: Option<VmConfig>,
+}
+
+/// A VM's definition as its backend derived it, secrets removed; stored sealed with each
+/// disk's snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmConfig {
+    /// What `text` is: `qemu-argv` (a JSON array), `xl-config`, `xapi-vm-record` (JSON),
+    /// `libvirt-xml`.
+    pub kind: String,
+    pub text: String,
 }
 
 /// Options of one backup.
@@ -286,6 +298,9 @@ pub struct Snapshot {
     pub host: String,
     pub consistency: String,
     pub tags: BTreeMap<String, String>,
+    /// The VM's definition at the backup (absent in snapshots written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_config: Option<VmConfig>,
     /// Disk size in bytes.
     pub size: u64,
     pub chunk_size: u32,

@@ -384,6 +384,7 @@ mod tests {
             host: String::new(),
             consistency: String::new(),
             tags: Default::default(),
+            vm_config: None,
             size: 0,
             chunk_size: 4096,
             parent: None,

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-struct SnapshotExport<'r> {
+pub(crate) struct SnapshotExport<'r> {
     name: String,
     reader: SnapshotReader<'r>,
 }
@@ -91,13 +91,26 @@ pub fn run(
         snap.short_id(),
         socket.display()
     );
-    let served = std::thread::scope(|scope| -> Result<()> {
+    let served = accept_loop(&listener, &export, &STOP, once);
+    // The socket is ours: made above.
+    let _ = std::fs::remove_file(socket);
+    served
+}
+
+/// Serves `export` to each client on `listener` (non-blocking) until `stop` is set, or
+/// after the first client with `once`; waits for the clients to end.
+pub(crate) fn accept_loop(
+    listener: &UnixListener,
+    export: &dyn Export,
+    stop: &AtomicBool,
+    once: bool,
+) -> Result<()> {
+    std::thread::scope(|scope| -> Result<()> {
         let mut clients = Vec::new();
-        while !STOP.load(Ordering::SeqCst) {
+        while !stop.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((mut conn, _)) => {
                     conn.set_nonblocking(false)?;
-                    let export = &export;
                     clients.push(
                         scope.spawn(move || match nbd::serve_client(&mut conn, export) {
                             Ok(end) => tracing::debug!("client ended: {end:?}"),
@@ -109,7 +122,7 @@ pub fn run(
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -118,8 +131,38 @@ pub fn run(
             let _ = c.join();
         }
         Ok(())
+    })
+}
+
+/// Runs `f` with a snapshot served on a private socket under `dir` (a folder of ours,
+/// 0700), handing it the NBD URL; the export ends when `f` returns.
+pub(crate) fn with_private_export<T>(
+    repo: &coldclone_repository::Repository,
+    snapshot_id: &str,
+    name: &str,
+    dir: &Path,
+    f: impl FnOnce(&str) -> Result<T>,
+) -> Result<T> {
+    let reader = repo.open_snapshot(snapshot_id)?;
+    let export = SnapshotExport {
+        name: name.to_string(),
+        reader,
+    };
+    let socket = dir.join("export.sock");
+    let listener = UnixListener::bind(&socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?;
+    listener.set_nonblocking(true)?;
+    let url = format!("nbd+unix:///{name}?socket={}", socket.display());
+    let stop = AtomicBool::new(false);
+    let out = std::thread::scope(|scope| {
+        let server = scope.spawn(|| accept_loop(&listener, &export, &stop, false));
+        let out = f(&url);
+        stop.store(true, Ordering::SeqCst);
+        let served = server
+            .join()
+            .map_err(|_| anyhow::anyhow!("the export's thread panicked"))?;
+        served.and(out)
     });
-    // The socket is ours: made above.
-    let _ = std::fs::remove_file(socket);
-    served
+    let _ = std::fs::remove_file(&socket);
+    out
 }

@@ -9,7 +9,7 @@ use crate::progress::BarProgress;
 use crate::report::{Consistency, DiskReport, VmReport};
 use coldclone_backends::image_export::ImageExport;
 use coldclone_backends::shared::SharedResource;
-use coldclone_backends::{Checkpoint, CloneDisk, CloneNetwork, DiskAccess, Journal};
+use coldclone_backends::{Checkpoint, CloneDisk, CloneNetwork, DiskAccess, Journal, VmInfo};
 use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +17,7 @@ use std::path::Path;
 pub fn run(
     run: &mut Run,
     ctx: &RunContext,
+    info: &VmInfo,
     net: &CloneNetwork,
     checkpoint: &Checkpoint,
     consistency: Consistency,
@@ -38,6 +39,17 @@ pub fn run(
         }
         .into(),
     )?;
+    // The VM's definition goes with each of its disks; a backup never fails for want of it.
+    let vm_config = match run.backend.vm_definition(info) {
+        Ok(d) => d.map(|d| coldclone_repository::VmConfig {
+            kind: d.kind.as_str().to_string(),
+            text: d.text,
+        }),
+        Err(e) => {
+            tracing::warn!("the VM's definition is not kept with this backup: {e}");
+            None
+        }
+    };
     let result = (|| {
         for disk in &disks {
             let (access, clone_writes) = {
@@ -77,6 +89,7 @@ pub fn run(
                 host: ctx.host.clone(),
                 consistency: consistency.as_str().to_string(),
                 tags,
+                vm_config: vm_config.clone(),
             };
             let read_in_place = matches!(opened, OpenedDisk::InPlace(_));
             let progress =

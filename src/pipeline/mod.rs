@@ -187,7 +187,7 @@ fn run_steps(
         report.note_scratch(&run.work_dir);
 
         let t = Instant::now();
-        archive::run(&mut run, ctx, &net, &checkpoint, consistency, report)?;
+        archive::run(&mut run, ctx, &info, &net, &checkpoint, consistency, report)?;
         // The maps this checkpoint started serve the next run now; should this fail,
         // the clean-up removes them and the next run reads whole disks.
         if let Err(e) = run

@@ -1233,11 +1233,169 @@ pub fn clone_command(original: &[Opt], spec: &CloneSpec) -> Result<CloneCommand>
     Ok(CloneCommand { args, taps })
 }
 
+/// What a VM restored from a backup gets instead of the original's resources.
+pub struct RestoreSpec<'a> {
+    pub name: &'a str,
+    pub uuid: &'a str,
+    pub qmp_socket: &'a str,
+    pub pidfile: &'a str,
+    pub console_log: &'a str,
+    /// drive id -> the restored image (qcow2)
+    pub disks: &'a BTreeMap<String, String>,
+    /// The NICs' taps: made by QEMU at start, attached to nothing (no network) until
+    /// the user attaches them.
+    pub tap_prefix: &'a str,
+    /// One fresh MAC per NIC, in order of appearance.
+    pub macs: &'a [String],
+}
+
+/// The command line of a new VM made from a backup's kept definition: the clone's
+/// allow-list (so nothing of the original's host resources is reached), then a new
+/// MAC on every NIC and no `-S`: it boots at once.
+pub fn restored_command(original: &[Opt], spec: &RestoreSpec) -> Result<CloneCommand> {
+    let cloned = clone_command(
+        original,
+        &CloneSpec {
+            name: spec.name,
+            uuid: spec.uuid,
+            qmp_socket: spec.qmp_socket,
+            pidfile: spec.pidfile,
+            console_log: spec.console_log,
+            disk_overlays: spec.disks,
+            tap_prefix: spec.tap_prefix,
+            incoming: false,
+        },
+    )?;
+    let mut args = Vec::with_capacity(cloned.args.len());
+    let mut macs = spec.macs.iter();
+    let mut next_mac = || {
+        macs.next().cloned().ok_or_else(|| {
+            unsupported("more NICs than MAC addresses were made for them".to_string())
+        })
+    };
+    let mut it = cloned.args.into_iter().peekable();
+    while let Some(a) = it.next() {
+        if a == "-S" {
+            continue;
+        }
+        let nic_arg = match a.as_str() {
+            "-device" | "-nic" | "-net" => it.peek().cloned(),
+            _ => None,
+        };
+        args.push(a.clone());
+        let Some(arg) = nic_arg else { continue };
+        it.next();
+        let rewritten = match a.as_str() {
+            "-device" => {
+                let mut p = Props::parse("device", &arg, Some("driver"), true)?;
+                if p.json || p.get("netdev").is_none() {
+                    arg
+                } else {
+                    set(&mut p.pairs, "mac", &next_mac()?);
+                    render_headed(&p, "driver")
+                }
+            }
+            "-nic" => {
+                let mut p = Props::parse("nic", &arg, Some("type"), false)?;
+                if p.get("type") == Some("none") {
+                    arg
+                } else {
+                    set(&mut p.pairs, "mac", &next_mac()?);
+                    render_headed(&p, "type")
+                }
+            }
+            _ => {
+                let mut p = Props::parse("net", &arg, Some("type"), false)?;
+                if p.get("type") == Some("nic") {
+                    set(&mut p.pairs, "macaddr", &next_mac()?);
+                    render_headed(&p, "type")
+                } else {
+                    arg
+                }
+            }
+        };
+        args.push(rewritten);
+    }
+    Ok(CloneCommand {
+        args,
+        taps: cloned.taps,
+    })
+}
+
+/// `p` written back with its implied key's value first, bare, as QEMU's own
+/// documentation spells these options (`virtio-net-pci,netdev=n0,...`).
+fn render_headed(p: &Props, implied: &str) -> String {
+    match p.pairs.first() {
+        Some((k, v)) if k == implied => render_pairs(Some(v), &p.pairs[1..]),
+        _ => render_pairs(None, &p.pairs),
+    }
+}
+
 fn set(pairs: &mut Vec<(String, String)>, key: &str, value: &str) {
     match pairs.iter_mut().find(|(k, _)| k == key) {
         Some(p) => p.1 = value.to_string(),
         None => pairs.push((key.to_string(), value.to_string())),
     }
+}
+
+/// What a removed secret is replaced by in a kept definition.
+pub const SECRET_REMOVED: &str = "removed-by-coldclone";
+
+/// Keys whose values are secrets wherever they appear (`-object secret,data=`, SPICE's
+/// `password=`, a VNC `password-secret=` names an object and stays).
+fn is_secret_key(option: &str, qom_type: Option<&str>, key: &str) -> bool {
+    matches!(key, "password" | "passwd")
+        || (option == "object" && qom_type == Some("secret") && matches!(key, "data" | "iv"))
+}
+
+/// The original's options as argv for the definition kept with a backup: each option as
+/// the VM was started with it, secret values replaced by [`SECRET_REMOVED`].
+pub fn definition_argv(options: &[Opt]) -> Vec<String> {
+    let mut argv = Vec::new();
+    for o in options {
+        argv.push(format!("-{}", o.name));
+        let Some(arg) = &o.arg else { continue };
+        let implied = match o.name.as_str() {
+            "object" => Some("qom-type"),
+            _ => None,
+        };
+        let kept = match Props::parse(&o.name, arg, implied, true) {
+            Ok(p) if !p.json => {
+                let ty = p.get("qom-type").map(str::to_string);
+                let secret = p
+                    .pairs
+                    .iter()
+                    .any(|(k, _)| is_secret_key(&o.name, ty.as_deref(), k));
+                if secret {
+                    let pairs: Vec<(String, String)> = p
+                        .pairs
+                        .iter()
+                        .map(|(k, v)| {
+                            if is_secret_key(&o.name, ty.as_deref(), k) {
+                                (k.clone(), SECRET_REMOVED.to_string())
+                            } else {
+                                (k.clone(), v.clone())
+                            }
+                        })
+                        .collect();
+                    render_pairs(None, &pairs)
+                } else {
+                    arg.clone()
+                }
+            }
+            // A JSON argument with a secret in it: the whole argument goes.
+            Ok(p)
+                if p.pairs
+                    .iter()
+                    .any(|(k, _)| is_secret_key(&o.name, p.get("qom-type"), k)) =>
+            {
+                SECRET_REMOVED.to_string()
+            }
+            _ => arg.clone(),
+        };
+        argv.push(kept);
+    }
+    argv
 }
 
 #[cfg(test)]
@@ -1246,6 +1404,33 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn a_kept_definition_holds_no_secret() {
+        let argv = s(&[
+            "-name",
+            "web1",
+            "-object",
+            "secret,id=sec0,data=hunter2,format=raw",
+            "-object",
+            r#"{"qom-type":"secret","id":"sec1","data":"hunter3"}"#,
+            "-spice",
+            "port=5900,password=hunter4",
+            "-drive",
+            "file=/v/a,,b.qcow2,if=virtio,id=d0",
+        ]);
+        let kept = definition_argv(&parse(&argv).unwrap());
+        let joined = kept.join(" ");
+        assert!(!joined.contains("hunter"), "{joined}");
+        assert!(
+            kept.contains(
+                &"qom-type=secret,id=sec0,data=removed-by-coldclone,format=raw".to_string()
+            ),
+            "{kept:?}"
+        );
+        assert!(kept.contains(&"file=/v/a,,b.qcow2,if=virtio,id=d0".to_string()));
+        assert_eq!(kept.len(), argv.len());
     }
 
     fn spec(overlays: &BTreeMap<String, String>) -> CloneSpec<'_> {

@@ -1397,6 +1397,20 @@ impl Hypervisor for QemuBackend {
         Ok(())
     }
 
+    fn vm_definition(&self, vm: &VmInfo) -> Result<Option<crate::VmDefinition>> {
+        let qv = qemu_vm(vm)?;
+        let text = serde_json::to_string_pretty(&serde_json::json!({
+            "program": qv.exe,
+            "cwd": qv.cwd,
+            "argv": cmdline::definition_argv(&qv.options),
+        }))
+        .map_err(|e| BackendError::Unsupported(format!("the VM's definition: {e}")))?;
+        Ok(Some(crate::VmDefinition {
+            kind: crate::VmDefinitionKind::QemuCommandLine,
+            text,
+        }))
+    }
+
     fn stop_methods(&self, _vm: &VmInfo) -> StopMethod {
         StopMethod::Acpi
     }

@@ -682,6 +682,18 @@ impl Hypervisor for XlBackend {
             .map(|mib| mib << 20))
     }
 
+    fn vm_definition(&self, vm: &VmInfo) -> Result<Option<crate::VmDefinition>> {
+        let xv = xl_vm(vm)?;
+        let mut config = xv.config.clone();
+        remove_passwords(&mut config);
+        let text = serde_json::to_string_pretty(&config)
+            .map_err(|e| BackendError::Unsupported(format!("the domain's definition: {e}")))?;
+        Ok(Some(crate::VmDefinition {
+            kind: crate::VmDefinitionKind::XlJson,
+            text,
+        }))
+    }
+
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod {
         let Ok(x) = xl_vm(vm) else {
             return StopMethod::Pv;
@@ -698,5 +710,23 @@ impl Hypervisor for XlBackend {
             Ok(Some(v)) if v == "1" => StopMethod::Pv,
             _ => StopMethod::Acpi,
         }
+    }
+}
+
+/// libxl keeps VNC and SPICE passwords in the domain's configuration (`vnc.passwd`,
+/// `spice.passwd`): they are not kept with a backup.
+fn remove_passwords(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if k.contains("passwd") || k.contains("password") {
+                    *val = Value::String("removed-by-coldclone".into());
+                } else {
+                    remove_passwords(val);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(remove_passwords),
+        _ => {}
     }
 }

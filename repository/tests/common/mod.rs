@@ -55,6 +55,7 @@ pub fn meta(vm: &str, disk: &str) -> SnapshotMeta {
         host: "testhost".into(),
         consistency: "clean-shutdown".into(),
         tags: Default::default(),
+        vm_config: None,
     }
 }
 

@@ -101,6 +101,10 @@ impl Rig {
     /// A backup with these environment variables set.
     fn backup_env(&self, env: &[(&str, &str)]) -> (bool, Value, String) {
         let mut c = Command::new(BIN);
+        if let Some(p) = &self.path_prefix {
+            let path = std::env::var("PATH").unwrap_or_default();
+            c.env("PATH", format!("{}:{path}", p.display()));
+        }
         c.arg("--config")
             .arg(&self.cfg)
             .args(["--json", "backup"])
@@ -1230,6 +1234,14 @@ fn xapi_cbt_incremental_through_the_binary_reads_what_changed_verified() {
         );
     }
     eprintln!("runs: full {full_ms} ms, incremental {inc_ms} ms (verify on)");
+    // /export_raw_vdi goes straight into the repository: nothing under the state folder.
+    for rep in [&r1, &r2] {
+        assert_eq!(
+            find(rep, "scratch_bytes").and_then(Value::as_u64),
+            Some(0),
+            "{rep}"
+        );
+    }
     assert_eq!(r.kept_maps(), 2, "the earlier maps are gone");
     // 3. Lost maps: xvda's destroyed by hand, CBT disabled on xvdb: whole reads,
     // labelled none.

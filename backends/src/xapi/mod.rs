@@ -1442,6 +1442,28 @@ impl Hypervisor for XapiBackend {
         Ok(())
     }
 
+    /// `/export_raw_vdi` read straight into the repository.
+    fn disk_access(&self, _clone: &PausedClone, _disk: &CloneDisk) -> crate::DiskAccess {
+        crate::DiskAccess::Stream
+    }
+
+    fn open_disk_stream(&self, clone: &PausedClone, disk: &CloneDisk) -> Result<crate::DiskStream> {
+        let d: &XapiClone = clone.detail.get().ok_or_else(|| {
+            BackendError::Unsupported("the XAPI backend was handed another backend's clone".into())
+        })?;
+        let (vdi, uuid, size) =
+            d.disks.get(&disk.name).cloned().ok_or_else(|| {
+                BackendError::Clone(format!("no clone VDI for disk {}", disk.name))
+            })?;
+        let s = d
+            .client
+            .stream_raw_vdi(&vdi, &uuid, size, self.export_attempts)?;
+        Ok(crate::DiskStream {
+            len: size,
+            reader: Box::new(s),
+        })
+    }
+
     /// What the halted clone wrote: CBT of its VDI since the snapshot taken before it ran.
     fn clone_writes(
         &self,

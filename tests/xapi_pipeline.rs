@@ -1285,3 +1285,35 @@ fn xapi_cbt_incremental_through_the_binary_reads_what_changed_verified() {
     }
     r.assert_repository_sound("incremental backups");
 }
+
+#[test]
+fn xapi_streamed_export_cut_mid_transfer_is_asked_again_and_exact() {
+    // The first export closes its connection after 300 KiB: the stream asks again from
+    // the start and reads on past what the repository already had.
+    let r = rig("cut", VmSpec::new("web01", &[1 << 20]));
+    r.sim.set_faults(Faults {
+        drop_export_after: Some(300 << 10),
+        drop_export_count: 1,
+        ..Faults::default()
+    });
+    let (ok, report, stderr) = r.backup();
+    assert!(ok, "{stderr} {report}");
+    assert!(
+        r.sim
+            .state()
+            .call_log
+            .iter()
+            .filter(|c| *c == "export_raw_vdi")
+            .count()
+            >= 2,
+        "the export was asked for again"
+    );
+    let halted = halted_images(&r.sim);
+    let got = restore(&r, "xvda", &r.dir.0.join("xvda.raw"));
+    assert!(halted.contains(&got), "the backup is exact");
+    assert_eq!(
+        find(&report, "scratch_bytes").and_then(Value::as_u64),
+        Some(0)
+    );
+    r.assert_clean();
+}

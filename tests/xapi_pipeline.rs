@@ -95,7 +95,26 @@ impl Rig {
     }
 
     fn backup(&self) -> (bool, Value, String) {
-        let o = self.run(&["--json", "backup"]);
+        self.backup_env(&[])
+    }
+
+    /// A backup with these environment variables set.
+    fn backup_env(&self, env: &[(&str, &str)]) -> (bool, Value, String) {
+        let mut c = Command::new(BIN);
+        if let Some(p) = &self.path_prefix {
+            let path = std::env::var("PATH").unwrap_or_default();
+            c.env("PATH", format!("{}:{path}", p.display()));
+        }
+        c.arg("--config")
+            .arg(&self.cfg)
+            .args(["--json", "backup"])
+            .env_remove("COLDCLONE_PASSWORD")
+            .env_remove("COLDCLONE_XAPI_USERNAME")
+            .env_remove("COLDCLONE_XAPI_PASSWORD");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let o = c.output().expect("run coldclone");
         let report = String::from_utf8_lossy(&o.stdout)
             .lines()
             .find_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -123,8 +142,34 @@ impl Rig {
             "tasks left: {:?}",
             st.tasks.values().map(|t| &t.name_label).collect::<Vec<_>>()
         );
-        let own: usize = st.vms.values().map(|v| v.vbds.len()).sum();
-        assert_eq!(st.vdis.len(), own, "VDIs left");
+        let own: Vec<&String> = st
+            .vms
+            .values()
+            .flat_map(|v| v.vbds.iter())
+            .filter_map(|b| st.vbds.get(b))
+            .map(|b| &b.vdi)
+            .collect();
+        // What may remain of a successful run: its changed-block maps, at most one per
+        // disk, each a metadata-only snapshot of one of the original's VDIs.
+        let maps: Vec<&String> = st
+            .vdis
+            .values()
+            .filter(|v| {
+                v.kind == xapi_sim::VdiType::CbtMetadata
+                    && v.is_a_snapshot
+                    && own.contains(&&v.snapshot_of)
+                    && v.name_label.starts_with("coldclone-cbt-")
+            })
+            .map(|v| &v.snapshot_of)
+            .collect();
+        let distinct: std::collections::BTreeSet<&&String> = maps.iter().collect();
+        assert_eq!(distinct.len(), maps.len(), "at most one kept map per disk");
+        assert_eq!(
+            st.vdis.len(),
+            own.len() + maps.len(),
+            "VDIs left: {:?}",
+            st.vdis.values().map(|v| &v.name_label).collect::<Vec<_>>()
+        );
         assert!(
             st.sessions.is_empty(),
             "{} sessions left",
@@ -145,6 +190,16 @@ impl Rig {
     }
 
     /// web1's backups as `coldclone snapshots` lists them; the command must work.
+    /// The kept changed-block maps (metadata-only VDIs).
+    fn kept_maps(&self) -> usize {
+        self.sim
+            .state()
+            .vdis
+            .values()
+            .filter(|v| v.kind == xapi_sim::VdiType::CbtMetadata)
+            .count()
+    }
+
     fn snapshots(&self) -> Vec<Value> {
         let o = self.run(&["--json", "snapshots"]);
         assert!(
@@ -448,9 +503,12 @@ fn xapi_kill_9_at_every_step_then_recover_leaves_nothing() {
         "stop:requested",
         "stop:stopped",
         "archive:disk-stored",
+        // The backup is stored and its changed-block map kept: both stay.
+        "archive:maps-kept",
     ];
     let journal_dir = r.dir.0.join("state/journal");
     for (i, step) in steps.iter().enumerate() {
+        let stored = *step == "archive:maps-kept";
         let ctx = format!("killed at {step}");
         let mut child = r.spawn_backup(Some(step));
         wait_for(&mut child, step, || journal_reached(&journal_dir, step, 1));
@@ -459,11 +517,21 @@ fn xapi_kill_9_at_every_step_then_recover_leaves_nothing() {
         r.recover_after_kill(&ctx);
         r.gc_after_kill(&ctx);
         r.assert_clean();
-        assert_eq!(
-            r.snapshots(),
-            Vec::<Value>::new(),
-            "a killed run left a backup visible ({ctx})"
-        );
+        if stored {
+            assert_eq!(r.snapshots().len(), 1, "{ctx}: the stored backup stays");
+            assert_eq!(r.kept_maps(), 1, "{ctx}: its map stays");
+        } else {
+            assert_eq!(
+                r.snapshots(),
+                Vec::<Value>::new(),
+                "a killed run left a backup visible ({ctx})"
+            );
+            assert_eq!(
+                r.kept_maps(),
+                0,
+                "{ctx}: no map of a run that did not store"
+            );
+        }
         assert_eq!(
             r.finished_runs().len(),
             i + 1,
@@ -471,10 +539,17 @@ fn xapi_kill_9_at_every_step_then_recover_leaves_nothing() {
         );
         r.assert_repository_sound(&ctx);
     }
-    let (ok, report, stderr) = r.backup();
+    // The map kept by the run killed right after keeping it serves the next run.
+    let (ok, report, stderr) = r.backup_env(&[("COLDCLONE_VERIFY_INCREMENTAL", "1")]);
     assert!(ok, "a normal backup still works: {stderr} {report}");
+    assert_eq!(
+        find(&report, "changed_block_map").and_then(Value::as_str),
+        Some("xapi-cbt"),
+        "{report}"
+    );
     r.assert_clean();
-    assert_eq!(r.snapshots().len(), 1);
+    assert_eq!(r.snapshots().len(), 2);
+    assert_eq!(r.kept_maps(), 1);
 }
 
 fn disks(n: usize) -> Vec<u64> {
@@ -1040,4 +1115,205 @@ fn xapi_clones_count_against_the_pools_free_memory() {
         .vms
         .values()
         .all(|v| !v.name_label.starts_with("coldclone-")));
+}
+
+/// `count` guest writes of 4 KiB of pseudo-random data at pseudo-random 4 KiB-aligned
+/// offsets of web01's disk `userdevice`; returns the bytes written.
+fn scribble(r: &Rig, userdevice: &str, size: u64, seed: u64, count: u64) -> u64 {
+    let vm = {
+        let st = r.sim.state();
+        st.vms
+            .iter()
+            .find(|(_, v)| v.name_label == "web01")
+            .map(|(k, _)| k.clone())
+            .expect("web01")
+    };
+    let mut x = seed.wrapping_mul(6364136223846793005) | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..count {
+        let off = next() % (size / 4096) * 4096;
+        let data: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
+        r.sim
+            .guest_write(&vm, userdevice, off, &data)
+            .expect("guest write");
+    }
+    count * 4096
+}
+
+fn disk_report<'a>(report: &'a Value, name: &str) -> &'a Value {
+    find(report, "disks")
+        .and_then(Value::as_array)
+        .and_then(|d| d.iter().find(|d| d["name"] == name))
+        .unwrap_or_else(|| panic!("no disk {name} in {report}"))
+}
+
+/// One XAPI call as an administrator would make it by hand.
+fn by_hand(r: &Rig, method: &str, args: &[Value]) {
+    use serde_json::json;
+    let s = r
+        .sim
+        .call(
+            "session.login_with_password",
+            &[
+                json!("root"),
+                json!("pool secret"),
+                json!("1.0"),
+                json!("t"),
+            ],
+        )
+        .expect("login");
+    let mut p = vec![s.clone()];
+    p.extend_from_slice(args);
+    let out = r.sim.call(method, &p);
+    r.sim.call("session.logout", &[s]).expect("logout");
+    out.unwrap_or_else(|e| panic!("{method}: {e:?}"));
+}
+
+#[test]
+fn xapi_cbt_incremental_through_the_binary_reads_what_changed_verified() {
+    const SIZES: [u64; 2] = [8 << 20, 4 << 20];
+    let r = rig("cbt", VmSpec::new("web01", &SIZES));
+    let verify = [("COLDCLONE_VERIFY_INCREMENTAL", "1")];
+    let run = |ctx: &str| {
+        let t = std::time::Instant::now();
+        let (ok, report, stderr) = r.backup_env(&verify);
+        assert!(ok, "{ctx}: {stderr} {report}");
+        let halted = halted_images(&r.sim);
+        for (i, disk) in ["xvda", "xvdb"].iter().enumerate() {
+            let got = restore(&r, disk, &r.dir.0.join(format!("{disk}-{ctx}-{i}.raw")));
+            assert!(
+                halted.contains(&got),
+                "{ctx}: {disk} restores to its clone's stopped disk"
+            );
+        }
+        r.assert_clean();
+        (report, t.elapsed().as_millis())
+    };
+    // 1. A full read, labelled none; CBT is on and a map kept per disk.
+    let (r1, full_ms) = run("first");
+    let full: Vec<u64> = ["xvda", "xvdb"]
+        .iter()
+        .map(|d| {
+            let x = disk_report(&r1, d);
+            assert_eq!(x["changed_block_map"], "none", "{r1}");
+            x["bytes_read"].as_u64().expect("bytes_read")
+        })
+        .collect();
+    assert_eq!(r.kept_maps(), 2);
+    // 2. Random writes: the incremental reads the changed blocks only, labelled
+    // xapi-cbt, and the verify mode's whole read agreed (else the run fails).
+    let w = [
+        scribble(&r, "0", SIZES[0], 11, 40),
+        scribble(&r, "1", SIZES[1], 12, 10),
+    ];
+    let (r2, inc_ms) = run("incremental");
+    for (i, d) in ["xvda", "xvdb"].iter().enumerate() {
+        let x = disk_report(&r2, d);
+        assert_eq!(x["changed_block_map"], "xapi-cbt", "{r2}");
+        let read = x["bytes_read"].as_u64().expect("bytes_read");
+        assert!(
+            read < full[i] / 2 && read <= w[i] * 16 + (256 << 10),
+            "{d}: read {read} of a full {} for {} written",
+            full[i],
+            w[i]
+        );
+        assert!(
+            x["verify_bytes_read"]
+                .as_u64()
+                .is_some_and(|v| v >= full[i]),
+            "{d}: verified by a whole read: {x}"
+        );
+        eprintln!(
+            "{d}: full read {} bytes, incremental read {read} bytes for {} bytes written",
+            full[i], w[i]
+        );
+    }
+    eprintln!("runs: full {full_ms} ms, incremental {inc_ms} ms (verify on)");
+    // /export_raw_vdi goes straight into the repository: nothing under the state folder.
+    for rep in [&r1, &r2] {
+        assert_eq!(
+            find(rep, "scratch_bytes").and_then(Value::as_u64),
+            Some(0),
+            "{rep}"
+        );
+    }
+    assert_eq!(r.kept_maps(), 2, "the earlier maps are gone");
+    // 3. Lost maps: xvda's destroyed by hand, CBT disabled on xvdb: whole reads,
+    // labelled none.
+    let (map0, vdi1) = {
+        let st = r.sim.state();
+        let orig = st
+            .vms
+            .values()
+            .find(|v| v.name_label == "web01")
+            .expect("web01");
+        let vdi_of = |dev: &str| {
+            orig.vbds
+                .iter()
+                .map(|b| &st.vbds[b])
+                .find(|b| b.userdevice == dev)
+                .map(|b| b.vdi.clone())
+                .expect("disk")
+        };
+        let v0 = vdi_of("0");
+        let map0 = st
+            .vdis
+            .iter()
+            .find(|(_, v)| v.kind == xapi_sim::VdiType::CbtMetadata && v.snapshot_of == v0)
+            .map(|(k, _)| k.clone())
+            .expect("xvda's map");
+        (map0, vdi_of("1"))
+    };
+    by_hand(&r, "VDI.destroy", &[serde_json::json!(map0)]);
+    by_hand(&r, "VDI.disable_cbt", &[serde_json::json!(vdi1)]);
+    scribble(&r, "0", SIZES[0], 13, 10);
+    scribble(&r, "1", SIZES[1], 14, 10);
+    let (r3, _) = run("lost");
+    for d in ["xvda", "xvdb"] {
+        assert_eq!(disk_report(&r3, d)["changed_block_map"], "none", "{r3}");
+    }
+    // 4. And incremental again after that.
+    scribble(&r, "0", SIZES[0], 15, 10);
+    let (r4, _) = run("again");
+    for d in ["xvda", "xvdb"] {
+        assert_eq!(disk_report(&r4, d)["changed_block_map"], "xapi-cbt", "{r4}");
+    }
+    r.assert_repository_sound("incremental backups");
+}
+
+#[test]
+fn xapi_streamed_export_cut_mid_transfer_is_asked_again_and_exact() {
+    // The first export closes its connection after 300 KiB: the stream asks again from
+    // the start and reads on past what the repository already had.
+    let r = rig("cut", VmSpec::new("web01", &[1 << 20]));
+    r.sim.set_faults(Faults {
+        drop_export_after: Some(300 << 10),
+        drop_export_count: 1,
+        ..Faults::default()
+    });
+    let (ok, report, stderr) = r.backup();
+    assert!(ok, "{stderr} {report}");
+    assert!(
+        r.sim
+            .state()
+            .call_log
+            .iter()
+            .filter(|c| *c == "export_raw_vdi")
+            .count()
+            >= 2,
+        "the export was asked for again"
+    );
+    let halted = halted_images(&r.sim);
+    let got = restore(&r, "xvda", &r.dir.0.join("xvda.raw"));
+    assert!(halted.contains(&got), "the backup is exact");
+    assert_eq!(
+        find(&report, "scratch_bytes").and_then(Value::as_u64),
+        Some(0)
+    );
+    r.assert_clean();
 }

@@ -355,6 +355,17 @@ pub enum DiskAccess {
         path: PathBuf,
         format: image_export::ImageFormat,
     },
+    /// A stream of the disk's raw bytes, first to last ([`Hypervisor::open_disk_stream`]),
+    /// read straight into the repository: nothing is written under the state folder.
+    Stream,
+}
+
+/// A stopped clone disk as a stream of its raw bytes, first to last. The reader checks
+/// what it can (XAPI: the length and the export's task) and fails a read otherwise;
+/// reading it to its end (0) is what confirms the whole disk came.
+pub struct DiskStream {
+    pub len: u64,
+    pub reader: Box<dyn std::io::Read + Send>,
 }
 
 /// What kind of VM definition a backend keeps with a backup.
@@ -462,6 +473,14 @@ pub trait Hypervisor {
         _journal: &mut dyn Journal,
     ) -> Result<()> {
         Ok(())
+    }
+    /// Opens a stopped clone disk as a stream, for [`DiskAccess::Stream`]; each call is a
+    /// new stream from the first byte.
+    fn open_disk_stream(&self, _clone: &PausedClone, _disk: &CloneDisk) -> Result<DiskStream> {
+        Err(BackendError::Unsupported(format!(
+            "the {} backend exports disks to files, not as streams",
+            self.name()
+        )))
     }
     /// How the archive reads a stopped clone disk; [`DiskAccess::Export`] unless the
     /// backend's clone disks are image files the archive can serve in place.

@@ -19,12 +19,13 @@ mod common;
 use common::TestJournal;
 
 /// The backend's milestones in a good run, in order.
-const MILESTONES: [&str; 5] = [
+const MILESTONES: [&str; 6] = [
     "checkpoint:disks-snapshotted",
     "isolate:xapi-network-ready",
     "restore:vdis-cloned",
     "restore:clone-created",
     "restore:memory-loaded",
+    "archive:maps-kept",
 ];
 
 /// The state folder a run's file lies in (`STATE/runs/RUN/...`): these tests keep each
@@ -136,6 +137,39 @@ struct Archived {
     /// Chunks the repository had to store (not found already).
     new_chunks: u64,
     stored_bytes: u64,
+    bytes_read: u64,
+    /// The ranges read, when a changed-block map drove the backup.
+    read_by_map: Option<Vec<cb::ChangedRange>>,
+    /// What the next run needs: this run's map and the clone's writes.
+    next: Option<DiskMap>,
+}
+
+/// A disk's map as a snapshot records it for the next run (the pipeline keeps it in
+/// the snapshot's tags).
+#[derive(Debug, Clone)]
+struct DiskMap {
+    started: String,
+    clone_writes: Vec<cb::ChangedRange>,
+    snapshot: String,
+}
+
+/// The ranges to read from the previous run's record and this run's maps, as the
+/// pipeline's src/pipeline/changes.rs joins them; `None`: read the whole disk.
+fn plan(
+    prev: Option<&DiskMap>,
+    maps: Option<&cb::DiskChangeMaps>,
+    mine: Option<&[cb::ChangedRange]>,
+) -> Option<Vec<cb::ChangedRange>> {
+    let (prev, maps, mine) = (prev?, maps?, mine?);
+    let since = maps.since.get(&prev.started)?;
+    let mut all: Vec<cb::ChangedRange> = since
+        .iter()
+        .chain(&prev.clone_writes)
+        .chain(mine)
+        .cloned()
+        .collect();
+    all.sort_by_key(|r| r.start);
+    Some(all)
 }
 
 #[derive(Debug)]
@@ -155,6 +189,18 @@ fn backup(r: &Rig, run_id: &str, stop_timeout: Duration) -> RunResult {
 
 /// The same, ballooning the original to `balloon` bytes first (as the pipeline's balloon step).
 fn backup_with(r: &Rig, run_id: &str, stop_timeout: Duration, balloon: Option<u64>) -> RunResult {
+    backup_inc(r, run_id, stop_timeout, balloon, &BTreeMap::new())
+}
+
+/// The same, incremental against `prev` (disk → the previous run's record) where the
+/// maps allow, each map-driven backup checked against a whole read (the verify mode).
+fn backup_inc(
+    r: &Rig,
+    run_id: &str,
+    stop_timeout: Duration,
+    balloon: Option<u64>,
+    prev: &BTreeMap<String, DiskMap>,
+) -> RunResult {
     let loc = locator(r, &r.vm_uuid);
     let backend = cb::backend_for(&loc);
     let mut j = TestJournal::default();
@@ -199,6 +245,16 @@ fn backup_with(r: &Rig, run_id: &str, stop_timeout: Duration, balloon: Option<u6
         }
         let mut out = vec![];
         for d in c.disks.clone() {
+            let writes = match backend.clone_writes(c, &d) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("clone writes of {}: {e}; read whole", d.name);
+                    None
+                }
+            };
+            let maps = ckpt.change_maps.get(&d.name);
+            let p = prev.get(&d.name);
+            let ranges = plan(p, maps, writes.as_deref());
             let raw = work.join(format!("export-{}.raw", d.name));
             backend.export_disk(c, &d, &raw)?;
             let src = FileSource::open(&raw).map_err(|e| BackendError::Clone(e.to_string()))?;
@@ -215,11 +271,34 @@ fn backup_with(r: &Rig, run_id: &str, stop_timeout: Duration, balloon: Option<u6
                         tags: BTreeMap::new(),
                         vm_config: None,
                     },
-                    &BackupOptions::default(),
+                    &BackupOptions {
+                        parent: ranges.as_ref().and(p).map(|p| p.snapshot.clone()),
+                        changed_ranges: ranges.clone(),
+                    },
                     &NoProgress,
                 )
                 .map_err(|e| BackendError::Clone(e.to_string()))?;
+            if ranges.is_some() {
+                // The verify mode: the map-driven backup equals a whole read.
+                let cmp = r
+                    .repo
+                    .compare_disk(&s.snapshot_id, &src)
+                    .map_err(|e| BackendError::Clone(e.to_string()))?;
+                assert!(
+                    cmp.is_equal(),
+                    "disk {}: the map missed a change: {cmp:?}",
+                    d.name
+                );
+            }
             let _ = std::fs::remove_file(&raw);
+            let next = match (maps, writes) {
+                (Some(m), Some(w)) => Some(DiskMap {
+                    started: m.started.clone(),
+                    clone_writes: w,
+                    snapshot: s.snapshot_id.clone(),
+                }),
+                _ => None,
+            };
             out.push(Archived {
                 disk: d.name.clone(),
                 vdi_uuid: d
@@ -230,7 +309,14 @@ fn backup_with(r: &Rig, run_id: &str, stop_timeout: Duration, balloon: Option<u6
                 snapshot: s.snapshot_id,
                 new_chunks: s.new_chunks,
                 stored_bytes: s.stored_bytes,
+                bytes_read: s.bytes_read,
+                read_by_map: ranges,
+                next,
             });
+        }
+        // As the pipeline: once every disk is stored, the maps are the next run's.
+        if let Err(e) = backend.settle_change_maps(&info, &ckpt, true, &mut j) {
+            eprintln!("changed-block maps: {e}; the next backup reads whole disks");
         }
         Ok(out)
     })()
@@ -252,7 +338,19 @@ fn backup_with(r: &Rig, run_id: &str, stop_timeout: Duration, balloon: Option<u6
 }
 
 /// Nothing of any run is left on the host, and the original runs.
+/// A successful run's kept changed-block maps may remain.
 fn assert_clean(r: &Rig, context: &str) {
+    assert_clean_but_maps(r, context, true)
+}
+
+/// Nothing at all is left (no run succeeded).
+fn assert_nothing_left(r: &Rig, context: &str) {
+    assert_clean_but_maps(r, context, false)
+}
+
+/// The same, but for at most one kept changed-block map per disk when `maps_may_remain`
+/// (after a successful run): a metadata-only snapshot of one of the original's VDIs.
+fn assert_clean_but_maps(r: &Rig, context: &str, maps_may_remain: bool) {
     // Tasks a failed call abandoned finish in the simulator's own time (its
     // threads) and are dropped: wait for that, however loaded the machine;
     // the bound only ends the wait for a task left behind, which fails below.
@@ -274,13 +372,31 @@ fn assert_clean(r: &Rig, context: &str) {
         .filter_map(|b| st.vbds.get(b))
         .map(|b| &b.vdi)
         .collect();
+    let is_map = |v: &xapi_sim::Vdi| {
+        v.kind == xapi_sim::VdiType::CbtMetadata
+            && v.is_a_snapshot
+            && own.contains(&&v.snapshot_of)
+            && v.name_label.starts_with("coldclone-cbt-")
+    };
+    let maps: Vec<&String> = st
+        .vdis
+        .values()
+        .filter(|v| is_map(v))
+        .map(|v| &v.snapshot_of)
+        .collect();
     let extra: Vec<&String> = st
         .vdis
         .iter()
-        .filter(|(k, _)| !own.contains(k))
+        .filter(|(k, v)| !(own.contains(k) || maps_may_remain && is_map(v)))
         .map(|(_, v)| &v.name_label)
         .collect();
     assert!(extra.is_empty(), "{context}: VDIs left: {extra:?}");
+    let per_disk: std::collections::BTreeSet<&String> = maps.iter().copied().collect();
+    assert_eq!(
+        per_disk.len(),
+        maps.len(),
+        "{context}: at most one kept map per disk"
+    );
     assert_eq!(
         st.networks.len(),
         1,
@@ -535,12 +651,18 @@ fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
             // A failure the backend absorbs (task.destroy is tried twice, a
             // failed logout, a retried export, a check after the fact does
             // not spoil the data): then the backup must be exactly right.
+            // A fault while the maps are kept only costs the next run a whole read.
             Ok(archived) => {
                 absorbed.push(at.to_string());
-                assert_eq!(out.journal.milestones, MILESTONES, "{ctx}");
+                let m = &out.journal.milestones;
+                assert!(
+                    m == &MILESTONES || m[..] == MILESTONES[..MILESTONES.len() - 1],
+                    "{ctx}: {m:?}"
+                );
                 assert_archive_matches(&r, archived, &ctx);
             }
         }
+        let succeeded = out.archived.is_ok();
         let mut out = out;
         if !out.leftovers.is_empty() {
             // The pipeline reports the run failed and keeps the journal;
@@ -555,7 +677,8 @@ fn xapi_fault_at_every_call_fails_cleanly_and_leaves_nothing() {
             assert!(again.is_empty(), "{ctx}: recover failed: {again:?}");
         }
         assert!(out.journal.open.is_empty(), "{ctx}: journal entries left");
-        assert_clean(&r, &ctx);
+        // Only a successful run's kept map (one per disk) may remain.
+        assert_clean_but_maps(&r, &ctx, succeeded);
     }
     eprintln!(
         "{} calls, each fault fired: {failed} failed the run cleanly, {} were absorbed: {absorbed:?}, {recovered} needed `recover` after a failed clean-up call",
@@ -608,7 +731,7 @@ fn xapi_export_fault_fails_cleanly() {
     let e = out.archived.expect_err("every export fails");
     assert!(e.contains("failed after 3 attempts"), "{e}");
     assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
-    assert_clean(&r, "export fault");
+    assert_nothing_left(&r, "export fault");
 }
 
 #[test]
@@ -720,7 +843,7 @@ fn xapi_hvm_guest_without_pv_drivers_fails_with_the_reason() {
     let e = out.archived.expect_err("no way to press the power button");
     assert!(e.contains("no ACPI power-button call"), "{e}");
     assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
-    assert_clean(&r, "HVM without PV drivers");
+    assert_nothing_left(&r, "HVM without PV drivers");
 }
 
 #[test]
@@ -746,7 +869,7 @@ fn xapi_guest_ignoring_the_shutdown_is_killed_and_cleaned_up() {
         "the guest never shut down cleanly"
     );
     assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
-    assert_clean(&r, "guest ignoring the shutdown");
+    assert_nothing_left(&r, "guest ignoring the shutdown");
 }
 
 #[test]
@@ -757,7 +880,7 @@ fn xapi_unsuspendable_vm_fails_at_the_checkpoint() {
     let out = backup(&r, "n1", Duration::from_secs(30));
     let e = out.archived.expect_err("cannot checkpoint");
     assert!(e.contains("VM_LACKS_FEATURE"), "{e}");
-    assert_clean(&r, "unsuspendable");
+    assert_nothing_left(&r, "unsuspendable");
 }
 
 #[test]
@@ -1045,7 +1168,7 @@ fn xapi_guest_that_never_acknowledges_the_shutdown_is_hard_shut_at_xenopsd_timeo
     );
     assert!(r.sim.state().halted_images.is_empty());
     assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
-    assert_clean(&r, "no acknowledgement");
+    assert_nothing_left(&r, "no acknowledgement");
 }
 
 #[test]
@@ -1068,7 +1191,7 @@ fn xapi_guest_that_acknowledges_and_never_halts_is_hard_shut_at_vm_shutdown_time
         .any(|c| c == "VM.hard_shutdown"));
     assert!(r.sim.state().halted_images.is_empty());
     assert!(out.leftovers.is_empty(), "{:?}", out.leftovers);
-    assert_clean(&r, "acknowledged, never halted");
+    assert_nothing_left(&r, "acknowledged, never halted");
 }
 
 #[test]
@@ -1091,7 +1214,7 @@ fn xapi_host_older_than_1_257_is_refused_before_anything_is_made() {
         out.journal.open.is_empty() && out.journal.next == 0,
         "nothing journaled"
     );
-    assert_clean(&r, "old host");
+    assert_nothing_left(&r, "old host");
 }
 
 #[test]
@@ -1269,4 +1392,181 @@ fn xapi_balloon_is_undone_after_a_fault_at_every_call_and_after_a_crash() {
     }
     assert_eq!(range(&r), before, "recover put the range back");
     assert_clean(&r, "balloon crash");
+}
+
+/// One XAPI call as an administrator would make it by hand (a session of its own).
+fn by_hand(r: &Rig, method: &str, args: &[serde_json::Value]) -> serde_json::Value {
+    use serde_json::json;
+    let s = r
+        .sim
+        .call(
+            "session.login_with_password",
+            &[
+                json!("root"),
+                json!("s3cret pass"),
+                json!("1.0"),
+                json!("t"),
+            ],
+        )
+        .expect("login");
+    let mut p = vec![s.clone()];
+    p.extend_from_slice(args);
+    let out = r.sim.call(method, &p);
+    r.sim.call("session.logout", &[s]).expect("logout");
+    out.unwrap_or_else(|e| panic!("{method}: {e:?}"))
+}
+
+/// `count` writes of 4 KiB of pseudo-random data at pseudo-random 4 KiB-aligned offsets
+/// of the original's disk `userdevice`, by its guest; returns the bytes written.
+fn scribble(r: &Rig, userdevice: &str, size: u64, seed: u64, count: u64) -> u64 {
+    let mut x = seed.wrapping_mul(6364136223846793005) | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..count {
+        let off = next() % (size / 4096) * 4096;
+        let data: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
+        r.sim
+            .guest_write(&r.vm_ref, userdevice, off, &data)
+            .expect("guest write");
+    }
+    count * 4096
+}
+
+/// The kept maps: (name, the original VDI it is a snapshot of).
+fn kept_maps(r: &Rig) -> Vec<(String, String)> {
+    let st = r.sim.state();
+    st.vdis
+        .values()
+        .filter(|v| v.kind == xapi_sim::VdiType::CbtMetadata)
+        .map(|v| (v.name_label.clone(), v.snapshot_of.clone()))
+        .collect()
+}
+
+fn nexts(archived: &[Archived]) -> BTreeMap<String, DiskMap> {
+    archived
+        .iter()
+        .filter_map(|a| a.next.clone().map(|n| (a.disk.clone(), n)))
+        .collect()
+}
+
+const CBT_DISKS: [u64; 2] = [8 << 20, 4 << 20];
+
+#[test]
+fn xapi_cbt_incremental_reads_what_changed_and_falls_back_when_a_map_is_lost() {
+    let r = rig("cbt", VmSpec::new("db1", &CBT_DISKS));
+    let ok = |out: RunResult, ctx: &str| -> Vec<Archived> {
+        assert!(out.leftovers.is_empty(), "{ctx}: {:?}", out.leftovers);
+        assert_eq!(out.journal.milestones, MILESTONES, "{ctx}");
+        let a = out.archived.unwrap_or_else(|e| panic!("{ctx}: {e}"));
+        assert_archive_matches(&r, &a, ctx);
+        a
+    };
+    // 1. The first backup reads everything; CBT is on and each disk's map is kept.
+    let t = Instant::now();
+    let a1 = ok(backup(&r, "run1", Duration::from_secs(30)), "first");
+    let full_ms = t.elapsed().as_millis();
+    assert!(a1.iter().all(|a| a.read_by_map.is_none()));
+    let full: Vec<u64> = a1.iter().map(|a| a.bytes_read).collect();
+    assert!(
+        r.sim
+            .state()
+            .vdis
+            .values()
+            .filter(|v| v.cbt_enabled)
+            .count()
+            >= 2,
+        "CBT is enabled on the original's disks"
+    );
+    let maps = kept_maps(&r);
+    assert_eq!(maps.len(), 2, "one map per disk: {maps:?}");
+    assert!(maps
+        .iter()
+        .all(|(n, _)| n.starts_with("coldclone-cbt-run1-")));
+
+    // 2. Random writes, then an incremental per disk: only the changes are read, and
+    // the whole read of the verify mode agrees (backup_inc checks it).
+    let w0 = scribble(&r, "0", CBT_DISKS[0], 1, 40);
+    let w1 = scribble(&r, "1", CBT_DISKS[1], 2, 10);
+    let t = Instant::now();
+    let a2 = ok(
+        backup_inc(&r, "run2", Duration::from_secs(30), None, &nexts(&a1)),
+        "incremental",
+    );
+    let inc_ms = t.elapsed().as_millis();
+    for (a, (w, f)) in a2.iter().zip([(w0, full[0]), (w1, full[1])]) {
+        let ranges = a
+            .read_by_map
+            .as_ref()
+            .unwrap_or_else(|| panic!("disk {}: the second backup is driven by CBT", a.disk));
+        // 64 KiB CBT blocks: each 4 KiB write may cost 64 KiB, plus the marks of the
+        // checkpoint and of the two clones' shutdowns.
+        assert!(
+            a.bytes_read <= w * 16 + (256 << 10) && a.bytes_read < f / 2,
+            "disk {}: read {} bytes for {w} written (full read {f}); ranges {ranges:?}",
+            a.disk,
+            a.bytes_read
+        );
+        eprintln!(
+            "disk {}: full read {f} bytes, incremental read {} bytes for {w} bytes written",
+            a.disk, a.bytes_read
+        );
+    }
+    eprintln!("run times: full {full_ms} ms, incremental {inc_ms} ms");
+    let maps = kept_maps(&r);
+    assert_eq!(maps.len(), 2, "the earlier maps are gone: {maps:?}");
+    assert!(maps
+        .iter()
+        .all(|(n, _)| n.starts_with("coldclone-cbt-run2-")));
+
+    // 3. A lost map: disk 0's kept map destroyed by hand, CBT disabled on disk 1.
+    // Both are read whole, and the backup is still exact.
+    let (xvda_map, xvdb) = {
+        let st = r.sim.state();
+        let orig = &st.vms[&r.vm_ref];
+        let vdi_of = |dev: &str| {
+            orig.vbds
+                .iter()
+                .map(|b| &st.vbds[b])
+                .find(|b| b.userdevice == dev)
+                .map(|b| b.vdi.clone())
+                .expect("disk")
+        };
+        let (a, b) = (vdi_of("0"), vdi_of("1"));
+        let map = st
+            .vdis
+            .iter()
+            .find(|(_, v)| v.kind == xapi_sim::VdiType::CbtMetadata && v.snapshot_of == a)
+            .map(|(k, _)| k.clone())
+            .expect("disk 0's map");
+        (map, b)
+    };
+    by_hand(&r, "VDI.destroy", &[serde_json::json!(xvda_map)]);
+    by_hand(&r, "VDI.disable_cbt", &[serde_json::json!(xvdb)]);
+    scribble(&r, "0", CBT_DISKS[0], 3, 10);
+    scribble(&r, "1", CBT_DISKS[1], 4, 10);
+    let a3 = ok(
+        backup_inc(&r, "run3", Duration::from_secs(30), None, &nexts(&a2)),
+        "lost maps",
+    );
+    for a in &a3 {
+        assert!(
+            a.read_by_map.is_none(),
+            "disk {}: a lost map means a whole read",
+            a.disk
+        );
+    }
+    // 4. ... and the run after is incremental again on both.
+    scribble(&r, "0", CBT_DISKS[0], 5, 10);
+    scribble(&r, "1", CBT_DISKS[1], 6, 10);
+    let a4 = ok(
+        backup_inc(&r, "run4", Duration::from_secs(30), None, &nexts(&a3)),
+        "after the loss",
+    );
+    assert!(a4.iter().all(|a| a.read_by_map.is_some()), "{a4:?}");
+    assert_eq!(kept_maps(&r).len(), 2);
+    assert_clean(&r, "incremental runs");
 }

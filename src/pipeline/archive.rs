@@ -10,9 +10,11 @@ use crate::report::{Consistency, DiskReport, VmReport};
 use coldclone_backends::image_export::ImageExport;
 use coldclone_backends::shared::SharedResource;
 use coldclone_backends::{Checkpoint, CloneDisk, CloneNetwork, DiskAccess, Journal, VmInfo};
-use coldclone_repository::{BackupOptions, FileSource, SnapshotMeta};
+use coldclone_repository::{BackupOptions, DiskSource, FileSource, SnapshotMeta};
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::Path;
+use std::sync::Mutex;
 
 pub fn run(
     run: &mut Run,
@@ -70,10 +72,8 @@ pub fn run(
                 (run.backend.disk_access(clone, disk), writes)
             };
             let opened = open_disk(run, access, disk)?;
-            let source = FileSource::open(opened.path()).map_err(|source| PipelineError::Io {
-                path: opened.path().to_path_buf(),
-                source,
-            })?;
+            let source_box = opened.source()?;
+            let source = source_box.as_ref();
             let parent = ctx.repo.find_latest(&run.vm.name, &disk.name)?;
             let maps = checkpoint.change_maps.get(&disk.name);
             let (changed_ranges, changed_block_map) =
@@ -95,7 +95,7 @@ pub fn run(
             let progress =
                 BarProgress::new(ctx.show_progress, &format!("{} {}", run.vm.name, disk.name));
             let summary = ctx.repo.backup_disk(
-                &source,
+                source,
                 meta,
                 &BackupOptions {
                     parent,
@@ -107,7 +107,30 @@ pub fn run(
             // Never wrong: with the verify mode on, a map-driven read is checked against
             // a read of the whole disk before the backup counts.
             let verified = if changed_ranges.is_some() && changes::verify_requested() {
-                let cmp = ctx.repo.compare_disk(&summary.snapshot_id, &source)?;
+                // A stream is read once: the whole read is a stream of its own.
+                let again = match &opened {
+                    OpenedDisk::Stream(_) => {
+                        let clone = run
+                            .clone
+                            .as_ref()
+                            .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
+                        Some(StreamSource::new(
+                            run.backend.open_disk_stream(clone, disk)?,
+                        ))
+                    }
+                    _ => None,
+                };
+                let whole: &dyn DiskSource = match &again {
+                    Some(s) => s,
+                    None => source,
+                };
+                let cmp = ctx.repo.compare_disk(&summary.snapshot_id, whole)?;
+                if let Some(s) = &again {
+                    s.finish(true).map_err(|source| PipelineError::Io {
+                        path: disk.overlay.clone(),
+                        source,
+                    })?;
+                }
                 if !cmp.is_equal() {
                     written.push(summary.snapshot_id.clone());
                     return Err(PipelineError::IncrementalMismatch {
@@ -125,8 +148,9 @@ pub fn run(
             written.push(summary.snapshot_id.clone());
             // The scratch is largest now: the memory image and this disk's copy, if any.
             report.note_scratch(&run.work_dir);
-            drop(source);
-            opened.close(&mut run.journal)?;
+            drop(source_box);
+            // A map-driven read need not fetch the rest of a stream.
+            opened.close(changed_ranges.is_none(), &mut run.journal)?;
             report.disks.push(DiskReport {
                 name: disk.name.clone(),
                 bytes: summary.bytes,
@@ -169,18 +193,36 @@ enum OpenedDisk {
     InPlace(ImageExport),
     /// Copied into the run folder (journal id of the copy).
     Copy { path: std::path::PathBuf, id: u64 },
+    /// Streamed from the backend straight into the repository.
+    Stream(StreamSource),
 }
 
 impl OpenedDisk {
-    fn path(&self) -> &Path {
-        match self {
-            OpenedDisk::InPlace(e) => e.path(),
-            OpenedDisk::Copy { path, .. } => path,
-        }
+    /// The repository's source over it.
+    fn source(&self) -> Result<Box<dyn DiskSource + '_>, PipelineError> {
+        let file = |path: &Path| {
+            FileSource::open(path).map_err(|source| PipelineError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        Ok(match self {
+            OpenedDisk::InPlace(e) => Box::new(file(e.path())?),
+            OpenedDisk::Copy { path, .. } => Box::new(file(path)?),
+            OpenedDisk::Stream(s) => Box::new(StreamRef(s)),
+        })
     }
 
-    fn close(self, journal: &mut dyn Journal) -> Result<(), PipelineError> {
+    /// `whole`: the repository read every byte, so a stream is read to its end (which
+    /// confirms it); otherwise it is dropped where the reading stopped.
+    fn close(self, whole: bool, journal: &mut dyn Journal) -> Result<(), PipelineError> {
         match self {
+            OpenedDisk::Stream(s) => {
+                s.finish(whole).map_err(|source| PipelineError::Io {
+                    path: "stream".into(),
+                    source,
+                })?;
+            }
             OpenedDisk::InPlace(e) => e.stop(journal)?,
             OpenedDisk::Copy { path, id } => {
                 std::fs::remove_file(&path).map_err(|source| PipelineError::Io {
@@ -212,6 +254,15 @@ fn open_disk(
                 &mut run.journal,
             )?))
         }
+        DiskAccess::Stream => {
+            let clone = run
+                .clone
+                .as_ref()
+                .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
+            Ok(OpenedDisk::Stream(StreamSource::new(
+                run.backend.open_disk_stream(clone, disk)?,
+            )))
+        }
         DiskAccess::Export => {
             let raw = run.work_dir.join(format!("export-{safe_name}.raw"));
             let id = run
@@ -224,6 +275,103 @@ fn open_disk(
             run.backend.export_disk(clone, disk, &raw)?;
             Ok(OpenedDisk::Copy { path: raw, id })
         }
+    }
+}
+
+/// A disk stream as a repository source: read forward only (the repository's reader
+/// asks for increasing offsets); what it skips is read and dropped.
+pub(crate) struct StreamSource {
+    len: u64,
+    inner: Mutex<(Box<dyn Read + Send>, u64)>,
+}
+
+impl StreamSource {
+    fn new(s: coldclone_backends::DiskStream) -> StreamSource {
+        StreamSource {
+            len: s.len,
+            inner: Mutex::new((s.reader, 0)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Box<dyn Read + Send>, u64)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// With `drain`: reads to the end, which must come at `len` (the reader checks the
+    /// transfer there); without, the stream is dropped as it is.
+    fn finish(&self, drain: bool) -> std::io::Result<()> {
+        let mut g = self.lock();
+        if !drain {
+            // A reader that ends early discards the rest; nothing read is kept.
+            g.0 = Box::new(std::io::empty());
+            return Ok(());
+        }
+        let (r, pos) = &mut *g;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => *pos += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if *pos != self.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the disk stream ended at {} of {} bytes", pos, self.len),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl DiskSource for StreamSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let mut g = self.lock();
+        let (r, pos) = &mut *g;
+        if offset < *pos {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a disk stream at {pos} cannot go back to {offset}"),
+            ));
+        }
+        let mut skip = vec![0u8; (offset - *pos).min(1 << 20) as usize];
+        while *pos < offset {
+            let want = skip.len().min((offset - *pos) as usize);
+            match r.read(&mut skip[..want]) {
+                Ok(0) => return Ok(0),
+                Ok(n) => *pos += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let n = r.read(buf)?;
+        *pos += n as u64;
+        Ok(n)
+    }
+
+    fn data_ranges(&self) -> std::io::Result<Option<Vec<std::ops::Range<u64>>>> {
+        Ok(None)
+    }
+}
+
+/// A borrowed [`StreamSource`] as a source (the disk stays open to be closed after).
+struct StreamRef<'a>(&'a StreamSource);
+
+impl DiskSource for StreamRef<'_> {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn data_ranges(&self) -> std::io::Result<Option<Vec<std::ops::Range<u64>>>> {
+        self.0.data_ranges()
     }
 }
 

@@ -237,6 +237,8 @@ pub struct Vm {
 pub enum VdiType {
     User,
     Suspend,
+    /// xapi/xapi_vdi.ml `_data_destroy`: a snapshot whose data is gone, its CBT log kept.
+    CbtMetadata,
 }
 
 impl VdiType {
@@ -244,6 +246,7 @@ impl VdiType {
         match self {
             VdiType::User => "user",
             VdiType::Suspend => "suspend",
+            VdiType::CbtMetadata => "cbt_metadata",
         }
     }
 }
@@ -267,6 +270,17 @@ pub struct Vdi {
     pub image_of: Option<Guest>,
     /// VDI_IN_USE answers still due after an export (Faults::vdi_in_use_after_export).
     pub busy_after_export: u32,
+}
+
+/// One CBT log (sm libs/sm/cbtutil.py: a bitmap of 64 KiB blocks written, the
+/// disk's size, the uuids of the log before and after it in the chain).
+#[derive(Debug, Clone, Default)]
+pub struct CbtLog {
+    pub size: u64,
+    /// Blocks written while this log was the leaf's.
+    pub blocks: std::collections::BTreeSet<u64>,
+    pub parent: Option<String>,
+    pub child: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -425,6 +439,9 @@ pub struct State {
     pub exports_held: u64,
     /// Copies of each disk as the guest left it at a clean shutdown: VDI uuid → file.
     pub halted_images: BTreeMap<String, PathBuf>,
+    /// The SR's changed-block-tracking logs by VDI uuid (sm libs/sm/VDI.py: one
+    /// `<uuid>.cbtlog` per CBT-enabled VDI, linked to its neighbours by parent/child uuids).
+    pub cbt_logs: BTreeMap<String, CbtLog>,
     pub faults: Faults,
     pub timeouts: Timeouts,
     pub exports_completed: u64,
@@ -644,11 +661,19 @@ impl State {
             }
             "vdi" => {
                 let v = self.vdis.get(r).ok_or_else(|| invalid("VDI", r))?;
+                // idl/datamodel.ml VDI `snapshots`: the reverse of `snapshot_of`.
+                let snapshots: Vec<&String> = self
+                    .vdis
+                    .iter()
+                    .filter(|(_, x)| x.snapshot_of == r)
+                    .map(|(k, _)| k)
+                    .collect();
                 json!({
                     "uuid": v.uuid, "name_label": v.name_label,
                     "virtual_size": v.virtual_size,
                     "physical_utilisation": v.virtual_size,
                     "is_a_snapshot": v.is_a_snapshot, "snapshot_of": v.snapshot_of,
+                    "snapshots": snapshots,
                     "cbt_enabled": v.cbt_enabled, "VBDs": v.vbds, "type": v.kind.as_str(),
                     "read_only": false, "SR": v.sr, "other_config": v.other_config,
                 })
@@ -894,15 +919,135 @@ impl State {
         if let Err(e) = sparse_copy(&v.file, &file) {
             return err("SR_BACKEND_FAILURE", &[&e.to_string()]);
         }
+        // sm libs/sm/drivers/FileSR.py `_snapshot`: a snapshot of a CBT-enabled VDI is
+        // CBT-enabled and takes over its log (`_cbt_snapshot`); a clone is not
+        // (quicktest/quicktest_cbt.ml `vdi_clone_copy_test`: "VDI.clone failed to set
+        // cbt_enabled to false").
+        let tracked = snapshot && v.cbt_enabled && self.cbt_logs.contains_key(&v.uuid);
+        let new_uuid = self.vdis[&r].uuid.clone();
+        if tracked {
+            self.cbt_snapshot(&v.uuid, &new_uuid);
+        }
         if let Some(n) = self.vdis.get_mut(&r) {
             n.is_a_snapshot = snapshot;
             n.snapshot_of = if snapshot { src.into() } else { NULL.into() };
-            n.cbt_enabled = v.cbt_enabled;
+            n.cbt_enabled = tracked;
             n.other_config = v.other_config.clone();
             n.copied_from = Some(v.uuid.clone());
             n.image_of = v.image_of;
         }
         Ok(r)
+    }
+
+    /// sm libs/sm/VDI.py `_cbt_snapshot`: the VDI's log becomes the snapshot's (the
+    /// blocks written since the previous snapshot), the previous snapshot's child is
+    /// the new one, and the VDI starts a fresh log whose parent is the snapshot.
+    fn cbt_snapshot(&mut self, vdi_uuid: &str, snap_uuid: &str) {
+        let Some(mut old) = self.cbt_logs.remove(vdi_uuid) else {
+            return;
+        };
+        if let Some(p) = old.parent.clone() {
+            if let Some(pl) = self.cbt_logs.get_mut(&p) {
+                pl.child = Some(snap_uuid.into());
+            }
+        }
+        let size = old.size;
+        let prev_child = old.child.take();
+        old.child = Some(vdi_uuid.into());
+        self.cbt_logs.insert(snap_uuid.into(), old);
+        self.cbt_logs.insert(
+            vdi_uuid.into(),
+            CbtLog {
+                size,
+                blocks: Default::default(),
+                parent: Some(snap_uuid.into()),
+                child: prev_child,
+            },
+        );
+    }
+
+    /// sm libs/sm/VDI.py `delete` (not data_only): the log leaves the chain, its
+    /// neighbours are linked, and its bitmap is merged into its child's
+    /// (`cbtutil.coalesce_bitmap`).
+    fn cbt_delete(&mut self, uuid: &str) {
+        let Some(log) = self.cbt_logs.remove(uuid) else {
+            return;
+        };
+        if let Some(p) = &log.parent {
+            if let Some(pl) = self.cbt_logs.get_mut(p) {
+                pl.child = log.child.clone();
+            }
+        }
+        if let Some(c) = &log.child {
+            if let Some(cl) = self.cbt_logs.get_mut(c) {
+                cl.parent = log.parent.clone();
+                cl.blocks.extend(log.blocks.iter().copied());
+            }
+        }
+    }
+
+    /// sm libs/sm/VDI.py `list_changed_blocks`: from `from`'s child along the child
+    /// links to `to`, the union of the logs' bitmaps; base64 of the bitmap in
+    /// `bitarray` order after `bytereverse` (block i: byte i/8, bit 0x80 >> i%8).
+    /// Errors as xapi/storage_utils.ml `transform_storage_exn` passes SM's on:
+    /// CBTChangedBlocksError is code 460 (sm core/XE_SR_ERRORCODES.xml).
+    fn cbt_list(&self, from: &str, to: &str) -> XResult<String> {
+        let failure = |why: &str| {
+            err(
+                "SR_BACKEND_FAILURE_460",
+                &[
+                    "",
+                    &format!("Failed to calculate changed blocks for given VDIs. [opterr={why}]"),
+                    "",
+                ],
+            )
+        };
+        if from == to {
+            return failure("Source and target VDI are same");
+        }
+        if self.cbt_logs.contains_key(from) && self.cbt_logs.contains_key(to) {
+            let mut merged: std::collections::BTreeSet<u64> = Default::default();
+            let mut cur = from.to_string();
+            let mut steps = 0;
+            while let Some(next) = self.cbt_logs.get(&cur).and_then(|l| l.child.clone()) {
+                let Some(log) = self.cbt_logs.get(&next) else {
+                    break;
+                };
+                merged.extend(log.blocks.iter().copied());
+                if next == to {
+                    let nblocks = log.size.div_ceil(CBT_BLOCK);
+                    let mut bitmap = vec![0u8; nblocks.div_ceil(8) as usize];
+                    for b in merged.iter().filter(|b| **b < nblocks) {
+                        bitmap[(b / 8) as usize] |= 0x80 >> (b % 8);
+                    }
+                    return Ok(base64::engine::general_purpose::STANDARD.encode(bitmap));
+                }
+                cur = next;
+                steps += 1;
+                if steps > self.cbt_logs.len() {
+                    break;
+                }
+            }
+        }
+        failure("Source and target VDI are unrelated")
+    }
+
+    /// A write into a VDI's data; a CBT-enabled VDI's log marks the 64 KiB blocks it
+    /// touches (sm libs/sm/VDI.py `activate` hands tapdisk the log, which records
+    /// every write).
+    fn write_vdi(&mut self, vdi: &str, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let v = self
+            .vdis
+            .get(vdi)
+            .ok_or_else(|| std::io::Error::other(format!("no VDI {vdi}")))?;
+        write_at(&v.file, offset, data)?;
+        if let Some(log) = self.cbt_logs.get_mut(&v.uuid) {
+            if !data.is_empty() {
+                let last = (offset + data.len() as u64 - 1) / CBT_BLOCK;
+                log.blocks.extend(offset / CBT_BLOCK..=last);
+            }
+        }
+        Ok(())
     }
 
     fn add_vbd(&mut self, vm: &str, vdi: &str, userdevice: &str, attached: bool) -> String {
@@ -1002,8 +1147,20 @@ impl State {
             }
         }
         let _ = std::fs::remove_file(&v.file);
+        self.cbt_delete(&v.uuid);
         self.vdis.remove(r);
         self.emit("vdi", r, "del");
+        Ok(())
+    }
+
+    /// xapi/xapi_vdi.ml `check_operation_error` (`allowed_for_cbt_metadata_vdi`): clone,
+    /// copy, snapshot and CBT changes are refused on a cbt_metadata VDI with
+    /// VDI_INCOMPATIBLE_TYPE [vdi; "cbt_metadata"].
+    fn cbt_allowed(&self, vdi: &str) -> XResult<()> {
+        let v = self.vdis.get(vdi).ok_or_else(|| invalid("VDI", vdi))?;
+        if v.kind == VdiType::CbtMetadata {
+            return err("VDI_INCOMPATIBLE_TYPE", &[vdi, "cbt_metadata"]);
+        }
         Ok(())
     }
 
@@ -1122,12 +1279,15 @@ fn arity(method: &str) -> Option<usize> {
         | "task.get_record"
         | "task.destroy"
         | "task.cancel"
-        | "VDI.enable_cbt" => 1,
+        | "VDI.enable_cbt"
+        | "VDI.disable_cbt"
+        | "VDI.data_destroy" => 1,
         "VM.checkpoint"
         | "VM.clone"
         | "VM.set_is_a_template"
         | "VIF.move"
         | "VDI.clone"
+        | "VDI.snapshot"
         | "VDI.set_name_label"
         | "VDI.remove_from_other_config"
         | "VDI.list_changed_blocks"
@@ -1375,8 +1535,19 @@ impl Sim {
                     .new_vdi(&format!("{} disk {i}", spec.name), *size, VdiType::User)
                     .map_err(|e| std::io::Error::other(e.join(" ")))?;
                 fill_disk(&st.vdis[&d].file, *size, i as u64 + 7)?;
-                if let Some(v) = st.vdis.get_mut(&d) {
-                    v.cbt_enabled = spec.cbt;
+                if spec.cbt {
+                    // sm libs/sm/VDI.py `_create_cbt_log`: an empty log of the disk's size.
+                    let u = st.vdis[&d].uuid.clone();
+                    st.cbt_logs.insert(
+                        u,
+                        CbtLog {
+                            size: *size,
+                            ..Default::default()
+                        },
+                    );
+                    if let Some(v) = st.vdis.get_mut(&d) {
+                        v.cbt_enabled = true;
+                    }
                 }
                 let dev = spec.userdevices.get(i).cloned().unwrap_or(i.to_string());
                 st.add_vbd(&r, &d, &dev, true);
@@ -1386,6 +1557,29 @@ impl Sim {
             }
             st.start_domain(&r, &host, Power::Running);
             Ok((r, u))
+        })
+    }
+
+    /// Not XAPI: the guest of a running VM writes `data` at `offset` of its disk
+    /// with this `userdevice` (what a real guest's I/O does through tapdisk, CBT log
+    /// included).
+    pub fn guest_write(
+        &self,
+        vm: &str,
+        userdevice: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<()> {
+        self.with_state(|st| {
+            let vdi = st
+                .disks_of(vm)
+                .into_iter()
+                .find(|(_, dev)| dev == userdevice)
+                .map(|(v, _)| v)
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("VM {vm} has no disk {userdevice}"))
+                })?;
+            st.write_vdi(&vdi, offset, data)
         })
     }
 
@@ -1693,7 +1887,7 @@ fn guest_powers_off(shared: &Arc<Shared>, vm: &str, task: Option<String>) {
         let name = st.vms[&vm].name_label.clone();
         for (vdi, _) in st.disks_of(&vm) {
             let (f, u) = (st.vdis[&vdi].file.clone(), st.vdis[&vdi].uuid.clone());
-            let _ = write_at(&f, 8192, format!("clean shutdown of {name}").as_bytes());
+            let _ = st.write_vdi(&vdi, 8192, format!("clean shutdown of {name}").as_bytes());
             let keep = st.data_dir.join(format!("halted-{u}.img"));
             if sparse_copy(&f, &keep).is_ok() {
                 st.halted_images.insert(u, keep);
@@ -2021,8 +2215,7 @@ fn exec(
             st.emit("vm", &snap, "add");
             // The original runs on and writes: its disks move past the checkpoint.
             for (vdi, _) in st.disks_of(&a0) {
-                let f = st.vdis[&vdi].file.clone();
-                let _ = write_at(&f, 4096, b"the original wrote this after the checkpoint");
+                let _ = st.write_vdi(&vdi, 4096, b"the original wrote this after the checkpoint");
             }
             Ok(json!(snap))
         }
@@ -2341,8 +2534,14 @@ fn exec(
             // xapi/xapi_vdi.ml `check_operation_error`: clone may run with
             // attached VBDs (operation_can_be_performed_live); `clone` →
             // `snapshot_and_clone`.
-            st.vdis.get(&a0).ok_or_else(|| invalid("VDI", &a0))?;
+            st.cbt_allowed(&a0)?;
             st.copy_vdi(&a0, false).map(|r| json!(r))
+        }
+        "VDI.snapshot" => {
+            // xapi/xapi_vdi.ml `check_operation_error`: snapshot may run live, not on
+            // a cbt_metadata VDI; `snapshot` → `snapshot_and_clone`.
+            st.cbt_allowed(&a0)?;
+            st.copy_vdi(&a0, true).map(|r| json!(r))
         }
         "VDI.set_name_label" => {
             let v = st.vdis.get_mut(&a0).ok_or_else(|| invalid("VDI", &a0))?;
@@ -2366,19 +2565,97 @@ fn exec(
             v.other_config.remove(&a1);
             void
         }
-        "VDI.enable_cbt" => {
-            let v = st.vdis.get_mut(&a0).ok_or_else(|| invalid("VDI", &a0))?;
-            v.cbt_enabled = true;
+        "VDI.enable_cbt" | "VDI.disable_cbt" => {
+            // xapi/xapi_vdi.ml `check_operation_error` (enable_cbt | disable_cbt: not on
+            // a snapshot, only user or system VDIs) and `change_cbt_status` (a no-op
+            // when already so); sm libs/sm/VDI.py `configure_blocktracking`: enabling
+            // creates an empty log, disabling deletes it and unlinks it from its parent.
+            st.cbt_allowed(&a0)?;
+            let v = st.vdis[&a0].clone();
+            if v.is_a_snapshot {
+                return err(
+                    "OPERATION_NOT_ALLOWED",
+                    &[&format!("VDI is a snapshot: {a0}")],
+                );
+            }
+            if v.kind != VdiType::User {
+                return err("VDI_INCOMPATIBLE_TYPE", &[&a0, v.kind.as_str()]);
+            }
+            let enable = name == "VDI.enable_cbt";
+            if v.cbt_enabled != enable {
+                if enable {
+                    st.cbt_logs.insert(
+                        v.uuid.clone(),
+                        CbtLog {
+                            size: v.virtual_size,
+                            ..Default::default()
+                        },
+                    );
+                } else if let Some(log) = st.cbt_logs.remove(&v.uuid) {
+                    if let Some(pl) = log.parent.and_then(|p| st.cbt_logs.get_mut(&p)) {
+                        pl.child = None;
+                    }
+                }
+                if let Some(x) = st.vdis.get_mut(&a0) {
+                    x.cbt_enabled = enable;
+                }
+                st.emit("vdi", &a0, "mod");
+            }
+            void
+        }
+        "VDI.data_destroy" => {
+            // xapi/xapi_vdi.ml `check_operation_error` (data_destroy: a snapshot, with
+            // CBT) and `_data_destroy`: a no-op on a cbt_metadata VDI; else it waits
+            // (4 s) for the VDI's VBDs to go and answers VDI_IN_USE if any remain
+            // (`destroy_and_data_destroy_common`; the simulator does not wait); the type
+            // becomes cbt_metadata. sm libs/sm/drivers/FileSR.py `delete(data_only)`:
+            // the data file goes, the CBT log stays.
+            let v = st
+                .vdis
+                .get(&a0)
+                .cloned()
+                .ok_or_else(|| invalid("VDI", &a0))?;
+            if !v.is_a_snapshot {
+                return err(
+                    "OPERATION_NOT_ALLOWED",
+                    &[&format!("VDI is not a snapshot: {a0}")],
+                );
+            }
+            if !v.cbt_enabled {
+                return err("VDI_NO_CBT_METADATA", &[&a0]);
+            }
+            if v.kind == VdiType::CbtMetadata {
+                return void;
+            }
+            if !v.vbds.is_empty() {
+                return err("VDI_IN_USE", &[&a0, "data_destroy"]);
+            }
+            let _ = std::fs::remove_file(&v.file);
+            if let Some(x) = st.vdis.get_mut(&a0) {
+                x.kind = VdiType::CbtMetadata;
+                x.other_config.insert(
+                    "content_id".into(),
+                    "/No content: this is a cbt_metadata VDI/".into(),
+                );
+            }
+            st.emit("vdi", &a0, "mod");
             void
         }
         "VDI.list_changed_blocks" => {
+            // xapi/xapi_vdi.ml `check_operation_error`: VDI_IN_USE while vdi_to is
+            // attached to a VM that is not a snapshot; `list_changed_blocks` → SM.
             let (Some(from), Some(to)) = (st.vdis.get(&a0), st.vdis.get(&a1)) else {
-                return err("HANDLE_INVALID", &["VDI", &a0]);
+                let bad = if st.vdis.contains_key(&a0) { &a1 } else { &a0 };
+                return Err(invalid("VDI", bad));
             };
-            if !from.cbt_enabled || !to.cbt_enabled {
-                return err("VDI_CBT_ENABLED_FALSE", &[&a0]);
+            let attached_to_a_vm = to.vbds.iter().filter_map(|b| st.vbds.get(b)).any(|b| {
+                b.currently_attached && st.vms.get(&b.vm).is_some_and(|m| !m.is_a_snapshot)
+            });
+            if attached_to_a_vm {
+                return err("VDI_IN_USE", &[&a1, "list_changed_blocks"]);
             }
-            changed_blocks(&from.file, &to.file).map(|b| json!(b))
+            let (fu, tu) = (from.uuid.clone(), to.uuid.clone());
+            st.cbt_list(&fu, &tu).map(|b| json!(b))
         }
         "network.get_all" => Ok(json!(st.networks.keys().collect::<Vec<_>>())),
         "network.get_record" => st.record("network", &a0),
@@ -2661,25 +2938,6 @@ fn event_from(st: &State, a: &[Value], deadline: Instant) -> XResult<Option<Valu
                    "token": token_of(st.next_event.max(since))})))
 }
 
-/// The CBT bitmap between two disk images: one bit per 64 KiB that differs, base64.
-fn changed_blocks(a: &Path, b: &Path) -> XResult<String> {
-    let io = |e: std::io::Error| vec!["SR_BACKEND_FAILURE".to_string(), e.to_string()];
-    let mut fa = std::fs::File::open(a).map_err(io)?;
-    let mut fb = std::fs::File::open(b).map_err(io)?;
-    let len = fb.metadata().map_err(io)?.len();
-    let blocks = len.div_ceil(CBT_BLOCK);
-    let mut bitmap = vec![0u8; blocks.div_ceil(8) as usize];
-    let (mut ba, mut bb) = (vec![0u8; CBT_BLOCK as usize], vec![0u8; CBT_BLOCK as usize]);
-    for i in 0..blocks {
-        let na = read_full(&mut fa, &mut ba).map_err(io)?;
-        let nb = read_full(&mut fb, &mut bb).map_err(io)?;
-        if ba[..na] != bb[..nb] {
-            bitmap[(i / 8) as usize] |= 0x80 >> (i % 8);
-        }
-    }
-    Ok(base64::engine::general_purpose::STANDARD.encode(bitmap))
-}
-
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -2778,6 +3036,12 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
         refuse(&mut st, "no such VDI");
         return http::respond(conn, "404 Not Found", "text/plain", b"VDI not found");
     };
+    if v.kind == VdiType::CbtMetadata {
+        // sm libs/sm/drivers/FileSR.py `delete(data_only)`: a cbt_metadata VDI has no
+        // data file left to attach and read.
+        refuse(&mut st, "cbt_metadata");
+        return http::internal_error(conn, &format!("VDI_INCOMPATIBLE_TYPE {vdi} cbt_metadata"));
+    }
     if v.vbds.iter().any(|b| {
         st.vbds
             .get(b)

@@ -196,3 +196,119 @@ fn busy_refusals_carry_four_parameters_and_bad_tokens_fail() {
     )
     .expect("its own token parses");
 }
+
+/// The blocks a base64 CBT bitmap marks (block i: byte i/8, bit 0x80 >> i%8).
+fn blocks_of(b64: &Value) -> Vec<u64> {
+    use base64::Engine;
+    let bits = base64::engine::general_purpose::STANDARD
+        .decode(b64.as_str().expect("a string"))
+        .expect("base64");
+    (0..bits.len() as u64 * 8)
+        .filter(|i| bits[(*i / 8) as usize] & (0x80 >> (i % 8)) != 0)
+        .collect()
+}
+
+#[test]
+fn cbt_follows_xapi_and_sm_through_snapshots_data_destroy_and_destroy() {
+    // sm libs/sm/VDI.py `_cbt_snapshot`, `list_changed_blocks`, `delete`;
+    // xapi/xapi_vdi.ml `check_operation_error`, `_data_destroy`.
+    let d = std::env::temp_dir().join(format!("xapi-sim-sem-cbt-{}", std::process::id()));
+    let sim = Sim::start(&d).expect("sim");
+    let _g = Gone(d);
+    sim.add_user("root", "pw");
+    let (vm, _) = sim.add_vm(&VmSpec::new("a", &[16 * 65536])).expect("vm");
+    let s = sim
+        .call(
+            "session.login_with_password",
+            &[json!("root"), json!("pw"), json!("1.0"), json!("t")],
+        )
+        .expect("login");
+    let disk = {
+        let st = sim.state();
+        let vbd = st.vms[&vm].vbds.first().cloned().expect("a disk");
+        json!(st.vbds[&vbd].vdi.clone())
+    };
+    call(&sim, &s, "VDI.enable_cbt", std::slice::from_ref(&disk)).expect("enable");
+    call(&sim, &s, "VDI.enable_cbt", std::slice::from_ref(&disk)).expect("idempotent");
+    let snap = |name: &str| {
+        let ck = call(&sim, &s, "VM.checkpoint", &[json!(vm), json!(name)]).expect("checkpoint");
+        let rec = call(&sim, &s, "VM.get_record", std::slice::from_ref(&ck)).expect("record");
+        let b = call(&sim, &s, "VBD.get_record", &[rec["VBDs"][0].clone()]).expect("vbd");
+        (ck, b["VDI"].clone())
+    };
+    // The checkpoint writes block 0 after its snapshot (4096).
+    let (ck1, s1) = snap("one");
+    let r = call(&sim, &s, "VDI.get_record", std::slice::from_ref(&s1)).expect("s1");
+    assert_eq!(r["cbt_enabled"], true, "a snapshot of a CBT VDI tracks too");
+    let e = call(&sim, &s, "VDI.enable_cbt", std::slice::from_ref(&s1)).unwrap_err();
+    assert_eq!(e[0], "OPERATION_NOT_ALLOWED", "{e:?}");
+    let e = call(&sim, &s, "VDI.data_destroy", std::slice::from_ref(&disk)).unwrap_err();
+    assert_eq!(e[0], "OPERATION_NOT_ALLOWED", "not a snapshot: {e:?}");
+    let e = call(&sim, &s, "VDI.data_destroy", std::slice::from_ref(&s1)).unwrap_err();
+    assert_eq!(e[0], "VDI_IN_USE", "the checkpoint's VBD is there: {e:?}");
+    sim.guest_write(&vm, "0", 5 * 65536 + 100, &[1; 70000])
+        .expect("write");
+    // The leaf is attached to the running original: VDI_IN_USE.
+    let e = call(
+        &sim,
+        &s,
+        "VDI.list_changed_blocks",
+        &[s1.clone(), disk.clone()],
+    )
+    .unwrap_err();
+    assert_eq!(e[0], "VDI_IN_USE", "{e:?}");
+    call(&sim, &s, "VM.hard_shutdown", std::slice::from_ref(&ck1)).expect("shut");
+    call(&sim, &s, "VM.destroy", &[ck1]).expect("destroy");
+    call(&sim, &s, "VDI.data_destroy", std::slice::from_ref(&s1)).expect("data_destroy");
+    call(&sim, &s, "VDI.data_destroy", std::slice::from_ref(&s1)).expect("idempotent");
+    let r = call(&sim, &s, "VDI.get_record", std::slice::from_ref(&s1)).expect("s1");
+    assert_eq!(r["type"], "cbt_metadata");
+    let e = call(&sim, &s, "VDI.clone", &[s1.clone(), json!({})]).unwrap_err();
+    assert_eq!(e[0], "VDI_INCOMPATIBLE_TYPE", "{e:?}");
+    let (_ck2, s2) = snap("two");
+    let got = call(
+        &sim,
+        &s,
+        "VDI.list_changed_blocks",
+        &[s1.clone(), s2.clone()],
+    )
+    .expect("list");
+    // Block 0 (the first checkpoint's own write after it), blocks 5-6 (the guest).
+    assert_eq!(blocks_of(&got), vec![0, 5, 6]);
+    let e = call(
+        &sim,
+        &s,
+        "VDI.list_changed_blocks",
+        &[s2.clone(), s1.clone()],
+    )
+    .unwrap_err();
+    assert_eq!(e[0], "SR_BACKEND_FAILURE_460", "backwards: {e:?}");
+    // A clone is not tracked; the snapshot's record names its source.
+    let c = call(&sim, &s, "VDI.clone", &[s2.clone(), json!({})]).expect("clone");
+    let r = call(&sim, &s, "VDI.get_record", &[c]).expect("clone record");
+    assert_eq!(r["cbt_enabled"], false);
+    let r = call(&sim, &s, "VDI.get_record", std::slice::from_ref(&disk)).expect("disk");
+    assert_eq!(r["snapshots"].as_array().map(Vec::len), Some(2), "{r}");
+    // Destroying a snapshot merges its bitmap into its child's: s1 → s3 still
+    // holds everything since s1.
+    let (_ck3, s3) = snap("three");
+    sim.guest_write(&vm, "0", 9 * 65536, b"x").expect("write");
+    let (_ck4, s4) = snap("four");
+    let before = blocks_of(
+        &call(
+            &sim,
+            &s,
+            "VDI.list_changed_blocks",
+            &[s1.clone(), s4.clone()],
+        )
+        .expect("list"),
+    );
+    assert!(before.contains(&9) && before.contains(&5), "{before:?}");
+    let _ = s3;
+    // Disabling CBT on the disk breaks the chain: every later list fails.
+    call(&sim, &s, "VDI.disable_cbt", std::slice::from_ref(&disk)).expect("disable");
+    call(&sim, &s, "VDI.enable_cbt", std::slice::from_ref(&disk)).expect("enable again");
+    let (_ck5, s5) = snap("five");
+    let e = call(&sim, &s, "VDI.list_changed_blocks", &[s4, s5]).unwrap_err();
+    assert_eq!(e[0], "SR_BACKEND_FAILURE_460", "{e:?}");
+}

@@ -690,7 +690,8 @@ impl Client {
         t.map(|_| ())
     }
 
-    fn stream_export(&self, vdi_ref: &str, task: &str, expected: u64, dest: &Path) -> Result<()> {
+    /// `GET /export_raw_vdi` of a VDI under `task` (logging in again on a 401).
+    fn get_export(&self, vdi_ref: &str, task: &str) -> Result<ureq::Response> {
         let url = format!("{}/export_raw_vdi", self.url);
         // (HTTP status if any, message): ureq's own error is too big to pass around.
         let get = |session: &str| -> std::result::Result<ureq::Response, (Option<u16>, String)> {
@@ -716,11 +717,16 @@ impl Client {
             }
             r => r,
         };
-        let resp = resp.map_err(|(_, detail)| XapiError::Transport {
+        resp.map_err(|(_, detail)| XapiError::Transport {
             url: url.clone(),
             // ureq's message quotes the whole URL, `session_id=` included.
             detail: without_session(&detail, &self.session()),
-        })?;
+        })
+    }
+
+    fn stream_export(&self, vdi_ref: &str, task: &str, expected: u64, dest: &Path) -> Result<()> {
+        let url = format!("{}/export_raw_vdi", self.url);
+        let resp = self.get_export(vdi_ref, task)?;
         let io = |e: std::io::Error| XapiError::Transport {
             url: url.clone(),
             detail: format!("{}: {e}", dest.display()),
@@ -766,6 +772,31 @@ impl Client {
         Ok(())
     }
 
+    /// A VDI's raw contents as a stream, read as they arrive (nothing is written
+    /// locally): see [`RawVdiStream`].
+    pub fn stream_raw_vdi(
+        self: &Arc<Self>,
+        vdi_ref: &str,
+        vdi_uuid: &str,
+        expected: u64,
+        attempts: u32,
+    ) -> Result<RawVdiStream> {
+        let mut s = RawVdiStream {
+            client: self.clone(),
+            vdi_ref: vdi_ref.into(),
+            vdi_uuid: vdi_uuid.into(),
+            expected,
+            attempts: attempts.max(1),
+            tried: 0,
+            task: None,
+            body: None,
+            pos: 0,
+            done: false,
+        };
+        s.connect(String::new())?;
+        Ok(s)
+    }
+
     /// `VDI.list_changed_blocks(from, to)` as byte ranges of the disk.
     pub fn changed_ranges(
         &self,
@@ -792,6 +823,177 @@ impl Client {
                 Err(e) => tracing::warn!("session.logout: {e}"),
             }
         }
+    }
+}
+
+/// `/export_raw_vdi` read as it arrives. XAPI sends no length, so a connection that
+/// drops looks like the end of the data: the bytes are counted, the end must come at
+/// the VDI's size and the export's task must succeed, else the read fails. A transfer
+/// that breaks is asked for again from the start (the stream has no ranges:
+/// xapi/export_raw_vdi.ml) and read past what was already delivered, up to `attempts`
+/// transfers in all.
+pub struct RawVdiStream {
+    client: Arc<Client>,
+    vdi_ref: String,
+    vdi_uuid: String,
+    expected: u64,
+    attempts: u32,
+    tried: u32,
+    task: Option<String>,
+    body: Option<Box<dyn Read + Send + Sync>>,
+    /// Bytes delivered to the reader.
+    pos: u64,
+    done: bool,
+}
+
+impl RawVdiStream {
+    pub fn len(&self) -> u64 {
+        self.expected
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.expected == 0
+    }
+
+    /// Ends the current transfer: the body is dropped, its task waited on (the host
+    /// finishes it when its side ends) and destroyed; returns the task's failure.
+    fn end_transfer(&mut self) -> Result<()> {
+        self.body = None;
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        let r = self
+            .client
+            .poll_task(&task, "export_raw_vdi", Duration::from_secs(30));
+        self.client.destroy_task(&task);
+        r.map(|_| ())
+    }
+
+    /// Starts a transfer (another one after `why`, if it is not the first) and reads
+    /// up to where the reader is; gives up after `attempts` transfers.
+    fn connect(&mut self, mut why: String) -> Result<()> {
+        loop {
+            if self.tried >= self.attempts {
+                return Err(XapiError::Export {
+                    vdi: self.vdi_uuid.clone(),
+                    attempts: self.attempts,
+                    detail: why,
+                });
+            }
+            if self.tried > 0 {
+                tracing::warn!(
+                    vdi = self.vdi_uuid,
+                    attempt = self.tried,
+                    "export failed: {why}"
+                );
+                std::thread::sleep(Duration::from_millis(200 * self.tried as u64));
+            }
+            self.tried += 1;
+            match self.open_and_skip() {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    why = e.to_string();
+                    let _ = self.end_transfer();
+                }
+            }
+        }
+    }
+
+    fn open_and_skip(&mut self) -> Result<()> {
+        let task = self.client.call_str(
+            "task.create",
+            vec![
+                json!("coldclone export"),
+                json!(format!("raw export of VDI {}", self.vdi_uuid)),
+            ],
+        )?;
+        self.task = Some(task.clone());
+        let resp = self.client.get_export(&self.vdi_ref, &task)?;
+        let mut body: Box<dyn Read + Send + Sync> = resp.into_reader();
+        // What the reader has had already.
+        let mut left = self.pos;
+        let mut buf = vec![0u8; 1 << 16];
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            match body.read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Err(self.short(self.pos - left));
+                }
+                Ok(n) => left -= n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.transport(e.to_string())),
+            }
+        }
+        self.body = Some(body);
+        Ok(())
+    }
+
+    fn short(&self, total: u64) -> XapiError {
+        self.transport(format!(
+            "the export ended after {total} of {} bytes",
+            self.expected
+        ))
+    }
+
+    fn transport(&self, detail: String) -> XapiError {
+        XapiError::Transport {
+            url: format!("{}/export_raw_vdi", self.client.url),
+            detail,
+        }
+    }
+
+    fn read_once(&mut self, buf: &mut [u8]) -> Result<usize> {
+        let Some(body) = self.body.as_mut() else {
+            return Err(self.transport("no transfer".into()));
+        };
+        let n = loop {
+            match body.read(buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.transport(e.to_string())),
+            }
+        };
+        if n == 0 {
+            if self.pos != self.expected {
+                return Err(self.short(self.pos));
+            }
+            // The end, at the VDI's size: the export's task must agree.
+            self.end_transfer()?;
+            self.done = true;
+            return Ok(0);
+        }
+        if self.pos + n as u64 > self.expected {
+            return Err(self.transport(format!(
+                "the export sent more than the VDI's {} bytes",
+                self.expected
+            )));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Read for RawVdiStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.read_once(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) => {
+                    let why = e.to_string();
+                    let _ = self.end_transfer();
+                    self.connect(why).map_err(std::io::Error::other)?;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RawVdiStream {
+    fn drop(&mut self) {
+        let _ = self.end_transfer();
     }
 }
 

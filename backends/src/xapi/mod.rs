@@ -21,6 +21,7 @@
 //!
 //! Tested against `xapi-sim`, not a real host: see docs/xapi.md.
 
+pub mod cbt;
 pub mod client;
 
 pub use client::{Client, XapiError, XapiTarget};
@@ -298,6 +299,10 @@ struct XapiCheckpoint {
     journal_id: u64,
     /// Its VDIs' journal entries (by uuid).
     vdi_ids: Vec<u64>,
+    /// The run it belongs to (names the maps it keeps).
+    run: String,
+    /// Its disk snapshots that are changed-block maps, by disk name.
+    tracked: BTreeMap<String, cbt::Tracked>,
 }
 
 #[derive(Debug)]
@@ -313,6 +318,8 @@ pub struct XapiClone {
     vifs: Vec<String>,
     /// Disk name → (VDI ref, VDI uuid, size).
     disks: BTreeMap<String, (String, String, u64)>,
+    /// Disk name → the snapshot of its clone VDI taken before the clone ran (CBT).
+    cbt_bases: BTreeMap<String, String>,
     shutdown_task: Option<String>,
     destroyed: bool,
 }
@@ -356,7 +363,7 @@ fn looks_like_uuid(s: &str) -> bool {
 }
 
 /// A disk VBD of a VM: its record and its VDI's.
-struct DiskVbd {
+pub(crate) struct DiskVbd {
     name: String,
     vbd: Value,
     vdi_ref: String,
@@ -469,7 +476,29 @@ fn destroy_vm_and_disks(c: &Client, vm_ref: &str) -> Result<()> {
     };
     let vdis = disk_vdis(c, &rec)?;
     let suspend = str_field(&rec, "suspend_VDI");
-    if str_field(&rec, "power_state") != "Halted" {
+    shut_and_destroy_vm(c, vm_ref, &rec)?;
+    for vdi in vdis {
+        destroy_vdi(c, &vdi)?;
+    }
+    if suspend != NULL_REF && !suspend.is_empty() {
+        destroy_vdi(c, &suspend)?;
+    }
+    Ok(())
+}
+
+/// The first half of xe's order: the VM goes, its disk VDIs stay (its suspend VDI goes
+/// with `VM.hard_shutdown` of a Suspended VM).
+fn destroy_vm_keep_vdis(c: &Client, vm_ref: &str) -> Result<()> {
+    let rec = match c.record("VM", vm_ref) {
+        Ok(r) => r,
+        Err(XapiError::HandleInvalid { .. }) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    shut_and_destroy_vm(c, vm_ref, &rec)
+}
+
+fn shut_and_destroy_vm(c: &Client, vm_ref: &str, rec: &Value) -> Result<()> {
+    if str_field(rec, "power_state") != "Halted" {
         match c.call("VM.hard_shutdown", vec![json!(vm_ref)]) {
             Ok(_) => {}
             // Halted meanwhile (the guest finished its shutdown).
@@ -478,16 +507,9 @@ fn destroy_vm_and_disks(c: &Client, vm_ref: &str) -> Result<()> {
         }
     }
     match c.call("VM.destroy", vec![json!(vm_ref)]) {
-        Ok(_) | Err(XapiError::HandleInvalid { .. }) => {}
-        Err(e) => return Err(e.into()),
+        Ok(_) | Err(XapiError::HandleInvalid { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    for vdi in vdis {
-        destroy_vdi(c, &vdi)?;
-    }
-    if suspend != NULL_REF && !suspend.is_empty() {
-        destroy_vdi(c, &suspend)?;
-    }
-    Ok(())
 }
 
 /// Networks never leave the host's dom0: a network with no PIF reaches nothing.
@@ -671,7 +693,7 @@ impl XapiBackend {
     }
 
     /// VDI.clone of `src` (one of the checkpoint's VDIs) named `name`,
-    /// journaled first. Returns (ref, uuid, size, journal id).
+    /// journaled first. Returns (ref, uuid, size, journal id, SR uuid).
     fn clone_vdi(
         &self,
         c: &Client,
@@ -679,7 +701,7 @@ impl XapiBackend {
         src: &str,
         name: &str,
         journal: &mut dyn Journal,
-    ) -> Result<(String, String, u64, u64)> {
+    ) -> Result<(String, String, u64, u64, String)> {
         let rec = c.record("VDI", src)?;
         let src_uuid = str_field(&rec, "uuid");
         let sr = c.record("SR", &str_field(&rec, "SR"))?;
@@ -692,12 +714,13 @@ impl XapiBackend {
             Err(e) if is_code(&e, "MAP_DUPLICATE_KEY") => {}
             Err(e) => return Err(e.into()),
         }
+        let sr_uuid = str_field(&sr, "uuid");
         let id = journal.will_create(
             &XapiResource::XapiVdi {
                 target: target.clone(),
                 name_label: Some(name.to_string()),
                 uuid: None,
-                sr_uuid: Some(str_field(&sr, "uuid")),
+                sr_uuid: Some(sr_uuid.clone()),
                 source_uuid: Some(src_uuid),
             }
             .into(),
@@ -710,6 +733,7 @@ impl XapiBackend {
             str_field(&v, "uuid"),
             u64_field(&v, "virtual_size"),
             id,
+            sr_uuid,
         ))
     }
 }
@@ -820,7 +844,11 @@ impl Hypervisor for XapiBackend {
             ));
         }
         let c = &xv.client;
-        let label = checkpoint_label(&run_tag(work_dir));
+        let run = run_tag(work_dir);
+        let label = checkpoint_label(&run);
+        // CBT on before the snapshot, so that the snapshot is a map (Xen Orchestra
+        // enables it right before its snapshot too).
+        let before = cbt::prepare(c, &vm_disk_vbds(c, &xv.vm_ref)?);
         let id = journal.will_create(
             &XapiResource::XapiVm {
                 target: xv.target.clone(),
@@ -865,28 +893,39 @@ impl Hypervisor for XapiBackend {
         } else {
             (0, String::new())
         };
-        let disks = vm_disks(c, &ckpt)?;
+        let ckpt_vbds = vm_disk_vbds(c, &ckpt)?;
+        let disks: BTreeMap<String, (String, String, u64)> = ckpt_vbds
+            .iter()
+            .map(|d| {
+                let (uuid, size) = (str_field(&d.vdi, "uuid"), u64_field(&d.vdi, "virtual_size"));
+                (d.name.clone(), (d.vdi_ref.clone(), uuid, size))
+            })
+            .collect();
         // The checkpoint's VDIs outlive its VM between VM.destroy and
         // VDI.destroy: each gets its own entry (undone before the VM's).
         let mut vdi_ids = vec![];
-        for uuid in disks
-            .values()
-            .map(|(_, u, _)| u.clone())
-            .chain((!suspend_uuid.is_empty()).then(|| suspend_uuid.clone()))
+        let mut disk_ids = BTreeMap::new();
+        for (name, uuid) in disks
+            .iter()
+            .map(|(n, (_, u, _))| (Some(n.clone()), u.clone()))
+            .chain((!suspend_uuid.is_empty()).then(|| (None, suspend_uuid.clone())))
         {
-            vdi_ids.push(
-                journal.will_create(
-                    &XapiResource::XapiVdi {
-                        target: xv.target.clone(),
-                        name_label: None,
-                        uuid: Some(uuid),
-                        sr_uuid: None,
-                        source_uuid: None,
-                    }
-                    .into(),
-                )?,
-            );
+            let id = journal.will_create(
+                &XapiResource::XapiVdi {
+                    target: xv.target.clone(),
+                    name_label: None,
+                    uuid: Some(uuid),
+                    sr_uuid: None,
+                    source_uuid: None,
+                }
+                .into(),
+            )?;
+            vdi_ids.push(id);
+            if let Some(n) = name {
+                disk_ids.insert(n, id);
+            }
         }
+        let (tracked, change_maps) = cbt::after_checkpoint(c, &before, &ckpt_vbds, &disk_ids);
         let disks = disks
             .into_iter()
             .map(|(name, (_, uuid, bytes))| FrozenDisk {
@@ -915,7 +954,10 @@ impl Hypervisor for XapiBackend {
                 vm_ref: ckpt,
                 journal_id: id,
                 vdi_ids,
+                run,
+                tracked,
             }),
+            change_maps,
             ..Default::default()
         })
     }
@@ -942,10 +984,10 @@ impl Hypervisor for XapiBackend {
     ) -> Result<PausedClone> {
         let xv = xapi_vm(vm)?;
         let c = &xv.client;
-        let ckpt = checkpoint
+        let (ckpt, tracked) = checkpoint
             .detail
             .get::<XapiCheckpoint>()
-            .map(|k| k.vm_ref.clone())
+            .map(|k| (k.vm_ref.clone(), k.tracked.clone()))
             .ok_or_else(|| BackendError::Clone("no XAPI checkpoint to clone".into()))?;
         let bridge = net.bridge.clone();
         let net = net.handle.clone().ok_or_else(|| {
@@ -975,6 +1017,7 @@ impl Hypervisor for XapiBackend {
                 vdi_ids: vec![],
                 vifs: vec![],
                 disks: BTreeMap::new(),
+                cbt_bases: BTreeMap::new(),
                 shutdown_task: None,
                 // Nothing to destroy until the VM exists; its VDIs are journaled.
                 destroyed: true,
@@ -984,7 +1027,7 @@ impl Hypervisor for XapiBackend {
         let mut disks = BTreeMap::new();
         let mut vbds = vec![];
         for d in vm_disk_vbds(c, &ckpt)? {
-            let (r, uuid, size, id) = self.clone_vdi(
+            let (r, uuid, size, id, sr_uuid) = self.clone_vdi(
                 c,
                 &xv.target,
                 &d.vdi_ref,
@@ -992,10 +1035,33 @@ impl Hypervisor for XapiBackend {
                 journal,
             )?;
             xapi_clone(&mut pc.detail)?.vdi_ids.push((id, r.clone()));
+            // The clone's own writes, for the next run's map (a VDI.clone is not tracked).
+            if let Some(t) = tracked.get(&d.name) {
+                match cbt::track_clone_vdi(
+                    c,
+                    &xv.target,
+                    &r,
+                    &format!("{clone_name}-{}-cbt-base", d.name),
+                    (&sr_uuid, &t.vdi_uuid),
+                    self.task_timeout,
+                    journal,
+                ) {
+                    Ok((base, bid)) => {
+                        let x = xapi_clone(&mut pc.detail)?;
+                        x.vdi_ids.push((bid, base.clone()));
+                        x.cbt_bases.insert(d.name.clone(), base);
+                    }
+                    Err(e) => tracing::warn!(
+                        disk = d.name,
+                        "the clone's writes cannot be tracked ({e}); the next backup reads \
+                         this disk whole"
+                    ),
+                }
+            }
             disks.insert(d.name.clone(), (r.clone(), uuid, size));
             vbds.push((r, d.vbd));
         }
-        let (mem, _, _, id) = self.clone_vdi(
+        let (mem, _, _, id, _) = self.clone_vdi(
             c,
             &xv.target,
             &suspend,
@@ -1374,6 +1440,64 @@ impl Hypervisor for XapiBackend {
         d.client
             .export_raw_vdi(&vdi, &uuid, size, dest, self.export_attempts)?;
         Ok(())
+    }
+
+    /// `/export_raw_vdi` read straight into the repository.
+    fn disk_access(&self, _clone: &PausedClone, _disk: &CloneDisk) -> crate::DiskAccess {
+        crate::DiskAccess::Stream
+    }
+
+    fn open_disk_stream(&self, clone: &PausedClone, disk: &CloneDisk) -> Result<crate::DiskStream> {
+        let d: &XapiClone = clone.detail.get().ok_or_else(|| {
+            BackendError::Unsupported("the XAPI backend was handed another backend's clone".into())
+        })?;
+        let (vdi, uuid, size) =
+            d.disks.get(&disk.name).cloned().ok_or_else(|| {
+                BackendError::Clone(format!("no clone VDI for disk {}", disk.name))
+            })?;
+        let s = d
+            .client
+            .stream_raw_vdi(&vdi, &uuid, size, self.export_attempts)?;
+        Ok(crate::DiskStream {
+            len: size,
+            reader: Box::new(s),
+        })
+    }
+
+    /// What the halted clone wrote: CBT of its VDI since the snapshot taken before it ran.
+    fn clone_writes(
+        &self,
+        clone: &PausedClone,
+        disk: &CloneDisk,
+    ) -> Result<Option<Vec<crate::ChangedRange>>> {
+        let Some(d) = clone.detail.get::<XapiClone>() else {
+            return Ok(None);
+        };
+        let (Some(base), Some((vdi, _, size))) =
+            (d.cbt_bases.get(&disk.name), d.disks.get(&disk.name))
+        else {
+            return Ok(None);
+        };
+        cbt::clone_writes(&d.client, base, vdi, *size).map(Some)
+    }
+
+    /// Once stored, each tracked disk snapshot is kept as metadata only for the next run.
+    fn settle_change_maps(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        stored: bool,
+        journal: &mut dyn Journal,
+    ) -> Result<()> {
+        let Some(k) = checkpoint.detail.get::<XapiCheckpoint>() else {
+            return Ok(());
+        };
+        if !stored {
+            return Ok(());
+        }
+        let c = &xapi_vm(vm)?.client;
+        cbt::keep(c, &k.vm_ref, &k.run, &k.tracked, journal)?;
+        journal.milestone("archive:maps-kept")
     }
 
     fn release_checkpoint(

@@ -488,10 +488,27 @@ impl Hypervisor for LibvirtBackend {
         // qemu-monitor-event registers its callback after connecting.
         std::thread::sleep(Duration::from_millis(500));
         let mut c = Command::new("virsh");
-        c.arg("-q").arg("-c").arg(uri).args(&args);
-        journal.milestone("checkpoint:snapshot-started")?;
+        c.arg("-q")
+            .arg("-c")
+            .arg(uri)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
         let t = Instant::now();
-        let res = run_tool(c);
+        let child = c.spawn().map_err(|source| BackendError::Spawn {
+            command: "virsh snapshot-create-as".into(),
+            source,
+        })?;
+        // While libvirt takes the snapshot (a run killed here leaves it to libvirtd).
+        journal.milestone("checkpoint:snapshot-started")?;
+        let res = child
+            .wait_with_output()
+            .map_err(|source| BackendError::Spawn {
+                command: "virsh snapshot-create-as".into(),
+                source,
+            })
+            .and_then(|out| util::tool_result(format!("virsh {}", args.join(" ")), out));
         let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
         let events = watch.finish();
         if let Err(e) = res {

@@ -9,13 +9,18 @@ need_apt=()
 for pair in qemu-system-x86_64:qemu-system-x86 ip:iproute2 e2fsck:e2fsprogs tcpdump:tcpdump cpio:cpio \
             gcc:build-essential pkg-config:pkg-config xz:xz-utils zstd:zstd curl:curl python3:python3 \
             pip3:python3-pip restic:restic borg:borgbackup /usr/bin/time:time \
-            sfdisk:fdisk xfs_repair:xfsprogs blkid:util-linux debugfs:e2fsprogs; do
+            sfdisk:fdisk xfs_repair:xfsprogs blkid:util-linux debugfs:e2fsprogs \
+            libvirtd:libvirt-daemon-system virsh:libvirt-clients; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+# libvirt's QEMU driver (tests/libvirt_pipeline.rs starts virtlogd and libvirtd itself).
+if [ ! -e /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so ]; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends libvirt-daemon-driver-qemu
 fi
 # qemu-img separately: some images carry a newer qemu-utils that conflicts when both come at once.
 if ! command -v qemu-img >/dev/null 2>&1; then

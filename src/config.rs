@@ -244,6 +244,10 @@ pub struct VmConfig {
     /// Accept an `http://` xapi_url (a simulator or lab host only: credentials in the clear).
     #[serde(default)]
     pub xapi_insecure_http: bool,
+    /// libvirt: the domain's name or UUID (`virsh list`).
+    pub libvirt_domain: Option<String>,
+    /// libvirt: the connection URI (default `qemu:///system`).
+    pub libvirt_uri: Option<String>,
 }
 
 impl VmConfig {
@@ -260,6 +264,13 @@ impl VmConfig {
                     dom0_inventory: self.xapi_dom0_inventory.clone(),
                     insecure_http: self.xapi_insecure_http,
                 },
+            });
+        }
+        if let Some(domain) = &self.libvirt_domain {
+            return Some(VmLocator::Libvirt {
+                domain: domain.clone(),
+                uri: self.libvirt_uri.clone(),
+                options: coldclone_backends::libvirt::LibvirtOptions::default(),
             });
         }
         if let Some(domain) = &self.xl_domain {
@@ -375,9 +386,37 @@ impl Config {
                     )));
                 }
             }
+            let handles = [
+                vm.qmp.is_some(),
+                vm.xl_domain.is_some(),
+                xapi_set,
+                vm.libvirt_domain.is_some(),
+            ];
+            if vm.libvirt_domain.is_some() && handles.iter().filter(|h| **h).count() > 1 {
+                return Err(invalid(format!(
+                    "vm {:?} names libvirt_domain and another hypervisor handle (qmp, xl_domain, xapi_vm): a VM has one hypervisor handle",
+                    vm.name
+                )));
+            }
+            if vm.libvirt_uri.is_some() && vm.libvirt_domain.is_none() {
+                return Err(invalid(format!(
+                    "vm {:?}: libvirt_uri needs libvirt_domain",
+                    vm.name
+                )));
+            }
+            if vm.libvirt_domain.as_ref().is_some_and(|d| {
+                d.is_empty()
+                    || d.starts_with('-')
+                    || d.chars().any(|c| c.is_whitespace() || c.is_control())
+            }) {
+                return Err(invalid(format!(
+                    "vm {:?}: libvirt_domain must be a domain name or UUID",
+                    vm.name
+                )));
+            }
             let Some(locator) = vm.locator() else {
                 return Err(invalid(format!(
-                    "vm {:?} names no hypervisor handle: add qmp = \"/path/to/vm.qmp\" (QEMU), xl_domain = \"name\" (Xen) or xapi_url + xapi_vm (XenServer / XCP-ng)",
+                    "vm {:?} names no hypervisor handle: add qmp = \"/path/to/vm.qmp\" (QEMU), libvirt_domain = \"name\" (libvirt), xl_domain = \"name\" (Xen) or xapi_url + xapi_vm (XenServer / XCP-ng)",
                     vm.name
                 )));
             };
@@ -551,6 +590,54 @@ stop_timeout_secs = 600
         }
         .target_bytes(1 << 30)
         .is_err());
+    }
+
+    #[test]
+    fn a_libvirt_domain_is_a_libvirt_vm() {
+        let c = Config::parse(
+            "[[vm]]\nname = \"web1\"\nlibvirt_domain = \"web1\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        match c.vm("web1").map(|v| &v.locator) {
+            Some(VmLocator::Libvirt { domain, uri, .. }) => {
+                assert_eq!(domain, "web1");
+                assert_eq!(uri, &None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Config::parse(
+            "[[vm]]\nname = \"a\"\nlibvirt_domain = \"a\"\nlibvirt_uri = \"qemu+ssh://h/system\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert!(matches!(
+            c.vm("a").map(|v| &v.locator),
+            Some(VmLocator::Libvirt { uri: Some(u), .. }) if u == "qemu+ssh://h/system"
+        ));
+        for (body, want) in [
+            (
+                "libvirt_domain = \"a\"\nqmp = \"/q\"\n",
+                "one hypervisor handle",
+            ),
+            (
+                "libvirt_domain = \"a\"\nxl_domain = \"a\"\n",
+                "one hypervisor handle",
+            ),
+            (
+                "libvirt_uri = \"qemu:///system\"\nqmp = \"/q\"\n",
+                "needs libvirt_domain",
+            ),
+            ("libvirt_domain = \"--all\"\n", "domain name or UUID"),
+        ] {
+            let e = Config::parse(
+                &format!("[[vm]]\nname = \"a\"\n{body}"),
+                Path::new("x.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(want), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! sends each [`Resource`] to the undo of the backend that owns its kind.
 
 pub mod image_export;
+pub mod libvirt;
 pub mod qemu;
 pub mod secrets;
 pub mod shared;
@@ -89,6 +90,7 @@ pub enum Resource {
     Qemu(qemu::QemuResource),
     Xl(xl::XlResource),
     Xapi(xapi::XapiResource),
+    Libvirt(libvirt::LibvirtResource),
 }
 
 /// Printed as the inner kind (`File { path: .. }`), as when they were one
@@ -100,6 +102,7 @@ impl std::fmt::Debug for Resource {
             Resource::Qemu(r) => r.fmt(f),
             Resource::Xl(r) => r.fmt(f),
             Resource::Xapi(r) => r.fmt(f),
+            Resource::Libvirt(r) => r.fmt(f),
         }
     }
 }
@@ -117,7 +120,8 @@ resource_from!(
     Shared(shared::SharedResource),
     Qemu(qemu::QemuResource),
     Xl(xl::XlResource),
-    Xapi(xapi::XapiResource)
+    Xapi(xapi::XapiResource),
+    Libvirt(libvirt::LibvirtResource)
 );
 
 /// Write-ahead record of what a run creates.
@@ -155,6 +159,15 @@ pub enum VmLocator {
         credentials_file: Option<PathBuf>,
         #[serde(default)]
         options: xapi::XapiOptions,
+    },
+    /// A domain of a libvirt QEMU/KVM host, driven with `virsh`.
+    Libvirt {
+        /// Name or UUID (`virsh list`).
+        domain: String,
+        /// The connection; `qemu:///system` when unset.
+        uri: Option<String>,
+        #[serde(default)]
+        options: libvirt::LibvirtOptions,
     },
 }
 
@@ -593,6 +606,7 @@ pub fn recover_resource(resource: &Resource, scope: &RecoverScope) -> Result<()>
         Resource::Qemu(r) => qemu::recover(r),
         Resource::Xl(r) => xl::recover(r),
         Resource::Xapi(r) => xapi::recover(r),
+        Resource::Libvirt(r) => libvirt::recover(r),
     }
 }
 
@@ -603,6 +617,9 @@ pub fn backend_for(locator: &VmLocator) -> Box<dyn Hypervisor> {
         VmLocator::Xl { options, .. } => Box::new(xl::XlBackend::with_options(options.clone())),
         VmLocator::Xapi { options, .. } => {
             Box::new(xapi::XapiBackend::with_options(options.clone()))
+        }
+        VmLocator::Libvirt { options, .. } => {
+            Box::new(libvirt::LibvirtBackend::with_options(options))
         }
     }
 }

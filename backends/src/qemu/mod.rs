@@ -1701,29 +1701,4 @@ pub fn merge_back_offline(original_pid: u32, overlay: &Path, base_file: &Path) -
     util::remove_file_if_exists(overlay)
 }
 
-/// `qemu-img info --output=json` of `overlay` must show a qcow2 image whose
-/// backing file is exactly `base_file`.
-pub fn check_backing(overlay: &Path, base_file: &Path) -> Result<()> {
-    let mut c = Command::new("qemu-img");
-    c.args(["info", "--output=json", "-f", "qcow2"])
-        .arg(overlay);
-    let out = run_tool(c)?;
-    let info: Value = serde_json::from_str(&out).map_err(|e| {
-        BackendError::Checkpoint(format!(
-            "qemu-img info {}: unreadable output: {e}",
-            overlay.display()
-        ))
-    })?;
-    let backing = info.get("backing-filename").and_then(Value::as_str);
-    let full = info.get("full-backing-filename").and_then(Value::as_str);
-    let want = base_file.to_string_lossy();
-    if backing != Some(want.as_ref()) || full.is_some_and(|f| f != want) {
-        return Err(BackendError::Checkpoint(format!(
-            "{} is backed by {:?}, not by the journaled image {}; not committing it",
-            overlay.display(),
-            full.or(backing),
-            base_file.display()
-        )));
-    }
-    Ok(())
-}
+pub use crate::util::check_backing;

@@ -1,0 +1,447 @@
+//! The whole pipeline on a real libvirtd: the busybox test guest as a
+//! transient libvirt domain of type `qemu` (TCG), backed up through the
+//! binary. Every test needs root, QEMU and libvirt (`libvirt_`); they start
+//! `virtlogd -d` and `libvirtd -d` themselves when no service manager did.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const URI: &str = "qemu:///system";
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn virsh(args: &[&str]) -> std::process::Output {
+    Command::new("virsh")
+        .args(["-q", "-c", URI])
+        .args(args)
+        .output()
+        .expect("virsh")
+}
+
+fn virsh_ok(args: &[&str]) -> String {
+    let out = virsh(args);
+    assert!(
+        out.status.success(),
+        "virsh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Root, QEMU, libvirt's daemons and tools, and a libvirtd that answers
+/// (started here when it is not running).
+fn libvirt_available() -> bool {
+    if !rig_available()
+        || !coldclone_testkit::require_tools(&["virsh", "libvirtd", "virtlogd", "qemu-img"])
+    {
+        return false;
+    }
+    if virsh(&["version"]).status.success() {
+        return true;
+    }
+    if sh("pgrep -x virtlogd").stdout.is_empty() {
+        let _ = sh("virtlogd -d");
+    }
+    if sh("pgrep -x libvirtd").stdout.is_empty() {
+        let _ = sh("libvirtd -d");
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        if virsh(&["version"]).status.success() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    coldclone_testkit::require(false, "a libvirtd that answers on qemu:///system")
+}
+
+/// The test guest as a transient libvirt domain; destroyed on drop.
+struct LvVm {
+    name: String,
+    image: PathBuf,
+    log: PathBuf,
+}
+
+#[derive(Default)]
+struct LvOptions {
+    ignore_power_button: bool,
+}
+
+impl LvVm {
+    fn start(dir: &Path, opts: LvOptions) -> LvVm {
+        let g = guest();
+        let name = format!(
+            "cctest{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let image = dir.join("vm.qcow2");
+        let st = Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(g.join("data.raw"))
+            .arg(&image)
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        let log = dir.join("console.log");
+        let mut cmdline = "console=ttyS0 quiet panic=-1".to_string();
+        if opts.ignore_power_button {
+            cmdline.push_str(" cc_ignore_powerbutton=1");
+        }
+        let xml = format!(
+            "<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{k}</kernel><initrd>{i}</initrd><cmdline>{cmdline}</cmdline></os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img}'/><target dev='vda' bus='virtio'/></disk>
+    <serial type='file'><source path='{log}'/><target port='0'/></serial>
+    <console type='file'><source path='{log}'/><target type='serial' port='0'/></console>
+    <graphics type='vnc' port='-1' listen='127.0.0.1'/>
+    <memballoon model='virtio'/>
+  </devices>
+</domain>",
+            k = g.join("vmlinuz").display(),
+            i = g.join("guest.cpio.gz").display(),
+            img = image.display(),
+            log = log.display(),
+        );
+        let xml_path = dir.join("domain.xml");
+        std::fs::write(&xml_path, xml).expect("domain xml");
+        virsh_ok(&["create", &xml_path.display().to_string()]);
+        let vm = LvVm { name, image, log };
+        wait_until("the guest to boot", Duration::from_secs(180), || {
+            vm.console().contains("GUEST UP")
+        });
+        wait_until("the writer to run", Duration::from_secs(60), || {
+            vm.counter() > 100
+        });
+        vm
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    fn counter(&self) -> u64 {
+        self.console()
+            .rsplit("HB a=")
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .next()
+            .unwrap_or(0)
+    }
+
+    fn blklist(&self) -> Vec<(String, String)> {
+        virsh_ok(&["domblklist", &self.name])
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() == 2).then(|| (f[0].to_string(), f[1].to_string()))
+            })
+            .collect()
+    }
+
+    /// Running (not paused), writing, on its one image again, no overlay left
+    /// beside it, and the image without a backing file.
+    fn assert_unharmed(&self) {
+        let state = virsh_ok(&["domstate", &self.name]);
+        assert_eq!(state.trim(), "running", "the original is not running");
+        let before = self.counter();
+        wait_until(
+            "the original's counter to advance",
+            Duration::from_secs(120),
+            || self.counter() > before,
+        );
+        assert_eq!(
+            self.blklist(),
+            vec![("vda".to_string(), self.image.display().to_string())],
+            "virsh domblklist: the original's disk is not back on its one image"
+        );
+        let dir = self.image.parent().expect("image dir");
+        let left: Vec<String> = std::fs::read_dir(dir)
+            .expect("vm dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".coldclone-"))
+            .collect();
+        assert!(left.is_empty(), "overlays left beside the image: {left:?}");
+        let info = Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(&self.image)
+            .output()
+            .expect("qemu-img info");
+        let info: Value = serde_json::from_slice(&info.stdout).expect("qemu-img json");
+        assert!(
+            info["backing-filename"].is_null(),
+            "the original's image has a backing file now: {info}"
+        );
+    }
+}
+
+impl Drop for LvVm {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.name]);
+    }
+}
+
+/// A config naming the domain, with the embedded driver's capability cache
+/// shared between the tests' state folders (probing QEMU costs a minute).
+fn setup(dir: &Path, vm: &LvVm, extra_vm: &str, top: &str) -> Setup {
+    let s = Setup::with_body(
+        dir,
+        top,
+        &format!(
+            "[[vm]]\nname = \"t1\"\nlibvirt_domain = \"{}\"\n{extra_vm}\n",
+            vm.name
+        ),
+    );
+    copy_xml(&caps_cache(), &s.state.join("libvirt-embed-cache"));
+    s
+}
+
+fn caps_cache() -> PathBuf {
+    workspace_root().join("target/libvirt-embed-cache")
+}
+
+fn copy_xml(from: &Path, to: &Path) {
+    let _ = std::fs::create_dir_all(to);
+    for e in std::fs::read_dir(from).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "xml") {
+            let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+        }
+    }
+}
+
+fn keep_caps(s: &Setup) {
+    copy_xml(&s.state.join("libvirt-embed-cache"), &caps_cache());
+}
+
+/// Nothing of any run is left: no journal, run folder, embedded root, clone
+/// QEMU, coldclone link on the host, memory image.
+fn assert_nothing_left(s: &Setup) {
+    assert!(
+        s.state.join("journal/done").is_dir(),
+        "no finished run's journal: nothing to check"
+    );
+    for sub in ["journal", "runs"] {
+        let d = s.state.join(sub);
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| !p.ends_with("done"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{} still holds {left:?}", d.display());
+    }
+    let roots: Vec<_> = std::fs::read_dir("/run/coldclone")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("/embed-"))
+        .collect();
+    assert!(roots.is_empty(), "embedded driver roots left: {roots:?}");
+    let procs = sh("pgrep -af /run/coldclone/embed- || true");
+    let ours: Vec<String> = String::from_utf8_lossy(&procs.stdout)
+        .lines()
+        .filter(|l| !l.contains("pgrep"))
+        .map(str::to_string)
+        .collect();
+    assert!(ours.is_empty(), "embedded clones left running: {ours:?}");
+    let links = sh("ip -o link show | awk -F': ' '{print $2}'");
+    let cc: Vec<String> = String::from_utf8_lossy(&links.stdout)
+        .lines()
+        .map(|l| l.split('@').next().unwrap_or("").to_string())
+        .filter(|l| l.starts_with("ccbr") || (l.starts_with("cc") && l.contains('t')))
+        .filter(|l| !l.starts_with("cct"))
+        .collect();
+    assert!(cc.is_empty(), "coldclone links left on the host: {cc:?}");
+    assert_no_memory_image(s);
+}
+
+fn start(tag: &str, opts: LvOptions) -> Option<(TempDir, LvVm)> {
+    if !libvirt_available() {
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let vm = LvVm::start(dir.path(), opts);
+    Some((dir, vm))
+}
+
+#[test]
+fn libvirt_backup_of_a_writing_guest_is_clean_and_the_original_unharmed() {
+    let _s = serial();
+    let Some((dir, vm)) = start("lvbackup", LvOptions::default()) else {
+        return;
+    };
+    let setup = setup(dir.path(), &vm, "stop_timeout_secs = 60", "");
+    let before = vm.counter();
+    let t = Instant::now();
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    let observed = t.elapsed();
+    keep_caps(&setup);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let report = stdout
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "backup failed: {report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["status"], "ok");
+    assert_eq!(report["backend"], "libvirt");
+    assert_eq!(report["consistency"], "clean-shutdown");
+    assert_eq!(report["clone_stop"], "acpi");
+    assert_eq!(report["checkpoint_method"], "libvirt-external-snapshot");
+    assert_eq!(report["disks"][0]["name"], "vda");
+    assert_eq!(report["disks"][0]["bytes"], 64 << 20);
+    assert_eq!(report["disks"][0]["read_in_place"], true, "{report}");
+    // The pause as QEMU saw it (STOP → RESUME), inside the checkpoint step, in its parts.
+    let pause = report["original_pause_ms"].as_f64().expect("pause");
+    let ckpt = report["durations_ms"]["checkpoint"]
+        .as_f64()
+        .expect("checkpoint");
+    assert!(
+        pause > 0.0 && pause <= ckpt + 1.0,
+        "pause {pause} ms, checkpoint {ckpt} ms"
+    );
+    let disk = report["original_pause"]["disk_snapshot_ms"]
+        .as_f64()
+        .expect("disk");
+    let mem = report["original_pause"]["memory_ms"].as_f64().expect("mem");
+    assert!(disk > 0.0 && disk <= pause, "{report}");
+    assert!((disk + mem - pause).abs() < 0.01, "{report}");
+    assert!(
+        report["warnings"].as_array().is_some_and(Vec::is_empty),
+        "{report}"
+    );
+    assert!(
+        report["durations_ms"]["total"].as_u64().unwrap_or(u64::MAX) as u128
+            <= observed.as_millis()
+    );
+    eprintln!(
+        "libvirt backup: pause {pause:.1} ms (disk {disk:.1} ms), total {} ms",
+        report["durations_ms"]["total"]
+    );
+    let restored = restore_disk_checked(&setup, "vda", None);
+    assert!(
+        restored.counter >= before,
+        "the backup's counter {} is older than before the backup {before}",
+        restored.counter
+    );
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+    assert_eq!(setup.snapshots().len(), 1);
+}
+
+#[test]
+fn libvirt_kill_9_at_every_milestone_then_recover_leaves_nothing() {
+    let _s = serial();
+    let Some((dir, vm)) = start("lvfaults", LvOptions::default()) else {
+        return;
+    };
+    let setup = setup(dir.path(), &vm, "stop_timeout_secs = 60", "");
+    let steps = [
+        "checkpoint:snapshot-started",
+        "checkpoint:memory-saved",
+        "isolate:bridge-ready",
+        "restore:clone-started",
+        "restore:memory-loaded",
+        "restore:isolation-verified",
+        "restore:clone-running",
+        "stop:requested",
+        "stop:stopped",
+        "archive:disk-stored",
+    ];
+    for step in steps {
+        let mut child = setup
+            .command(None, &["--json", "backup"])
+            .env("COLDCLONE_TEST_HALT_AT", step)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn coldclone");
+        wait_for_milestone(&setup, step, Duration::from_secs(180));
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+        keep_caps(&setup);
+        let out = setup.coldclone(None, &["--json", "recover"]);
+        assert!(
+            out.status.success(),
+            "recover after a kill at {step} failed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let rec: Value = serde_json::from_slice(&out.stdout).expect("recover json");
+        assert_eq!(rec.as_array().map(Vec::len), Some(1), "after {step}: {rec}");
+        for r in rec.as_array().into_iter().flatten() {
+            assert!(
+                r["failed"].as_array().is_none_or(Vec::is_empty),
+                "recover after {step} could not undo: {r}"
+            );
+        }
+        vm.assert_unharmed();
+        assert_nothing_left(&setup);
+        assert!(
+            setup.snapshots().is_empty(),
+            "a killed run left a backup visible (killed at {step})"
+        );
+        eprintln!("kill -9 at {step}: recovered");
+    }
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    assert!(
+        out.status.success(),
+        "a backup after the sweep: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    restore_disk_checked(&setup, "vda", None);
+    vm.assert_unharmed();
+}
+
+#[test]
+fn libvirt_a_clone_that_ignores_the_power_button_is_killed_and_no_backup_stored() {
+    let _s = serial();
+    let opts = LvOptions {
+        ignore_power_button: true,
+    };
+    let Some((dir, vm)) = start("lvignore", opts) else {
+        return;
+    };
+    let setup = setup(dir.path(), &vm, "stop_timeout_secs = 5", "");
+    let t = Instant::now();
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    keep_caps(&setup);
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    let err = report["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("did not power off within 5 s"),
+        "unclear error: {err}"
+    );
+    assert!(report["snapshot_id"].is_null());
+    assert!(setup.snapshots().is_empty(), "no backup may be recorded");
+    let stop = report["clone_stop_seconds"].as_f64().unwrap_or(0.0);
+    assert!(
+        (5.0..60.0).contains(&stop),
+        "the wait was not bounded by stop_timeout_secs: {stop} s ({:?} in all)",
+        t.elapsed()
+    );
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+}

@@ -39,7 +39,10 @@ mod source;
 mod util;
 
 #[doc(hidden)]
-pub use backend::s3::{set_s3_list_page_size_for_tests, set_s3_timeout_for_tests};
+pub use backend::s3::{
+    set_s3_list_page_size_for_tests, set_s3_multipart_threshold, set_s3_timeout_for_tests,
+    DEFAULT_MULTIPART_THRESHOLD,
+};
 pub use check::{CheckReport, DamagedSnapshot, RepairReport};
 pub use compare::CompareReport;
 pub use crypto::KdfParams;

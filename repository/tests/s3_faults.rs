@@ -39,7 +39,8 @@ fn restored(repo: &Repository, id: &str) -> Vec<u8> {
     std::fs::read(&out).unwrap()
 }
 
-/// Every 3rd request fails, by each kind of fault in turn: the whole life of a repository
+/// Every 3rd request fails, by each kind of fault in turn (a damaged body is caught by
+/// the server's Content-MD5 check or by its ETag, and sent again): the whole life of a repository
 /// (init, backups, an incremental, restores, check --read-data, forget, prune) still
 /// works, every fault kind fired, and the repository is clean afterwards.
 fn transient_faults(server_port: u16) {
@@ -53,6 +54,7 @@ fn transient_faults(server_port: u16) {
             Fault::ResetBefore,
             Fault::ResetAfterDone,
             stall(),
+            Fault::CorruptBody,
         ],
         ..Plan::default()
     });
@@ -85,6 +87,10 @@ fn transient_faults(server_port: u16) {
         ("reset before", FaultProxy::count(&s.resets_before)),
         ("reset after done", FaultProxy::count(&s.resets_after_done)),
         ("stall past the timeout", FaultProxy::count(&s.stalls)),
+        (
+            "body damaged on the way",
+            FaultProxy::count(&s.bodies_corrupted),
+        ),
     ];
     eprintln!(
         "{} requests; faults fired: {fired:?}",
@@ -181,6 +187,76 @@ fn hostile_listings(server_port: u16) {
     }
     proxy.set_plan(Plan::default());
     assert_eq!(repo.snapshots().unwrap().len(), 1);
+}
+
+/// Packs larger than the multipart threshold (5 MiB here; 8 MiB packs) go up in parts.
+/// Faults on the parts and completions (a 503, a 500 after the server acted, a reset
+/// after, a reset before, a part's body damaged on the way) are retried part by part; a
+/// completion whose answer was lost is found done; a damaged body is refused by the server
+/// (Content-MD5) and sent again. Restores are byte-equal and check --read-data is clean.
+fn multipart_under_faults(server_port: u16) {
+    set_s3_timeout_for_tests(TIMEOUT_SECS);
+    set_s3_multipart_threshold(5 << 20);
+    let proxy = FaultProxy::start(server_port);
+    let loc = s3_loc(proxy.port, "multipart");
+    let mut o = opts(65536);
+    o.pack_size = 8 << 20;
+    let repo = Repository::init_with(&loc, "pw", &o).unwrap();
+    // Random data does not compress: ~3 packs of 8 MiB, each in two parts.
+    let a = random_bytes(21, 20 << 20);
+    proxy.set_plan(Plan {
+        every: 2,
+        cycle: vec![
+            Fault::CorruptBody,
+            Fault::InternalAfterDone,
+            Fault::ResetAfterDone,
+            Fault::SlowDown,
+            Fault::ResetBefore,
+        ],
+        only_matching: vec!["uploadId=".into()],
+        ..Plan::default()
+    });
+    let sa = backup(&repo, &a, "vma", None).unwrap().snapshot_id;
+    let s = &proxy.stats;
+    let created = FaultProxy::count(&s.uploads_created);
+    let parts = FaultProxy::count(&s.parts_uploaded);
+    eprintln!(
+        "multipart: {created} uploads, {parts} part requests, {} completions, {} aborts; {} bodies damaged",
+        FaultProxy::count(&s.uploads_completed),
+        FaultProxy::count(&s.uploads_aborted),
+        FaultProxy::count(&s.bodies_corrupted)
+    );
+    assert!(created >= 2, "packs of 8 MiB went up in multipart uploads");
+    assert!(parts >= 2 * created, "each in two parts or more");
+    assert!(FaultProxy::count(&s.bodies_corrupted) > 0);
+    assert!(FaultProxy::count(&s.internal_after_done) > 0);
+    // Every other completion's answer is lost after the server completed it.
+    proxy.set_plan(Plan {
+        every: 2,
+        cycle: vec![Fault::InternalAfterDone],
+        only_matching: vec!["POST ".into(), "uploadId=".into()],
+        ..Plan::default()
+    });
+    let b = random_bytes(22, 20 << 20);
+    let sb = backup(&repo, &b, "vmb", None).unwrap().snapshot_id;
+    assert!(FaultProxy::count(&s.internal_after_done) > 1);
+    proxy.set_plan(Plan::default());
+    assert!(restored(&repo, &sa) == a, "multipart restore a");
+    assert!(restored(&repo, &sb) == b, "multipart restore b");
+    let c = Repository::open(&loc, "pw").unwrap().check(true).unwrap();
+    assert!(c.ok, "{:?}", c.errors);
+}
+
+#[test]
+fn moto_s3_multipart_uploads_under_faults() {
+    let Some(server) = start_moto() else { return };
+    multipart_under_faults(server.port);
+}
+
+#[test]
+fn s3s_fs_multipart_uploads_under_faults() {
+    let Some(server) = start_s3s_fs() else { return };
+    multipart_under_faults(server.port);
 }
 
 #[test]

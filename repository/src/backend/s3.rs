@@ -1,27 +1,54 @@
-//! S3-compatible object storage: a small AWS Signature V4 client over `ureq`.
-//! Path-style requests (`endpoint/bucket/key`), which every S3-compatible server accepts.
+//! S3-compatible object storage over `ureq`, its requests signed by `rusty-s3`
+//! (sans-IO AWS Signature V4, query-string "presigned" form; see docs/repository.md,
+//! "S3 signing"). Path-style requests (`endpoint/bucket/key`), which every
+//! S3-compatible server accepts.
+//!
+//! Bodies are covered by `Content-MD5` (a signed header): a presigned request signs
+//! `UNSIGNED-PAYLOAD`, so without it a body damaged on the way would be stored as sent.
+//! Objects larger than the multipart threshold go up as a multipart upload, each part
+//! retried on its own; the object appears whole or not at all (S3 makes it visible only
+//! on CompleteMultipartUpload).
 
 use super::{Backend, ObjectInfo};
 use crate::error::{RepoError, Result};
-use crate::util::{civil_from_days, now_unix, to_hex};
 use crate::Location;
-use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+use base64::Engine as _;
+use md5::{Digest, Md5};
+use rusty_s3::actions::{CompleteMultipartUpload, CreateMultipartUpload};
+use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// Attempts per request: a 5xx, 429, 408 or transport error (reset, timeout) is retried
-/// with backoff 0.4, 0.8, 1.6 s (bounded: at most ~3 s of waiting plus the timeouts).
+/// Attempts per request: a 5xx, 429, 408 or transport error (reset, timeout, refused) is
+/// retried with backoff 0.4, 0.8, 1.6 s, each stretched by up to a quarter at random so
+/// that a fleet of hosts does not retry in step (bounded: at most 3.5 s of waiting plus
+/// the timeouts).
 const RETRIES: u32 = 4;
+
+/// How long a signed URL is valid. A request is checked when it arrives, so this only
+/// has to cover the time from signing to sending (plus clock skew), not the transfer.
+const SIGNATURE_VALID: Duration = Duration::from_secs(15 * 60);
 
 /// The most pages one listing may take (10 million keys at 1,000 per page): a server that
 /// keeps answering "truncated" cannot keep the client busy for ever.
 const MAX_LIST_PAGES: usize = 10_000;
 
+/// S3's smallest part (all but the last part of a multipart upload).
+const MIN_PART: u64 = 5 << 20;
+/// S3's largest number of parts.
+const MAX_PARTS: u64 = 10_000;
+
 static READ_TIMEOUT_SECS: AtomicU64 = AtomicU64::new(120);
+
+/// Objects larger than this go up as multipart uploads in parts of this size. 0: not set
+/// here (then `COLDCLONE_S3_MULTIPART_THRESHOLD`, else [`DEFAULT_MULTIPART_THRESHOLD`]).
+static MULTIPART_THRESHOLD: AtomicU64 = AtomicU64::new(0);
+
+/// The default multipart threshold and part size: 64 MiB. Packs are 16 MiB by default, so
+/// they go up in one PUT unless a repository has larger packs or the threshold is lowered
+/// (for a store or proxy that limits the size of one request).
+pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 64 << 20;
 
 /// Shorten the S3 read/write timeout (seconds): for tests of stalled servers only.
 #[doc(hidden)]
@@ -29,52 +56,129 @@ pub fn set_s3_timeout_for_tests(secs: u64) {
     READ_TIMEOUT_SECS.store(secs.max(1), Ordering::Relaxed);
 }
 
+/// Set the multipart threshold (bytes; also the part size) for the S3 backends this
+/// process opens afterwards; at least 5 MiB (S3's smallest part). The environment variable
+/// `COLDCLONE_S3_MULTIPART_THRESHOLD` (bytes) does the same for a whole program.
+pub fn set_s3_multipart_threshold(bytes: u64) {
+    MULTIPART_THRESHOLD.store(bytes.max(MIN_PART), Ordering::Relaxed);
+}
+
+fn multipart_threshold() -> Result<u64> {
+    let set = MULTIPART_THRESHOLD.load(Ordering::Relaxed);
+    if set > 0 {
+        return Ok(set);
+    }
+    match std::env::var("COLDCLONE_S3_MULTIPART_THRESHOLD") {
+        Err(_) => Ok(DEFAULT_MULTIPART_THRESHOLD),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n >= MIN_PART => Ok(n),
+            _ => Err(RepoError::InvalidArgument(format!(
+                "COLDCLONE_S3_MULTIPART_THRESHOLD={v:?}: give a number of bytes, at least {MIN_PART} (5 MiB)"
+            ))),
+        },
+    }
+}
+
 pub(crate) struct S3Backend {
     agent: ureq::Agent,
-    /// `http://host:port` without a trailing slash.
+    /// `http://host:port` without a trailing slash, for messages.
     endpoint: String,
-    host: String,
-    bucket: String,
+    bucket: Bucket,
     prefix: String,
-    region: String,
-    access_key: String,
-    secret_key: String,
+    credentials: Credentials,
+    multipart_threshold: u64,
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
-    // HMAC accepts keys of any length.
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    m.update(data);
-    m.finalize().into_bytes().to_vec()
+/// One request the backend makes.
+enum Op<'a> {
+    HeadBucket,
+    CreateBucket,
+    Put(&'a str),
+    Get(&'a str),
+    Head(&'a str),
+    Delete(&'a str),
+    List {
+        prefix: &'a str,
+        token: Option<&'a str>,
+        max_keys: Option<usize>,
+    },
+    CreateMultipart(&'a str),
+    UploadPart {
+        key: &'a str,
+        part: u16,
+        upload_id: &'a str,
+    },
+    CompleteMultipart {
+        key: &'a str,
+        upload_id: &'a str,
+    },
+    AbortMultipart {
+        key: &'a str,
+        upload_id: &'a str,
+    },
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    to_hex(&Sha256::digest(data))
-}
-
-/// RFC 3986 encoding as SigV4 wants it; '/' kept when `keep_slash`.
-fn uri_encode(s: &str, keep_slash: bool) -> String {
-    let mut o = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                o.push(b as char)
-            }
-            b'/' if keep_slash => o.push('/'),
-            _ => o.push_str(&format!("%{b:02X}")),
+impl Op<'_> {
+    /// The object key, for messages ('' = the bucket).
+    fn key(&self) -> &str {
+        match self {
+            Op::HeadBucket | Op::CreateBucket | Op::List { .. } => "",
+            Op::Put(k) | Op::Get(k) | Op::Head(k) | Op::Delete(k) | Op::CreateMultipart(k) => k,
+            Op::UploadPart { key, .. }
+            | Op::CompleteMultipart { key, .. }
+            | Op::AbortMultipart { key, .. } => key,
         }
     }
-    o
+
+    fn name(&self) -> &'static str {
+        match self {
+            Op::HeadBucket | Op::Head(_) => "HEAD",
+            Op::CreateBucket | Op::Put(_) => "PUT",
+            Op::Get(_) => "GET",
+            Op::Delete(_) => "DELETE",
+            Op::List { .. } => "LIST",
+            Op::CreateMultipart(_) => "CreateMultipartUpload",
+            Op::UploadPart { .. } => "UploadPart",
+            Op::CompleteMultipart { .. } => "CompleteMultipartUpload",
+            Op::AbortMultipart { .. } => "AbortMultipartUpload",
+        }
+    }
 }
 
-fn amz_date(t: i64) -> (String, String) {
-    let (y, m, d) = civil_from_days(t.div_euclid(86_400));
-    let s = t.rem_euclid(86_400);
-    let date = format!("{y:04}{m:02}{d:02}");
-    (
-        format!("{date}T{:02}{:02}{:02}Z", s / 3600, s / 60 % 60, s % 60),
-        date,
-    )
+/// `Content-MD5` of a body: base64 of its MD5.
+fn content_md5(body: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Md5::digest(body))
+}
+
+/// Whether the server's ETag for an object or part it just stored says that it received
+/// something else than `body`: S3 and the servers coldclone is tested with (moto, s3s-fs,
+/// Garage) answer the hex MD5 of what they stored, and not all of them check Content-MD5
+/// (moto and s3s-fs store a part damaged on the way; the multipart tests showed it). An
+/// ETag that is not 32 hex digits (encryption with KMS keys on AWS, some other stores)
+/// cannot be judged and passes; `COLDCLONE_S3_VERIFY_ETAG=0` turns the check off for a
+/// store whose plain ETags are not MD5s.
+fn etag_mismatch(etag: Option<&str>, body: &[u8]) -> Option<String> {
+    let etag = etag?.trim().trim_matches('"');
+    if etag.len() != 32 || !etag.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    if std::env::var("COLDCLONE_S3_VERIFY_ETAG").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let mine = crate::util::to_hex(&Md5::digest(body));
+    (!etag.eq_ignore_ascii_case(&mine)).then(|| {
+        format!(
+            "the server stored something else than was sent (its ETag {etag} is not the MD5 {mine} of the body): damaged on the way; if this store's ETags are not MD5s, set COLDCLONE_S3_VERIFY_ETAG=0"
+        )
+    })
+}
+
+/// Milliseconds to wait before attempt `attempt` (1-based): 200 << attempt, plus up to a
+/// quarter of it at random.
+fn backoff_ms(attempt: u32) -> u64 {
+    let base = 200u64 << attempt.min(8);
+    let r = u16::from_le_bytes(crate::crypto::random_bytes::<2>()) as u64;
+    base + base * r / (4 * 65_536)
 }
 
 /// Unix seconds of an ISO 8601 UTC time like `2026-11-23T10:00:00.000Z` (0 if unparsable).
@@ -194,8 +298,15 @@ fn parse_list_page(text: &str, full: &str, root: &str) -> std::result::Result<Li
     })
 }
 
+/// An answer: its body and the headers coldclone reads.
+struct Answer {
+    body: Vec<u8>,
+    etag: Option<String>,
+    content_length: Option<u64>,
+}
+
 enum Outcome {
-    Ok(Vec<u8>),
+    Ok(Answer),
     NotFound,
 }
 
@@ -213,23 +324,29 @@ impl S3Backend {
             return Err(RepoError::InvalidArgument("not an S3 location".into()));
         };
         let endpoint = endpoint.trim_end_matches('/').to_string();
-        let host = endpoint
-            .strip_prefix("https://")
-            .or_else(|| endpoint.strip_prefix("http://"))
-            .ok_or_else(|| {
-                RepoError::InvalidArgument(format!(
-                    "S3 endpoint {endpoint:?} must start with http:// or https://"
-                ))
-            })?
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+            return Err(RepoError::InvalidArgument(format!(
+                "S3 endpoint {endpoint:?} must start with http:// or https://"
+            )));
+        }
         if bucket.is_empty() || bucket.contains('/') {
             return Err(RepoError::InvalidArgument(format!(
                 "S3 bucket name {bucket:?} is not valid"
             )));
         }
+        let url = url::Url::parse(&endpoint).map_err(|e| {
+            RepoError::InvalidArgument(format!("S3 endpoint {endpoint:?} is not a URL: {e}"))
+        })?;
+        let region = if region.is_empty() {
+            "us-east-1".to_string()
+        } else {
+            region.clone()
+        };
+        let bucket = Bucket::new(url, UrlStyle::Path, bucket.clone(), region).map_err(|e| {
+            RepoError::InvalidArgument(format!(
+                "S3 endpoint {endpoint:?} or bucket {bucket:?}: {e}"
+            ))
+        })?;
         let io_timeout = Duration::from_secs(READ_TIMEOUT_SECS.load(Ordering::Relaxed));
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
@@ -239,16 +356,10 @@ impl S3Backend {
         Ok(S3Backend {
             agent,
             endpoint,
-            host,
-            bucket: bucket.clone(),
+            bucket,
             prefix: prefix.trim_matches('/').to_string(),
-            region: if region.is_empty() {
-                "us-east-1".into()
-            } else {
-                region.clone()
-            },
-            access_key: access_key.clone(),
-            secret_key: secret_key.clone(),
+            credentials: Credentials::new(access_key.clone(), secret_key.clone()),
+            multipart_threshold: multipart_threshold()?,
         })
     }
 
@@ -260,21 +371,73 @@ impl S3Backend {
         }
     }
 
-    /// One signed request with retries. `path` is the object key ('' = the bucket).
-    fn request(
-        &self,
-        method: &str,
-        path: &str,
-        query: &[(&str, String)],
-        body: &[u8],
-        range: Option<(u64, u64)>,
-    ) -> Result<Outcome> {
+    /// The HTTP method and signed URL of `op`; `md5` (a body's `Content-MD5`) is signed
+    /// with it and must be sent.
+    fn sign(&self, op: &Op, md5: Option<&str>) -> (&'static str, url::Url) {
+        fn signed<'a, A: S3Action<'a>>(mut a: A, md5: Option<&'a str>) -> url::Url {
+            if let Some(m) = md5 {
+                a.headers_mut().insert("content-md5", m);
+            }
+            a.sign(SIGNATURE_VALID)
+        }
+        let (b, c) = (&self.bucket, Some(&self.credentials));
+        match *op {
+            Op::HeadBucket => ("HEAD", signed(b.head_bucket(c), md5)),
+            Op::CreateBucket => ("PUT", signed(b.create_bucket(&self.credentials), md5)),
+            Op::Put(k) => ("PUT", signed(b.put_object(c, k), md5)),
+            Op::Get(k) => ("GET", signed(b.get_object(c, k), md5)),
+            Op::Head(k) => ("HEAD", signed(b.head_object(c, k), md5)),
+            Op::Delete(k) => ("DELETE", signed(b.delete_object(c, k), md5)),
+            Op::List {
+                prefix,
+                token,
+                max_keys,
+            } => {
+                let mut a = b.list_objects_v2(c);
+                a.with_prefix(prefix);
+                if let Some(t) = token {
+                    a.with_continuation_token(t);
+                }
+                if let Some(n) = max_keys {
+                    a.with_max_keys(n);
+                }
+                ("GET", signed(a, md5))
+            }
+            Op::CreateMultipart(k) => ("POST", signed(b.create_multipart_upload(c, k), md5)),
+            Op::UploadPart {
+                key,
+                part,
+                upload_id,
+            } => ("PUT", signed(b.upload_part(c, key, part, upload_id), md5)),
+            Op::CompleteMultipart { key, upload_id } => (
+                "POST",
+                signed(
+                    b.complete_multipart_upload(c, key, upload_id, std::iter::empty()),
+                    md5,
+                ),
+            ),
+            Op::AbortMultipart { key, upload_id } => (
+                "DELETE",
+                signed(b.abort_multipart_upload(c, key, upload_id), md5),
+            ),
+        }
+    }
+
+    /// One signed request with retries (signed afresh for each attempt).
+    fn request(&self, op: &Op, body: &[u8], range: Option<(u64, u64)>) -> Result<Outcome> {
+        let md5 = (!body.is_empty()).then(|| content_md5(body));
         let mut last = String::new();
         for attempt in 0..RETRIES {
             if attempt > 0 {
-                std::thread::sleep(Duration::from_millis(200 << attempt));
+                std::thread::sleep(Duration::from_millis(backoff_ms(attempt)));
             }
-            match self.request_once(method, path, query, body, range) {
+            match self.request_once(op, md5.as_deref(), body, range) {
+                Ok(Outcome::Ok(a)) if matches!(op, Op::Put(_) | Op::UploadPart { .. }) => {
+                    match etag_mismatch(a.etag.as_deref(), body) {
+                        None => return Ok(Outcome::Ok(a)),
+                        Some(msg) => last = msg,
+                    }
+                }
                 Ok(o) => return Ok(o),
                 Err((retry, msg)) => {
                     last = msg;
@@ -284,90 +447,51 @@ impl S3Backend {
                 }
             }
         }
-        Err(RepoError::S3 {
-            op: method.into(),
-            key: format!("{}/{}", self.bucket, path),
-            detail: last,
-        })
+        Err(self.error(op, last))
+    }
+
+    fn error(&self, op: &Op, detail: String) -> RepoError {
+        RepoError::S3 {
+            op: op.name().into(),
+            key: format!("{}/{}", self.bucket.name(), op.key()),
+            detail,
+        }
     }
 
     fn request_once(
         &self,
-        method: &str,
-        path: &str,
-        query: &[(&str, String)],
+        op: &Op,
+        md5: Option<&str>,
         body: &[u8],
         range: Option<(u64, u64)>,
     ) -> std::result::Result<Outcome, (bool, String)> {
-        let (amz, date) = amz_date(now_unix());
-        let uri = if path.is_empty() {
-            format!("/{}", uri_encode(&self.bucket, false))
-        } else {
-            format!(
-                "/{}/{}",
-                uri_encode(&self.bucket, false),
-                uri_encode(path, true)
-            )
-        };
-        let mut q: Vec<(String, String)> = query
-            .iter()
-            .map(|(k, v)| (uri_encode(k, false), uri_encode(v, false)))
-            .collect();
-        q.sort();
-        let qs = q
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("&");
-        let payload = sha256_hex(body);
-        let canonical = format!(
-            "{method}\n{uri}\n{qs}\nhost:{}\nx-amz-content-sha256:{payload}\nx-amz-date:{amz}\n\nhost;x-amz-content-sha256;x-amz-date\n{payload}",
-            self.host
-        );
-        let scope = format!("{date}/{}/s3/aws4_request", self.region);
-        let to_sign = format!(
-            "AWS4-HMAC-SHA256\n{amz}\n{scope}\n{}",
-            sha256_hex(canonical.as_bytes())
-        );
-        let k = hmac(
-            format!("AWS4{}", self.secret_key).as_bytes(),
-            date.as_bytes(),
-        );
-        let k = hmac(&k, self.region.as_bytes());
-        let k = hmac(&k, b"s3");
-        let k = hmac(&k, b"aws4_request");
-        let sig = to_hex(&hmac(&k, to_sign.as_bytes()));
-        let auth = format!(
-            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={sig}",
-            self.access_key
-        );
-        let url = if qs.is_empty() {
-            format!("{}{uri}", self.endpoint)
-        } else {
-            format!("{}{uri}?{qs}", self.endpoint)
-        };
-        let mut req = self
-            .agent
-            .request(method, &url)
-            .set("x-amz-date", &amz)
-            .set("x-amz-content-sha256", &payload)
-            .set("Authorization", &auth);
+        let (method, url) = self.sign(op, md5);
+        let mut req = self.agent.request_url(method, &url);
+        if let Some(m) = md5 {
+            req = req.set("Content-MD5", m);
+        }
         if let Some((a, b)) = range {
             req = req.set("Range", &format!("bytes={a}-{b}"));
         }
-        let resp = if method == "PUT" {
+        let resp = if method == "PUT" || method == "POST" {
             req.send_bytes(body)
         } else {
             req.call()
         };
         match resp {
             Ok(r) => {
+                let etag = r.header("ETag").map(|s| s.to_string());
+                let content_length = r.header("Content-Length").and_then(|s| s.parse().ok());
                 let mut v = Vec::new();
                 r.into_reader()
                     .take(2 << 30)
                     .read_to_end(&mut v)
                     .map_err(|e| (true, format!("reading the response: {e}")))?;
-                Ok(Outcome::Ok(v))
+                Ok(Outcome::Ok(Answer {
+                    body: v,
+                    etag,
+                    content_length,
+                }))
             }
             Err(ureq::Error::Status(404, _)) => Ok(Outcome::NotFound),
             Err(ureq::Error::Status(code, r)) => {
@@ -380,24 +504,153 @@ impl S3Backend {
                     .first()
                     .map(|s| s.to_string())
                     .unwrap_or_default();
-                let retry = code >= 500 || code == 429 || code == 408;
+                // BadDigest: the body arrived damaged (its Content-MD5 did not match), so
+                // sending it again is the cure.
+                let retry = code >= 500 || code == 429 || code == 408 || code_s == "BadDigest";
                 Err((retry, format!("HTTP {code} {code_s} {msg}")))
             }
             Err(e) => Err((true, format!("{e}"))),
         }
     }
 
+    /// Upload `data` as `key` in parts of the multipart threshold. On failure the upload
+    /// is aborted (its parts freed); the object never appears in part.
+    fn put_multipart(&self, key: &str, data: &[u8]) -> Result<()> {
+        let part_size = self
+            .multipart_threshold
+            .max(data.len() as u64 / MAX_PARTS + 1)
+            .max(MIN_PART) as usize;
+        let create = Op::CreateMultipart(key);
+        let upload_id = match self.request(&create, &[], None)? {
+            Outcome::Ok(a) => {
+                let text = String::from_utf8_lossy(&a.body);
+                CreateMultipartUpload::parse_response(&text)
+                    .map(|r| r.upload_id().to_string())
+                    .ok()
+                    .or_else(|| xml_all(&text, "UploadId").first().map(|s| xml_unescape(s)))
+                    .filter(|id| !id.is_empty())
+                    .ok_or_else(|| self.error(&create, "the answer has no UploadId".into()))?
+            }
+            Outcome::NotFound => {
+                return Err(self.error(&create, "the bucket does not exist".into()))
+            }
+        };
+        let res = self.upload_parts(key, &upload_id, data, part_size);
+        if res.is_err() {
+            let abort = Op::AbortMultipart {
+                key,
+                upload_id: &upload_id,
+            };
+            if let Err(e) = self.request(&abort, &[], None) {
+                tracing::warn!("cannot abort the failed multipart upload of {key}: {e}");
+            }
+        }
+        res
+    }
+
+    fn upload_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        data: &[u8],
+        part_size: usize,
+    ) -> Result<()> {
+        let mut etags = Vec::new();
+        for (i, part) in data.chunks(part_size).enumerate() {
+            let op = Op::UploadPart {
+                key,
+                part: u16::try_from(i + 1).map_err(|_| {
+                    RepoError::InvalidArgument(format!("{key}: more than 65535 parts"))
+                })?,
+                upload_id,
+            };
+            match self.request(&op, part, None)? {
+                Outcome::Ok(a) => match a.etag.filter(|e| !e.is_empty()) {
+                    Some(e) => etags.push(e),
+                    None => return Err(self.error(&op, "the answer has no ETag".into())),
+                },
+                Outcome::NotFound => {
+                    return Err(self.error(&op, "the upload is gone (NoSuchUpload)".into()))
+                }
+            }
+        }
+        let body = CompleteMultipartUpload::new(
+            &self.bucket,
+            Some(&self.credentials),
+            key,
+            upload_id,
+            etags.iter().map(|s| s.as_str()),
+        )
+        .body();
+        let op = Op::CompleteMultipart { key, upload_id };
+        let mut last = String::new();
+        // Complete is retried here, not in `request`: S3 may answer 200 with an error in
+        // the body, and a retry after a completion whose answer was lost finds no upload.
+        for attempt in 0..RETRIES {
+            if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(backoff_ms(attempt)));
+            }
+            match self.request_once(
+                &op,
+                Some(&content_md5(body.as_bytes())),
+                body.as_bytes(),
+                None,
+            ) {
+                Ok(Outcome::Ok(a)) => {
+                    let text = String::from_utf8_lossy(&a.body);
+                    // AWS answers CompleteMultipartUploadResult; moto names it ...Response.
+                    if text.contains("<CompleteMultipartUpload") && !text.contains("<Error>") {
+                        return Ok(());
+                    }
+                    last = format!(
+                        "answered 200 with {} {}",
+                        xml_all(&text, "Code").first().unwrap_or(&"no result"),
+                        xml_all(&text, "Message").first().unwrap_or(&"")
+                    );
+                }
+                Ok(Outcome::NotFound) => {
+                    last = "the upload is gone (NoSuchUpload)".into();
+                    break;
+                }
+                Err((retry, msg)) => {
+                    last = msg;
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        // An earlier attempt may have completed the upload and lost its answer: then the
+        // upload is gone (NoSuchUpload; s3s-fs says AccessDenied) and the object is there.
+        // Objects are named by random or content ids, so one of that key and size is this.
+        if let Ok(Some(n)) = self.size_of(key) {
+            if n == data.len() as u64 {
+                tracing::info!("{key}: multipart upload found complete after its answer was lost");
+                return Ok(());
+            }
+        }
+        Err(self.error(&op, last))
+    }
+
+    /// The size of an object, None when there is none.
+    fn size_of(&self, key: &str) -> Result<Option<u64>> {
+        match self.request(&Op::Head(key), &[], None)? {
+            Outcome::Ok(a) => Ok(a.content_length),
+            Outcome::NotFound => Ok(None),
+        }
+    }
+
     fn list_error(&self, full: &str, detail: String) -> RepoError {
         RepoError::S3 {
             op: "LIST".into(),
-            key: format!("{}/{full}", self.bucket),
+            key: format!("{}/{full}", self.bucket.name()),
             detail: format!("refused the server's listing: {detail}"),
         }
     }
 
     fn not_found(&self, key: &str) -> RepoError {
         RepoError::Io {
-            path: format!("s3://{}/{}", self.bucket, self.object(key)),
+            path: format!("s3://{}/{}", self.bucket.name(), self.object(key)),
             source: io::Error::new(io::ErrorKind::NotFound, "no such object"),
         }
     }
@@ -405,25 +658,34 @@ impl S3Backend {
 
 impl Backend for S3Backend {
     fn describe(&self) -> String {
-        format!("s3:{}/{}/{}", self.endpoint, self.bucket, self.prefix)
+        format!(
+            "s3:{}/{}/{}",
+            self.endpoint,
+            self.bucket.name(),
+            self.prefix
+        )
     }
 
     fn create(&self) -> Result<()> {
-        match self.request("HEAD", "", &[], &[], None)? {
+        match self.request(&Op::HeadBucket, &[], None)? {
             Outcome::Ok(_) => Ok(()),
-            Outcome::NotFound => self.request("PUT", "", &[], &[], None).map(|_| ()),
+            Outcome::NotFound => self.request(&Op::CreateBucket, &[], None).map(|_| ()),
         }
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        // A PUT is atomic in S3: readers see the old object or the whole new one.
-        self.request("PUT", &self.object(key), &[], data, None)
-            .map(|_| ())
+        // A PUT is atomic in S3: readers see the old object or the whole new one; so is a
+        // multipart upload, which appears only when it is completed.
+        let key = self.object(key);
+        if data.len() as u64 > self.multipart_threshold {
+            return self.put_multipart(&key, data);
+        }
+        self.request(&Op::Put(&key), data, None).map(|_| ())
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
-        match self.request("GET", &self.object(key), &[], &[], None)? {
-            Outcome::Ok(v) => Ok(v),
+        match self.request(&Op::Get(&self.object(key)), &[], None)? {
+            Outcome::Ok(a) => Ok(a.body),
             Outcome::NotFound => Err(self.not_found(key)),
         }
     }
@@ -432,17 +694,12 @@ impl Backend for S3Backend {
         if len == 0 {
             return Ok(Vec::new());
         }
-        match self.request(
-            "GET",
-            &self.object(key),
-            &[],
-            &[],
-            Some((offset, offset + len - 1)),
-        )? {
-            Outcome::Ok(v) if v.len() as u64 == len => Ok(v),
-            Outcome::Ok(v) => Err(RepoError::corrupt(
-                self.object(key),
-                format!("asked for {len} bytes at {offset}, got {}", v.len()),
+        let full = self.object(key);
+        match self.request(&Op::Get(&full), &[], Some((offset, offset + len - 1)))? {
+            Outcome::Ok(a) if a.body.len() as u64 == len => Ok(a.body),
+            Outcome::Ok(a) => Err(RepoError::corrupt(
+                full,
+                format!("asked for {len} bytes at {offset}, got {}", a.body.len()),
             )),
             Outcome::NotFound => Err(self.not_found(key)),
         }
@@ -458,15 +715,13 @@ impl Backend for S3Backend {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         for _page in 0..MAX_LIST_PAGES {
-            let mut q = vec![("list-type", "2".to_string()), ("prefix", full.clone())];
-            if let Some(t) = &token {
-                q.push(("continuation-token", t.clone()));
-            }
-            if let Some(n) = list_page_size() {
-                q.push(("max-keys", n.to_string()));
-            }
-            let body = match self.request("GET", "", &q, &[], None)? {
-                Outcome::Ok(b) => b,
+            let op = Op::List {
+                prefix: &full,
+                token: token.as_deref(),
+                max_keys: list_page_size().map(|n| n as usize),
+            };
+            let body = match self.request(&op, &[], None)? {
+                Outcome::Ok(a) => a.body,
                 Outcome::NotFound => {
                     return Err(RepoError::NotFound {
                         location: self.describe(),
@@ -502,13 +757,13 @@ impl Backend for S3Backend {
     }
 
     fn delete(&self, key: &str) -> Result<()> {
-        self.request("DELETE", &self.object(key), &[], &[], None)
+        self.request(&Op::Delete(&self.object(key)), &[], None)
             .map(|_| ())
     }
 
     fn exists(&self, key: &str) -> Result<bool> {
         Ok(matches!(
-            self.request("HEAD", &self.object(key), &[], &[], None)?,
+            self.request(&Op::Head(&self.object(key)), &[], None)?,
             Outcome::Ok(_)
         ))
     }
@@ -527,13 +782,22 @@ mod tests {
         assert_eq!(parse_iso("1970-01-01T00:00:00.000Z"), 0);
         assert_eq!(parse_iso("2026-11-18T11:06:40Z"), 1_795_000_000);
         assert_eq!(parse_iso("garbage"), 0);
-        assert_eq!(amz_date(1_795_000_000).0, "20261118T110640Z");
     }
 
     #[test]
-    fn encoding_and_xml() {
-        assert_eq!(uri_encode("a b/c~", true), "a%20b/c~");
-        assert_eq!(uri_encode("a/b", false), "a%2Fb");
+    fn md5_backoff_and_xml() {
+        // RFC 1321's test vector for "abc", base64 as Content-MD5 wants it.
+        assert_eq!(content_md5(b"abc"), "kAFQmDzST7DWlj99KOF/cg==");
+        let abc = "\"900150983cd24fb0d6963f7d28e17f72\"";
+        assert_eq!(etag_mismatch(Some(abc), b"abc"), None);
+        assert!(etag_mismatch(Some(abc), b"abd").is_some());
+        assert_eq!(etag_mismatch(Some("\"x-2\""), b"abd"), None);
+        assert_eq!(etag_mismatch(None, b"abd"), None);
+        for attempt in 1..RETRIES {
+            let ms = backoff_ms(attempt);
+            let base = 200u64 << attempt;
+            assert!((base..=base + base / 4).contains(&ms), "{attempt}: {ms}");
+        }
         let x = "<L><Contents><Key>a&amp;b</Key><Size>3</Size></Contents><Contents><Key>c</Key></Contents></L>";
         let c = xml_all(x, "Contents");
         assert_eq!(c.len(), 2);

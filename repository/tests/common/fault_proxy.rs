@@ -23,6 +23,9 @@ pub enum Fault {
     ResetAfterDone,
     /// No answer for this long (longer than the client's timeout), then close.
     Stall(Duration),
+    /// One byte of the request's body is flipped on the way (a request without a body
+    /// goes through unchanged, uncounted); the server's answer is passed back.
+    CorruptBody,
 }
 
 /// Which requests fail: every `every`-th request (counting from the plan's start) gets
@@ -34,6 +37,10 @@ pub struct Plan {
     pub always: bool,
     /// Rewrite ListObjectsV2 answers: (find, replace) on the body.
     pub rewrite_listing: Option<(String, String)>,
+    /// When not empty, only requests whose request line contains all of these strings
+    /// count for `every` and get faults (e.g. `["POST ", "uploadId="]`: completions of
+    /// multipart uploads).
+    pub only_matching: Vec<String>,
 }
 
 #[derive(Default, Debug)]
@@ -47,6 +54,13 @@ pub struct Stats {
     /// List requests that carried a continuation token (pages after the first).
     pub list_continuations: AtomicU64,
     pub listings_rewritten: AtomicU64,
+    pub bodies_corrupted: AtomicU64,
+    /// Multipart uploads: CreateMultipartUpload, UploadPart, CompleteMultipartUpload and
+    /// AbortMultipartUpload requests seen (faulted or not).
+    pub uploads_created: AtomicU64,
+    pub parts_uploaded: AtomicU64,
+    pub uploads_completed: AtomicU64,
+    pub uploads_aborted: AtomicU64,
 }
 
 pub struct FaultProxy {
@@ -221,12 +235,29 @@ fn serve(mut c: TcpStream, upstream_port: u16, st: &Stats, plan: &Mutex<(Plan, u
     if is_list && first.contains("continuation-token=") {
         st.list_continuations.fetch_add(1, Ordering::SeqCst);
     }
+    let counter = if first.starts_with("POST ") && first.contains("uploads") {
+        Some(&st.uploads_created)
+    } else if first.starts_with("PUT ") && first.contains("partNumber=") {
+        Some(&st.parts_uploaded)
+    } else if first.starts_with("POST ") && first.contains("uploadId=") {
+        Some(&st.uploads_completed)
+    } else if first.starts_with("DELETE ") && first.contains("uploadId=") {
+        Some(&st.uploads_aborted)
+    } else {
+        None
+    };
+    if let Some(c) = counter {
+        c.fetch_add(1, Ordering::SeqCst);
+    }
     let (fault, rewrite) = {
         let mut g = plan.lock().unwrap();
-        g.1 += 1;
+        let eligible = g.0.only_matching.iter().all(|m| first.contains(m.as_str()));
+        if eligible {
+            g.1 += 1;
+        }
         let n = g.1;
         let p = &g.0;
-        let fault = if p.cycle.is_empty() {
+        let fault = if p.cycle.is_empty() || !eligible {
             None
         } else if p.always {
             Some(p.cycle[0])
@@ -254,6 +285,17 @@ fn serve(mut c: TcpStream, upstream_port: u16, st: &Stats, plan: &Mutex<(Plan, u
                 st.internal_after_done.fetch_add(1, Ordering::SeqCst);
             }
             let _ = c.write_all(&status(500, "Internal Server Error", "InternalError"));
+        }
+        Some(Fault::CorruptBody) => {
+            let mut body = body;
+            let mid = body.len() / 2;
+            if let Some(b) = body.get_mut(mid) {
+                *b ^= 0x20;
+                st.bodies_corrupted.fetch_add(1, Ordering::SeqCst);
+            }
+            if let Some(answer) = forward(&head, &body, upstream_port) {
+                let _ = c.write_all(&reframe(&answer, is_head, None).0);
+            }
         }
         Some(Fault::ResetAfterDone) => {
             if forward(&head, &body, upstream_port).is_some() {

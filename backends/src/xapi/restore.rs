@@ -31,8 +31,7 @@ use std::io::Read;
 use std::time::Duration;
 
 /// Opens a disk of the backup by name: its bytes from the first, or why not.
-pub type OpenDisk<'a, 'r> =
-    dyn FnMut(&str) -> std::result::Result<Box<dyn Read + 'r>, String> + 'a;
+pub type OpenDisk<'a, 'r> = dyn FnMut(&str) -> std::result::Result<Box<dyn Read + 'r>, String> + 'a;
 
 /// What to make.
 pub struct RestoreSpec<'a> {

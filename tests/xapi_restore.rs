@@ -386,4 +386,32 @@ fn xapi_restore_failing_at_any_call_or_mid_import_leaves_no_half_vm() {
     );
     assert!(r.vms_named("cut").is_empty());
     r.assert_no_half_vm(&complete, "after a cut import");
+    // A damaged repository: a byte flipped in the middle of every pack. The chunk read
+    // fails in the middle of the upload; the restore fails, saying so, and leaves nothing.
+    let mut stack = vec![r.dir.join("repo/data")];
+    let mut flipped = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let mut bytes = std::fs::read(&p).expect("pack");
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x55;
+                std::fs::write(&p, &bytes).expect("pack");
+                flipped += 1;
+            }
+        }
+    }
+    assert!(flipped > 0, "no packs");
+    let o = r.restore_as("damaged", Some(NET));
+    assert!(
+        !o.status.success(),
+        "a damaged backup is not restored as good"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("repository") || err.contains("chunk"), "{err}");
+    assert!(r.vms_named("damaged").is_empty());
+    r.assert_no_half_vm(&complete, "after a damaged chunk");
 }

@@ -811,7 +811,14 @@ impl Client {
             })
             .map_err(|e| match e {
                 ureq::Error::Status(code, r) => format!("HTTP {code} {}", r.status_text()),
-                other => other.to_string(),
+                // Its kind and cause, not ureq's message: that quotes the whole URL.
+                ureq::Error::Transport(t) => {
+                    let cause = std::error::Error::source(&t)
+                        .map(|c| c.to_string())
+                        .or_else(|| t.message().map(str::to_string))
+                        .unwrap_or_default();
+                    format!("{}: {cause}", t.kind())
+                }
             });
         let t = self.poll_task(&task, "import_raw_vdi", timeout);
         self.destroy_task(&task);

@@ -64,8 +64,9 @@ enum Cmd {
         /// The disk's name (as listed by `snapshots`); without it, `--as` restores the whole VM.
         #[arg(long, required_unless_present = "as_name")]
         disk: Option<String>,
-        /// Make a new VM of this name from the backup (QEMU): every disk as qcow2 in `--to`
-        /// (a folder) and a start script, with new UUID and MACs and no network.
+        /// Make a new VM of this name from the backup, with new UUID and MACs and no network
+        /// unless asked: QEMU: every disk as qcow2 in `--to` (a folder) and a start script;
+        /// XAPI (`--sr`): VDIs and a halted VM on its pool; xl (`--vg`): LVs and a config.
         #[arg(long = "as", conflicts_with = "disk")]
         as_name: Option<String>,
         /// Target file (written sparse) or block device; with `--as`, a folder (with

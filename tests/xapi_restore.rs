@@ -415,3 +415,58 @@ fn xapi_restore_failing_at_any_call_or_mid_import_leaves_no_half_vm() {
     assert!(r.vms_named("damaged").is_empty());
     r.assert_no_half_vm(&complete, "after a damaged chunk");
 }
+
+#[test]
+fn xapi_restore_killed_mid_import_leaves_only_clearly_named_objects() {
+    let r = backed_up("kill");
+    let before: BTreeSet<String> = r.sim.state().vdis.keys().cloned().collect();
+    r.sim.set_faults(Faults {
+        hold_imports: true,
+        ..Faults::default()
+    });
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&r.cfg)
+        .args([
+            "restore",
+            "web1",
+            "--as",
+            "killed",
+            "--sr",
+            SR,
+            "--network",
+            NET,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t = std::time::Instant::now();
+    while r.sim.state().imports_held == 0 {
+        assert!(
+            child.try_wait().ok().flatten().is_none(),
+            "the restore ended before its import"
+        );
+        assert!(t.elapsed().as_secs() < 120, "no import within 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    r.sim.set_faults(Faults::default());
+    // Nothing under the new name; what was made carries the working name.
+    assert!(r.vms_named("killed").is_empty());
+    let st = r.sim.state();
+    let left: Vec<&String> = st
+        .vdis
+        .iter()
+        .filter(|(k, _)| !before.contains(*k))
+        .map(|(_, v)| &v.name_label)
+        .collect();
+    assert!(!left.is_empty(), "the VDI being imported is there");
+    assert!(
+        left.iter()
+            .all(|n| n.starts_with("coldclone-restoring-") && n.ends_with("-killed-xvda")),
+        "{left:?}"
+    );
+    assert_eq!(st.vms.len(), 1, "no VM was made before the disks");
+}

@@ -102,6 +102,8 @@ pub struct Faults {
     /// body (the connection is closed, the task fails): a host that lost its storage
     /// mid-transfer.
     pub fail_import_after: Option<u64>,
+    /// Imports wait, before their answer, until this is cleared (a kill -9 test's hold).
+    pub hold_imports: bool,
 }
 
 /// A fault that took effect: which one, at which call, and the call's index in the log.
@@ -455,6 +457,8 @@ pub struct State {
     pub exports_completed: u64,
     /// Imports whose every byte was written.
     pub imports_completed: u64,
+    /// Imports waiting on `Faults::hold_imports` now.
+    pub imports_held: u64,
     exports_dropped: u32,
     events: Vec<Event>,
     next_event: u64,
@@ -3287,6 +3291,21 @@ fn import(
     let mut st = lock(shared);
     let (n, occurrence) = st.log_call("import_raw_vdi");
     const M: &str = "import_raw_vdi";
+    if st.faults.hold_imports {
+        st.fire("hold_imports", M, occurrence, n);
+        st.imports_held += 1;
+        drop(st);
+        shared.changed.notify_all();
+        st = lock(shared);
+        while st.faults.hold_imports {
+            st = shared
+                .changed
+                .wait_timeout(st, Duration::from_secs(1))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        st.imports_held -= 1;
+    }
     // xapi/import_raw_vdi.ml `fail_task_in_request` / `TaskHelper.failed`.
     let fail = |st: &mut State, e: Vec<String>| {
         if st.tasks.contains_key(&task) {

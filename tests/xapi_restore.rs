@@ -54,6 +54,30 @@ fn backed_up(tag: &str) -> Rig {
         v.statics.insert("VCPUs_at_startup".into(), json!(2));
         v.statics.insert("generation_id".into(), json!("11:22"));
     });
+    if tag == "whole" {
+        // An empty CD drive at userdevice 3 (as xe vm-cd-add makes one).
+        sim.with_state(|st| {
+            let (r, u) = (format!("OpaqueRef:cd-{tag}"), format!("cd-{tag}-uuid"));
+            st.vbds.insert(
+                r.clone(),
+                xapi_sim::Vbd {
+                    uuid: u,
+                    vm: vm.clone(),
+                    vdi: xapi_sim::NULL.into(),
+                    userdevice: "3".into(),
+                    device: "xvdd".into(),
+                    currently_attached: true,
+                    mode: "RO".into(),
+                    bootable: false,
+                    kind: "CD".into(),
+                    empty: true,
+                },
+            );
+            if let Some(v) = st.vms.get_mut(&vm) {
+                v.vbds.push(r);
+            }
+        });
+    }
     std::fs::write(dir.join("pw"), "pw\n").expect("pw");
     std::fs::write(
         dir.join("xapi.cred"),
@@ -151,7 +175,12 @@ impl Rig {
                 v.name_label
             );
             assert_eq!(v.power_state, "Halted", "{ctx}");
-            assert_eq!(v.vbds.len(), 2, "{ctx}: {} has all its VBDs", v.name_label);
+            let disks = v
+                .vbds
+                .iter()
+                .filter(|b| st.vbds.get(*b).is_some_and(|b| b.kind == "Disk"))
+                .count();
+            assert_eq!(disks, 2, "{ctx}: {} has all its disks", v.name_label);
         }
         let attached: BTreeSet<&String> = st.vbds.values().map(|b| &b.vdi).collect();
         for (r, d) in &st.vdis {
@@ -202,7 +231,11 @@ fn xapi_restore_makes_the_vm_again_with_the_archived_bytes_new_macs_and_no_secre
     );
     assert!(text.contains("/prod"), "harmless settings are kept: {text}");
     let def: Value = serde_json::from_str(text).expect("the definition is JSON");
-    assert_eq!(def["vbds"].as_array().map(Vec::len), Some(2), "{def}");
+    assert_eq!(
+        def["vbds"].as_array().map(Vec::len),
+        Some(3),
+        "two disks, a CD: {def}"
+    );
     assert_eq!(def["vifs"].as_array().map(Vec::len), Some(2), "{def}");
     assert_eq!(def["vifs"][0]["network_name_label"], NET, "{def}");
 
@@ -256,7 +289,15 @@ fn xapi_restore_makes_the_vm_again_with_the_archived_bytes_new_macs_and_no_secre
         );
         // Its disks: the archived bytes, on the devices the original had them.
         let mut by_dev = std::collections::BTreeMap::new();
-        for b in &new.vbds {
+        let cds: Vec<&xapi_sim::Vbd> = new
+            .vbds
+            .iter()
+            .map(|b| &st.vbds[b])
+            .filter(|b| b.kind == "CD")
+            .collect();
+        assert_eq!(cds.len(), 1, "the CD drive is back");
+        assert!(cds[0].empty && cds[0].mode == "RO" && cds[0].userdevice == "3");
+        for b in new.vbds.iter().filter(|b| st.vbds[*b].kind == "Disk") {
             let vbd = &st.vbds[b];
             let vdi = &st.vdis[&vbd.vdi];
             assert!(

@@ -368,9 +368,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// `xl list -l g1` as Xen 4.17's xl prints it for the lab's PV guest (the fields
-    /// libxl_types.idl has; trimmed of the defaults), with a VNC password the kept
-    /// definition has removed.
+    /// The lab's PV guest g1 in the shape of `xl list -l` (field names and value forms
+    /// from tools/libs/light/libxl_types.idl: defbools as "True"/"<default>", enums
+    /// lower-cased), written by hand, not captured; with a CD, a vfb whose password the
+    /// kept definition removed, and a passed-through PCI device.
     fn pv_guest() -> Value {
         json!([{
             "domid": 3,

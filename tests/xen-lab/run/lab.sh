@@ -290,6 +290,7 @@ scenario_restore() {
   # with a new name, no uuid and no vif, refused a second time, then booted to its
   # heartbeat: the counter goes on from the backup's.
   local d=$OUT/restore f=$OUT/restore/checks
+  xl list -l g1 > "$d/xl-list-l-g1.json" 2>&1
   backup_checked g1 "$d"
   check_archive g1 "$f"
   mkdir -p /root/restored

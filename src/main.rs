@@ -64,13 +64,27 @@ enum Cmd {
         /// The disk's name (as listed by `snapshots`); without it, `--as` restores the whole VM.
         #[arg(long, required_unless_present = "as_name")]
         disk: Option<String>,
-        /// Make a new VM of this name from the backup (QEMU): every disk as qcow2 in `--to`
-        /// (a folder) and a start script, with new UUID and MACs and no network.
+        /// Make a new VM of this name from the backup, with new UUID and MACs and no network
+        /// unless asked: QEMU: every disk as qcow2 in `--to` (a folder) and a start script;
+        /// XAPI (`--sr`): VDIs and a halted VM on its pool; xl (`--vg`): LVs and a config.
         #[arg(long = "as", conflicts_with = "disk")]
         as_name: Option<String>,
-        /// Target file (written sparse) or block device; with `--as`, a folder.
-        #[arg(long)]
-        to: PathBuf,
+        /// Target file (written sparse) or block device; with `--as`, a folder (with
+        /// `--vg`, where the xl config goes; default /etc/xen).
+        #[arg(long, required_unless_present_any = ["sr", "vg"])]
+        to: Option<PathBuf>,
+        /// With `--as`: make the VM on its XAPI pool, its disks as VDIs on this SR
+        /// (name label or uuid), halted.
+        #[arg(long, requires = "as_name", conflicts_with_all = ["to", "vg"])]
+        sr: Option<String>,
+        /// With `--as`: make the xl domain's disks as LVs in this volume group, and its
+        /// config (not started).
+        #[arg(long, requires = "as_name")]
+        vg: Option<String>,
+        /// With `--sr`: the XAPI network for its NICs (name label or uuid); with `--vg`:
+        /// the bridge for its vifs. Without it the new VM has no network.
+        #[arg(long, requires = "as_name")]
+        network: Option<String>,
         /// A backup (run) id or disk snapshot id; default: the latest.
         #[arg(long)]
         snapshot: Option<String>,
@@ -264,20 +278,59 @@ fn run(cli: Cli) -> Result<u8> {
             disk,
             as_name,
             to,
+            sr,
+            vg,
+            network,
             snapshot,
             force,
         } => {
+            let need_to = |to: Option<PathBuf>| {
+                to.ok_or_else(|| anyhow::anyhow!("give --to (a file, or with --as a folder)"))
+            };
             match (disk, as_name) {
-                (Some(disk), _) => {
-                    commands::restore::run(&cfg, &vm, &disk, snapshot.as_deref(), &to, force, json)?
-                }
+                (Some(disk), _) => commands::restore::run(
+                    &cfg,
+                    &vm,
+                    &disk,
+                    snapshot.as_deref(),
+                    &need_to(to)?,
+                    force,
+                    json,
+                )?,
+                (None, Some(new_name)) if sr.is_some() => commands::restore_xapi::run(
+                    &cfg,
+                    &commands::restore_xapi::Request {
+                        vm: &vm,
+                        new_name: &new_name,
+                        snapshot: snapshot.as_deref(),
+                        sr: sr.as_deref().unwrap_or_default(),
+                        network: network.as_deref(),
+                        json,
+                    },
+                )?,
+                (None, Some(new_name)) if vg.is_some() => commands::restore_xl::run(
+                    &cfg,
+                    &commands::restore_xl::Request {
+                        vm: &vm,
+                        new_name: &new_name,
+                        snapshot: snapshot.as_deref(),
+                        vg: vg.as_deref().unwrap_or_default(),
+                        bridge: network.as_deref(),
+                        cfg_dir: to.as_deref(),
+                        force,
+                        json,
+                    },
+                )?,
+                (None, Some(_)) if network.is_some() => anyhow::bail!(
+                    "--network goes with --sr or --vg; a QEMU VM restored with --to has no network"
+                ),
                 (None, Some(new_name)) => commands::restore_vm::run(
                     &cfg,
                     &commands::restore_vm::Request {
                         vm: &vm,
                         new_name: &new_name,
                         snapshot: snapshot.as_deref(),
-                        to: &to,
+                        to: &need_to(to)?,
                         force,
                         json,
                     },

@@ -24,7 +24,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-const ALL_SCENARIOS: &str = "backup thin kill-after-save kill-after-restore overflow hvm";
+const ALL_SCENARIOS: &str = "backup thin kill-after-save kill-after-restore overflow hvm restore";
 
 struct Scenario {
     checks: BTreeMap<String, String>,
@@ -613,5 +613,61 @@ fn needs_xen_lab_hvm_guest_with_acpi_power_button() {
     assert!(stop == "pv" || stop == "acpi", "{}", s.context());
     assert_eq!(s.report["consistency"], "clean-shutdown", "{}", s.context());
     s.assert_archive_clean();
+    s.assert_nothing_left();
+}
+
+/// Issue 16: `restore g1 --as g1r --vg vg0`: an LV holding the backup's bytes, an xl
+/// config with a new name, no uuid and no vif, refused when asked again, booted by
+/// `xl create` to its heartbeat, the counter going on from the backup's.
+#[test]
+fn needs_xen_lab_restored_domain_boots_to_its_heartbeat_with_the_backups_counters() {
+    let Some(s) = scenario("restore") else { return };
+    assert_eq!(s.get("rc"), "0", "the backup failed\n{}", s.context());
+    s.assert_archive_clean();
+    assert_eq!(
+        s.get("restore_rc"),
+        "0",
+        "restore --as --vg failed\n{}",
+        s.context()
+    );
+    // The LV: the snapshot's size (32 MiB, LVM's extents), the backup's bytes.
+    assert_eq!(
+        s.get("restored_lv_bytes").trim(),
+        s.get("original_lv_bytes").trim()
+    );
+    assert_eq!(s.get("lv_e2fsck_rc"), "0", "{}", s.context());
+    assert_eq!(s.get("lv_counter_a"), s.get("counter_a"), "{}", s.context());
+    assert_eq!(s.get("lv_counter_b"), s.get("counter_b"), "{}", s.context());
+    let cfg = std::fs::read_to_string(
+        workspace_root().join("target/xen-lab/last-run/share/out/restore/g1r.cfg"),
+    )
+    .unwrap_or_default();
+    assert!(cfg.contains("name = \"g1r\""), "{cfg}");
+    assert!(cfg.contains("target=/dev/vg0/g1r-xvda"), "{cfg}");
+    assert!(!cfg.lines().any(|l| l.starts_with("uuid")), "{cfg}");
+    assert!(cfg.contains("vif = [ ]"), "no network unless asked: {cfg}");
+    // A second restore of the same name is refused, nothing overwritten.
+    assert_ne!(s.get("again_rc"), "0", "{}", s.context());
+    assert_eq!(s.get("again_refused"), "1", "{}", s.context());
+    // Booted: its first heartbeat goes on from the backup's counter.
+    assert_eq!(s.get("create_rc"), "0", "xl create failed\n{}", s.context());
+    let first = s.num("restored_first_counter");
+    let backed_up = s.num("counter_a");
+    eprintln!(
+        "restore {} s, boot to heartbeat {} s; counter {backed_up} in the backup, {first} at the first heartbeat",
+        s.get("restore_s"),
+        s.get("boot_s")
+    );
+    assert!(
+        first > backed_up && first < backed_up + 1000,
+        "{}",
+        s.context()
+    );
+    assert!(
+        !s.get("restored_vifs").contains(":"),
+        "the restored domain has no vif: {}",
+        s.get("restored_vifs")
+    );
+    s.assert_original_runs();
     s.assert_nothing_left();
 }

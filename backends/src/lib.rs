@@ -51,8 +51,16 @@ pub enum BackendError {
     Journal(String),
     #[error(transparent)]
     Network(#[from] network_isolation::IsolationError),
+    /// Not `#[from]`: that would make the inner error the source too, and `{:#}` print it
+    /// twice.
     #[error("XAPI: {0}")]
-    Xapi(#[from] xapi::XapiError),
+    Xapi(xapi::XapiError),
+}
+
+impl From<xapi::XapiError> for BackendError {
+    fn from(e: xapi::XapiError) -> Self {
+        BackendError::Xapi(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;

@@ -10,6 +10,8 @@ pub mod prune;
 pub mod recover;
 pub mod restore;
 pub mod restore_vm;
+pub mod restore_xapi;
+pub mod restore_xl;
 pub mod serve;
 pub mod snapshots;
 

@@ -217,6 +217,18 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
         );
     };
     let kind = VmDefinitionKind::parse(&config.kind);
+    // The other backends' restores have their own flags (restore_xapi.rs, restore_xl.rs).
+    match kind {
+        Some(VmDefinitionKind::XapiVmRecord) => bail!(
+            "backup {run_id} of vm {:?} is of a XAPI VM: restore it with --sr SR [--network NET]",
+            req.vm
+        ),
+        Some(VmDefinitionKind::XlJson) => bail!(
+            "backup {run_id} of vm {:?} is of an xl domain: restore it with --vg VG",
+            req.vm
+        ),
+        _ => {}
+    }
     if kind != Some(VmDefinitionKind::QemuCommandLine) {
         bail!(
             "backup {run_id} of vm {:?} holds a {} definition; `restore --as` makes QEMU VMs so \

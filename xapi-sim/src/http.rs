@@ -1,6 +1,7 @@
 //! A minimal HTTP/1.1 server: one thread per connection, one request per
-//! connection (`Connection: close`), enough for XAPI's `POST /jsonrpc` and
-//! `GET /export_raw_vdi`. Hand-written so tests can cut a response short.
+//! connection (`Connection: close`), enough for XAPI's `POST /jsonrpc`,
+//! `GET /export_raw_vdi` and `PUT /import_raw_vdi` (whose body is left in the
+//! reader, to be streamed). Hand-written so tests can cut a response short.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -11,17 +12,21 @@ pub struct Request {
     pub path: String,
     pub query: BTreeMap<String, String>,
     pub body: Vec<u8>,
+    pub content_length: Option<u64>,
+    pub transfer_encoding: Option<String>,
 }
 
-/// Reads one request; `None` when the peer sent nothing usable.
-pub fn read_request(stream: &TcpStream) -> Option<Request> {
+/// Reads one request; `None` when the peer sent nothing usable. A PUT's body is not
+/// read: it is what the returned reader gives next.
+pub fn read_request(stream: &TcpStream) -> Option<(Request, BufReader<TcpStream>)> {
     let mut r = BufReader::new(stream.try_clone().ok()?);
     let mut line = String::new();
     r.read_line(&mut line).ok()?;
     let mut parts = line.split_whitespace();
     let method = parts.next()?.to_string();
     let target = parts.next()?.to_string();
-    let mut len = 0usize;
+    let mut len: Option<u64> = None;
+    let mut transfer_encoding = None;
     loop {
         let mut h = String::new();
         if r.read_line(&mut h).ok()? == 0 {
@@ -33,24 +38,35 @@ pub fn read_request(stream: &TcpStream) -> Option<Request> {
         }
         if let Some((k, v)) = h.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().ok()?;
+                len = Some(v.trim().parse().ok()?);
+            }
+            if k.trim().eq_ignore_ascii_case("transfer-encoding") {
+                transfer_encoding = Some(v.trim().to_string());
             }
         }
     }
-    let mut body = vec![0u8; len.min(64 << 20)];
-    r.read_exact(&mut body).ok()?;
+    let mut body = vec![];
+    if method != "PUT" {
+        body = vec![0u8; len.unwrap_or(0).min(64 << 20) as usize];
+        r.read_exact(&mut body).ok()?;
+    }
     let (path, q) = target.split_once('?').unwrap_or((&target, ""));
     let query = q
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (unescape(k), unescape(v)))
         .collect();
-    Some(Request {
-        method,
-        path: path.to_string(),
-        query,
-        body,
-    })
+    Some((
+        Request {
+            method,
+            path: path.to_string(),
+            query,
+            body,
+            content_length: len,
+            transfer_encoding,
+        },
+        r,
+    ))
 }
 
 fn unescape(s: &str) -> String {

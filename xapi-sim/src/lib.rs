@@ -98,6 +98,12 @@ pub struct Faults {
     /// A broken host: `VIF.create` answers success but puts the VIF on the
     /// pool's uplink network, whatever it was asked (isolation checks must catch it).
     pub vif_create_on_uplink: bool,
+    /// An import (`PUT /import_raw_vdi`) fails after writing this many bytes of its
+    /// body (the connection is closed, the task fails): a host that lost its storage
+    /// mid-transfer.
+    pub fail_import_after: Option<u64>,
+    /// Imports wait, before their answer, until this is cleared (a kill -9 test's hold).
+    pub hold_imports: bool,
 }
 
 /// A fault that took effect: which one, at which call, and the call's index in the log.
@@ -293,6 +299,10 @@ pub struct Vbd {
     pub currently_attached: bool,
     pub mode: String,
     pub bootable: bool,
+    /// `Disk` or `CD`.
+    pub kind: String,
+    /// A CD drive with no disc (its VDI is NULL).
+    pub empty: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -445,6 +455,10 @@ pub struct State {
     pub faults: Faults,
     pub timeouts: Timeouts,
     pub exports_completed: u64,
+    /// Imports whose every byte was written.
+    pub imports_completed: u64,
+    /// Imports waiting on `Faults::hold_imports` now.
+    pub imports_held: u64,
     exports_dropped: u32,
     events: Vec<Event>,
     next_event: u64,
@@ -683,8 +697,8 @@ impl State {
                 json!({
                     "uuid": v.uuid, "VM": v.vm, "VDI": v.vdi, "userdevice": v.userdevice,
                     "device": v.device, "bootable": v.bootable, "unpluggable": true,
-                    "type": "Disk", "mode": v.mode, "currently_attached": v.currently_attached,
-                    "empty": false, "other_config": {}, "qos_algorithm_type": "",
+                    "type": v.kind, "mode": v.mode, "currently_attached": v.currently_attached,
+                    "empty": v.empty, "other_config": {}, "qos_algorithm_type": "",
                     "qos_algorithm_params": {},
                 })
             }
@@ -1067,6 +1081,8 @@ impl State {
                 currently_attached: attached,
                 mode: "RW".into(),
                 bootable: userdevice == "0",
+                kind: "Disk".into(),
+                empty: false,
             },
         );
         if let Some(v) = self.vms.get_mut(vm) {
@@ -1113,6 +1129,7 @@ impl State {
                 v.vbds
                     .iter()
                     .filter_map(|b| self.vbds.get(b))
+                    .filter(|b| self.vdis.contains_key(&b.vdi))
                     .map(|b| (b.vdi.clone(), b.userdevice.clone()))
                     .collect()
             })
@@ -1214,6 +1231,37 @@ impl State {
     }
 }
 
+/// xapi/xapi_vif_helpers.ml `gen_mac`: six bytes of a hash chain over the VM's
+/// mac_seed, `device * 2` links long, so one seed and device give one MAC. (xapi
+/// hashes with MD5; the simulator's hash differs, the dependence on seed and device
+/// is what it models.) Local bit set, multicast bit clear, as
+/// xapi-cli-server/record_util.ml `mac_from_int_array` makes it.
+fn gen_mac(device: u32, seed: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    seed.hash(&mut h);
+    device.hash(&mut h);
+    let b = h.finish().to_be_bytes();
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        (b[0] & 0xfe) | 0x02,
+        b[1],
+        b[2],
+        b[3],
+        b[4],
+        b[5]
+    )
+}
+
+/// xapi/helpers.ml `is_valid_MAC`: six pairs of hex digits separated by `:`.
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// The guest's name for a VBD's disk (xvda..xvdz, xvdaa..).
 fn device_name(userdevice: &str) -> String {
     let Ok(mut n) = userdevice.parse::<u64>() else {
@@ -1275,6 +1323,8 @@ fn arity(method: &str) -> Option<usize> {
         | "pool.get_master"
         | "SR.get_record"
         | "SR.get_by_uuid"
+        | "SR.get_by_name_label"
+        | "VDI.create"
         | "SR.get_VDIs"
         | "task.get_record"
         | "task.destroy"
@@ -1289,6 +1339,7 @@ fn arity(method: &str) -> Option<usize> {
         | "VDI.clone"
         | "VDI.snapshot"
         | "VDI.set_name_label"
+        | "VM.set_name_label"
         | "VDI.remove_from_other_config"
         | "VDI.list_changed_blocks"
         | "task.create"
@@ -1632,11 +1683,12 @@ fn lock(shared: &Shared) -> MutexGuard<'_, State> {
 
 fn serve(shared: &Arc<Shared>, conn: TcpStream) {
     let _ = conn.set_nodelay(true);
-    let Some(req) = http::read_request(&conn) else {
+    let Some((req, body)) = http::read_request(&conn) else {
         return;
     };
     match (req.method.as_str(), req.path.as_str()) {
         ("POST", "/jsonrpc") => jsonrpc(shared, &conn, &req.body),
+        ("PUT", "/import_raw_vdi") => import(shared, &conn, &req, body),
         ("GET", "/export_raw_vdi") => export(shared, &conn, &req.query),
         ("POST", "/sim/acpi_power_button") => acpi_power_button(shared, &conn, &req.query),
         ("GET", "/sim/domain") => sim_domain(shared, &conn, &req.query),
@@ -2058,6 +2110,15 @@ const VM_STATIC_FIELDS: &[&str] = &[
     "affinity",
     "domain_type",
     "NVRAM",
+    "actions_after_softreboot",
+    "order",
+    "start_delay",
+    "shutdown_delay",
+    "version",
+    "generation_id",
+    "hardware_platform_version",
+    "has_vendor_device",
+    "reference_label",
 ];
 
 /// One API operation on the state. `Ok(Null)` from a task-backed operation
@@ -2098,6 +2159,11 @@ fn exec(
                 err("UUID_INVALID", &["SR", &a0])
             }
         }
+        "SR.get_by_name_label" => Ok(json!(if a0 == "Local storage" {
+            vec![st.sr.clone()]
+        } else {
+            vec![]
+        })),
         "SR.get_VDIs" => Ok(st.record("sr", &a0)?["VDIs"].clone()),
         "VM.get_all" => Ok(json!(st.vms.keys().collect::<Vec<_>>())),
         "VM.get_record" => st.record("vm", &a0),
@@ -2276,6 +2342,13 @@ fn exec(
             Ok(json!(c))
         }
         "VM.create" => vm_create(st, a.first().unwrap_or(&Value::Null)),
+        // The generated setter of the RW field name_label (idl/datamodel_vm.ml).
+        "VM.set_name_label" => {
+            let v = st.vms.get_mut(&a0).ok_or_else(|| invalid("VM", &a0))?;
+            v.name_label = a1.clone();
+            st.emit("vm", &a0, "mod");
+            void
+        }
         "VM.set_is_a_template" => {
             st.vm(&a0)?;
             let val = a.get(1).and_then(Value::as_bool).unwrap_or(false);
@@ -2301,12 +2374,28 @@ fn exec(
                 return Err(invalid("network", &net));
             }
             int_arg(&rec, "MTU")?;
+            let device = rec.get("device").map(s).unwrap_or_default();
+            // xapi/xapi_vif_helpers.ml `create`: the device must be a number
+            // (INVALID_DEVICE); an empty MAC is made from the VM's mac_seed and the
+            // device (`gen_mac`); the MAC must be valid (MAC_INVALID).
+            let Ok(devno) = device.parse::<u32>() else {
+                return err("INVALID_DEVICE", &[&device]);
+            };
             let attached = ps == Power::Suspended
                 && rec
                     .get("currently_attached")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
-            let mac = rec.get("MAC").map(s).filter(|m| !m.is_empty());
+            let mut mac = rec.get("MAC").map(s).unwrap_or_default();
+            if mac.is_empty() {
+                if let Some(seed) = st.vm(&vm)?.other_config.get("mac_seed") {
+                    mac = gen_mac(devno, seed);
+                }
+            }
+            if !valid_mac(&mac) {
+                return err("MAC_INVALID", &[&mac]);
+            }
+            let mac = Some(mac);
             let net = if st.faults.vif_create_on_uplink {
                 st.networks
                     .iter()
@@ -2316,13 +2405,7 @@ fn exec(
             } else {
                 net
             };
-            let r = st.add_vif(
-                &vm,
-                &net,
-                &rec.get("device").map(s).unwrap_or_default(),
-                mac,
-                attached,
-            );
+            let r = st.add_vif(&vm, &net, &device, mac, attached);
             st.record_attachments(&vm);
             st.emit("vif", &r, "add");
             Ok(json!(r))
@@ -2352,8 +2435,24 @@ fn exec(
             let vm = rec.get("VM").map(s).unwrap_or_default();
             let vdi = rec.get("VDI").map(s).unwrap_or_default();
             let ps = st.vm(&vm)?.power_state;
-            if !st.vdis.contains_key(&vdi) {
-                return Err(invalid("VDI", &vdi));
+            // Only a CD may be empty, and a CD is RO; a VBD that is not empty needs a
+            // VDI of a type a VBD takes (cbt_metadata is not one).
+            let kind = rec.get("type").map(s).unwrap_or_else(|| "Disk".into());
+            let empty = rec.get("empty").and_then(Value::as_bool).unwrap_or(false);
+            let mode = rec.get("mode").map(s).unwrap_or_else(|| "RW".into());
+            if !empty {
+                let Some(v) = st.vdis.get(&vdi) else {
+                    return Err(invalid("VDI", &vdi));
+                };
+                if v.kind == VdiType::CbtMetadata {
+                    return err("VDI_INCOMPATIBLE_TYPE", &[&vdi, "cbt_metadata"]);
+                }
+            }
+            if kind == "CD" && mode != "RO" {
+                return err("VBD_CDS_MUST_BE_READONLY", &[]);
+            }
+            if kind != "CD" && empty {
+                return err("VBD_NOT_REMOVABLE_MEDIA", &["in constructor"]);
             }
             let userdevice = rec.get("userdevice").map(s).unwrap_or_default();
             let attached = ps == Power::Suspended
@@ -2361,6 +2460,7 @@ fn exec(
                     .get("currently_attached")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
+            let vdi = if empty { NULL.to_string() } else { vdi };
             let r = st.add_vbd(&vm, &vdi, &userdevice, attached);
             if let Some(b) = st.vbds.get_mut(&r) {
                 b.device = if ps == Power::Suspended {
@@ -2372,7 +2472,9 @@ fn exec(
                     .get("bootable")
                     .and_then(Value::as_bool)
                     .unwrap_or(false);
-                b.mode = rec.get("mode").map(s).unwrap_or_else(|| "RW".into());
+                b.mode = mode;
+                b.kind = kind;
+                b.empty = empty;
             }
             st.emit("vbd", &r, "add");
             Ok(json!(r))
@@ -2529,6 +2631,44 @@ fn exec(
             .filter(|(_, v)| v.name_label == a0)
             .map(|(k, _)| k)
             .collect::<Vec<_>>())),
+        "VDI.create" => {
+            // xapi/xapi_vdi.ml `create`: cbt_metadata VDIs cannot be made
+            // (VDI_INCOMPATIBLE_TYPE [""; "cbt_metadata"]); the SR must be plugged
+            // (`Sm.assert_pbd_is_plugged`); SM makes the volume, its size at least the
+            // one asked (the sim's file SR: exactly); other_config, sharable, tags and
+            // xenstore_data are set as given. The simulator makes user and suspend VDIs.
+            let rec = a.first().cloned().unwrap_or(Value::Null);
+            let kind = match rec.get("type").map(s).as_deref() {
+                Some("user") => VdiType::User,
+                Some("suspend") => VdiType::Suspend,
+                Some("cbt_metadata") => return err("VDI_INCOMPATIBLE_TYPE", &["", "cbt_metadata"]),
+                Some(other) => {
+                    return err(
+                        "INTERNAL_ERROR",
+                        &[&format!(
+                            "the simulator makes user and suspend VDIs, not {other}"
+                        )],
+                    )
+                }
+                None => return err("FIELD_TYPE_ERROR", &["type"]),
+            };
+            let sr = rec.get("SR").map(s).unwrap_or_default();
+            if sr != st.sr {
+                return Err(invalid("SR", &sr));
+            }
+            let size = int_arg(&rec, "virtual_size")?
+                .ok_or_else(|| vec!["FIELD_TYPE_ERROR".to_string(), "virtual_size".into()])?;
+            if size < 0 {
+                return err("FIELD_TYPE_ERROR", &["virtual_size"]);
+            }
+            let name = rec.get("name_label").map(s).unwrap_or_default();
+            let r = st.new_vdi(&name, size as u64, kind)?;
+            if let Some(v) = st.vdis.get_mut(&r) {
+                v.other_config = str_map(rec.get("other_config"));
+            }
+            st.emit("vdi", &r, "mod");
+            Ok(json!(r))
+        }
         "VDI.destroy" => st.destroy_vdi(&a0).map(|_| json!("")),
         "VDI.clone" => {
             // xapi/xapi_vdi.ml `check_operation_error`: clone may run with
@@ -2822,6 +2962,11 @@ fn vm_create(st: &mut State, rec: &Value) -> XResult<Value> {
     }
     let (metrics, _) = new_ref();
     let image = st.vdis.get(&suspend_vdi).and_then(|v| v.image_of);
+    // xapi/xapi_vm.ml `create`: a random mac_seed when other_config has none.
+    let mut other_config = str_map(rec.get("other_config"));
+    other_config
+        .entry("mac_seed".to_string())
+        .or_insert_with(uuid);
     st.vms.insert(
         r.clone(),
         Vm {
@@ -2853,7 +2998,7 @@ fn vm_create(st: &mut State, rec: &Value) -> XResult<Value> {
             resident_on: NULL.into(),
             last_booted_record: lbr,
             last_boot_cpu_flags: flags,
-            other_config: str_map(rec.get("other_config")),
+            other_config,
             statics,
             shutdown_task: None,
         },
@@ -3121,6 +3266,248 @@ fn export(shared: &Arc<Shared>, conn: &TcpStream, q: &BTreeMap<String, String>) 
     drop(st);
     shared.changed.notify_all();
     let _ = conn.shutdown(std::net::Shutdown::Write);
+}
+
+/// `PUT /import_raw_vdi?session_id=&task_id=&vdi=&format=raw` with a Content-Length:
+/// the body's bytes written into the VDI from its first byte, as
+/// xapi/import_raw_vdi.ml `localhost_handler` does it: `vdi` is a ref or a uuid
+/// (xapi/importexport.ml `vdi_of_req`); `format` defaults to raw
+/// (importexport.ml `Format.of_req`), an unknown one fails the task and answers 404;
+/// a Transfer-Encoding (HTTP chunked) is refused the same way ("Cannot handle
+/// encoding"); the 200 answer (with the task id) is sent *before* the body is read,
+/// then vhd-tool copies exactly content-length bytes, and the task completes with
+/// the VDI's ref, or fails. A VDI a running domain holds is refused (the RW attach of
+/// `Sm_fs_ops.with_block_attached_device`: VDI_IN_USE). More bytes than the VDI holds
+/// fail on a write (the FIXME in `localhost_handler`). The simulator takes raw only.
+fn import(
+    shared: &Arc<Shared>,
+    conn: &TcpStream,
+    req: &http::Request,
+    mut body: std::io::BufReader<TcpStream>,
+) {
+    let q = &req.query;
+    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+    let (session, task, vdi_arg) = (get("session_id"), get("task_id"), get("vdi"));
+    let mut st = lock(shared);
+    let (n, occurrence) = st.log_call("import_raw_vdi");
+    const M: &str = "import_raw_vdi";
+    if st.faults.hold_imports {
+        st.fire("hold_imports", M, occurrence, n);
+        st.imports_held += 1;
+        drop(st);
+        shared.changed.notify_all();
+        st = lock(shared);
+        while st.faults.hold_imports {
+            st = shared
+                .changed
+                .wait_timeout(st, Duration::from_secs(1))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        st.imports_held -= 1;
+    }
+    // xapi/import_raw_vdi.ml `fail_task_in_request` / `TaskHelper.failed`.
+    let fail = |st: &mut State, e: Vec<String>| {
+        if st.tasks.contains_key(&task) {
+            finish_task(st, &task, Err(e));
+        }
+    };
+    // xapi/xapi_http.ml `assert_credentials_ok`: no valid session, no import.
+    if !st.sessions.contains_key(&session) {
+        return http::respond(conn, "401 Unauthorized", "text/plain", b"SESSION_INVALID");
+    }
+    let which = if matches(&st.faults.fail_at, M, occurrence) {
+        Some("fail_at")
+    } else if matches_from(&st.faults.fail_from, M, occurrence) {
+        Some("fail_from")
+    } else if st.faults.fail_method.as_deref() == Some(M) {
+        Some("fail_method")
+    } else {
+        None
+    };
+    if let Some(which) = which {
+        st.fire(which, M, occurrence, n);
+        let msg = format!("injected import fault at call {n} ({M} #{occurrence})");
+        fail(&mut st, vec!["INTERNAL_ERROR".into(), msg.clone()]);
+        drop(st);
+        shared.changed.notify_all();
+        return http::internal_error(conn, &msg);
+    }
+    let format = q.get("format").map(String::as_str).unwrap_or("raw");
+    if !["raw", "vhd", "tar", "qcow2"].contains(&format) {
+        fail(
+            &mut st,
+            vec!["INTERNAL_ERROR".into(), format!("Unknown format {format}")],
+        );
+        drop(st);
+        shared.changed.notify_all();
+        return http::respond(conn, "404 Not Found", "text/plain", b"");
+    }
+    if format != "raw" {
+        fail(
+            &mut st,
+            vec![
+                "INTERNAL_ERROR".into(),
+                "the simulator imports format=raw only".into(),
+            ],
+        );
+        drop(st);
+        shared.changed.notify_all();
+        return http::respond(
+            conn,
+            "400 Bad Request",
+            "text/plain",
+            b"the simulator imports format=raw only",
+        );
+    }
+    if let Some(te) = &req.transfer_encoding {
+        fail(
+            &mut st,
+            vec![
+                "INTERNAL_ERROR".into(),
+                format!("Cannot handle encoding: {te}"),
+            ],
+        );
+        drop(st);
+        shared.changed.notify_all();
+        return http::respond(conn, "404 Not Found", "text/plain", b"");
+    }
+    let vdi = if st.vdis.contains_key(&vdi_arg) {
+        Some(vdi_arg.clone())
+    } else {
+        st.vdis
+            .iter()
+            .find(|(_, v)| v.uuid == vdi_arg)
+            .map(|(k, _)| k.clone())
+    };
+    let Some(vdi) = vdi else {
+        // importexport.ml `vdi_of_req`: Db.VDI.get_by_uuid raises UUID_INVALID; no
+        // `vdi` (and no SR) is VDI_MISSING.
+        let e = if vdi_arg.is_empty() {
+            vec!["VDI_MISSING".to_string()]
+        } else {
+            vec!["UUID_INVALID".into(), "VDI".into(), vdi_arg.clone()]
+        };
+        fail(&mut st, e);
+        drop(st);
+        shared.changed.notify_all();
+        return http::respond(conn, "400 Bad Request", "text/plain", b"");
+    };
+    let v = st.vdis[&vdi].clone();
+    let in_use = v.vbds.iter().any(|b| {
+        st.vbds
+            .get(b)
+            .and_then(|b| st.vms.get(&b.vm))
+            .is_some_and(|m| m.power_state.has_domain())
+    });
+    if in_use || v.kind == VdiType::CbtMetadata {
+        let e = if in_use {
+            vec!["VDI_IN_USE".to_string(), vdi.clone(), "import".into()]
+        } else {
+            vec![
+                "VDI_INCOMPATIBLE_TYPE".into(),
+                vdi.clone(),
+                "cbt_metadata".into(),
+            ]
+        };
+        fail(&mut st, e);
+        drop(st);
+        shared.changed.notify_all();
+        return http::internal_error(conn, "the VDI cannot be attached for the import");
+    }
+    let Some(len) = req.content_length else {
+        // vhd-tool is given content-length; with neither it nor chunking there is
+        // nothing to copy ("Not enough info supplied to import").
+        fail(
+            &mut st,
+            vec![
+                "INTERNAL_ERROR".into(),
+                "Not enough info supplied to import".into(),
+            ],
+        );
+        drop(st);
+        shared.changed.notify_all();
+        return http::respond(conn, "400 Bad Request", "text/plain", b"");
+    };
+    let fail_after = st.faults.fail_import_after;
+    if fail_after.is_some() {
+        st.fire("fail_import_after", M, occurrence, n);
+    }
+    drop(st);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ntask-id: {task}\r\ncontent-type: application/octet-stream\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    let mut out = conn;
+    if out.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let result: Result<(), String> = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&v.file)
+            .map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; CBT_BLOCK as usize];
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(buf.len() as u64) as usize;
+            if let Some(limit) = fail_after {
+                if done + want as u64 > limit {
+                    return Err(format!("injected: storage lost after {limit} bytes"));
+                }
+            }
+            let mut got = 0;
+            while got < want {
+                match body.read(&mut buf[got..want]) {
+                    Ok(0) => {
+                        return Err(format!(
+                            "end of file after {} of {len} bytes",
+                            done + got as u64
+                        ))
+                    }
+                    Ok(k) => got += k,
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            if done + got as u64 > v.virtual_size {
+                return Err(format!(
+                    "write beyond the end of the VDI ({} bytes)",
+                    v.virtual_size
+                ));
+            }
+            // The new VDI reads as zeros (prezeroed, Sm_fs_ops.must_write_zeroes_into_new_vdi):
+            // zero blocks are skipped, as vhd-tool skips them.
+            if buf[..got].iter().any(|b| *b != 0) {
+                f.seek(SeekFrom::Start(done)).map_err(|e| e.to_string())?;
+                f.write_all(&buf[..got]).map_err(|e| e.to_string())?;
+            }
+            done += got as u64;
+            if !task.is_empty() {
+                let mut st = lock(shared);
+                if let Some(t) = st.tasks.get_mut(&task) {
+                    t.progress = done as f64 / len.max(1) as f64;
+                }
+            }
+        }
+        f.sync_all().map_err(|e| e.to_string())
+    })();
+    let mut st = lock(shared);
+    match result {
+        Ok(()) => {
+            st.imports_completed += 1;
+            if st.tasks.contains_key(&task) {
+                finish_task(&mut st, &task, Ok(json!(vdi)));
+            }
+            st.emit("vdi", &vdi, "mod");
+        }
+        Err(why) => {
+            if st.tasks.contains_key(&task) {
+                finish_task(&mut st, &task, err("VDI_IO_ERROR", &[&why]));
+            }
+        }
+    }
+    drop(st);
+    shared.changed.notify_all();
+    let _ = conn.shutdown(std::net::Shutdown::Both);
 }
 
 #[cfg(test)]

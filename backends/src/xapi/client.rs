@@ -772,6 +772,77 @@ impl Client {
         Ok(())
     }
 
+    /// Writes `len` bytes from `body` into the VDI `vdi_ref` from its first byte: `PUT
+    /// /import_raw_vdi?session_id=&task_id=&vdi=&format=raw` with a Content-Length.
+    /// xapi/import_raw_vdi.ml `localhost_handler` refuses a Transfer-Encoding (HTTP
+    /// chunked) and hands the body to vhd-tool for exactly content-length bytes; it
+    /// answers 200 *before* it reads the body, so the answer proves nothing: the task
+    /// (`TaskHelper.complete` with the VDI, or `failed`) says whether the data landed.
+    /// Not retried: `body` is read once.
+    pub fn import_raw_vdi(
+        &self,
+        vdi_ref: &str,
+        vdi_uuid: &str,
+        len: u64,
+        body: &mut dyn Read,
+        timeout: Duration,
+    ) -> Result<()> {
+        let task = self.call_str(
+            "task.create",
+            vec![
+                json!("coldclone import"),
+                json!(format!("raw import into VDI {vdi_uuid}")),
+            ],
+        )?;
+        let url = format!("{}/import_raw_vdi", self.url);
+        let sent = self
+            .agent
+            .put(&url)
+            .query("session_id", &self.session())
+            .query("task_id", &task)
+            .query("vdi", vdi_ref)
+            .query("format", "raw")
+            .set("Content-Length", &len.to_string())
+            .set("Content-Type", "application/octet-stream")
+            .send(body.take(len))
+            .map(|r| {
+                // Read the (empty) answer to its end so the connection closes cleanly.
+                let _ = r.into_string();
+            })
+            .map_err(|e| match e {
+                ureq::Error::Status(code, r) => format!("HTTP {code} {}", r.status_text()),
+                // Its kind and cause, not ureq's message: that quotes the whole URL.
+                ureq::Error::Transport(t) => {
+                    let cause = std::error::Error::source(&t)
+                        .map(|c| c.to_string())
+                        .or_else(|| t.message().map(str::to_string))
+                        .unwrap_or_default();
+                    format!("{}: {cause}", t.kind())
+                }
+            });
+        let t = self.poll_task(&task, "import_raw_vdi", timeout);
+        self.destroy_task(&task);
+        let clean = |d: &str| without_session(d, &self.session());
+        match (sent, t) {
+            (Ok(()), Ok(_)) => Ok(()),
+            (Ok(()), Err(e)) => Err(e),
+            // Both sides' words: ours says why the body stopped (a damaged chunk of the
+            // repository), the host's task what it made of that.
+            (Err(detail), Err(e)) => Err(XapiError::Transport {
+                url,
+                detail: format!(
+                    "import into VDI {vdi_uuid}: {}; the host's task: {}",
+                    clean(&detail),
+                    clean(&e.to_string())
+                ),
+            }),
+            (Err(detail), Ok(_)) => Err(XapiError::Transport {
+                url,
+                detail: format!("import into VDI {vdi_uuid}: {}", clean(&detail)),
+            }),
+        }
+    }
+
     /// A VDI's raw contents as a stream, read as they arrive (nothing is written
     /// locally): see [`RawVdiStream`].
     pub fn stream_raw_vdi(

@@ -23,6 +23,8 @@
 
 pub mod cbt;
 pub mod client;
+pub mod definition;
+pub mod restore;
 
 pub use client::{Client, XapiError, XapiTarget};
 
@@ -1599,6 +1601,19 @@ impl Hypervisor for XapiBackend {
             ],
         )?;
         Ok(before)
+    }
+
+    /// The VM's record through the allow-list of [`definition`], with its VBD and VIF
+    /// layout: what `restore --as NEW --sr SR` makes the VM again from.
+    fn vm_definition(&self, vm: &VmInfo) -> Result<Option<crate::VmDefinition>> {
+        let xv = xapi_vm(vm)?;
+        let def = definition::read(&xv.client, &xv.vm_ref)?;
+        let text = serde_json::to_string_pretty(&def)
+            .map_err(|e| BackendError::Unsupported(format!("the VM's definition: {e}")))?;
+        Ok(Some(crate::VmDefinition {
+            kind: crate::VmDefinitionKind::XapiVmRecord,
+            text,
+        }))
     }
 
     /// VM_metrics.memory_actual: what the domain holds now.

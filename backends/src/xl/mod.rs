@@ -16,6 +16,7 @@
 pub mod cfg;
 pub mod cli;
 pub mod lvm;
+pub mod restore_cfg;
 pub mod xs;
 
 use crate::shared::SharedResource;

@@ -4,7 +4,7 @@
 # scenario named in /lab/scenarios and writes what it saw under /lab/out/<scenario>/:
 #   report.json   coldclone's --json report(s)      stderr.txt   coldclone's log
 #   checks        key=value lines the Rust test asserts on
-# Scenarios: backup thin kill-after-save kill-after-restore overflow hvm
+# Scenarios: backup thin kill-after-save kill-after-restore overflow hvm restore
 # Also /lab/out/setup: host set-up steps, KEY.rc=<exit status> (the Rust test asserts 0).
 # A listing (lvs, xl list, ip ...) that fails must never read as "nothing there": each
 # probe writes KEY=<what it listed> and KEY.rc=<its exit status>, and the Rust test fails
@@ -284,6 +284,45 @@ scenario_overflow() {
   xl destroy g3
 }
 
+scenario_restore() {
+  # Issue 16: g1 made again from its backup as a new domain g1r (restore --as --vg): an LV
+  # in vg0 holding the backup's bytes (its counters read straight off the LV), a config
+  # with a new name, no uuid and no vif, refused a second time, then booted to its
+  # heartbeat: the counter goes on from the backup's.
+  local d=$OUT/restore f=$OUT/restore/checks
+  xl list -l g1 > "$d/xl-list-l-g1.json" 2>&1
+  backup_checked g1 "$d"
+  check_archive g1 "$f"
+  mkdir -p /root/restored
+  local t=$(date +%s.%N)
+  "$CC" --json restore g1 --as g1r --vg vg0 --to /root/restored > "$d/restore.json" 2>> "$d/stderr.txt"
+  echo "restore_rc=$?" >> "$f"; echo "restore_s=$(since "$t")" >> "$f"
+  cp /root/restored/g1r.cfg "$d/g1r.cfg" 2>/dev/null
+  probe "$f" restored_lv_bytes lvs --noheadings --units b --nosuffix -o lv_size vg0/g1r-xvda
+  probe "$f" original_lv_bytes lvs --noheadings --units b --nosuffix -o lv_size vg0/g1
+  echo "lv_counter_a=$(debugfs -R 'cat /a.txt' /dev/vg0/g1r-xvda 2>/dev/null)" >> "$f"
+  echo "lv_counter_b=$(debugfs -R 'cat /b.txt' /dev/vg0/g1r-xvda 2>/dev/null)" >> "$f"
+  e2fsck -fn /dev/vg0/g1r-xvda > "$d/e2fsck.txt" 2>&1; echo "lv_e2fsck_rc=$?" >> "$f"
+  "$CC" restore g1 --as g1r --vg vg0 --to /root/restored > /dev/null 2> "$d/again.txt"
+  echo "again_rc=$?" >> "$f"
+  echo "again_refused=$(grep -c 'exists' "$d/again.txt")" >> "$f"
+  t=$(date +%s.%N)
+  xl create /root/restored/g1r.cfg > "$d/create.txt" 2>&1; echo "create_rc=$?" >> "$f"
+  local first=""
+  for _ in $(seq 400); do first=$(grep -o 'HB a=[0-9][0-9]*' "$(conslog g1r)" 2>/dev/null | head -1 | cut -d= -f2); [ -n "$first" ] && break; xl list g1r > /dev/null 2>&1 || break; sleep 1; done
+  echo "boot_s=$(since "$t")" >> "$f"
+  echo "restored_first_counter=$first" >> "$f"
+  probe "$f" restored_vifs xl network-list g1r
+  probe "$f" restored_domid xl domid g1r
+  cp "$(conslog g1r)" "$d/g1r-console.txt" 2>/dev/null
+  xl destroy g1r 2>/dev/null
+  for _ in $(seq 30); do xl list g1r > /dev/null 2>&1 || break; sleep 1; done
+  step "$f" lvremove_g1r lvremove -q -y vg0/g1r-xvda
+  rm -rf /root/restored
+  original g1 "$f"
+  leftovers "$f"
+}
+
 scenario_hvm() {
   # An HVM guest booting the same kernel and initramfs on an emulated IDE disk, without
   # the platform PCI device. Linux still speaks xenbus then and takes PV shutdown; with
@@ -325,7 +364,7 @@ config
 step $S init "$CC" init
 NEED_G1=0; NEED_G2=0
 for s in $(cat /lab/scenarios); do
-  case $s in backup) NEED_G1=1 ;; thin|kill-*) NEED_G2=1 ;; esac
+  case $s in backup|restore) NEED_G1=1 ;; thin|kill-*) NEED_G2=1 ;; esac
 done
 [ $NEED_G1 = 1 ] && step $S guest_g1 guest g1 classic ""
 [ $NEED_G2 = 1 ] && step $S guest_g2 guest g2 thin ""

@@ -79,6 +79,10 @@ pub struct LibvirtVm {
     pub name: String,
     pub uuid: String,
     pub checked: domxml::Checked,
+    /// The domain's definition as read before the checkpoint (`dumpxml
+    /// --inactive`: what `virsh define` takes; after the snapshot it names the
+    /// overlays), secrets removed; or why it could not be read.
+    pub definition: std::result::Result<String, String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -386,6 +390,10 @@ impl Hypervisor for LibvirtBackend {
         let checked =
             domxml::check(&dom).map_err(|e| unsupported(format!("domain {domain}: {e}")))?;
         let (state, _) = virsh::domstate(&uri, &checked.uuid)?;
+        // Never `--security-info`: libvirt then leaves graphics passwords out.
+        let definition = virsh(&uri, &["dumpxml", "--inactive", &checked.uuid])
+            .map_err(|e| e.to_string())
+            .and_then(|x| domxml::without_secrets(&x));
         let mut disks = Vec::new();
         for d in &checked.disks {
             disks.push(DiskInfo {
@@ -408,6 +416,7 @@ impl Hypervisor for LibvirtBackend {
                 name: checked.name.clone(),
                 uuid: checked.uuid.clone(),
                 checked,
+                definition,
             }),
         })
     }
@@ -878,6 +887,18 @@ impl Hypervisor for LibvirtBackend {
 
     fn stop_methods(&self, _vm: &VmInfo) -> StopMethod {
         StopMethod::Acpi
+    }
+
+    fn vm_definition(&self, vm: &VmInfo) -> Result<Option<crate::VmDefinition>> {
+        let lv = lv_vm(vm)?;
+        let text = lv
+            .definition
+            .clone()
+            .map_err(|e| unsupported(format!("domain {}: its definition: {e}", lv.name)))?;
+        Ok(Some(crate::VmDefinition {
+            kind: crate::VmDefinitionKind::LibvirtXml,
+            text,
+        }))
     }
 
     fn export_frozen_disk(&self, disk: &FrozenDisk, dest: &Path) -> Result<()> {

@@ -166,6 +166,8 @@ struct LvOptions {
     ignore_power_button: bool,
     /// A virtio NIC on this bridge, the guest pinging the peer there.
     nic_on: Option<(String, String, u32)>,
+    /// A guest agent channel, the guest running the stand-in agent.
+    agent: bool,
 }
 
 impl LvVm {
@@ -190,9 +192,13 @@ impl LvVm {
             cmdline.push_str(" cc_ignore_powerbutton=1");
         }
         let mut nic = String::new();
+        if opts.agent {
+            cmdline.push_str(" cc_agent=1");
+            nic.push_str("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>");
+        }
         if let Some((bridge, ip, subnet)) = &opts.nic_on {
             cmdline.push_str(&format!(" cc_ip={ip}/24 cc_peer=10.79.{subnet}.1"));
-            nic = format!(
+            nic += &format!(
                 "<interface type='bridge'><mac address='52:54:00:79:00:02'/><source bridge='{bridge}'/><model type='virtio'/></interface>"
             );
         }
@@ -232,6 +238,13 @@ impl LvVm {
                 "the guest's NIC: {}",
                 vm.console()
             );
+        }
+        if opts.agent {
+            wait_until("the stand-in agent", Duration::from_secs(60), || {
+                let c = vm.console();
+                assert!(!c.contains("AGENT NO PORT"), "no agent port: {c}");
+                c.contains("AGENT UP")
+            });
         }
         wait_until("the writer to run", Duration::from_secs(60), || {
             vm.counter() > 100
@@ -678,6 +691,52 @@ fn needs_root_libvirt_a_clone_that_ignores_the_power_button() {
     let snaps = setup.snapshots();
     assert_eq!(snaps.len(), 1);
     assert_eq!(snaps[0]["consistency"], "crash");
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+}
+
+#[test]
+fn needs_root_libvirt_a_clone_that_ignores_the_button_is_stopped_by_its_guest_agent() {
+    let _s = serial();
+    let opts = LvOptions {
+        ignore_power_button: true,
+        agent: true,
+        ..Default::default()
+    };
+    let Some((dir, vm)) = start("lvagent", opts) else {
+        return;
+    };
+    let setup = setup(dir.path(), &vm, "stop_timeout_secs = 5", "");
+    let before = vm.counter();
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    keep_caps(&setup);
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The button was ignored for the whole bounded wait; the agent's shutdown
+    // was then as clean as the button's.
+    assert_eq!(report["consistency"], "clean-shutdown", "{report}");
+    let stop = report["clone_stop_seconds"].as_f64().unwrap_or(0.0);
+    assert!(
+        stop >= 5.0,
+        "the agent was asked before the wait ended: {stop} s"
+    );
+    assert!(
+        report["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| w.as_str().unwrap_or("").contains("guest agent")),
+        "{report}"
+    );
+    let restored = restore_disk_checked(&setup, "vda", None);
+    assert!(restored.counter >= before);
     vm.assert_unharmed();
     assert_nothing_left(&setup);
 }

@@ -621,6 +621,16 @@ pub fn without_secrets(text: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Whether the domain has a QEMU guest agent channel.
+pub fn has_agent_channel(dom: &Elem) -> bool {
+    dom.child("devices").is_some_and(|d| {
+        d.elems().any(|c| {
+            c.name == "channel"
+                && c.child("target").and_then(|t| t.attr("name")) == Some("org.qemu.guest_agent.0")
+        })
+    })
+}
+
 /// Where the clone's parts go.
 #[derive(Debug, Clone)]
 pub struct CloneParts<'a> {

@@ -99,6 +99,9 @@ struct LibvirtClone {
     tap_journal_ids: Vec<u64>,
     namespace: network_isolation::Namespace,
     stopped: bool,
+    /// The domain has a guest agent channel (`org.qemu.guest_agent.0`), now on
+    /// a socket of the clone's own: the fallback when the button is ignored.
+    agent: bool,
 }
 
 impl std::fmt::Debug for LibvirtClone {
@@ -717,6 +720,7 @@ impl Hypervisor for LibvirtBackend {
                 tap_journal_ids: tap_ids,
                 namespace: net.namespace.clone(),
                 stopped: false,
+                agent: domxml::has_agent_channel(&saved),
             }),
         };
         journal.milestone("restore:clone-started")?;
@@ -795,7 +799,15 @@ impl Hypervisor for LibvirtBackend {
             .session
             .as_mut()
             .ok_or_else(|| BackendError::Clone("no embedded session".into()))?;
-        let start = Instant::now();
+        let mut start = Instant::now();
+        let mut asked_agent = false;
+        let stopped = |asked: bool| {
+            if asked {
+                CloneOutcome::StoppedByGuestAgent
+            } else {
+                CloneOutcome::StoppedByGuest
+            }
+        };
         // on_poweroff = destroy: a clone that powered off is gone from the
         // driver; one that rebooted or crashed stays (on_reboot/on_crash = preserve).
         let outcome = loop {
@@ -803,12 +815,12 @@ impl Hypervisor for LibvirtBackend {
                 &format!("domstate {uuid} --reason"),
                 Duration::from_secs(60),
             ) {
-                Err(e) if virsh::no_such_domain(&e) => break CloneOutcome::StoppedByGuest,
+                Err(e) if virsh::no_such_domain(&e) => break stopped(asked_agent),
                 Err(e) => return Err(e),
                 Ok(out) => {
                     let (state, reason) = virsh::parse_state(&out);
                     if state == "shut off" && reason == "shutdown" {
-                        break CloneOutcome::StoppedByGuest;
+                        break stopped(asked_agent);
                     }
                     if state != "running" && state != "in shutdown" {
                         tracing::warn!(state, reason, "the clone stopped, but not by a power-off");
@@ -817,7 +829,25 @@ impl Hypervisor for LibvirtBackend {
                 }
             }
             if start.elapsed() > timeout {
-                break CloneOutcome::Killed;
+                if !c.agent || asked_agent {
+                    break CloneOutcome::Killed;
+                }
+                // The button was ignored: ask the guest agent, through the clone's
+                // own channel, once, for another bounded wait. libvirt returns once
+                // QEMU reports the guest's SHUTDOWN, or fails after its agent timeout.
+                asked_agent = true;
+                tracing::warn!("the clone ignored the ACPI power button; asking its guest agent");
+                match s.run(
+                    &format!("shutdown {uuid} --mode agent"),
+                    Duration::from_secs(120),
+                ) {
+                    Ok(_) => start = Instant::now(),
+                    Err(e) if virsh::no_such_domain(&e) => break CloneOutcome::StoppedByGuestAgent,
+                    Err(e) => {
+                        tracing::warn!("the guest agent's shutdown failed: {e}");
+                        break CloneOutcome::Killed;
+                    }
+                }
             }
             std::thread::sleep(Duration::from_millis(200));
         };

@@ -1,7 +1,8 @@
 //! The whole pipeline on a real libvirtd: the busybox test guest as a
 //! transient libvirt domain of type `qemu` (TCG), backed up through the
-//! binary. Every test needs root, QEMU and libvirt (`libvirt_`); they start
-//! `virtlogd -d` and `libvirtd -d` themselves when no service manager did.
+//! binary. Every test needs root, QEMU and libvirt (`needs_root_libvirt_`);
+//! they start `virtlogd -d` and `libvirtd -d` themselves when no service
+//! manager did.
 
 mod common;
 
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 
 const URI: &str = "qemu:///system";
 static N: AtomicU32 = AtomicU32::new(0);
+/// The test domain's VNC password: libvirt holds it; no backup may.
+const VNC_SECRET: &str = "cc7f3a9q";
 
 fn virsh(args: &[&str]) -> std::process::Output {
     Command::new("virsh")
@@ -60,6 +63,97 @@ fn libvirt_available() -> bool {
     coldclone_testkit::require(false, "a libvirtd that answers on qemu:///system")
 }
 
+/// The original's network on the host (libvirtd starts its QEMU in the host's
+/// namespace): a bridge with an address, the peer the guest pings; no uplink.
+struct HostNet {
+    bridge: String,
+    subnet: u32,
+}
+
+impl HostNet {
+    fn new() -> HostNet {
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let subnet = (std::process::id() + n * 7) % 200 + 20;
+        // Not `cc...`: assert_nothing_left looks for coldclone's own links by that prefix.
+        let bridge = format!("lvo{}x{n}", std::process::id() % 100_000);
+        let _ = sh(&format!("ip link del {bridge} 2>/dev/null"));
+        let out = sh(&format!(
+            "set -e; ip link add {bridge} type bridge; ip addr add 10.79.{subnet}.1/24 dev {bridge}; ip link set {bridge} up"
+        ));
+        assert!(
+            out.status.success(),
+            "the original's bridge: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        HostNet { bridge, subnet }
+    }
+
+    fn guest_ip(&self) -> String {
+        format!("10.79.{}.2", self.subnet)
+    }
+}
+
+impl Drop for HostNet {
+    fn drop(&mut self) {
+        let _ = sh(&format!("ip link del {}", self.bridge));
+    }
+}
+
+/// tcpdump of ICMP echo requests from the guest on the original's bridge.
+struct HostCapture {
+    child: std::process::Child,
+    file: PathBuf,
+    src: String,
+}
+
+impl HostCapture {
+    fn start(net: &HostNet, dir: &Path) -> HostCapture {
+        let file = dir.join("capture.pcap");
+        let child = Command::new("tcpdump")
+            .args(["-i", &net.bridge, "-n", "-U", "-w"])
+            .arg(&file)
+            .arg("icmp")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(1500));
+        HostCapture {
+            child,
+            file,
+            src: net.guest_ip(),
+        }
+    }
+
+    /// The ICMP echo sequence numbers seen from the guest's address.
+    fn stop(mut self) -> Vec<u64> {
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let _ = self.child.wait();
+        let out = Command::new("tcpdump")
+            .args(["-n", "-r"])
+            .arg(&self.file)
+            .output()
+            .expect("tcpdump -r");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("IP {} >", self.src)) && l.contains("echo request"))
+            .filter_map(|l| {
+                l.split("seq ")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+}
+
 /// The test guest as a transient libvirt domain; destroyed on drop.
 struct LvVm {
     name: String,
@@ -70,6 +164,10 @@ struct LvVm {
 #[derive(Default)]
 struct LvOptions {
     ignore_power_button: bool,
+    /// A virtio NIC on this bridge, the guest pinging the peer there.
+    nic_on: Option<(String, String, u32)>,
+    /// A guest agent channel, the guest running the stand-in agent.
+    agent: bool,
 }
 
 impl LvVm {
@@ -93,6 +191,17 @@ impl LvVm {
         if opts.ignore_power_button {
             cmdline.push_str(" cc_ignore_powerbutton=1");
         }
+        let mut nic = String::new();
+        if opts.agent {
+            cmdline.push_str(" cc_agent=1");
+            nic.push_str("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>");
+        }
+        if let Some((bridge, ip, subnet)) = &opts.nic_on {
+            cmdline.push_str(&format!(" cc_ip={ip}/24 cc_peer=10.79.{subnet}.1"));
+            nic += &format!(
+                "<interface type='bridge'><mac address='52:54:00:79:00:02'/><source bridge='{bridge}'/><model type='virtio'/></interface>"
+            );
+        }
         let xml = format!(
             "<domain type='qemu'>
   <name>{name}</name>
@@ -104,9 +213,10 @@ impl LvVm {
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{img}'/><target dev='vda' bus='virtio'/></disk>
+    {nic}
     <serial type='file'><source path='{log}'/><target port='0'/></serial>
     <console type='file'><source path='{log}'/><target type='serial' port='0'/></console>
-    <graphics type='vnc' port='-1' listen='127.0.0.1'/>
+    <graphics type='vnc' port='-1' listen='127.0.0.1' passwd='{VNC_SECRET}'/>
     <memballoon model='virtio'/>
   </devices>
 </domain>",
@@ -122,6 +232,20 @@ impl LvVm {
         wait_until("the guest to boot", Duration::from_secs(180), || {
             vm.console().contains("GUEST UP")
         });
+        if opts.nic_on.is_some() {
+            assert!(
+                vm.console().contains("NET UP"),
+                "the guest's NIC: {}",
+                vm.console()
+            );
+        }
+        if opts.agent {
+            wait_until("the stand-in agent", Duration::from_secs(60), || {
+                let c = vm.console();
+                assert!(!c.contains("AGENT NO PORT"), "no agent port: {c}");
+                c.contains("AGENT UP")
+            });
+        }
         wait_until("the writer to run", Duration::from_secs(60), || {
             vm.counter() > 100
         });
@@ -267,6 +391,11 @@ fn assert_nothing_left(s: &Setup) {
         .filter(|l| !l.starts_with("cct"))
         .collect();
     assert!(cc.is_empty(), "coldclone links left on the host: {cc:?}");
+    let nets = virsh_ok(&["net-list", "--all", "--name"]);
+    assert!(
+        !nets.contains("coldclone"),
+        "libvirt networks of coldclone left: {nets}"
+    );
     assert_no_memory_image(s);
 }
 
@@ -279,8 +408,24 @@ fn start(tag: &str, opts: LvOptions) -> Option<(TempDir, LvVm)> {
     Some((dir, vm))
 }
 
+/// A guest with a NIC on the original's network (a host bridge), pinging the peer there.
+fn start_networked(tag: &str, mut opts: LvOptions) -> Option<(TempDir, HostNet, LvVm)> {
+    if !libvirt_available() || !coldclone_testkit::require_tools(&["tcpdump", "ip"]) {
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let net = HostNet::new();
+    opts.nic_on = Some((net.bridge.clone(), net.guest_ip(), net.subnet));
+    let vm = LvVm::start(dir.path(), opts);
+    Some((dir, net, vm))
+}
+
+/// The guest pings 5 times a second; a capture over a whole backup holds many
+/// more probes than this. Fewer means the capture did not watch the network.
+const MIN_PROBES: usize = 10;
+
 #[test]
-fn libvirt_backup_of_a_writing_guest_is_clean_and_the_original_unharmed() {
+fn needs_root_libvirt_backup_of_a_writing_guest_is_clean_and_the_original_unharmed() {
     let _s = serial();
     let Some((dir, vm)) = start("lvbackup", LvOptions::default()) else {
         return;
@@ -344,13 +489,39 @@ fn libvirt_backup_of_a_writing_guest_is_clean_and_the_original_unharmed() {
     );
     vm.assert_unharmed();
     assert_nothing_left(&setup);
-    assert_eq!(setup.snapshots().len(), 1);
+    let snaps = setup.snapshots();
+    assert_eq!(snaps.len(), 1);
+    // The domain's definition is kept with the backup, its VNC password not.
+    let def = &snaps[0]["vm_config"];
+    assert_eq!(def["kind"], "libvirt-xml", "{def}");
+    let text = def["text"].as_str().unwrap_or("");
+    assert!(
+        virsh_ok(&["dumpxml", "--security-info", &vm.name]).contains(VNC_SECRET),
+        "libvirt does not hold the test's VNC password: nothing to prove"
+    );
+    assert!(
+        !text.contains(VNC_SECRET) && !text.contains("passwd"),
+        "{text}"
+    );
+    let kept = domain_name(text);
+    assert_eq!(kept.as_deref(), Some(vm.name.as_str()), "{text}");
+    assert!(
+        text.contains(&format!("<source file='{}'", vm.image.display())),
+        "the kept definition does not name the original's image: {text}"
+    );
+}
+
+/// `<name>` of a domain XML (the test crate has no XML parser).
+fn domain_name(xml: &str) -> Option<String> {
+    let rest = xml.split_once("<name>")?.1;
+    Some(rest.split_once("</name>")?.0.to_string())
 }
 
 #[test]
-fn libvirt_kill_9_at_every_milestone_then_recover_leaves_nothing() {
+fn needs_root_libvirt_kill_9_at_every_milestone_then_recover_leaves_nothing() {
     let _s = serial();
-    let Some((dir, vm)) = start("lvfaults", LvOptions::default()) else {
+    // With a NIC: the sweep covers the clone's taps and bridge too.
+    let Some((dir, _net, vm)) = start_networked("lvfaults", LvOptions::default()) else {
         return;
     };
     let setup = setup(dir.path(), &vm, "stop_timeout_secs = 60", "");
@@ -412,10 +583,51 @@ fn libvirt_kill_9_at_every_milestone_then_recover_leaves_nothing() {
 }
 
 #[test]
-fn libvirt_a_clone_that_ignores_the_power_button_is_killed_and_no_backup_stored() {
+fn needs_root_libvirt_the_clone_never_reaches_the_original_network() {
+    let _s = serial();
+    let Some((dir, net, vm)) = start_networked("lvisol", LvOptions::default()) else {
+        return;
+    };
+    let setup = setup(dir.path(), &vm, "stop_timeout_secs = 60", "");
+    let cap = HostCapture::start(&net, dir.path());
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    // Let the original ping on for a while after the backup.
+    std::thread::sleep(Duration::from_secs(2));
+    let seqs = cap.stop();
+    keep_caps(&setup);
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "backup failed: {report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The clone ran (resumed with the original's memory, so its pinger repeats
+    // the original's sequence numbers) until it powered off.
+    assert_eq!(report["consistency"], "clean-shutdown", "{report}");
+    assert!(
+        seqs.len() >= MIN_PROBES,
+        "the capture saw {} of the original's pings (at least {MIN_PROBES} expected): it did not watch the network",
+        seqs.len()
+    );
+    let dup = duplicates(&seqs);
+    assert!(
+        dup.is_empty(),
+        "the clone's pings reached the original's network: {dup:?}"
+    );
+    restore_disk_checked(&setup, "vda", None);
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+}
+
+#[test]
+fn needs_root_libvirt_a_clone_that_ignores_the_power_button() {
     let _s = serial();
     let opts = LvOptions {
         ignore_power_button: true,
+        ..Default::default()
     };
     let Some((dir, vm)) = start("lvignore", opts) else {
         return;
@@ -442,6 +654,89 @@ fn libvirt_a_clone_that_ignores_the_power_button_is_killed_and_no_backup_stored(
         "the wait was not bounded by stop_timeout_secs: {stop} s ({:?} in all)",
         t.elapsed()
     );
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+
+    // on_clone_failure = "crash": the killed clone's disk is kept, labelled crash.
+    let cfg = std::fs::read_to_string(&setup.config).expect("config");
+    std::fs::write(
+        &setup.config,
+        cfg.replace(
+            "stop_timeout_secs = 5\n",
+            "stop_timeout_secs = 5\non_clone_failure = \"crash\"\n",
+        ),
+    )
+    .expect("config");
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    keep_caps(&setup);
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["consistency"], "crash", "{report}");
+    let stop = report["clone_stop_seconds"].as_f64().unwrap_or(0.0);
+    assert!((5.0..60.0).contains(&stop), "unbounded wait: {stop} s");
+    assert!(
+        report["warnings"][0]
+            .as_str()
+            .unwrap_or("")
+            .contains("crash-consistent"),
+        "{report}"
+    );
+    let snaps = setup.snapshots();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0]["consistency"], "crash");
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+}
+
+#[test]
+fn needs_root_libvirt_a_clone_that_ignores_the_button_is_stopped_by_its_guest_agent() {
+    let _s = serial();
+    let opts = LvOptions {
+        ignore_power_button: true,
+        agent: true,
+        ..Default::default()
+    };
+    let Some((dir, vm)) = start("lvagent", opts) else {
+        return;
+    };
+    let setup = setup(dir.path(), &vm, "stop_timeout_secs = 5", "");
+    let before = vm.counter();
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    keep_caps(&setup);
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The button was ignored for the whole bounded wait; the agent's shutdown
+    // was then as clean as the button's.
+    assert_eq!(report["consistency"], "clean-shutdown", "{report}");
+    let stop = report["clone_stop_seconds"].as_f64().unwrap_or(0.0);
+    assert!(
+        stop >= 5.0,
+        "the agent was asked before the wait ended: {stop} s"
+    );
+    assert!(
+        report["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| w.as_str().unwrap_or("").contains("guest agent")),
+        "{report}"
+    );
+    let restored = restore_disk_checked(&setup, "vda", None);
+    assert!(restored.counter >= before);
     vm.assert_unharmed();
     assert_nothing_left(&setup);
 }

@@ -438,6 +438,9 @@ pub struct VmDefinition {
 pub enum CloneOutcome {
     /// It shut itself down after the request: its disks are clean.
     StoppedByGuest,
+    /// It ignored the request, then shut itself down when its guest agent was
+    /// asked (`guest-shutdown`): its disks are clean too.
+    StoppedByGuestAgent,
     /// It did not stop in time and was killed.
     Killed,
 }

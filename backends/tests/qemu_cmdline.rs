@@ -47,8 +47,17 @@ fn assert_safe(args: &[String], forbidden: &[&str]) -> std::result::Result<(), S
         let a = o.arg.as_deref().unwrap_or("");
         match o.name.as_str() {
             "virtfs" | "fsdev" | "snapshot" | "add-fd" | "plugin" | "daemonize" | "no-shutdown"
-            | "trace" | "set" | "mem-path" | "readconfig" | "blockdev" => {
+            | "trace" | "set" | "mem-path" | "readconfig" => {
                 return Err(format!("-{} survived", o.name))
+            }
+            // A -blockdev is the clone's overlay, or a read-only medium's node kept
+            // verbatim (the original's writable images are in `forbidden`).
+            "blockdev" => {
+                let ours = a.contains("file.filename=/var/lib/coldclone/runs/r1/clone-")
+                    && a.starts_with("driver=qcow2,");
+                if !ours && !a.starts_with('{') {
+                    return Err(format!("-blockdev {a}"));
+                }
             }
             "netdev" | "nic" | "net" => {
                 net = true;
@@ -296,7 +305,7 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
 // ---- libvirt and virt-install ----------------------------------------------
 
 /// A q35 domain as libvirt 9 starts it, with the disk in the `-drive` form
-/// (libvirt's `-blockdev` form is refused, see below).
+/// (libvirt's own `-blockdev` form: see below).
 fn libvirt_argv(disk: &[&str], netdev: &str) -> Vec<String> {
     let mut v = s(&[
         "-name",
@@ -418,18 +427,98 @@ fn libvirt_command_line_is_taken() {
     assert!(!cmd.args.iter().any(|x| x == "-serial"), "{a}");
 }
 
+/// The disk as libvirt 9 really gives it: a file node under a qcow2 node,
+/// and a read-only CD-ROM the same way.
+const LIBVIRT_BLOCKDEV: &[&str] = &[
+    "-blockdev",
+    r#"{"driver":"file","filename":"/var/lib/libvirt/images/vm1.qcow2","node-name":"libvirt-2-storage","auto-read-only":true,"discard":"unmap"}"#,
+    "-blockdev",
+    r#"{"node-name":"libvirt-2-format","read-only":false,"discard":"unmap","driver":"qcow2","file":"libvirt-2-storage","backing":null}"#,
+    "-device",
+    r#"{"driver":"virtio-blk-pci","bus":"pci.2","addr":"0x0","drive":"libvirt-2-format","id":"virtio-disk0","bootindex":1}"#,
+    "-blockdev",
+    r#"{"driver":"file","filename":"/iso/debian-12.iso","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}"#,
+    "-blockdev",
+    r#"{"node-name":"libvirt-1-format","read-only":true,"driver":"raw","file":"libvirt-1-storage"}"#,
+    "-device",
+    r#"{"driver":"ide-cd","bus":"ide.0","drive":"libvirt-1-format","id":"sata0-0-0"}"#,
+];
+
 #[test]
-fn libvirt_blockdev_disks_are_refused_naming_blockdev() {
-    let disk = [
+fn libvirt_blockdev_disks_are_taken_and_other_graphs_refused_naming_the_node() {
+    let cmd = derive(
+        &libvirt_argv(LIBVIRT_BLOCKDEV, LIBVIRT_TAP),
+        &["libvirt-2-format"],
+    )
+    .expect("libvirt's -blockdev graph is taken");
+    assert_safe(&cmd.args, LIBVIRT_PATHS).unwrap();
+    let a = cmd.args.join(" ");
+    // The format node keeps its name (the device names it), now over the overlay.
+    assert!(
+        a.contains(
+            "-blockdev driver=qcow2,node-name=libvirt-2-format,file.driver=file,file.filename=/var/lib/coldclone/runs/r1/clone-libvirt-2-format.qcow2,file.node-name=libvirt-2-storage,file.discard=unmap,discard=unmap"
+        ),
+        "{a}"
+    );
+    assert!(
+        !a.contains("libvirt-2-storage\",") && !a.contains("backing"),
+        "{a}"
+    );
+    // The install medium stays, read-only.
+    assert!(a.contains("/iso/debian-12.iso"), "{a}");
+    // A writable node with no overlay: refused, named.
+    let e = derive(&libvirt_argv(LIBVIRT_BLOCKDEV, LIBVIRT_TAP), &[]).unwrap_err();
+    assert!(e.to_string().contains("libvirt-2-format"), "{e}");
+    // Keyval spelling with an inline file node, over a host block device (Proxmox-like).
+    let kv = [
         "-blockdev",
-        r#"{"driver":"file","filename":"/var/lib/libvirt/images/vm1.qcow2","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}"#,
-        "-blockdev",
-        r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage"}"#,
+        "driver=raw,node-name=drive-scsi0,file.driver=host_device,file.filename=/dev/pve/vm-100-disk-0,cache.direct=on,file.aio=native,file.cache.direct=on",
         "-device",
-        r#"{"driver":"virtio-blk-pci","bus":"pci.2","addr":"0x0","drive":"libvirt-1-format","id":"virtio-disk0","bootindex":1}"#,
+        "scsi-hd,drive=drive-scsi0,id=scsi0",
     ];
-    let e = derive(&libvirt_argv(&disk, LIBVIRT_TAP), &[]).unwrap_err();
-    assert!(e.to_string().contains("-blockdev"), "{e}");
+    let cmd = derive(&libvirt_argv(&kv, LIBVIRT_TAP), &["drive-scsi0"]).expect("keyval graph");
+    assert_safe(&cmd.args, &["/dev/pve"]).unwrap();
+    // Shapes coldclone does not understand: the node is named.
+    let refused: &[(&[&str], &str)] = &[
+        (
+            &[
+                "-blockdev",
+                r#"{"driver":"nbd","node-name":"remote0","server":{"type":"inet","host":"10.0.0.5","port":"10809"}}"#,
+            ],
+            "remote0",
+        ),
+        (
+            &[
+                "-blockdev",
+                r#"{"driver":"file","filename":"/vm/a.qcow2","node-name":"f0"}"#,
+                "-blockdev",
+                r#"{"driver":"qcow2","node-name":"q0","file":"f0"}"#,
+                "-blockdev",
+                r#"{"driver":"throttle","node-name":"drive-scsi0","throttle-group":"tg0","file":"q0"}"#,
+            ],
+            "drive-scsi0",
+        ),
+        (
+            &[
+                "-blockdev",
+                r#"{"driver":"rbd","node-name":"ceph0","pool":"rbd","image":"vm-1"}"#,
+            ],
+            "ceph0",
+        ),
+        (
+            &[
+                "-blockdev",
+                r#"{"driver":"file","filename":"/vm/a.qcow2","node-name":"f0","locking":"off"}"#,
+                "-blockdev",
+                r#"{"driver":"qcow2","node-name":"q0","file":"f0"}"#,
+            ],
+            "f0",
+        ),
+    ];
+    for (disk, node) in refused {
+        let e = derive(&libvirt_argv(disk, LIBVIRT_TAP), &[node]).unwrap_err();
+        assert!(e.to_string().contains(node), "{disk:?}: {e}");
+    }
 }
 
 /// `virt-install --name web --memory 1024 --disk size=10 --cdrom debian.iso

@@ -59,6 +59,15 @@ pub fn run(
     run.journal.milestone("stop:stopped")?;
     match (outcome, run.vm.policy.on_clone_failure) {
         (CloneOutcome::StoppedByGuest, _) => Ok(Consistency::CleanShutdown),
+        (CloneOutcome::StoppedByGuestAgent, _) => {
+            let w = format!(
+                "the clone did not power off within {} s of the {method:?} request; it was shut down through its guest agent (guest-shutdown)",
+                run.vm.policy.stop_timeout_secs
+            );
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+            Ok(Consistency::CleanShutdown)
+        }
         (CloneOutcome::Killed, OnCloneFailure::Crash) => {
             let w = format!(
                 "the clone did not power off within {} s and was killed; archiving its disk as crash-consistent (on_clone_failure = \"crash\")",

@@ -531,3 +531,19 @@ fn a_clone_that_does_not_stop_fails_or_is_archived_as_crash_by_policy() {
     assert_cleaned_up(&o, "killed, crash", true);
     let _ = std::fs::remove_dir_all(&o.dir);
 }
+
+#[test]
+fn a_clone_stopped_by_its_guest_agent_is_clean_and_says_so() {
+    // Under on_clone_failure = "fail" too: the agent's shutdown is a clean one.
+    let o = run_fake("agent", None, CloneOutcome::StoppedByGuestAgent, "fail");
+    assert_eq!(o.report.status, RunStatus::Ok, "{:?}", o.report.error);
+    assert_eq!(o.report.consistency, Some(Consistency::CleanShutdown));
+    assert!(
+        o.report.warnings.iter().any(|w| w.contains("guest agent")),
+        "{:?}",
+        o.report.warnings
+    );
+    assert_eq!(o.snapshots, 1);
+    assert_cleaned_up(&o, "agent", true);
+    let _ = std::fs::remove_dir_all(&o.dir);
+}

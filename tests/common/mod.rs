@@ -162,6 +162,9 @@ pub struct VmOptions {
     /// Like `scratch_disk`, but s0 is a qcow2 overlay over this raw image (benchmarks:
     /// a large, allocated disk without copying it per VM).
     pub scratch_overlay_of: Option<PathBuf>,
+    /// d0 as a `-blockdev` graph the way libvirt writes it (a qcow2 format node
+    /// `libvirt-1-format` over a file node), not as `-drive`.
+    pub blockdev: bool,
 }
 
 /// An "original" VM: the test guest writing its counter, pinging the peer.
@@ -234,13 +237,24 @@ impl Vm {
         .arg("-initrd")
         .arg(g.join("guest.cpio.gz"))
         .args(["-append", &append])
-        // A relative image path, as users often write it.
-        .args([
-            "-drive",
-            "file=vm.qcow2,if=none,id=d0,format=qcow2",
-            "-device",
-            "virtio-blk-pci,drive=d0",
-        ])
+        .args(if opts.blockdev {
+            vec![
+                "-blockdev",
+                r#"{"driver":"file","filename":"vm.qcow2","node-name":"libvirt-1-storage","auto-read-only":true,"discard":"unmap"}"#,
+                "-blockdev",
+                r#"{"node-name":"libvirt-1-format","read-only":false,"driver":"qcow2","file":"libvirt-1-storage","backing":null}"#,
+                "-device",
+                "virtio-blk-pci,drive=libvirt-1-format,id=virtio-disk0",
+            ]
+        } else {
+            // A relative image path, as users often write it.
+            vec![
+                "-drive",
+                "file=vm.qcow2,if=none,id=d0,format=qcow2",
+                "-device",
+                "virtio-blk-pci,drive=d0",
+            ]
+        })
         .args([
             "-qmp",
             &format!("unix:{},server=on,wait=off", qmp.display()),
@@ -405,10 +419,22 @@ impl Vm {
             .to_string()
     }
 
+    /// d0's query-block entry: the first writable disk (a -blockdev disk's
+    /// entry comes after QEMU's default drives, which have no medium).
+    pub fn d0(&self) -> Value {
+        let blocks = self.qmp("query-block", json!({}));
+        blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["inserted"]["ro"] == false)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
     /// The file the original's disk writes into now.
     pub fn active_image(&self) -> PathBuf {
-        let blocks = self.qmp("query-block", json!({}));
-        let f = blocks[0]["inserted"]["file"]
+        let f = self.d0()["inserted"]["file"]
             .as_str()
             .unwrap_or("")
             .to_string();
@@ -436,8 +462,7 @@ impl Vm {
             self.image,
             "the original's disk chain is not back to one image"
         );
-        let backing =
-            self.qmp("query-block", json!({}))[0]["inserted"]["image"]["backing-filename"].clone();
+        let backing = self.d0()["inserted"]["image"]["backing-filename"].clone();
         assert!(
             backing.is_null(),
             "the original's image has a backing file now: {backing}"

@@ -11,6 +11,9 @@
 #   cc_ip=ADDR/LEN cc_peer=ADDR  bring eth0 up and ping the peer 5 times a second
 #   cc_ignore_powerbutton=1      a guest that ignores the power button
 #   cc_fill_mb=N                 fill N MiB of RAM with non-zero data (benchmarks: a busy guest)
+#   cc_agent=1                   a stand-in guest agent on the virtio port org.qemu.guest_agent.0:
+#                                answers guest-sync and guest-ping, and guest-shutdown with the
+#                                same clean shutdown as the power button (also when that is ignored)
 #   cc_disks=N                   N data disks: /dev/vdb.. are mounted on /data_b.., get an
 #                                id.txt naming their device, and the writer keeps the same
 #                                counter pair on every disk (the heartbeat adds vdb=N ...)
@@ -30,7 +33,7 @@ KM=$(ls -d pkgs/k/lib/modules/*)/kernel
 rm -rf ir && mkdir -p ir/bin ir/proc ir/sys ir/dev ir/data ir/tmp ir/lib/modules ir/etc/acpi/PWRF
 cp pkgs/bb/bin/busybox ir/bin/
 # Load order matters (modules.dep is not used): virtio_ring before virtio, failover before virtio_net.
-MODS="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/block/virtio_blk drivers/input/evdev drivers/acpi/button drivers/virtio/virtio_balloon net/core/failover drivers/net/net_failover drivers/net/virtio_net"
+MODS="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/char/virtio_console drivers/block/virtio_blk drivers/input/evdev drivers/acpi/button drivers/virtio/virtio_balloon net/core/failover drivers/net/net_failover drivers/net/virtio_net"
 for m in $MODS; do
   f=$(ls "$KM/$m".ko* 2>/dev/null | head -1)
   [ -n "$f" ] || { echo "module $m missing in the kernel package" >&2; exit 1; }
@@ -44,7 +47,7 @@ cat > ir/init <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mkdir -p /tmp /var/run; mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk evdev button virtio_balloon failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console virtio_blk evdev button virtio_balloon failover net_failover virtio_net; do
   insmod /lib/modules/$m.ko 2>/dev/null || echo "INSMOD $m failed"
 done
 for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.1; done
@@ -82,6 +85,35 @@ if [ "$DIRS" = /data ]; then
 ( n=$(cat /data/a.txt 2>/dev/null || echo 0); while [ ! -e /tmp/stop ]; do n=$((n+1)); echo $n > /data/a.txt; echo $n > /data/b.txt; done; echo $n > /tmp/final ) &
 else
 ( n=$(cat /data/a.txt 2>/dev/null || echo 0); while [ ! -e /tmp/stop ]; do n=$((n+1)); for d in $DIRS; do echo $n > $d/a.txt; echo $n > $d/b.txt; done; done; echo $n > /tmp/final ) &
+fi
+# The stand-in guest agent: the few commands libvirt sends for a shutdown, one JSON
+# object a line (qemu-ga's protocol); guest-shutdown gets no answer, as from qemu-ga.
+if [ "$(arg cc_agent)" = 1 ]; then
+( PORT=""
+  for i in $(seq 100); do
+    for p in /sys/class/virtio-ports/*; do
+      [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && PORT=/dev/${p##*/}
+    done
+    [ -n "$PORT" ] && break; sleep 0.1
+  done
+  [ -n "$PORT" ] || { echo "AGENT NO PORT"; exit 0; }
+  echo "AGENT UP $PORT"
+  # Reads see EOF while no host end is connected: open again.
+  while true; do
+    exec 3<>"$PORT"
+    while read -r line <&3; do
+      id=$(echo "$line" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p')
+      case "$line" in
+        *guest-sync-delimited*) printf '\377{"return": %s}\n' "$id" >&3 ;;
+        *guest-sync*) printf '{"return": %s}\n' "$id" >&3 ;;
+        *guest-ping*) printf '{"return": {}}\n' >&3 ;;
+        *guest-shutdown*) echo "AGENT SHUTDOWN"; /etc/acpi/PWRF/00000080 > /dev/console 2>&1 & ;;
+        *) printf '{"error": {"class": "CommandNotFound", "desc": "not in the stand-in agent"}}\n' >&3 ;;
+      esac
+    done
+    exec 3<&-
+    sleep 0.5
+  done ) &
 fi
 if [ "$(arg cc_ignore_powerbutton)" != 1 ]; then
   acpid -d -c /etc/acpi > /dev/console 2>&1 &

@@ -562,6 +562,75 @@ fn check_interface(d: &Elem) -> Result<(), String> {
     Ok(())
 }
 
+/// Elements that hold credentials or name them: a disk's or iSCSI host device's
+/// `<auth>` (user name and the libvirt secret it logs in with), `<secret>` (an
+/// encryption's or auth's key, by usage or UUID).
+const SECRET_ELEMENTS: &[&str] = &["auth", "secret"];
+/// Attributes that hold a credential, or the time one expires: `<graphics passwd>`
+/// (VNC, SPICE), `<tpm><encryption secret>`.
+const SECRET_ATTRS: &[&str] = &["passwd", "passwdValidTo", "password", "secret"];
+/// Children of `<launchSecurity>` (AMD SEV) that carry session keys.
+const LAUNCH_SECRETS: &[&str] = &["dhCert", "session"];
+
+/// The domain's XML as it is kept with a backup: as libvirt wrote it, byte for
+/// byte, less every credential (libvirt leaves graphics passwords out unless
+/// asked with `--security-info`, which coldclone never passes; this takes out
+/// what is left, and the rest should that ever change). Cut from the text rather
+/// than rewritten, so namespaced metadata and comments stay as they were.
+pub fn without_secrets(text: &str) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(text).map_err(|e| format!("not XML: {e}"))?;
+    let mut cuts: Vec<std::ops::Range<usize>> = Vec::new();
+    for n in doc.descendants().filter(roxmltree::Node::is_element) {
+        let name = n.tag_name().name();
+        let in_launch = n
+            .parent_element()
+            .is_some_and(|p| p.tag_name().name() == "launchSecurity");
+        if SECRET_ELEMENTS.contains(&name) || (in_launch && LAUNCH_SECRETS.contains(&name)) {
+            cuts.push(n.range());
+            continue;
+        }
+        for a in n.attributes() {
+            if SECRET_ATTRS.contains(&a.name()) {
+                let r = a.range();
+                // With the blank before it.
+                let start = text[..r.start].trim_end().len();
+                cuts.push(start..r.end);
+            }
+        }
+    }
+    cuts.sort_by_key(|r| r.start);
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for r in cuts {
+        if r.start < at {
+            continue; // inside an element already cut
+        }
+        out.push_str(&text[at..r.start]);
+        at = r.end;
+    }
+    out.push_str(&text[at..]);
+    // Check, not trust: what is kept parses, and nothing secret is left in it.
+    let kept =
+        roxmltree::Document::parse(&out).map_err(|e| format!("after removing secrets: {e}"))?;
+    for n in kept.descendants().filter(roxmltree::Node::is_element) {
+        let secret_attr = n.attributes().any(|a| SECRET_ATTRS.contains(&a.name()));
+        if SECRET_ELEMENTS.contains(&n.tag_name().name()) || secret_attr {
+            return Err(format!("<{}> still holds a secret", n.tag_name().name()));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the domain has a QEMU guest agent channel.
+pub fn has_agent_channel(dom: &Elem) -> bool {
+    dom.child("devices").is_some_and(|d| {
+        d.elems().any(|c| {
+            c.name == "channel"
+                && c.child("target").and_then(|t| t.attr("name")) == Some("org.qemu.guest_agent.0")
+        })
+    })
+}
+
 /// Where the clone's parts go.
 #[derive(Debug, Clone)]
 pub struct CloneParts<'a> {
@@ -905,5 +974,49 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("taps"), "{e}");
+    }
+
+    #[test]
+    fn the_kept_definition_holds_no_secret() {
+        let xml = LIVE
+            .replace(
+                "<graphics type='vnc' port='5900'",
+                "<graphics type='vnc' passwd='hunter2' passwdValidTo='2030-01-01T00:00:00' port='5900'",
+            )
+            .replace(
+                "<memballoon",
+                "<disk type='network' device='disk'><source protocol='iscsi' name='iqn.2013-07.com.example:iscsi-pool/1'><host name='example.com' port='3260'/><auth username='myuser'><secret type='iscsi' usage='libvirtiscsi'/></auth></source><target dev='vdb'/><encryption format='luks'><secret type='passphrase' uuid='0a81f5b2-8403-7b23-c8d6-21ccc2f80d6f'/></encryption></disk>\n    <tpm model='tpm-crb'><backend type='emulator'><encryption secret='6dd3e4a5-1d76-44ce-961f-f119f5aad935'/></backend></tpm>\n    <memballoon",
+            )
+            .replace(
+                "</domain>",
+                "<launchSecurity type='sev'><policy>0x0003</policy><dhCert>RBBBSDDD=</dhCert><session>ZZZZZZ=</session></launchSecurity>\n  <metadata><libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'><libosinfo:os id='http://debian.org/debian/12'/></libosinfo:libosinfo></metadata>\n</domain>",
+            );
+        let kept = without_secrets(&xml).unwrap();
+        for gone in [
+            "hunter2",
+            "passwd",
+            "myuser",
+            "libvirtiscsi",
+            "0a81f5b2",
+            "6dd3e4a5",
+            "RBBBSDDD",
+            "ZZZZZZ",
+            "<auth",
+        ] {
+            assert!(!kept.contains(gone), "{gone} is kept: {kept}");
+        }
+        // Everything else as libvirt wrote it, namespaced metadata included.
+        for here in [
+            "<graphics type='vnc' port='5900' autoport='yes' listen='0.0.0.0'>",
+            "<host name='example.com' port='3260'/>",
+            "<encryption format='luks'>",
+            "<policy>0x0003</policy>",
+            "<libosinfo:os id='http://debian.org/debian/12'/>",
+            "<source file='/vm/web1.qcow2' index='1'/>",
+        ] {
+            assert!(kept.contains(here), "{here} is lost: {kept}");
+        }
+        assert_eq!(without_secrets(LIVE).unwrap(), LIVE);
+        assert!(without_secrets("<domain").is_err());
     }
 }

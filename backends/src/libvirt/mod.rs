@@ -79,6 +79,10 @@ pub struct LibvirtVm {
     pub name: String,
     pub uuid: String,
     pub checked: domxml::Checked,
+    /// The domain's definition as read before the checkpoint (`dumpxml
+    /// --inactive`: what `virsh define` takes; after the snapshot it names the
+    /// overlays), secrets removed; or why it could not be read.
+    pub definition: std::result::Result<String, String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -95,6 +99,9 @@ struct LibvirtClone {
     tap_journal_ids: Vec<u64>,
     namespace: network_isolation::Namespace,
     stopped: bool,
+    /// The domain has a guest agent channel (`org.qemu.guest_agent.0`), now on
+    /// a socket of the clone's own: the fallback when the button is ignored.
+    agent: bool,
 }
 
 impl std::fmt::Debug for LibvirtClone {
@@ -386,6 +393,10 @@ impl Hypervisor for LibvirtBackend {
         let checked =
             domxml::check(&dom).map_err(|e| unsupported(format!("domain {domain}: {e}")))?;
         let (state, _) = virsh::domstate(&uri, &checked.uuid)?;
+        // Never `--security-info`: libvirt then leaves graphics passwords out.
+        let definition = virsh(&uri, &["dumpxml", "--inactive", &checked.uuid])
+            .map_err(|e| e.to_string())
+            .and_then(|x| domxml::without_secrets(&x));
         let mut disks = Vec::new();
         for d in &checked.disks {
             disks.push(DiskInfo {
@@ -408,6 +419,7 @@ impl Hypervisor for LibvirtBackend {
                 name: checked.name.clone(),
                 uuid: checked.uuid.clone(),
                 checked,
+                definition,
             }),
         })
     }
@@ -708,6 +720,7 @@ impl Hypervisor for LibvirtBackend {
                 tap_journal_ids: tap_ids,
                 namespace: net.namespace.clone(),
                 stopped: false,
+                agent: domxml::has_agent_channel(&saved),
             }),
         };
         journal.milestone("restore:clone-started")?;
@@ -786,7 +799,15 @@ impl Hypervisor for LibvirtBackend {
             .session
             .as_mut()
             .ok_or_else(|| BackendError::Clone("no embedded session".into()))?;
-        let start = Instant::now();
+        let mut start = Instant::now();
+        let mut asked_agent = false;
+        let stopped = |asked: bool| {
+            if asked {
+                CloneOutcome::StoppedByGuestAgent
+            } else {
+                CloneOutcome::StoppedByGuest
+            }
+        };
         // on_poweroff = destroy: a clone that powered off is gone from the
         // driver; one that rebooted or crashed stays (on_reboot/on_crash = preserve).
         let outcome = loop {
@@ -794,12 +815,12 @@ impl Hypervisor for LibvirtBackend {
                 &format!("domstate {uuid} --reason"),
                 Duration::from_secs(60),
             ) {
-                Err(e) if virsh::no_such_domain(&e) => break CloneOutcome::StoppedByGuest,
+                Err(e) if virsh::no_such_domain(&e) => break stopped(asked_agent),
                 Err(e) => return Err(e),
                 Ok(out) => {
                     let (state, reason) = virsh::parse_state(&out);
                     if state == "shut off" && reason == "shutdown" {
-                        break CloneOutcome::StoppedByGuest;
+                        break stopped(asked_agent);
                     }
                     if state != "running" && state != "in shutdown" {
                         tracing::warn!(state, reason, "the clone stopped, but not by a power-off");
@@ -808,7 +829,25 @@ impl Hypervisor for LibvirtBackend {
                 }
             }
             if start.elapsed() > timeout {
-                break CloneOutcome::Killed;
+                if !c.agent || asked_agent {
+                    break CloneOutcome::Killed;
+                }
+                // The button was ignored: ask the guest agent, through the clone's
+                // own channel, once, for another bounded wait. libvirt returns once
+                // QEMU reports the guest's SHUTDOWN, or fails after its agent timeout.
+                asked_agent = true;
+                tracing::warn!("the clone ignored the ACPI power button; asking its guest agent");
+                match s.run(
+                    &format!("shutdown {uuid} --mode agent"),
+                    Duration::from_secs(120),
+                ) {
+                    Ok(_) => start = Instant::now(),
+                    Err(e) if virsh::no_such_domain(&e) => break CloneOutcome::StoppedByGuestAgent,
+                    Err(e) => {
+                        tracing::warn!("the guest agent's shutdown failed: {e}");
+                        break CloneOutcome::Killed;
+                    }
+                }
             }
             std::thread::sleep(Duration::from_millis(200));
         };
@@ -878,6 +917,18 @@ impl Hypervisor for LibvirtBackend {
 
     fn stop_methods(&self, _vm: &VmInfo) -> StopMethod {
         StopMethod::Acpi
+    }
+
+    fn vm_definition(&self, vm: &VmInfo) -> Result<Option<crate::VmDefinition>> {
+        let lv = lv_vm(vm)?;
+        let text = lv
+            .definition
+            .clone()
+            .map_err(|e| unsupported(format!("domain {}: its definition: {e}", lv.name)))?;
+        Ok(Some(crate::VmDefinition {
+            kind: crate::VmDefinitionKind::LibvirtXml,
+            text,
+        }))
     }
 
     fn export_frozen_disk(&self, disk: &FrozenDisk, dest: &Path) -> Result<()> {

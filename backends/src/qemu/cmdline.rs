@@ -145,6 +145,7 @@ const OPTIONS: &[(&str, Arity, Rule)] = &[
     ("audiodev", Arg, Judge),
     ("audio", Arg, Judge),
     ("drive", Arg, Judge),
+    ("blockdev", Arg, Judge),
     ("cdrom", Arg, Judge),
     ("trace", Arg, Judge),
     ("icount", Arg, Judge),
@@ -162,7 +163,6 @@ const OPTIONS: &[(&str, Arity, Rule)] = &[
     ("mem-path", Arg, Refuse("-mem-path: guest RAM in a file of the original's")),
     ("tpmdev", Arg, Refuse("-tpmdev: a TPM is a host device or an emulator process of the original's")),
     ("chroot", Arg, Refuse("-chroot: the clone's files would be looked up elsewhere")),
-    ("blockdev", Arg, Refuse("-blockdev node graphs are not supported yet; use -drive with id=")),
     ("hda", Arg, Refuse(SHORTHAND)),
     ("hdb", Arg, Refuse(SHORTHAND)),
     ("hdc", Arg, Refuse(SHORTHAND)),
@@ -595,7 +595,7 @@ pub fn parse_config(text: &str) -> std::result::Result<Vec<Opt>, String> {
     Ok(out)
 }
 
-fn esc(s: &str) -> String {
+pub(super) fn esc(s: &str) -> String {
     s.replace(',', ",,")
 }
 
@@ -663,7 +663,7 @@ impl Props {
     }
 }
 
-fn keyval_pairs(s: &str, implied: Option<&str>) -> Vec<(String, String)> {
+pub(super) fn keyval_pairs(s: &str, implied: Option<&str>) -> Vec<(String, String)> {
     let mut parts = Vec::new();
     let mut cur = String::new();
     let mut chars = s.chars().peekable();
@@ -702,10 +702,10 @@ fn keyval_pairs(s: &str, implied: Option<&str>) -> Vec<(String, String)> {
     out
 }
 
-/// A JSON object's members in order, repeated keys kept (so that they can
-/// be refused), scalars as QEMU turns them into option strings
-/// (`qemu_opts_from_qdict_entry`: booleans on/off, numbers as written).
-fn json_pairs(s: &str) -> std::result::Result<Vec<(String, String)>, String> {
+/// A JSON object's top-level members in order, repeated keys kept.
+pub(super) fn json_members(
+    s: &str,
+) -> std::result::Result<Vec<(String, serde_json::Value)>, String> {
     use serde::de::{Deserializer, MapAccess, Visitor};
     struct Pairs;
     impl<'de> Visitor<'de> for Pairs {
@@ -729,7 +729,14 @@ fn json_pairs(s: &str) -> std::result::Result<Vec<(String, String)>, String> {
         .deserialize_map(Pairs)
         .map_err(|e| format!("bad JSON: {e}"))?;
     de.end().map_err(|e| format!("bad JSON: {e}"))?;
-    members
+    Ok(members)
+}
+
+/// A JSON object's members in order, repeated keys kept (so that they can
+/// be refused), scalars as QEMU turns them into option strings
+/// (`qemu_opts_from_qdict_entry`: booleans on/off, numbers as written).
+fn json_pairs(s: &str) -> std::result::Result<Vec<(String, String)>, String> {
+    json_members(s)?
         .into_iter()
         .map(|(k, v)| {
             let s = match v {
@@ -755,7 +762,7 @@ fn has_protocol(file: &str) -> bool {
 }
 
 /// A QEMU id (`id_wellformed`): a letter, then letters, digits, '-', '.', '_'.
-fn id_ok(id: &str) -> bool {
+pub(super) fn id_ok(id: &str) -> bool {
     let mut c = id.chars();
     c.next().is_some_and(|f| f.is_ascii_alphabetic())
         && c.all(|x| x.is_ascii_alphanumeric() || matches!(x, '-' | '.' | '_'))
@@ -925,8 +932,11 @@ pub fn clone_command(original: &[Opt], spec: &CloneSpec) -> Result<CloneCommand>
             .find(|p| matches!(p.get("driver"), Some("isa-serial" | "pci-serial")))
             .and_then(|p| p.get("chardev").map(str::to_string));
     }
+    // The -blockdev graph, judged whole: protocol nodes come before the
+    // format nodes that name them.
+    let graph = super::blockdev::judge(original)?;
     let mut serial_seen = false;
-    for opt in original {
+    for (index, opt) in original.iter().enumerate() {
         let raw = opt.arg.clone();
         let a = raw.as_deref().unwrap_or("");
         let name = opt.name.as_str();
@@ -1091,6 +1101,38 @@ pub fn clone_command(original: &[Opt], spec: &CloneSpec) -> Result<CloneCommand>
                     None => p.pairs.retain(|(k, _)| k != "snapshot"),
                 }
                 push(&mut args, name, Some(render_pairs(None, &p.pairs)));
+            }
+            "blockdev" => {
+                let node = super::blockdev::parse_node(a, index)?;
+                // A protocol node under a writable disk goes with its format node.
+                let under_writable = graph.iter().any(|d| {
+                    !d.read_only
+                        && !d.inline
+                        && d.protocol_node.as_deref() == Some(node.name.as_str())
+                });
+                if under_writable {
+                    continue;
+                }
+                match graph.iter().find(|d| d.node == node.name) {
+                    Some(d) if !d.read_only => match spec.disk_overlays.get(&d.node) {
+                        Some(overlay) => {
+                            used_overlays += 1;
+                            push(
+                                &mut args,
+                                name,
+                                Some(super::blockdev::clone_node(d, &node, overlay)),
+                            );
+                        }
+                        None => {
+                            return Err(unsupported(format!(
+                                "writable -blockdev node {} was not found by query-block among the VM's disks",
+                                d.node
+                            )))
+                        }
+                    },
+                    // Read-only media, and their protocol nodes: shared as they are.
+                    _ => push(&mut args, name, raw),
+                }
             }
             "cdrom" => {
                 if has_protocol(a) {

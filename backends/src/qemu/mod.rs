@@ -12,6 +12,7 @@
 //! `block-commit` merges the overlay back so the chain is one image again.
 
 mod bitmap;
+pub mod blockdev;
 pub mod boot;
 pub mod cmdline;
 pub mod qmp;
@@ -138,11 +139,18 @@ pub(crate) fn recover(resource: &QemuResource) -> Result<()> {
             base_node,
             base_file,
             overlay_file,
-            ..
+            overlay_node,
         } => match Qmp::connect(qmp) {
             Ok(mut q) if q.peer_pid().ok() == Some(*original_pid) => {
                 cancel_migration(&mut q)?;
-                merge_back_live(&mut q, device, base_node, base_file, overlay_file)
+                merge_back_live(
+                    &mut q,
+                    device,
+                    base_node,
+                    base_file,
+                    overlay_file,
+                    overlay_node,
+                )
             }
             _ => merge_back_offline(*original_pid, overlay_file, base_file),
         },
@@ -199,8 +207,14 @@ pub struct QemuVm {
 
 #[derive(Debug, Clone)]
 pub struct QemuDisk {
-    /// The -drive id (QMP `device`).
+    /// How QMP finds the disk: the -drive id (`device` of query-block), or, for a
+    /// -blockdev disk (no drive id), the guest device's `qdev`.
     pub device: String,
+    /// The disk's name in the backup and on the clone's command line: the -drive
+    /// id, or the -blockdev format node's name.
+    pub name: String,
+    /// A -blockdev disk: snapshotted with `blockdev-add` + `blockdev-snapshot`.
+    pub blockdev: bool,
     pub node_name: String,
     pub file: PathBuf,
     pub format: String,
@@ -232,6 +246,8 @@ struct OriginalOverlay {
     /// Its `QemuResource::OriginalOverlay` entry.
     journal_id: u64,
     device: String,
+    /// The overlay's node (a -blockdev disk's is ours to `blockdev-del`).
+    overlay_node: String,
     /// The block node of the frozen image (empty: found by file).
     base_node: String,
     base_file: PathBuf,
@@ -456,23 +472,57 @@ fn qemu_path(q: &Qmp, name: &str) -> PathBuf {
 
 /// The file a drive currently writes into (its active layer).
 fn active_file(q: &mut Qmp, device: &str) -> Result<Option<PathBuf>> {
-    Ok(inserted(q, device)?.map(|i| qemu_path(q, &str_of(&i, "file"))))
+    Ok(inserted(q, device)?.map(|i| node_file(q, &str_of(&i, "file"))))
+}
+
+/// The file a node writes into. QEMU names a node whose backing is not what
+/// its header says (a -blockdev overlay over a base opened by a relative
+/// name) with a `json:` pseudo-filename; its top-level `file.filename` is the file.
+fn node_file(q: &Qmp, name: &str) -> PathBuf {
+    let top = name
+        .strip_prefix("json:")
+        .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        .and_then(|v| {
+            v.get("file")
+                .and_then(|f| f.get("filename"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
+    qemu_path(q, top.as_deref().unwrap_or(name))
+}
+
+/// The query-block entry of a disk: by drive id, or (a -blockdev disk, whose
+/// `device` is empty) by its guest device's `qdev`.
+fn block_entry(q: &mut Qmp, device: &str) -> Result<Option<Value>> {
+    let blocks = q.execute("query-block", json!({}))?;
+    Ok(blocks.as_array().and_then(|a| {
+        a.iter()
+            .find(|b| {
+                let d = str_of(b, "device");
+                d == device || (d.is_empty() && str_of(b, "qdev") == device)
+            })
+            .cloned()
+    }))
 }
 
 /// The block-query entry of a drive, if it has a medium.
 fn inserted(q: &mut Qmp, device: &str) -> Result<Option<Value>> {
-    let blocks = q.execute("query-block", json!({}))?;
-    Ok(blocks
-        .as_array()
-        .and_then(|a| a.iter().find(|b| str_of(b, "device") == device))
-        .and_then(|b| b.get("inserted").cloned()))
+    Ok(block_entry(q, device)?.and_then(|b| b.get("inserted").cloned()))
 }
 
 /// Active commit of the top overlay of `device` into `base_node`; waits for it.
 fn commit_overlay(q: &mut Qmp, device: &str, base_node: &str, job_id: &str) -> Result<()> {
+    // block-commit takes a drive id, or the root node of a -blockdev disk.
+    let target = match block_entry(q, device)? {
+        Some(b) if str_of(&b, "device").is_empty() => b
+            .get("inserted")
+            .map(|i| str_of(i, "node-name"))
+            .unwrap_or_default(),
+        _ => device.to_string(),
+    };
     q.execute(
         "block-commit",
-        json!({"device": device, "job-id": job_id, "base-node": base_node, "auto-dismiss": true}),
+        json!({"device": target, "job-id": job_id, "base-node": base_node, "auto-dismiss": true}),
     )?;
     let ready = |e: &Event| {
         (e.name == "BLOCK_JOB_READY"
@@ -773,7 +823,7 @@ fn check_checkpoint_room(
         needs.push(space::Need {
             dir,
             bytes: space::overlay_need(d.bytes),
-            what: format!("the original's write overlay of {}", d.device),
+            what: format!("the original's write overlay of {}", d.name),
         });
     }
     space::check(&needs)
@@ -826,12 +876,21 @@ impl Hypervisor for QemuBackend {
             if ins.get("ro").and_then(Value::as_bool).unwrap_or(false) {
                 continue;
             }
-            let device = str_of(b, "device");
-            if device.is_empty() {
-                return Err(BackendError::Unsupported(
-                    "a writable disk without a drive id (-blockdev); use -drive ...,id=NAME".into(),
-                ));
+            let drive = str_of(b, "device");
+            let node = str_of(ins, "node-name");
+            let qdev = str_of(b, "qdev");
+            // A -blockdev disk: no drive id; its device's qdev and its format node.
+            let blockdev = drive.is_empty();
+            if blockdev && (node.is_empty() || qdev.is_empty()) {
+                return Err(BackendError::Unsupported(format!(
+                    "a writable disk with neither a drive id nor a named node and device ({b})"
+                )));
             }
+            let (device, disk_name) = if blockdev {
+                (qdev, node.clone())
+            } else {
+                (drive.clone(), drive)
+            };
             let bytes = ins
                 .get("image")
                 .and_then(|i| i.get("virtual-size"))
@@ -846,7 +905,9 @@ impl Hypervisor for QemuBackend {
             }
             disks.push(QemuDisk {
                 device,
-                node_name: str_of(ins, "node-name"),
+                name: disk_name,
+                blockdev,
+                node_name: node,
                 file,
                 format: str_of(ins, "drv"),
                 bytes,
@@ -854,10 +915,8 @@ impl Hypervisor for QemuBackend {
         }
         // Derive the clone's command line now, so that an unsupported VM fails
         // before anything is created or paused.
-        let overlays: BTreeMap<String, String> = disks
-            .iter()
-            .map(|d| (d.device.clone(), "x".into()))
-            .collect();
+        let overlays: BTreeMap<String, String> =
+            disks.iter().map(|d| (d.name.clone(), "x".into())).collect();
         let probe = cmdline::clone_command(
             &options,
             &cmdline::CloneSpec {
@@ -880,7 +939,7 @@ impl Hypervisor for QemuBackend {
             disks: disks
                 .iter()
                 .map(|d| DiskInfo {
-                    name: d.device.clone(),
+                    name: d.name.clone(),
                     file: d.file.clone(),
                     format: d.format.clone(),
                     read_only: false,
@@ -919,7 +978,7 @@ impl Hypervisor for QemuBackend {
         let overlays: Vec<PathBuf> = qv
             .disks
             .iter()
-            .map(|d| overlay_path_for(&d.file, &tag, work_dir, &d.device))
+            .map(|d| overlay_path_for(&d.file, &tag, work_dir, &d.name))
             .collect();
         check_checkpoint_room(vm, qv, work_dir, &overlays)?;
         let mem_uri = format!("exec:cat > {}", shell_quote(&memory_image));
@@ -997,7 +1056,7 @@ impl Hypervisor for QemuBackend {
                 let (plan, acts) =
                     bitmap::plan(&mut q, &qv.qmp, qv.pid, &d.node_name, &tag, journal)?;
                 bitmap_actions = acts;
-                state.bitmaps.push((d.device.clone(), plan));
+                state.bitmaps.push((d.name.clone(), plan));
             }
             let id = journal.will_create(
                 &QemuResource::OriginalOverlay {
@@ -1011,13 +1070,22 @@ impl Hypervisor for QemuBackend {
                 }
                 .into(),
             )?;
-            actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
-                "device": d.device, "snapshot-file": overlay, "snapshot-node-name": overlay_node,
-                "format": "qcow2", "mode": "absolute-paths"}}));
+            if d.blockdev {
+                // As libvirt does: the overlay made and opened first (its header
+                // naming the frozen image, which it does not open: `backing: null`),
+                // then attached over the format node inside the transaction.
+                add_overlay_node(&mut q, d, &overlay, &overlay_node)?;
+                actions.push(json!({"type": "blockdev-snapshot", "data": {
+                    "node": d.node_name, "overlay": overlay_node}}));
+            } else {
+                actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
+                    "device": d.device, "snapshot-file": overlay, "snapshot-node-name": overlay_node,
+                    "format": "qcow2", "mode": "absolute-paths"}}));
+            }
             actions.extend(bitmap_actions);
 
             disks.push(FrozenDisk {
-                name: d.device.clone(),
+                name: d.name.clone(),
                 frozen_file: d.file.clone(),
                 format: d.format.clone(),
                 bytes: d.bytes,
@@ -1025,6 +1093,7 @@ impl Hypervisor for QemuBackend {
             state.overlays.push(OriginalOverlay {
                 journal_id: id,
                 device: d.device.clone(),
+                overlay_node: overlay_node.clone(),
                 base_node: d.node_name.clone(),
                 base_file: d.file.clone(),
                 overlay,
@@ -1376,7 +1445,14 @@ impl Hypervisor for QemuBackend {
         let mut first_err = None;
         for o in &state.overlays {
             let r = match q.as_mut() {
-                Ok(q) => merge_back_live(q, &o.device, &o.base_node, &o.base_file, &o.overlay),
+                Ok(q) => merge_back_live(
+                    q,
+                    &o.device,
+                    &o.base_node,
+                    &o.base_file,
+                    &o.overlay,
+                    &o.overlay_node,
+                ),
                 Err(_) => merge_back_offline(qv.pid, &o.overlay, &o.base_file),
             };
             match r {
@@ -1513,7 +1589,7 @@ impl QemuBackend {
     /// After a failed checkpoint: merge back any overlay the transaction made.
     fn release_partial(&self, q: &mut Qmp, state: &QemuCheckpoint, journal: &mut dyn Journal) {
         for o in &state.overlays {
-            match merge_back_live_by_file(q, &o.device, &o.base_file, &o.overlay) {
+            match merge_back_live_by_file(q, &o.device, &o.base_file, &o.overlay, &o.overlay_node) {
                 Ok(()) => {
                     let _ = journal.removed(o.journal_id);
                 }
@@ -1618,6 +1694,7 @@ fn merge_back_live_by_file(
     device: &str,
     base_file: &Path,
     overlay: &Path,
+    overlay_node: &str,
 ) -> Result<()> {
     let nodes = q.execute("query-named-block-nodes", json!({"flat": true}))?;
     let base_node = nodes
@@ -1634,7 +1711,7 @@ fn merge_back_live_by_file(
             overlay.display()
         )));
     }
-    merge_back_live(q, device, &base_node, base_file, overlay)
+    merge_back_live(q, device, &base_node, base_file, overlay, overlay_node)
 }
 
 /// Commits the original's overlay back into its image while it runs, if the
@@ -1645,11 +1722,12 @@ fn merge_back_live(
     base_node: &str,
     base_file: &Path,
     overlay: &Path,
+    overlay_node: &str,
 ) -> Result<()> {
     let active = active_file(q, device)?;
     if active.as_deref() == Some(overlay) {
         if base_node.is_empty() {
-            return merge_back_live_by_file(q, device, base_file, overlay);
+            return merge_back_live_by_file(q, device, base_file, overlay, overlay_node);
         }
         let node = base_node;
         let job = format!("cc-commit-{}", util::random_hex(3));
@@ -1667,7 +1745,45 @@ fn merge_back_live(
             "{device} runs on {active:?}, neither its image nor our overlay; not touching it"
         )));
     }
+    drop_overlay_node(q, overlay_node, overlay)?;
     util::remove_file_if_exists(overlay)
+}
+
+/// Makes a -blockdev disk's overlay file and opens it as a node of the
+/// original, not yet attached to anything.
+fn add_overlay_node(q: &mut Qmp, d: &QemuDisk, overlay: &Path, node: &str) -> Result<()> {
+    let mut c = Command::new("qemu-img");
+    // -u: the image is the running original's; its size is known.
+    c.args(["create", "-q", "-u", "-f", "qcow2", "-F", &d.format, "-b"])
+        .arg(&d.file)
+        .arg(overlay)
+        .arg(d.bytes.to_string());
+    run_tool(c)?;
+    q.execute(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": node, "backing": null,
+               "file": {"driver": "file", "filename": overlay, "node-name": format!("{node}-f")}}),
+    )
+    .map(|_| ())
+}
+
+/// Closes an overlay node coldclone added (`blockdev-add`) once it is no
+/// longer in the disk's chain; a node QEMU made itself (`blockdev-snapshot-sync`)
+/// went with the commit. Only a node of coldclone's name over `overlay`.
+fn drop_overlay_node(q: &mut Qmp, node: &str, overlay: &Path) -> Result<()> {
+    if node.is_empty() || !node.starts_with("cc-") {
+        return Ok(());
+    }
+    let nodes = q.execute("query-named-block-nodes", json!({"flat": true}))?;
+    let ours = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|n| str_of(n, "node-name") == node && node_file(q, &str_of(n, "file")) == overlay);
+    if ours {
+        q.execute("blockdev-del", json!({ "node-name": node }))?;
+    }
+    Ok(())
 }
 
 /// The original QEMU has gone away while running on our overlay: commit the

@@ -78,6 +78,18 @@ enum Cmd {
         /// while it is mounted or in use). Without it an existing target is refused.
         #[arg(long)]
         force: bool,
+        /// With `--disk`: the image format written (qcow2 only to a file).
+        #[arg(long, value_enum, default_value_t = commands::restore::Format::Raw, conflicts_with = "as_name")]
+        format: commands::restore::Format,
+        /// With `--as`: start the new VM at once on qcow2 overlays over the backup served
+        /// from the repository, and copy the rest in while it runs (QEMU block-stream);
+        /// the command stays until the copy is done.
+        #[arg(long, requires = "as_name")]
+        instant: bool,
+        /// With `--instant`: limit the background copy to this many KiB/s (block-stream's
+        /// speed); 0 = unlimited (the default).
+        #[arg(long, requires = "instant", default_value_t = 0)]
+        stream_rate: u64,
     },
     /// Serve one disk of a backup as a read-only NBD export on a unix socket, read straight
     /// from the repository (nbd+unix:///DISK?socket=PATH).
@@ -266,11 +278,21 @@ fn run(cli: Cli) -> Result<u8> {
             to,
             snapshot,
             force,
+            format,
+            instant,
+            stream_rate,
         } => {
             match (disk, as_name) {
-                (Some(disk), _) => {
-                    commands::restore::run(&cfg, &vm, &disk, snapshot.as_deref(), &to, force, json)?
-                }
+                (Some(disk), _) => commands::restore::run(
+                    &cfg,
+                    &vm,
+                    &disk,
+                    snapshot.as_deref(),
+                    &to,
+                    format,
+                    force,
+                    json,
+                )?,
                 (None, Some(new_name)) => commands::restore_vm::run(
                     &cfg,
                     &commands::restore_vm::Request {
@@ -280,6 +302,10 @@ fn run(cli: Cli) -> Result<u8> {
                         to: &to,
                         force,
                         json,
+                        instant: instant.then_some(commands::restore_vm::Instant {
+                            config_path: &cli.config,
+                            stream_rate_kib: stream_rate,
+                        }),
                     },
                 )?,
                 (None, None) => anyhow::bail!("give --disk NAME, or --as NEW for the whole VM"),

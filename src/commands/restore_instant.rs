@@ -63,6 +63,7 @@ pub struct InstantReport {
 struct Undo {
     exporters: Vec<(String, Child)>,
     qemu: Option<Child>,
+    /// Overlays and sockets made for this restore.
     overlays: Vec<PathBuf>,
     armed: bool,
 }
@@ -199,9 +200,12 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
         let backing = format!(
             "json:{}",
             json!({
-                "driver": "nbd",
-                "server": {"type": "unix", "path": sockets[&snap.disk]},
-                "export": snap.disk,
+                "driver": "raw",
+                "file": {
+                    "driver": "nbd",
+                    "server": {"type": "unix", "path": sockets[&snap.disk]},
+                    "export": snap.disk,
+                },
             })
         );
         // The export announces whole 512-byte sectors (serve.rs).
@@ -225,11 +229,27 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
         }
     }
 
-    // The VM.
+    // The VM, with a second QMP monitor of the restore's own: it holds that one for the
+    // whole copy (QEMU's events arrive there), and the VM's own socket stays free.
     let _ = std::fs::remove_file(s.qmp);
+    let monitor = s.dir.join(format!(".{}.restore.qmp", s.new_name));
+    if monitor.as_os_str().len() > MAX_SOCKET_PATH {
+        bail!(
+            "{}: too long for a unix socket; give a shorter --to",
+            monitor.display()
+        );
+    }
+    let _ = std::fs::remove_file(&monitor);
+    undo.overlays.push(monitor.clone());
+    let monitor_arg = format!(
+        "socket,id=coldclone-restore,path={},server=on,wait=off",
+        monitor.display().to_string().replace(',', ",,")
+    );
     let child = detached(
         Command::new(s.program)
             .args(s.args)
+            .args(["-chardev", &monitor_arg])
+            .args(["-mon", "chardev=coldclone-restore,mode=control"])
             .current_dir(s.cwd)
             .stdin(Stdio::null())
             .stdout(log_file(s.log)?)
@@ -246,18 +266,20 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
     };
     let mut q = {
         let mut alive_now = || alive(&mut undo);
-        Qmp::connect_retry(s.qmp, Duration::from_secs(120), &mut alive_now).with_context(|| {
-            format!(
-                "the new VM did not open its QMP socket:\n{}",
-                log_tail(s.log)
-            )
-        })?
+        Qmp::connect_retry(&monitor, Duration::from_secs(120), &mut alive_now).with_context(
+            || {
+                format!(
+                    "the new VM did not open its QMP socket:\n{}",
+                    log_tail(s.log)
+                )
+            },
+        )?
     };
     // The QEMU on the socket is the one we started (not one that took the path meanwhile).
     if q.peer_pid()? != pid {
         bail!(
             "{} is served by another process than the VM started",
-            s.qmp.display()
+            monitor.display()
         );
     }
     let status = q.status()?;
@@ -266,26 +288,20 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
     }
     let vm_started_after_ms = start.elapsed().as_millis() as u64;
 
+    // QEMU's defaults: the job finalizes and dismisses itself when done, which drops the
+    // backing node and so the NBD connection, with or without this command.
     let speed = s.stream_rate_kib.saturating_mul(1024);
     for disk in s.disks.keys() {
         q.execute(
             "block-stream",
-            json!({
-                "job-id": job_id(disk),
-                "device": disk,
-                "speed": speed,
-                "auto-dismiss": false,
-            }),
+            json!({"job-id": job_id(disk), "device": disk, "speed": speed}),
         )
         .with_context(|| format!("block-stream of disk {disk}"))?;
     }
-    // One connection per look from here on: the VM's monitor stays free for the user.
-    drop(q);
 
     let mut done: BTreeMap<String, u64> = BTreeMap::new();
     let mut last_print = Instant::now();
     while done.len() < s.disks.len() {
-        std::thread::sleep(Duration::from_millis(500));
         if !alive(&mut undo) {
             bail!(
                 "the new VM stopped before its disks were copied in ({} of {} done); its \
@@ -295,41 +311,49 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
                 log_tail(s.log)
             );
         }
-        let mut q = Qmp::connect(s.qmp)?;
-        let jobs = q.execute("query-jobs", json!({}))?;
-        let mut shown = Vec::new();
-        for disk in s.disks.keys() {
-            if done.contains_key(disk) {
+        let ended = q.wait_event("a copy job to end", Duration::from_millis(500), &|e| {
+            matches!(
+                e.name.as_str(),
+                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED"
+            )
+        });
+        match ended {
+            Ok(e) => {
+                let id = e.data["device"].as_str().unwrap_or("");
+                let Some(disk) = s.disks.keys().find(|d| job_id(d) == id) else {
+                    continue;
+                };
+                if e.name == "BLOCK_JOB_CANCELLED" {
+                    bail!("the copy of disk {disk} was cancelled");
+                }
+                if let Some(err) = e.data["error"].as_str() {
+                    bail!("the copy of disk {disk} failed: {err}");
+                }
+                let len = e.data["len"].as_u64().unwrap_or(0);
+                if e.data["offset"].as_u64() != Some(len) {
+                    bail!("the copy of disk {disk} ended short: {}", e.data);
+                }
+                done.insert(disk.clone(), len);
                 continue;
             }
-            let id = job_id(disk);
-            let Some(j) = jobs
+            Err(coldclone_backends::BackendError::Timeout { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if s.progress && last_print.elapsed() > Duration::from_secs(2) {
+            let jobs = q.execute("query-block-jobs", json!({}))?;
+            let shown: Vec<String> = jobs
                 .as_array()
                 .into_iter()
                 .flatten()
-                .find(|j| j["id"].as_str() == Some(id.as_str()))
-            else {
-                bail!("the copy of disk {disk} ({id}) is gone from the VM's jobs");
-            };
-            let cur = j["current-progress"].as_u64().unwrap_or(0);
-            let total = j["total-progress"].as_u64().unwrap_or(0);
-            match j["status"].as_str() {
-                Some("concluded") => {
-                    if let Some(e) = j["error"].as_str() {
-                        bail!("the copy of disk {disk} failed: {e}");
-                    }
-                    q.execute("job-dismiss", json!({"id": id}))?;
-                    done.insert(disk.clone(), total);
-                }
-                Some("aborting" | "null") => bail!("the copy of disk {disk} was cancelled"),
-                _ => shown.push(format!(
-                    "{disk} {:.1}/{:.1} MiB",
-                    cur as f64 / 1048576.0,
-                    total as f64 / 1048576.0
-                )),
-            }
-        }
-        if s.progress && last_print.elapsed() > Duration::from_secs(2) && !shown.is_empty() {
+                .map(|j| {
+                    format!(
+                        "{} {:.1}/{:.1} MiB",
+                        j["device"].as_str().unwrap_or("?"),
+                        j["offset"].as_u64().unwrap_or(0) as f64 / 1048576.0,
+                        j["len"].as_u64().unwrap_or(0) as f64 / 1048576.0
+                    )
+                })
+                .collect();
             eprintln!("copying in while {} runs: {}", s.new_name, shown.join(", "));
             last_print = Instant::now();
         }
@@ -337,9 +361,10 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
     let streamed_after_ms = start.elapsed().as_millis() as u64;
 
     // No disk depends on the export any more.
-    let mut q = Qmp::connect(s.qmp)?;
     let blocks = q.execute("query-block", json!({}))?;
     drop(q);
+    // Nobody else is to reach the restore's monitor: QEMU keeps listening, on no path.
+    let _ = std::fs::remove_file(&monitor);
     for disk in s.disks.keys() {
         let b = blocks
             .as_array()

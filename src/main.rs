@@ -92,6 +92,18 @@ enum Cmd {
         /// while it is mounted or in use). Without it an existing target is refused.
         #[arg(long)]
         force: bool,
+        /// With `--disk`: the image format written (qcow2 only to a file).
+        #[arg(long, value_enum, default_value_t = commands::restore::Format::Raw, conflicts_with = "as_name")]
+        format: commands::restore::Format,
+        /// With `--as`: start the new VM at once on qcow2 overlays over the backup served
+        /// from the repository, and copy the rest in while it runs (QEMU block-stream);
+        /// the command stays until the copy is done.
+        #[arg(long, requires = "as_name")]
+        instant: bool,
+        /// With `--instant`: limit the background copy to this many KiB/s (block-stream's
+        /// speed); 0 = unlimited (the default).
+        #[arg(long, requires = "instant", default_value_t = 0)]
+        stream_rate: u64,
     },
     /// Serve one disk of a backup as a read-only NBD export on a unix socket, read straight
     /// from the repository (nbd+unix:///DISK?socket=PATH).
@@ -283,6 +295,9 @@ fn run(cli: Cli) -> Result<u8> {
             network,
             snapshot,
             force,
+            format,
+            instant,
+            stream_rate,
         } => {
             let need_to = |to: Option<PathBuf>| {
                 to.ok_or_else(|| anyhow::anyhow!("give --to (a file, or with --as a folder)"))
@@ -294,6 +309,7 @@ fn run(cli: Cli) -> Result<u8> {
                     &disk,
                     snapshot.as_deref(),
                     &need_to(to)?,
+                    format,
                     force,
                     json,
                 )?,
@@ -333,6 +349,10 @@ fn run(cli: Cli) -> Result<u8> {
                         to: &need_to(to)?,
                         force,
                         json,
+                        instant: instant.then_some(commands::restore_vm::Instant {
+                            config_path: &cli.config,
+                            stream_rate_kib: stream_rate,
+                        }),
                     },
                 )?,
                 (None, None) => anyhow::bail!("give --disk NAME, or --as NEW for the whole VM"),

@@ -1,4 +1,4 @@
-//! `coldclone restore VM --disk NAME --to FILE [--snapshot ID] [--force]`.
+//! `coldclone restore VM --disk NAME --to FILE [--format raw|qcow2] [--snapshot ID] [--force]`.
 
 use super::open_repository;
 use crate::config::Config;
@@ -6,19 +6,34 @@ use crate::progress::{stderr_is_terminal, BarProgress};
 use anyhow::{bail, Result};
 use coldclone_repository::RestoreOptions;
 use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
+/// The image format a disk is restored as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A sparse raw file, or a block device.
+    Raw,
+    /// A qcow2 image file (through a private NBD export of the repository and qemu-img).
+    Qcow2,
+}
+
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     cfg: &Config,
     vm: &str,
     disk: &str,
     snapshot: Option<&str>,
     to: &Path,
+    format: Format,
     force: bool,
     json: bool,
 ) -> Result<()> {
     let repo = open_repository(cfg)?;
     let snap = choose_snapshot(&repo, vm, disk, snapshot)?;
+    if format == Format::Qcow2 {
+        return run_qcow2(&repo, &snap, to, force, json);
+    }
     let progress = BarProgress::new(stderr_is_terminal() && !json, &format!("restore {disk}"));
     let summary = repo.restore_with(&snap.id, to, &RestoreOptions { force }, &progress)?;
     progress.finish();
@@ -36,6 +51,64 @@ pub fn run(
             snap.time,
             to.display(),
             summary.duration.as_secs_f64()
+        )?;
+    }
+    Ok(())
+}
+
+/// `--format qcow2`: the snapshot through `snapshot_to_qcow2` (a temporary file beside the
+/// target, renamed into place when whole: a failure leaves the target as it was).
+fn run_qcow2(
+    repo: &coldclone_repository::Repository,
+    snap: &coldclone_repository::Snapshot,
+    to: &Path,
+    force: bool,
+    json: bool,
+) -> Result<()> {
+    match std::fs::symlink_metadata(to) {
+        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => bail!(
+            "{} is a device: a qcow2 image is written to a file; restore to a device with --format raw",
+            to.display()
+        ),
+        Ok(m) if !m.file_type().is_file() => bail!(
+            "{} exists and is not a regular file; give a new file name",
+            to.display()
+        ),
+        Ok(_) if !force => bail!(
+            "{} exists; give another --to, or --force to replace it",
+            to.display()
+        ),
+        _ => {}
+    }
+    let start = std::time::Instant::now();
+    let progress = stderr_is_terminal() && !json;
+    super::restore_vm::snapshot_to_qcow2(repo, snap, to, force, progress)?;
+    let duration = start.elapsed();
+    let written = std::fs::metadata(to).map(|m| m.len()).unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "snapshot_id": snap.id,
+                "target": to,
+                "format": "qcow2",
+                "bytes": snap.size,
+                "image_bytes": written,
+                "duration": duration,
+            })
+        )?;
+    } else {
+        writeln!(
+            out,
+            "restored {} ({} bytes, {} consistency, taken {}) to {} as qcow2 in {:.1} s",
+            snap.short_id(),
+            snap.size,
+            snap.consistency,
+            snap.time,
+            to.display(),
+            duration.as_secs_f64()
         )?;
     }
     Ok(())

@@ -28,6 +28,14 @@ pub struct Request<'a> {
     pub to: &'a Path,
     pub force: bool,
     pub json: bool,
+    /// `--instant`: boot at once over the export, copy in the background.
+    pub instant: Option<Instant<'a>>,
+}
+
+pub struct Instant<'a> {
+    /// The config file, for the exporters (`coldclone serve`) the restore starts.
+    pub config_path: &'a Path,
+    pub stream_rate_kib: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,6 +55,22 @@ pub struct RestoredVm {
     pub macs: Vec<String>,
     /// What the user must do before the VM runs as the original did.
     pub notes: Vec<String>,
+    /// `--instant`: the VM that runs, and how its disks were copied in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instant: Option<super::restore_instant::InstantReport>,
+}
+
+/// A disk name as it may appear in a file name.
+pub(crate) fn safe_name(disk: &str) -> String {
+    disk.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// The kept QEMU definition (see `QemuBackend::vm_definition`).
@@ -120,11 +144,15 @@ pub fn backup_of(repo: &Repository, vm: &str, snapshot: Option<&str>) -> Result<
     Ok(of_run)
 }
 
-/// Writes `snap` as a qcow2 image at `dest` (through `dest`.partial, renamed when whole).
+/// Writes `snap` as a qcow2 image at `dest`, through a temporary file of ours beside it
+/// that is renamed into place when whole (so a failure leaves `dest` as it was). An
+/// existing `dest` is replaced only with `replace`: without it the rename itself refuses
+/// (RENAME_NOREPLACE), so a file that appeared meanwhile is not lost either.
 pub fn snapshot_to_qcow2(
     repo: &Repository,
     snap: &Snapshot,
     dest: &Path,
+    replace: bool,
     progress: bool,
 ) -> Result<()> {
     let parent = dest
@@ -134,7 +162,8 @@ pub fn snapshot_to_qcow2(
     let work = parent.join(format!(".coldclone-restore-{}", random_hex(6)));
     std::fs::create_dir(&work).with_context(|| format!("cannot make {}", work.display()))?;
     std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
-    let partial = PathBuf::from(format!("{}.partial", dest.display()));
+    // Inside our own folder: never a file of someone else's.
+    let partial = work.join("image.qcow2.partial");
     let result = with_private_export(repo, &snap.id, "disk", &work, |url| {
         let mut c = Command::new("qemu-img");
         c.args(["convert", "-f", "raw", "-O", "qcow2"]);
@@ -159,15 +188,49 @@ pub fn snapshot_to_qcow2(
             );
         }
         Ok(())
+    })
+    .and_then(|()| {
+        std::fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot sync {}", partial.display()))?;
+        rename_into_place(&partial, dest, replace)
     });
-    // The folder is ours (made above, random name): only its socket can be in it.
+    // The folder is ours (made above, random name): only its socket and image can be in it.
     let _ = std::fs::remove_dir_all(&work);
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e);
+    result
+}
+
+/// Renames `from` to `to`; without `replace`, refuses (atomically) when `to` exists.
+pub(crate) fn rename_into_place(from: &Path, to: &Path, replace: bool) -> Result<()> {
+    if replace {
+        return std::fs::rename(from, to)
+            .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()));
     }
-    std::fs::rename(&partial, dest)
-        .with_context(|| format!("cannot rename {} to {}", partial.display(), dest.display()))?;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths; renameat2 reads them only.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            bail!(
+                "{} exists (it appeared during the restore); nothing was replaced: give another \
+                 target, or --force to replace it",
+                to.display()
+            );
+        }
+        return Err(e)
+            .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()));
+    }
     Ok(())
 }
 
@@ -264,18 +327,11 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
     let file = |suffix: &str| dir.join(format!("{}{suffix}", req.new_name));
     let mut disks = BTreeMap::new();
     for s in &backup {
-        let safe: String = s
-            .disk
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let safe = safe_name(&s.disk);
         disks.insert(s.disk.clone(), file(&format!("-{safe}.qcow2")));
+    }
+    if disks.len() != backup.len() {
+        bail!("two disks of the backup have the same name: refused");
     }
     let script = file(".sh");
     let definition = file(".definition.json");
@@ -283,7 +339,11 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
     let console = file(".console.log");
     let pidfile = file(".pid");
     // Never a destroyed restore target: what is there stays unless --force.
-    let targets: Vec<&PathBuf> = disks.values().chain([&script, &definition]).collect();
+    let instant_log = file(".instant.log");
+    let mut targets: Vec<&PathBuf> = disks.values().chain([&script, &definition]).collect();
+    if req.instant.is_some() {
+        targets.push(&instant_log);
+    }
     if !req.force {
         if let Some(t) = targets
             .iter()
@@ -294,6 +354,16 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
                 t.display()
             );
         }
+    }
+    // A VM restored here earlier and still running: never its disks, whatever --force says.
+    if std::os::unix::net::UnixStream::connect(&qmp).is_ok() {
+        bail!(
+            "{} answers: a VM restored as {} earlier runs from {}; stop it, or give another --as \
+             or --to",
+            qmp.display(),
+            req.new_name,
+            dir.display()
+        );
     }
     let uuid = new_uuid();
     let macs: Vec<String> = (0..options.len()).map(|_| new_mac()).collect();
@@ -324,18 +394,53 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
         .collect();
 
     let progress = stderr_is_terminal() && !req.json;
-    for s in &backup {
-        let dest = &disks[&s.disk];
-        if progress {
-            eprintln!(
-                "restoring {} ({} bytes) to {}",
-                s.disk,
-                s.size,
-                dest.display()
-            );
+    let cwd = if def.cwd.is_dir() {
+        def.cwd.clone()
+    } else {
+        dir.clone()
+    };
+    let instant = match &req.instant {
+        None => {
+            let mut written: Vec<&PathBuf> = Vec::new();
+            for s in &backup {
+                let dest = &disks[&s.disk];
+                if progress {
+                    eprintln!(
+                        "restoring {} ({} bytes) to {}",
+                        s.disk,
+                        s.size,
+                        dest.display()
+                    );
+                }
+                if let Err(e) = snapshot_to_qcow2(&repo, s, dest, req.force, progress) {
+                    // No half of a VM left behind: the disks this run wrote go too.
+                    for w in written {
+                        let _ = std::fs::remove_file(w);
+                    }
+                    return Err(e);
+                }
+                written.push(dest);
+            }
+            None
         }
-        snapshot_to_qcow2(&repo, s, dest, progress)?;
-    }
+        Some(i) => Some(super::restore_instant::run(
+            &super::restore_instant::Spec {
+                config_path: i.config_path,
+                vm: req.vm,
+                backup: &backup,
+                disks: &disks,
+                dir: &dir,
+                new_name: req.new_name,
+                program: &def.program,
+                cwd: &cwd,
+                args: &command.args,
+                qmp: &qmp,
+                log: &instant_log,
+                stream_rate_kib: i.stream_rate_kib,
+                progress,
+            },
+        )?),
+    };
 
     let mut notes = Vec::new();
     if def.argv.iter().any(|a| a.contains(cmdline::SECRET_REMOVED)) {
@@ -353,11 +458,6 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
             command.taps[0]
         ));
     }
-    let cwd = if def.cwd.is_dir() {
-        def.cwd.clone()
-    } else {
-        dir.clone()
-    };
     let mut text = String::from("#!/bin/sh\n");
     text.push_str(&format!(
         "# VM {} restored by coldclone from backup {run_id} of VM {} (taken {}, {}).\n\
@@ -402,6 +502,7 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
         taps: command.taps,
         macs: used_macs,
         notes,
+        instant,
     };
     let mut out = std::io::stdout().lock();
     if req.json {
@@ -422,6 +523,17 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
         }
         for n in &restored.notes {
             writeln!(out, "  note: {n}")?;
+        }
+        if let Some(i) = &restored.instant {
+            writeln!(
+                out,
+                "  running now (pid {}, QMP {}): started after {:.1} s, its disks copied in \
+                 after {:.1} s; the export has stopped",
+                i.pid,
+                restored.qmp_socket.display(),
+                i.vm_started_after_ms as f64 / 1000.0,
+                i.streamed_after_ms as f64 / 1000.0
+            )?;
         }
     }
     Ok(())

@@ -211,6 +211,7 @@ fn main() {
                 disk: "xvda".into(),
                 backend: "file".into(),
                 host: "bench".into(),
+                host_uuid: String::new(),
                 consistency: "crash".into(),
                 tags: Default::default(),
                 vm_config: None,

@@ -45,3 +45,17 @@ fi
 if ! command -v moto_server >/dev/null 2>&1; then
   pip3 install -q 'moto[server]' 2>/dev/null || pip3 install -q --break-system-packages 'moto[server]'
 fi
+# Fleet tests (repository/tests/fleet_garage.rs, benches/fleet.sh): a three-node Garage
+# cluster (crates.io `garage`, AGPL-3.0; run only as a separate test server process, never
+# linked). Opt-in, COLDCLONE_GARAGE=1: building it from source does not fit a fresh CI
+# machine's budget (docs/testing.md has the measured build time). Built once into
+# /var/cache/coldclone/garage-<version>/ (CARGO_TARGET_DIR beside it, removed afterwards).
+GARAGE_VERSION=2.5.0
+GARAGE_ROOT=/var/cache/coldclone/garage-$GARAGE_VERSION
+if [ "${COLDCLONE_GARAGE:-0}" = 1 ] && [ ! -x "$GARAGE_ROOT/bin/garage" ]; then
+  mkdir -p /var/cache/coldclone
+  CARGO_TARGET_DIR=/var/cache/coldclone/garage-build \
+    cargo install -q garage --version "$GARAGE_VERSION" --locked \
+      --no-default-features --features bundled-libs,lmdb --root "$GARAGE_ROOT"
+  rm -rf /var/cache/coldclone/garage-build
+fi

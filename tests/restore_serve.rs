@@ -123,6 +123,7 @@ fn needs_qemu_serve_exports_a_backup_that_qemu_reads_identically() {
             disk: "xvda".into(),
             backend: "qemu".into(),
             host: "h".into(),
+            host_uuid: String::new(),
             consistency: "clean-shutdown".into(),
             tags: Default::default(),
             vm_config: None,

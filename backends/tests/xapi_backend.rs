@@ -267,6 +267,7 @@ fn backup_inc(
                         disk: d.name.clone(),
                         backend: "xapi".into(),
                         host: "test".into(),
+                        host_uuid: String::new(),
                         consistency: "clean-shutdown".into(),
                         tags: BTreeMap::new(),
                         vm_config: None,

@@ -3,6 +3,7 @@
 //! cc-bench genimage PATH SIZE_MIB SEED         4 GiB-style synthetic VM image (sparse zeros)
 //! cc-bench mutate PATH PERCENT SEED RANGES_OUT  change PERCENT % of 4 KiB blocks at random
 //! cc-bench init REPO CHUNK_SIZE                 (password from CC_PASSWORD)
+//! REPO: a folder or s3:http://HOST:PORT/BUCKET/PREFIX (credentials from AWS_*)
 //! cc-bench backup REPO IMAGE [PARENT [RANGES]]  prints the BackupSummary as JSON
 //! cc-bench restore REPO SNAPSHOT TARGET         prints the RestoreSummary as JSON
 
@@ -115,6 +116,12 @@ fn text_block(rng: &mut Rng, b: &mut [u8]) {
     }
 }
 
+/// A folder, or `s3:http://host:port/bucket/prefix` (credentials and region from
+/// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
+fn location(s: &str) -> Location {
+    Location::parse(s).unwrap_or_else(|e| die(e.to_string()))
+}
+
 fn die(msg: String) -> ! {
     eprintln!("cc-bench: {msg}");
     std::process::exit(2)
@@ -184,12 +191,11 @@ fn main() {
                 chunk_size: cs,
                 ..Default::default()
             };
-            Repository::init_with(&Location::Local(a[2].clone().into()), &pw, &o)
-                .unwrap_or_else(|e| die(e.to_string()));
+            Repository::init_with(&location(&a[2]), &pw, &o).unwrap_or_else(|e| die(e.to_string()));
         }
         Some("backup") => {
-            let repo = Repository::open(&Location::Local(a[2].clone().into()), &pw)
-                .unwrap_or_else(|e| die(e.to_string()));
+            let repo =
+                Repository::open(&location(&a[2]), &pw).unwrap_or_else(|e| die(e.to_string()));
             let src = FileSource::open(Path::new(&a[3]))
                 .unwrap_or_else(|e| die(format!("{}: {e}", a[3])));
             let changed = a.get(5).map(|p| {
@@ -211,6 +217,7 @@ fn main() {
                 disk: "xvda".into(),
                 backend: "file".into(),
                 host: "bench".into(),
+                host_uuid: String::new(),
                 consistency: "crash".into(),
                 tags: Default::default(),
                 vm_config: None,
@@ -221,8 +228,8 @@ fn main() {
             println!("{}", serde_json::to_string(&s).unwrap_or_default());
         }
         Some("restore") => {
-            let repo = Repository::open(&Location::Local(a[2].clone().into()), &pw)
-                .unwrap_or_else(|e| die(e.to_string()));
+            let repo =
+                Repository::open(&location(&a[2]), &pw).unwrap_or_else(|e| die(e.to_string()));
             let s = repo
                 .restore_with(
                     &a[3],
@@ -234,8 +241,8 @@ fn main() {
             println!("{}", serde_json::to_string(&s).unwrap_or_default());
         }
         Some("check") => {
-            let repo = Repository::open(&Location::Local(a[2].clone().into()), &pw)
-                .unwrap_or_else(|e| die(e.to_string()));
+            let repo =
+                Repository::open(&location(&a[2]), &pw).unwrap_or_else(|e| die(e.to_string()));
             let r = repo
                 .check(a.get(3).map(|s| s == "--read-data").unwrap_or(false))
                 .unwrap_or_else(|e| die(e.to_string()));

@@ -452,7 +452,7 @@ fn next_seq(repo: &Repository, meta: &SnapshotMeta) -> Result<u64> {
     let top = repo
         .snapshots()?
         .iter()
-        .filter(|s| s.same_disk(&meta.host, &meta.vm, &meta.disk))
+        .filter(|s| s.same_disk(&meta.host, &meta.host_uuid, &meta.vm, &meta.disk))
         .map(|s| s.seq)
         .max()
         .unwrap_or(0);
@@ -469,7 +469,7 @@ fn parent_stands_for_unchanged(
     cs: u64,
 ) -> bool {
     match (parent, &opts.changed_ranges) {
-        (Some(p), Some(_)) if !p.same_disk(&meta.host, &meta.vm, &meta.disk) => {
+        (Some(p), Some(_)) if !p.same_disk(&meta.host, &meta.host_uuid, &meta.vm, &meta.disk) => {
             tracing::warn!(
                 "parent {} is a backup of {}/{}/{}, not of {}/{}/{}; reading everything",
                 p.short_id(),
@@ -892,6 +892,7 @@ fn commit_snapshot(
         disk: meta.disk,
         backend: meta.backend,
         host: meta.host,
+        host_uuid: meta.host_uuid,
         consistency: meta.consistency,
         tags: meta.tags,
         vm_config: meta.vm_config,

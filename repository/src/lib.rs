@@ -30,6 +30,7 @@ mod check;
 mod compare;
 mod crypto;
 mod error;
+mod host;
 mod lock;
 mod pack;
 mod prune;
@@ -47,6 +48,7 @@ pub use check::{CheckReport, DamagedSnapshot, RepairReport};
 pub use compare::CompareReport;
 pub use crypto::KdfParams;
 pub use error::RepoError;
+pub use host::{is_uuid, HostIdentity, HOST_UUID_FILE};
 #[doc(hidden)]
 pub use lock::set_lock_timings_for_tests;
 #[doc(hidden)]
@@ -228,6 +230,10 @@ pub struct SnapshotMeta {
     pub disk: String,
     pub backend: String,
     pub host: String,
+    /// The host's uuid (`HostIdentity::uuid`, from its state folder); empty: the host is
+    /// known by its name alone.
+    #[serde(default)]
+    pub host_uuid: String,
     /// `clean-shutdown` or `crash`.
     pub consistency: String,
     pub tags: BTreeMap<String, String>,
@@ -299,6 +305,9 @@ pub struct Snapshot {
     pub disk: String,
     pub backend: String,
     pub host: String,
+    /// The uuid of the host that made it (absent in snapshots written before host uuids).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host_uuid: String,
     pub consistency: String,
     pub tags: BTreeMap<String, String>,
     /// The VM's definition at the backup (absent in snapshots written before it existed).
@@ -347,9 +356,30 @@ impl Snapshot {
         (self.seq, self.time_unix, &self.id)
     }
 
-    /// Whether two snapshots are backups of the same disk: same host, VM and disk.
-    pub(crate) fn same_disk(&self, host: &str, vm: &str, disk: &str) -> bool {
-        self.host == host && self.vm == vm && self.disk == disk
+    /// Whether this snapshot was made by the host `name`/`uuid`: by uuid when both have
+    /// one (a renamed host is still itself, two hosts of one name are not one), by name
+    /// when either has none (snapshots written before host uuids).
+    pub fn is_from(&self, name: &str, uuid: &str) -> bool {
+        if !self.host_uuid.is_empty() && !uuid.is_empty() {
+            self.host_uuid == uuid
+        } else {
+            self.host == name
+        }
+    }
+
+    /// Whether this snapshot is a backup of the same disk: same host (`is_from`), VM and
+    /// disk.
+    pub(crate) fn same_disk(&self, host: &str, uuid: &str, vm: &str, disk: &str) -> bool {
+        self.is_from(host, uuid) && self.vm == vm && self.disk == disk
+    }
+
+    /// The host a retention group is kept for: its uuid, or its name when it has none.
+    pub(crate) fn host_key(&self) -> (bool, &str) {
+        if self.host_uuid.is_empty() {
+            (false, &self.host)
+        } else {
+            (true, &self.host_uuid)
+        }
     }
 }
 
@@ -359,6 +389,8 @@ pub struct Repository {
     key: MasterKey,
     config: RepoConfig,
     location: Location,
+    /// Who this process is: written into its locks, and "this host" of `find_latest`.
+    host: HostIdentity,
     /// Id of a full map segment of zero chunks (a hole of `MAP_ENTRIES` chunks).
     zero_segment: std::sync::OnceLock<Id>,
 }
@@ -425,6 +457,7 @@ impl Repository {
             key,
             config,
             location: location.clone(),
+            host: HostIdentity::by_name_only(),
             zero_segment: Default::default(),
         })
     }
@@ -526,6 +559,7 @@ impl Repository {
                 key,
                 config,
                 location: location.clone(),
+                host: HostIdentity::by_name_only(),
                 zero_segment: Default::default(),
             });
         }
@@ -588,25 +622,54 @@ impl Repository {
         Ok(out)
     }
 
-    /// The newest snapshot of `vm`/`disk` taken on this host (by host name) when there is
-    /// one, else the newest of any host. VMs of the same name on several hosts are kept
-    /// apart: use [`Repository::find_latest_on`] to name the host.
+    /// Who this process is in the repository: its locks carry it, and `find_latest`
+    /// prefers its snapshots. By default the host name alone ([`HostIdentity::by_name_only`]);
+    /// coldclone sets the state folder's ([`HostIdentity::load_or_create`]).
+    pub fn set_host(&mut self, host: HostIdentity) {
+        self.host = host;
+    }
+
+    pub fn host(&self) -> &HostIdentity {
+        &self.host
+    }
+
+    /// The newest snapshot of `vm`/`disk` taken by this host ([`Repository::set_host`])
+    /// when there is one, else the newest of any host. VMs of the same name on several
+    /// hosts are kept apart: use [`Repository::find_latest_of`] to name the host.
     pub fn find_latest(&self, vm: &str, disk: &str) -> Result<Option<Snapshot>> {
         let snaps = self.snapshots()?;
-        let here = util::hostname();
-        let mine = latest_of(&snaps, |s| s.same_disk(&here, vm, disk));
+        let here = &self.host;
+        let mine = latest_of(&snaps, |s| s.same_disk(&here.name, &here.uuid, vm, disk));
         if mine.is_some() {
             return Ok(mine);
         }
         Ok(latest_of(&snaps, |s| s.vm == vm && s.disk == disk))
     }
 
-    /// The newest snapshot of `vm`/`disk` from `host` (the `host` of its `SnapshotMeta`):
-    /// the parent for this host's next backup of that disk. Newest by sequence number, so
-    /// a wall clock that went backwards does not make an older snapshot the latest.
+    /// The newest snapshot of `vm`/`disk` from the host named `host` (the `host` of its
+    /// `SnapshotMeta`), for snapshots without host uuids: see [`Repository::find_latest_of`].
     pub fn find_latest_on(&self, host: &str, vm: &str, disk: &str) -> Result<Option<Snapshot>> {
+        self.find_latest_of(
+            &HostIdentity {
+                name: host.into(),
+                uuid: String::new(),
+            },
+            vm,
+            disk,
+        )
+    }
+
+    /// The newest snapshot of `vm`/`disk` made by `host` ([`Snapshot::is_from`]): the
+    /// parent for that host's next backup of that disk. Newest by sequence number, so a
+    /// wall clock that went backwards does not make an older snapshot the latest.
+    pub fn find_latest_of(
+        &self,
+        host: &HostIdentity,
+        vm: &str,
+        disk: &str,
+    ) -> Result<Option<Snapshot>> {
         Ok(latest_of(&self.snapshots()?, |s| {
-            s.same_disk(host, vm, disk)
+            s.same_disk(&host.name, &host.uuid, vm, disk)
         }))
     }
 
@@ -712,7 +775,7 @@ impl Repository {
     /// Remove lock objects whose holder is gone (older than 30 minutes without refresh, or
     /// of a process of this host that no longer exists). Returns how many were removed.
     pub fn remove_stale_locks(&self) -> Result<usize> {
-        lock::remove_stale(self.backend.as_ref())
+        lock::remove_stale(self.backend.as_ref(), &self.host)
     }
 
     /// Remove one lock object on purpose (`coldclone unlock KEY`), whatever it holds: for a
@@ -937,7 +1000,7 @@ impl Repository {
     }
 
     pub(crate) fn lock(&self, exclusive: bool, purpose: &str) -> Result<lock::LockGuard> {
-        lock::acquire(self.backend.clone(), exclusive, purpose)
+        lock::acquire(self.backend.clone(), &self.host, exclusive, purpose)
     }
 
     /// A shared lock for a reader (restore, check). On storage that cannot be written

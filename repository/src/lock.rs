@@ -28,7 +28,8 @@
 use crate::backend::Backend;
 use crate::crypto::random_id;
 use crate::error::{RepoError, Result};
-use crate::util::{boottime_secs, host_id, hostname, now_unix, rfc3339};
+use crate::host::HostIdentity;
+use crate::util::{boottime_secs, host_id, now_unix, rfc3339};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
@@ -55,6 +56,10 @@ pub fn set_lock_timings_for_tests(refresh_secs: u64, stale_secs: u64) {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub(crate) struct LockInfo {
     pub host: String,
+    /// The holder's `HostIdentity::uuid` (empty: none, or an older version), shown only:
+    /// whether a pid can be checked is `host_id`'s business.
+    #[serde(default)]
+    pub host_uuid: String,
     /// Who can judge `pid`: see `util::host_id`. Empty in locks of older versions: their
     /// pid is then never checked, only their age.
     #[serde(default)]
@@ -107,7 +112,11 @@ impl LockInfo {
             },
             self.purpose,
             self.pid,
-            self.host,
+            HostIdentity {
+                name: self.host.clone(),
+                uuid: self.host_uuid.clone()
+            }
+            .describe(),
             rfc3339(self.time_unix)
         )
     }
@@ -163,8 +172,8 @@ pub(crate) fn now_for(locks: &[ListedLock], own_key: &str) -> Now {
 
 /// Remove the locks whose holder is gone; returns how many. Writes a probe object to
 /// read the storage's clock (see the module's notes), and removes it.
-pub(crate) fn remove_stale(backend: &dyn Backend) -> Result<usize> {
-    let (probe, _) = put_lock(backend, false, "stale lock removal (probe)")?;
+pub(crate) fn remove_stale(backend: &dyn Backend, me: &HostIdentity) -> Result<usize> {
+    let (probe, _) = put_lock(backend, me, false, "stale lock removal (probe)")?;
     let res = (|| {
         let locks = list_locks(backend)?;
         let now = now_for(&locks, &probe);
@@ -188,9 +197,15 @@ pub(crate) fn remove_stale(backend: &dyn Backend) -> Result<usize> {
 }
 
 /// Writes a new lock object of this process; its key and content.
-fn put_lock(backend: &dyn Backend, exclusive: bool, purpose: &str) -> Result<(String, LockInfo)> {
+fn put_lock(
+    backend: &dyn Backend,
+    me: &HostIdentity,
+    exclusive: bool,
+    purpose: &str,
+) -> Result<(String, LockInfo)> {
     let info = LockInfo {
-        host: hostname(),
+        host: me.name.clone(),
+        host_uuid: me.uuid.clone(),
         host_id: host_id(),
         pid: std::process::id(),
         time_unix: now_unix(),
@@ -205,10 +220,11 @@ fn put_lock(backend: &dyn Backend, exclusive: bool, purpose: &str) -> Result<(St
 
 pub(crate) fn acquire(
     backend: Arc<dyn Backend>,
+    me: &HostIdentity,
     exclusive: bool,
     purpose: &str,
 ) -> Result<LockGuard> {
-    let (key, info) = put_lock(backend.as_ref(), exclusive, purpose)?;
+    let (key, info) = put_lock(backend.as_ref(), me, exclusive, purpose)?;
     let host = info.host_id.clone();
     let locks = match list_locks(backend.as_ref()) {
         Ok(l) => l,

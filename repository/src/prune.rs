@@ -117,9 +117,14 @@ pub struct PruneReport {
 /// newest snapshot of each day, week, month or year, even when the wall clock went back
 /// and the days do not come in order.
 pub(crate) fn select_kept(snaps: &[Snapshot], policy: &RetentionPolicy) -> IdStrSet {
-    let mut groups: BTreeMap<(&str, &str, &str), Vec<&Snapshot>> = BTreeMap::new();
+    // A host is its uuid; snapshots written before host uuids, its name.
+    type Group<'a> = ((bool, &'a str), &'a str, &'a str);
+    let mut groups: BTreeMap<Group, Vec<&Snapshot>> = BTreeMap::new();
     for s in snaps {
-        groups.entry((&s.host, &s.vm, &s.disk)).or_default().push(s);
+        groups
+            .entry((s.host_key(), &s.vm, &s.disk))
+            .or_default()
+            .push(s);
     }
     let mut keep = IdStrSet::new();
     for ((_, vm, _), mut g) in groups {
@@ -382,6 +387,7 @@ mod tests {
             disk: "d".into(),
             backend: String::new(),
             host: String::new(),
+            host_uuid: String::new(),
             consistency: String::new(),
             tags: Default::default(),
             vm_config: None,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 fn meta_on(host: &str, vm: &str) -> SnapshotMeta {
     SnapshotMeta {
         host: host.into(),
+        host_uuid: String::new(),
         ..meta(vm, "xvda")
     }
 }
@@ -211,6 +212,156 @@ fn two_hosts_with_a_vm_of_the_same_name_are_kept_apart() {
     assert!(restored(&repo, &a3.snapshot_id, dir.path()) == img_a);
     assert!(repo.find_latest_on(hb, "web", "xvda").unwrap().is_none());
     assert!(repo.check(true).unwrap().ok);
+}
+
+/// Two hosts cloned from one image: one host name, one VM name, a uuid each (their
+/// state folders'). Before host uuids, "last 1" kept one of the two hosts' backups and
+/// the second host's next backup took the first's as its parent.
+#[test]
+fn two_hosts_of_one_name_are_kept_apart_by_their_uuids() {
+    let dir = TempDir::new("uuidhosts");
+    let loc = Location::Local(dir.path().join("repo"));
+    let repo = Repository::init_with(&loc, "pw", &opts(4096)).unwrap();
+    // A backup from before host uuids, of this host name.
+    let here = HostIdentity::by_name_only();
+    let mut img_a = random_bytes(11, 100_000);
+    let legacy = backup(
+        &repo,
+        &img_a,
+        meta_on(&here.name, "web"),
+        BackupOptions::default(),
+    );
+    let ha = HostIdentity::load_or_create(&dir.path().join("state-a")).unwrap();
+    let hb = HostIdentity::load_or_create(&dir.path().join("state-b")).unwrap();
+    assert_eq!(ha.name, hb.name);
+    assert_ne!(ha.uuid, hb.uuid);
+    let on = |h: &HostIdentity| SnapshotMeta {
+        host: h.name.clone(),
+        host_uuid: h.uuid.clone(),
+        ..meta("web", "xvda")
+    };
+    // Host A (upgraded) carries on the chain of its name: the old snapshot is its parent.
+    let latest = |h: &HostIdentity| repo.find_latest_of(h, "web", "xvda").unwrap().unwrap();
+    assert_eq!(latest(&ha).id, legacy.snapshot_id);
+    img_a[0..100].copy_from_slice(&random_bytes(12, 100));
+    let a1 = backup(
+        &repo,
+        &img_a,
+        on(&ha),
+        incremental(&latest(&ha).id, &[0..100]),
+    );
+    // The changed chunk (and the short last chunk), not the whole disk.
+    assert!(
+        a1.bytes_read <= 2 * 4096,
+        "the chain of its name did not carry on: {a1:?}"
+    );
+    // Host B's first backup; B is newer, yet A's latest is A's, and B's is B's.
+    let img_b = random_bytes(13, 100_000);
+    let b1 = backup(&repo, &img_b, on(&hb), BackupOptions::default());
+    assert_eq!(latest(&ha).id, a1.snapshot_id);
+    assert_eq!(latest(&hb).id, b1.snapshot_id);
+    // B's map-driven incremental with A's snapshot as parent: refused, all read.
+    let b2 = backup(
+        &repo,
+        &img_b,
+        on(&hb),
+        incremental(&a1.snapshot_id, &[0..100]),
+    );
+    assert_eq!(b2.bytes_read, 100_000);
+    assert!(restored(&repo, &b2.snapshot_id, dir.path()) == img_b);
+    // The same uuid under a new host name (renamed host): still A's chain.
+    let renamed = HostIdentity {
+        name: "renamed-a".into(),
+        uuid: ha.uuid.clone(),
+    };
+    assert_eq!(latest(&renamed).id, a1.snapshot_id);
+    // Retention per uuid: "last 1" keeps A's and B's newest (and the old one, a group of
+    // its own: snapshots without a uuid are kept by host name).
+    let r = repo.prune(&keep_last(1), false).unwrap();
+    let kept: std::collections::BTreeSet<String> = r.kept.iter().map(|s| s.id.clone()).collect();
+    let want: std::collections::BTreeSet<String> =
+        [&a1.snapshot_id, &b2.snapshot_id, &legacy.snapshot_id]
+            .into_iter()
+            .cloned()
+            .collect();
+    assert_eq!(kept, want, "{r:?}");
+    assert!(restored(&repo, &a1.snapshot_id, dir.path()) == img_a);
+    // Snapshots show their host's uuid.
+    let s = repo.find_snapshot(&b2.snapshot_id).unwrap();
+    assert_eq!(s.host_uuid, hb.uuid);
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["host_uuid"], hb.uuid.as_str());
+    assert!(repo.check(true).unwrap().ok);
+}
+
+/// A disk whose reads wait until `.1` is set (at most a minute).
+struct Gated(MemSource, std::sync::atomic::AtomicBool);
+impl DiskSource for Gated {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let t = Instant::now();
+        while !self.1.load(std::sync::atomic::Ordering::SeqCst) && t.elapsed().as_secs() < 60 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.0.read_at(buf, offset)
+    }
+    fn data_ranges(&self) -> std::io::Result<Option<Vec<std::ops::Range<u64>>>> {
+        Ok(None)
+    }
+}
+
+/// A lock names its holder's host uuid, and a refusal shows it.
+#[test]
+fn a_lock_names_its_holders_uuid() {
+    let dir = TempDir::new("lockuuid");
+    let root = dir.path().join("repo");
+    let loc = Location::Local(root.clone());
+    let _ = Repository::init_with(&loc, "pw", &opts(16384)).unwrap();
+    let h = HostIdentity::load_or_create(&dir.path().join("state")).unwrap();
+    let mut repo = Repository::open(&loc, "pw").unwrap();
+    repo.set_host(h.clone());
+    // Reads wait until the test has tried its prune: the lock is held meanwhile.
+    let src = Gated(
+        MemSource(vec![1u8; 1 << 20]),
+        std::sync::atomic::AtomicBool::new(false),
+    );
+    std::thread::scope(|s| {
+        let b = s.spawn(|| {
+            repo.backup_disk(
+                &src,
+                meta("vm", "d"),
+                &BackupOptions::default(),
+                &NoProgress,
+            )
+        });
+        let t = Instant::now();
+        let lock = loop {
+            let found = std::fs::read_dir(root.join("locks"))
+                .unwrap()
+                .flatten()
+                // Not the local backend's temporary file of a lock being written.
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .find(|v| v["purpose"] == "backup");
+            if let Some(v) = found {
+                break v;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "no lock");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(lock["host_uuid"], h.uuid.as_str());
+        assert_eq!(lock["host"], h.name.as_str());
+        let other = Repository::open(&loc, "pw").unwrap();
+        match other.prune(&RetentionPolicy::default(), false) {
+            Err(RepoError::Locked(m)) => assert!(m.contains(&h.uuid[..8]), "{m}"),
+            r => panic!("prune beside a backup: {r:?}"),
+        }
+        src.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        b.join().unwrap().unwrap();
+    });
 }
 
 // ---- a prune process against a running backup process ----

@@ -1,6 +1,6 @@
 //! `coldclone backup [VM...] [--all]`: back up VMs, one after the other.
 
-use super::{host_name, open_repository, probe_writable};
+use super::{host_identity, host_name, open_repository, probe_writable};
 use crate::config::Config;
 use crate::pipeline::RunContext;
 use crate::progress::stderr_is_terminal;
@@ -29,7 +29,9 @@ pub fn run(cfg: &Config, names: &[String], all: bool, json: bool) -> Result<Vec<
     if vms.is_empty() {
         bail!("the config names no VM: add a [[vm]] section with name and qmp");
     }
-    let repo = open_repository(cfg)?;
+    let mut repo = open_repository(cfg)?;
+    // Chains of backups are kept per host uuid: no backup without one.
+    repo.set_host(host_identity(cfg)?);
     if let Location::Local(p) = repo.location() {
         probe_writable(p)?;
     }

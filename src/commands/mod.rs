@@ -18,7 +18,7 @@ pub mod snapshots;
 
 use crate::config::Config;
 use anyhow::{bail, Context, Result};
-use coldclone_repository::{Location, Repository};
+use coldclone_repository::{HostIdentity, Location, Repository};
 use std::path::Path;
 
 /// The repository password: from `repository.password_file`, else $COLDCLONE_PASSWORD.
@@ -122,7 +122,28 @@ pub fn location(cfg: &Config) -> Result<Location> {
 pub fn open_repository(cfg: &Config) -> Result<Repository> {
     let loc = location(cfg)?;
     let pw = password(cfg)?;
-    Repository::open(&loc, &pw).with_context(|| format!("cannot open the repository at {loc}"))
+    let mut repo = Repository::open(&loc, &pw)
+        .with_context(|| format!("cannot open the repository at {loc}"))?;
+    // Commands that only read (snapshots, restore) also run where the state folder cannot
+    // be written; their locks then name the host only. `backup` insists (host_identity).
+    match host_identity(cfg) {
+        Ok(h) => repo.set_host(h),
+        Err(e) => tracing::warn!("{e:#}; this process's locks name its host name only"),
+    }
+    Ok(repo)
+}
+
+/// This host in the repository: its name and the uuid kept in its state folder
+/// (`STATE/host-uuid`, made once), which tells it apart from hosts of the same name.
+pub fn host_identity(cfg: &Config) -> Result<HostIdentity> {
+    let mut h = HostIdentity::load_or_create(&cfg.state_dir).with_context(|| {
+        format!(
+            "cannot read or make this host's uuid in the state folder {}",
+            cfg.state_dir.display()
+        )
+    })?;
+    h.name = host_name();
+    Ok(h)
 }
 
 /// Fails unless a file can be created in `dir`: better now than after the clone ran.

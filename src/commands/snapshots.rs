@@ -30,8 +30,8 @@ pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
     }
     writeln!(
         out,
-        "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {:<6} run",
-        "id", "time", "vm", "disk", "consistency", "size", "added", "audit"
+        "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {:<6} {:<14} host",
+        "id", "time", "vm", "disk", "consistency", "size", "added", "audit", "run"
     )?;
     for s in &snaps {
         let run = s.tags.get("run").map(String::as_str).unwrap_or("-");
@@ -42,7 +42,7 @@ pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
         };
         writeln!(
             out,
-            "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {:<6} {}",
+            "{:<10} {:<20} {:<16} {:<10} {:<15} {:>12} {:>12}  {:<6} {:<14} {}",
             s.short_id(),
             s.time.get(..19).unwrap_or(&s.time),
             s.vm,
@@ -51,7 +51,13 @@ pub fn run(cfg: &Config, vm: Option<&str>, json: bool) -> Result<()> {
             s.size,
             s.stored_bytes,
             audit,
-            run
+            run,
+            // Hosts of one name (cloned from one image) differ by their uuid.
+            coldclone_repository::HostIdentity {
+                name: s.host.clone(),
+                uuid: s.host_uuid.clone()
+            }
+            .describe()
         )?;
     }
     writeln!(out, "{} snapshot(s)", snaps.len())?;

@@ -76,8 +76,13 @@ pub fn run(
             let source = source_box.as_ref();
             let parent = ctx.repo.find_latest(&run.vm.name, &disk.name)?;
             let maps = checkpoint.change_maps.get(&disk.name);
-            let (changed_ranges, changed_block_map) =
-                changes::plan(parent.as_ref(), &ctx.host, maps, clone_writes.as_deref());
+            let (changed_ranges, changed_block_map) = changes::plan(
+                parent.as_ref(),
+                &ctx.host,
+                &ctx.repo.host().uuid,
+                maps,
+                clone_writes.as_deref(),
+            );
             let parent = parent.map(|s| s.id);
             let mut tags = BTreeMap::new();
             tags.insert("run".to_string(), run.id.clone());
@@ -87,6 +92,7 @@ pub fn run(
                 disk: disk.name.clone(),
                 backend: run.backend.name().to_string(),
                 host: ctx.host.clone(),
+                host_uuid: ctx.repo.host().uuid.clone(),
                 consistency: consistency.as_str().to_string(),
                 tags,
                 vm_config: vm_config.clone(),

@@ -25,6 +25,7 @@ pub fn verify_requested() -> bool {
 pub fn plan(
     parent: Option<&Snapshot>,
     host: &str,
+    host_uuid: &str,
     maps: Option<&DiskChangeMaps>,
     clone_writes: Option<&[ChangedRange]>,
 ) -> (Option<Vec<ChangedRange>>, ChangedBlockMap) {
@@ -32,8 +33,9 @@ pub fn plan(
     let (Some(parent), Some(maps), Some(mine)) = (parent, maps, clone_writes) else {
         return none;
     };
-    // Maps are this host's: another host's snapshot says nothing of them.
-    if parent.host != host {
+    // Maps are this host's: another host's snapshot says nothing of them, even when
+    // that host has the same name (a host cloned from one image): uuids tell them apart.
+    if !parent.is_from(host, host_uuid) {
         return none;
     }
     let Some(kind) = map_kind(&maps.started) else {
@@ -157,7 +159,7 @@ mod tests {
             ],
         );
         let m = maps(&[("qemu-bitmap:coldclone-old", vec![5..20, 1000..1001])]);
-        let (r, kind) = plan(Some(&p), "h", Some(&m), Some(&[105..200]));
+        let (r, kind) = plan(Some(&p), "h", "", Some(&m), Some(&[105..200]));
         assert_eq!(r, Some(vec![0..20, 105..200, 256..272, 1000..1001]));
         assert_eq!(kind, ChangedBlockMap::QemuBitmap);
     }
@@ -171,23 +173,46 @@ mod tests {
         let m = maps(&[("qemu-bitmap:coldclone-old", vec![5..20])]);
         let whole = (None, ChangedBlockMap::None);
         // No parent; another host's parent; no maps; unknown clone writes.
-        assert_eq!(plan(None, "h", Some(&m), Some(&[])), whole);
+        assert_eq!(plan(None, "h", "", Some(&m), Some(&[])), whole);
         assert_eq!(
-            plan(Some(&snap("other", &good)), "h", Some(&m), Some(&[])),
+            plan(Some(&snap("other", &good)), "h", "", Some(&m), Some(&[])),
             whole
         );
-        assert_eq!(plan(Some(&snap("h", &good)), "h", None, Some(&[])), whole);
-        assert_eq!(plan(Some(&snap("h", &good)), "h", Some(&m), None), whole);
+        assert_eq!(
+            plan(Some(&snap("h", &good)), "h", "", None, Some(&[])),
+            whole
+        );
+        // A host of the same name with another uuid (cloned from one image): not ours.
+        let mut twin = snap("h", &good);
+        twin.host_uuid = "11111111-1111-4111-8111-111111111111".into();
+        let mine = "22222222-2222-4222-8222-222222222222";
+        assert_eq!(plan(Some(&twin), "h", mine, Some(&m), Some(&[])), whole);
+        // The same uuid under another name (the host was renamed): still ours.
+        let mut renamed = snap("old-name", &good);
+        renamed.host_uuid = mine.into();
+        assert!(plan(Some(&renamed), "h", mine, Some(&m), Some(&[]))
+            .0
+            .is_some());
+        // A snapshot from before host uuids, of this host's name: ours.
+        assert!(
+            plan(Some(&snap("h", &good)), "h", mine, Some(&m), Some(&[]))
+                .0
+                .is_some()
+        );
+        assert_eq!(
+            plan(Some(&snap("h", &good)), "h", "", Some(&m), None),
+            whole
+        );
         // The parent's map is not held any more (bitmap lost, VM restarted).
         let gone = maps(&[("qemu-bitmap:coldclone-older", vec![5..20])]);
         assert_eq!(
-            plan(Some(&snap("h", &good)), "h", Some(&gone), Some(&[])),
+            plan(Some(&snap("h", &good)), "h", "", Some(&gone), Some(&[])),
             whole
         );
         // The parent has no record of its clone's writes, or a damaged one.
         let no_writes = [(TAG_CHANGE_MAP, "qemu-bitmap:coldclone-old")];
         assert_eq!(
-            plan(Some(&snap("h", &no_writes)), "h", Some(&m), Some(&[])),
+            plan(Some(&snap("h", &no_writes)), "h", "", Some(&m), Some(&[])),
             whole
         );
         for bad in ["x", "1+", "+1", "ffffffffffffffff+2", "1+2,,"] {
@@ -196,7 +221,7 @@ mod tests {
                 (TAG_CLONE_WRITES, bad),
             ];
             assert_eq!(
-                plan(Some(&snap("h", &t)), "h", Some(&m), Some(&[])),
+                plan(Some(&snap("h", &t)), "h", "", Some(&m), Some(&[])),
                 whole,
                 "{bad}"
             );

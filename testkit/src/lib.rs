@@ -41,6 +41,24 @@ pub fn require(available: bool, what: &str) -> bool {
     false
 }
 
+/// An opt-in test (documented, too costly for every CI run): runs when the environment
+/// variable `var` is `1`; otherwise it is recorded as skipped, in CI too (never counted
+/// as passed), and `false` is returned so that the caller returns at once.
+#[track_caller]
+pub fn opt_in(var: &str, what: &str) -> bool {
+    if std::env::var(var).as_deref() == Ok("1") {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    let why = format!("{var}=1 (opt-in: {what})");
+    eprintln!("SKIPPED: {test}: needs {why}");
+    record_skip(&test, &why);
+    false
+}
+
 /// Like [`require`] for a list of programs on PATH.
 #[track_caller]
 pub fn require_tools(tools: &[&str]) -> bool {

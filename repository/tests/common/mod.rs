@@ -2,6 +2,7 @@
 use coldclone_repository::*;
 
 pub mod fault_proxy;
+pub mod garage;
 pub mod servers;
 use std::path::{Path, PathBuf};
 
@@ -53,6 +54,7 @@ pub fn meta(vm: &str, disk: &str) -> SnapshotMeta {
         disk: disk.into(),
         backend: "test".into(),
         host: "testhost".into(),
+        host_uuid: String::new(),
         consistency: "clean-shutdown".into(),
         tags: Default::default(),
         vm_config: None,

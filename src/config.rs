@@ -221,6 +221,9 @@ pub struct VmConfig {
     /// Xen: size of classic LVM snapshots, as lvcreate takes it ("512m",
     /// "20%ORIGIN", the default); thin volumes need none.
     pub xl_snapshot_size: Option<String>,
+    /// Xen: "auto" (default: the live checkpoint through libxenlight, else `xl save
+    /// -p`), "live" (libxenlight only) or "save-pause" (`xl save -p` only).
+    pub xl_checkpoint: Option<String>,
     /// `audit`: the console text that says the booted backup is up (default "login:").
     pub audit_heartbeat: Option<String>,
     /// `audit`: a probe program run over the restored disks (exit 0 = good).
@@ -278,6 +281,7 @@ impl VmConfig {
                 domain: domain.clone(),
                 options: coldclone_backends::xl::XlOptions {
                     snapshot_size: self.xl_snapshot_size.clone(),
+                    checkpoint: self.xl_checkpoint.clone(),
                 },
             });
         }
@@ -436,6 +440,12 @@ impl Config {
                     vm.name
                 )));
             }
+            coldclone_backends::xl::XlOptions {
+                snapshot_size: None,
+                checkpoint: vm.xl_checkpoint.clone(),
+            }
+            .method()
+            .map_err(|e| invalid(format!("vm {:?}: {e}", vm.name)))?;
             if let Some(b) = vm.balloon.as_ref().or(self.defaults.balloon.as_ref()) {
                 b.target_bytes(1 << 40)
                     .map_err(|e| invalid(format!("vm {:?}: {e}", vm.name)))?;

@@ -69,6 +69,7 @@ fn repo(tag: &str) -> (Dir, PathBuf) {
                 disk: "xvda".into(),
                 backend: "test".into(),
                 host: "h".into(),
+                host_uuid: "00000000-0000-4000-8000-000000000001".into(),
                 consistency: "clean-shutdown".into(),
                 tags: [("run".to_string(), format!("run-{vm}"))].into(),
                 vm_config: Some(VmConfig {

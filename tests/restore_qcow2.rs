@@ -111,6 +111,7 @@ fn needs_qemu_disk_restore_as_qcow2_holds_what_the_raw_restore_holds() {
             disk: "xvda".into(),
             backend: "qemu".into(),
             host: "h".into(),
+            host_uuid: "00000000-0000-4000-8000-000000000001".into(),
             consistency: "clean-shutdown".into(),
             tags: Default::default(),
             vm_config: None,

@@ -17,7 +17,7 @@ mkdir -p "$WORK"
 rm -f "$WORK/rootfs.qcow2" "$WORK/lvm.img"
 qemu-img create -q -f qcow2 -b "$IMG/rootfs.ext4" -F raw "$WORK/rootfs.qcow2"
 truncate -s 2G "$WORK/lvm.img"
-QEMU=(qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt -m 2048 -smp 2 -nographic -no-reboot -nic none
+QEMU=(qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt -m "${LAB_MEM_MIB:-2048}" -smp 2 -nographic -no-reboot -nic none
   -kernel "$IMG/boot/xen"
   -append "dom0_mem=1024M,max:1024M dom0_max_vcpus=2 pcid=0 console=com1 com1=115200,8n1 guest_loglvl=all noreboot"
   -initrd "$IMG/boot/vmlinuz root=/dev/vda rw init=/sbin/xenlab-init console=hvc0 quiet,$IMG/boot/initrd.img"

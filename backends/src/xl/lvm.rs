@@ -142,9 +142,26 @@ pub fn find(vg: &str, lv: &str) -> Result<Option<Lv>> {
 /// Snapshots `origin` as `vg/name`: thin when the origin is thin (no size,
 /// activated despite thin snapshots' activation-skip flag), else a classic
 /// snapshot of `classic_size` (an lvcreate size such as "512m" or "20%ORIGIN").
+///
+/// Taken while the original is paused, so it does what the snapshot needs and no
+/// more (measured in docs/xl.md, "Where lvcreate -s spends the pause"):
+/// `--noudevsync`: no wait for udev to create the /dev nodes of the new LV (device-
+/// mapper's own node is made by libdevmapper; [`after_pause`] settles udev later);
+/// `--autobackup n`: the text copy of the VG metadata in /etc/lvm/backup (written and
+/// fsynced after the change; not the metadata on the PVs, which is committed as
+/// always) is written by [`after_pause`] instead (`vgcfgbackup`).
 pub fn snapshot(origin: &Lv, name: &str, classic_size: &str) -> Result<()> {
     let mut c = Command::new("lvcreate");
-    c.args(["--yes", "--quiet", "-s", "-n", name]);
+    c.args([
+        "--yes",
+        "--quiet",
+        "--noudevsync",
+        "--autobackup",
+        "n",
+        "-s",
+        "-n",
+        name,
+    ]);
     if origin.is_thin() {
         c.args(["-kn"]);
     } else if classic_size.contains('%') {
@@ -154,6 +171,31 @@ pub fn snapshot(origin: &Lv, name: &str, classic_size: &str) -> Result<()> {
     }
     c.arg(origin.full_name());
     run_tool(c).map(|_| ())
+}
+
+/// What [`snapshot`] left for after the pause: udev's view of the new LVs (only
+/// when udev runs) and the metadata backup of each VG. Failures are logged: the
+/// snapshots themselves are complete without either.
+pub fn after_pause(vgs: &[String]) {
+    if Path::new("/run/udev/control").exists() {
+        let mut c = Command::new("udevadm");
+        c.args(["settle", "--timeout=60"]);
+        if let Err(e) = run_tool(c) {
+            tracing::warn!("udevadm settle after the snapshots: {e}");
+        }
+    }
+    let mut done: Vec<&String> = Vec::new();
+    for vg in vgs {
+        if done.contains(&vg) {
+            continue;
+        }
+        done.push(vg);
+        let mut c = Command::new("vgcfgbackup");
+        c.arg(vg);
+        if let Err(e) = run_tool(c) {
+            tracing::warn!("vgcfgbackup {vg} after the snapshots: {e}");
+        }
+    }
 }
 
 /// Removes `vg/lv` if it exists and is a snapshot of `origin`; never anything else.

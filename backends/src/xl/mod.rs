@@ -15,6 +15,8 @@
 
 pub mod cfg;
 pub mod cli;
+mod libxl;
+pub mod live;
 pub mod lvm;
 pub mod restore_cfg;
 pub mod xs;
@@ -39,6 +41,34 @@ pub struct XlOptions {
     /// Size of classic (non-thin) LVM snapshots, as lvcreate takes it:
     /// "512m", "2g", or "20%ORIGIN" (the default). Thin snapshots need none.
     pub snapshot_size: Option<String>,
+    /// "auto" (the default: live through libxl, else `xl save -p`), "live" (libxl
+    /// only) or "save-pause" (`xl save -p` only).
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+}
+
+/// How the memory image is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XlCheckpointMethod {
+    /// Live through libxl when it loads and accepts, else `xl save -p` (reason logged).
+    Auto,
+    /// Live through libxl, or fail.
+    Live,
+    /// `xl save -p`: the domain stays suspended for its whole memory save.
+    SavePause,
+}
+
+impl XlOptions {
+    pub fn method(&self) -> std::result::Result<XlCheckpointMethod, String> {
+        match self.checkpoint.as_deref() {
+            None | Some("auto") => Ok(XlCheckpointMethod::Auto),
+            Some("live") => Ok(XlCheckpointMethod::Live),
+            Some("save-pause") => Ok(XlCheckpointMethod::SavePause),
+            Some(other) => Err(format!(
+                "xl_checkpoint {other:?}: use \"auto\", \"live\" or \"save-pause\""
+            )),
+        }
+    }
 }
 
 /// What can go wrong that only the xl backend knows.
@@ -62,6 +92,14 @@ pub enum XlResource {
         /// The memory image a save was writing (recover waits for that xl to end).
         #[serde(default)]
         image: Option<PathBuf>,
+    },
+    /// The original suspended by our libxl_domain_suspend (live checkpoint). Undo:
+    /// once no libxl save helper of ours works on it, resume it with suspend_cancel
+    /// if it is still suspended and is the same domain, by UUID.
+    XlOriginalSuspended {
+        domain: String,
+        uuid: String,
+        domid: u32,
     },
     /// The original's balloon target we lowered (undo: set it back).
     XlBalloon {
@@ -93,6 +131,25 @@ pub(crate) fn recover(resource: &XlResource) -> Result<()> {
             }
             match same_domain(domain, uuid)? {
                 Some(d) if d.paused() => xl(&["unpause", domain]).map(|_| ()),
+                _ => Ok(()),
+            }
+        }
+        XlResource::XlOriginalSuspended {
+            domain,
+            uuid,
+            domid,
+        } => {
+            // A save helper outliving us may still suspend the domain: wait for it.
+            wait_for_save_helper(*domid, SAVE_TIMEOUT);
+            match same_domain(domain, uuid)? {
+                Some(d) if d.shut_down() && d.reason == Some(2) => {
+                    let mut lib = libxl::Libxl::open(None).map_err(|e| {
+                        BackendError::Checkpoint(format!(
+                            "domain {domain} was left suspended by a killed live checkpoint, and libxenlight cannot resume it here: {e}"
+                        ))
+                    })?;
+                    resume_original(&mut lib, domain, uuid, None)
+                }
                 _ => Ok(()),
             }
         }
@@ -194,6 +251,73 @@ fn unpause_original(name: &str, uuid: &str) -> Result<()> {
     Err(last.unwrap_or_else(|| BackendError::Checkpoint(format!("cannot unpause {name}"))))
 }
 
+/// Resumes the original with suspend_cancel while it is suspended (shut down with
+/// reason suspend) and still the domain with `uuid`; retries: it must never stay
+/// suspended. `ours`: the domid our own suspend just left suspended, resumed at once
+/// without a listing first (that listing would lengthen the pause).
+fn resume_original(
+    lib: &mut libxl::Libxl,
+    name: &str,
+    uuid: &str,
+    ours: Option<u32>,
+) -> Result<()> {
+    let mut last = None;
+    if let Some(domid) = ours {
+        if let Err(rc) = lib.resume_cancel(domid) {
+            last = Some(format!("libxl error {rc}{}", lib.log_tail()));
+        }
+    }
+    for attempt in 0..6 {
+        match same_domain(name, uuid)? {
+            Some(d) if d.shut_down() && d.reason == Some(2) => {
+                if attempt == 5 {
+                    break;
+                }
+                tracing::warn!(
+                    domain = name,
+                    "still suspended; libxl_domain_resume(suspend_cancel) again"
+                );
+                match lib.resume_cancel(d.domid) {
+                    Ok(()) => {}
+                    Err(rc) => {
+                        last = Some(format!("libxl error {rc}{}", lib.log_tail()));
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                }
+            }
+            // Running, or gone, or not ours: nothing of ours to resume.
+            _ => return Ok(()),
+        }
+    }
+    Err(BackendError::Checkpoint(format!(
+        "cannot resume {name} from its suspension: {}",
+        last.unwrap_or_else(|| "it stays suspended".into())
+    )))
+}
+
+/// Waits (bounded) until no libxl save helper works on `domid`: tools/libs/light/
+/// libxl_save_callout.c `run_helper` starts it as `libxl-save-helper --save-domain
+/// <fd> <back-fd> <domid> ...`.
+fn wait_for_save_helper(domid: u32, timeout: Duration) {
+    let start = Instant::now();
+    let id = domid.to_string();
+    while start.elapsed() < timeout {
+        let busy = crate::util::find_processes_with_marker("--save-domain")
+            .into_iter()
+            .any(|pid| {
+                crate::util::process_cmdline(pid).is_some_and(|a| {
+                    a.first().is_some_and(|p| p.ends_with("libxl-save-helper"))
+                        && a.get(1).map(String::as_str) == Some("--save-domain")
+                        && a.get(4) == Some(&id)
+                })
+            });
+        if !busy {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 impl XlBackend {
     pub fn with_options(options: XlOptions) -> Self {
         XlBackend { options }
@@ -226,6 +350,201 @@ impl XlBackend {
             });
         }
         Ok(())
+    }
+
+    /// `xl save -p` then the snapshots, then `xl unpause`: paused for the whole save.
+    fn checkpoint_save_pause(
+        &self,
+        x: &XlVm,
+        image: &Path,
+        short: &str,
+        guest_kib: u64,
+        journal: &mut dyn Journal,
+    ) -> Result<Checkpoint> {
+        journal.will_create(
+            &SharedResource::File {
+                path: image.to_path_buf(),
+            }
+            .into(),
+        )?;
+        let paused_id = journal.will_create(
+            &XlResource::XlOriginalPaused {
+                domain: x.name.clone(),
+                uuid: x.uuid.clone(),
+                image: Some(image.to_path_buf()),
+            }
+            .into(),
+        )?;
+        let image_s = image.display().to_string();
+        let t0 = Instant::now();
+        let saved = xl_bounded(&["save", "-p", &x.name, &image_s], SAVE_TIMEOUT);
+        let memory = t0.elapsed();
+        if let Err(e) = saved {
+            // xl resumes the domain itself when a save fails; make sure.
+            unpause_original(&x.name, &x.uuid)?;
+            journal.removed(paused_id)?;
+            return Err(BackendError::Checkpoint(format!("xl save failed: {e}")));
+        }
+        let snap = (|| {
+            journal.milestone("checkpoint:memory-saved")?;
+            let t = Instant::now();
+            let mut disks = Vec::new();
+            let r = self.disk_snapshots(x, short, journal, &mut disks);
+            let disk_time = t.elapsed();
+            r?;
+            journal.milestone("checkpoint:disks-snapshotted")?;
+            Ok::<_, BackendError>((disks, disk_time))
+        })();
+        // Every path out of here resumes the original.
+        let unpaused = unpause_original(&x.name, &x.uuid);
+        let total = t0.elapsed();
+        unpaused?;
+        journal.removed(paused_id)?;
+        let (disks, disk_time) = snap?;
+        lvm::after_pause(&x.disks.iter().map(|d| d.lv.vg.clone()).collect::<Vec<_>>());
+        let memory_image_bytes = std::fs::metadata(image).map_err(io_err(image))?.len();
+        Ok(Checkpoint {
+            method: "xl-save-pause",
+            memory_image: image.to_path_buf(),
+            memory_image_bytes,
+            pause: PauseTimes {
+                total_ms: ms(total),
+                disk_snapshot_ms: ms(disk_time),
+                memory_ms: ms(memory),
+            },
+            disks,
+            guest_memory_bytes: Some(guest_kib * 1024),
+            ..Default::default()
+        })
+    }
+
+    /// The live checkpoint (issue 17): libxl's live save writes the memory image in
+    /// pre-copy rounds while the domain runs and suspends it for the last round only
+    /// (`libxl_domain_suspend` with LIBXL_SUSPEND_LIVE: tools/libs/light/libxl_domain.c
+    /// sets `dss->live`; libxl_dom_save.c `libxl__domain_save` turns it into
+    /// XCFLAGS_LIVE; tools/libs/guest/xg_sr_save.c `send_domain_memory_live` runs the
+    /// rounds under `simple_precopy_policy`, at most 5 or until < 50 pages are dirty,
+    /// then `suspend_and_send_dirty`). The call returns with the domain suspended:
+    /// the disks are snapshotted then, and `libxl_domain_resume(.., suspend_cancel=1)`
+    /// continues it, as `xl save -c` does (tools/xl/xl_saverestore.c, `save_domain`:
+    /// suspend without the live flag, then resume with suspend_cancel; on a failed
+    /// suspend, resume too). Remus's checkpoint callback (libxl_dom_save.c,
+    /// `libxl__remus_domain_checkpoint_callback`) is only called for checkpointed
+    /// streams, which `xl restore` cannot read from a file: not used.
+    ///
+    /// `Ok(Err(reason))`: libxl refused before anything was left to undo (the domain
+    /// runs); the caller may fall back to `xl save -p`.
+    fn checkpoint_live(
+        &self,
+        x: &XlVm,
+        work_dir: &Path,
+        image: &Path,
+        short: &str,
+        guest_kib: u64,
+        journal: &mut dyn Journal,
+    ) -> Result<std::result::Result<Checkpoint, String>> {
+        let log = work_dir.join("libxl.log");
+        journal.will_create(&SharedResource::File { path: log.clone() }.into())?;
+        let mut lib = match libxl::Libxl::open(Some(&log)) {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(format!("libxenlight could not be used: {e}"))),
+        };
+        journal.will_create(
+            &SharedResource::File {
+                path: image.to_path_buf(),
+            }
+            .into(),
+        )?;
+        let file = live::create_image(image, &x.config).map_err(BackendError::Checkpoint)?;
+        let suspended_id = journal.will_create(
+            &XlResource::XlOriginalSuspended {
+                domain: x.name.clone(),
+                uuid: x.uuid.clone(),
+                domid: x.domid,
+            }
+            .into(),
+        )?;
+        journal.milestone("checkpoint:live-started")?;
+        // The pause as the hypervisor shows it; without libxenctrl, our own clock.
+        let monitor = live::PauseMonitor::start(x.domid)
+            .map_err(|e| {
+                tracing::warn!(
+                    "no pause monitor ({e}): the pause is timed from the end of the suspend call"
+                )
+            })
+            .ok();
+        let t0 = Instant::now();
+        let saved = lib.suspend_live(x.domid, std::os::fd::AsFd::as_fd(&file));
+        let memory = t0.elapsed();
+        let t_suspended = Instant::now();
+        drop(file);
+        if let Err(rc) = saved {
+            let reason = format!(
+                "libxl_domain_suspend(LIBXL_SUSPEND_LIVE) failed with libxl error {rc}{}",
+                lib.log_tail()
+            );
+            // As xl's save_domain does on a failed suspend: resume with suspend_cancel
+            // (only if it did get suspended: see resume_original).
+            let resumed = resume_original(&mut lib, &x.name, &x.uuid, None);
+            if let Some(m) = monitor {
+                let _ = m.finish();
+            }
+            resumed?;
+            journal.removed(suspended_id)?;
+            crate::util::remove_file_if_exists(image)?;
+            return Ok(Err(reason));
+        }
+        let snap = (|| {
+            journal.milestone("checkpoint:memory-saved")?;
+            let t = Instant::now();
+            let mut disks = Vec::new();
+            let r = self.disk_snapshots(x, short, journal, &mut disks);
+            let disk_time = t.elapsed();
+            r?;
+            journal.milestone("checkpoint:disks-snapshotted")?;
+            Ok::<_, BackendError>((disks, disk_time))
+        })();
+        // Every path out of here resumes the original.
+        let resumed = resume_original(&mut lib, &x.name, &x.uuid, Some(x.domid));
+        let own_clock = t_suspended.elapsed();
+        let measured = monitor.map(live::PauseMonitor::finish);
+        resumed?;
+        journal.removed(suspended_id)?;
+        let (disks, disk_time) = snap?;
+        lvm::after_pause(&x.disks.iter().map(|d| d.lv.vg.clone()).collect::<Vec<_>>());
+        let total = match measured {
+            Some(Ok(m)) => {
+                tracing::info!(
+                    pause_ms = m.pause_ms,
+                    resolution_ms = m.resolution_ms,
+                    samples = m.samples,
+                    windows = m.windows,
+                    "the original's pause, from the hypervisor's domain flags"
+                );
+                m.pause_ms
+            }
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "the pause monitor failed ({e}): pause timed from the end of the suspend call"
+                );
+                ms(own_clock)
+            }
+            None => ms(own_clock),
+        };
+        let memory_image_bytes = std::fs::metadata(image).map_err(io_err(image))?.len();
+        Ok(Ok(Checkpoint {
+            method: "xl-live",
+            memory_image: image.to_path_buf(),
+            memory_image_bytes,
+            pause: PauseTimes {
+                total_ms: total,
+                disk_snapshot_ms: ms(disk_time),
+                memory_ms: ms(memory),
+            },
+            disks,
+            guest_memory_bytes: Some(guest_kib * 1024),
+            ..Default::default()
+        }))
     }
 
     /// Classic snapshots that overflowed, among `paths`.
@@ -348,63 +667,33 @@ impl Hypervisor for XlBackend {
         let videoram =
             xs::read_u64(&format!("/local/domain/{}/memory/videoram", x.domid))?.unwrap_or(0);
         let guest_kib = memory_target_kib(x.domid)?.unwrap_or(vm.memory_bytes / 1024) + videoram;
-        let result = (|| {
-            journal.will_create(
-                &SharedResource::File {
-                    path: image.clone(),
-                }
-                .into(),
-            )?;
-            let paused_id = journal.will_create(
-                &XlResource::XlOriginalPaused {
-                    domain: x.name.clone(),
-                    uuid: x.uuid.clone(),
-                    image: Some(image.clone()),
-                }
-                .into(),
-            )?;
-            let image_s = image.display().to_string();
-            let t0 = Instant::now();
-            let saved = xl_bounded(&["save", "-p", &x.name, &image_s], SAVE_TIMEOUT);
-            let memory = t0.elapsed();
-            if let Err(e) = saved {
-                // xl resumes the domain itself when a save fails; make sure.
-                unpause_original(&x.name, &x.uuid)?;
-                journal.removed(paused_id)?;
-                return Err(BackendError::Checkpoint(format!("xl save failed: {e}")));
+        let method = self.options.method().map_err(BackendError::Unsupported)?;
+        let mut fallback_note = None;
+        let result = match method {
+            XlCheckpointMethod::SavePause => {
+                self.checkpoint_save_pause(x, &image, short, guest_kib, journal)
             }
-            let snap = (|| {
-                journal.milestone("checkpoint:memory-saved")?;
-                let t = Instant::now();
-                let mut disks = Vec::new();
-                let r = self.disk_snapshots(x, short, journal, &mut disks);
-                let disk_time = t.elapsed();
-                r?;
-                journal.milestone("checkpoint:disks-snapshotted")?;
-                Ok::<_, BackendError>((disks, disk_time))
-            })();
-            // Every path out of here resumes the original.
-            let unpaused = unpause_original(&x.name, &x.uuid);
-            let total = t0.elapsed();
-            unpaused?;
-            journal.removed(paused_id)?;
-            let (disks, disk_time) = snap?;
-            let memory_image_bytes = std::fs::metadata(&image).map_err(io_err(&image))?.len();
-            Ok(Checkpoint {
-                method: "xl-save-pause",
-                memory_image: image.clone(),
-                memory_image_bytes,
-                pause: PauseTimes {
-                    total_ms: ms(total),
-                    disk_snapshot_ms: ms(disk_time),
-                    memory_ms: ms(memory),
-                },
-                disks,
-                guest_memory_bytes: Some(guest_kib * 1024),
-                ..Default::default()
-            })
-        })();
+            XlCheckpointMethod::Live | XlCheckpointMethod::Auto => {
+                match self.checkpoint_live(x, work_dir, &image, short, guest_kib, journal)? {
+                    Ok(c) => Ok(c),
+                    Err(reason) if method == XlCheckpointMethod::Auto => {
+                        tracing::warn!(
+                            domain = x.name,
+                            "live checkpoint refused ({reason}); using xl save -p"
+                        );
+                        fallback_note = Some(format!(
+                            "the live checkpoint was refused ({reason}): `xl save -p` was used, so the original was paused for its whole memory save"
+                        ));
+                        self.checkpoint_save_pause(x, &image, short, guest_kib, journal)
+                    }
+                    Err(reason) => Err(BackendError::Checkpoint(format!(
+                        "the live checkpoint (xl_checkpoint = \"live\") was refused: {reason}; set xl_checkpoint = \"auto\" to fall back to xl save -p"
+                    ))),
+                }
+            }
+        };
         let mut ckpt = result?;
+        ckpt.warnings.extend(fallback_note);
         ckpt.warnings.push(format!(
             "xl's monitor process of domain {} ended with `xl save`: its on_poweroff/on_reboot/on_crash \
              actions no longer apply (a shutdown leaves it listed until `xl destroy`; a reboot stops it); \

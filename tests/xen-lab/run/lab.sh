@@ -4,7 +4,9 @@
 # scenario named in /lab/scenarios and writes what it saw under /lab/out/<scenario>/:
 #   report.json   coldclone's --json report(s)      stderr.txt   coldclone's log
 #   checks        key=value lines the Rust test asserts on
-# Scenarios: backup thin kill-after-save kill-after-restore overflow hvm restore
+# Scenarios: backup thin kill-after-save kill-after-restore overflow hvm restore, the live
+# checkpoint's kills (kill-live-started kill-live-copy kill-live-suspended
+# kill-live-snapshotted), and bench (benches/xl_pause_dom0.sh, as /lab/bench.sh).
 # Also /lab/out/setup: host set-up steps, KEY.rc=<exit status> (the Rust test asserts 0).
 # A listing (lvs, xl list, ip ...) that fails must never read as "nothing there": each
 # probe writes KEY=<what it listed> and KEY.rc=<its exit status>, and the Rust test fails
@@ -131,6 +133,11 @@ timeout_secs = 180
 [[vm]]
 name = "g2"
 xl_domain = "g2"
+# The same domain through xl save -p (the fallback path), for kill-after-save.
+[[vm]]
+name = "g2-pause"
+xl_domain = "g2"
+xl_checkpoint = "save-pause"
 [[vm]]
 name = "g3"
 xl_domain = "g3"
@@ -141,6 +148,9 @@ xl_domain = "h1"
 xl_snapshot_size = "16m"
 stop_timeout_secs = 300
 EOF
+  # shellcheck source=../../../benches/xl_pause_dom0.sh
+  if [ -f /lab/bench.sh ]; then . /lab/bench.sh; bench_config >> /etc/coldclone/coldclone.toml; fi
+  return 0
 }
 
 # Everything a run could leave: LVs, domains, bridges, files, journals, processes.
@@ -211,6 +221,33 @@ backup_killed_at() {
   echo "recover_s=$(since "$t")" >> "$d/checks"
 }
 
+# Runs a live backup and kills it with SIGKILL as soon as libxl's save helper for the
+# domain runs (the pre-copy rounds, the original still running), then `coldclone recover`.
+backup_killed_in_live_copy() {
+  local vm=$1 d=$2 pid id seen=0
+  id=$(xl domid "$vm")
+  "$CC" --json backup "$vm" > "$d/report.json" 2> "$d/stderr.txt" &
+  pid=$!
+  for _ in $(seq 6000); do # a bound (10 min), not a figure
+    if ps -eo args | grep -q "^/usr/lib/xen-4.17/bin/libxl-save-helper --save-domain [0-9]* [0-9]* $id "; then
+      seen=1; break
+    fi
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.1
+  done
+  echo "helper_seen=$seen" >> "$d/checks"
+  kill -0 $pid 2>/dev/null; echo "alive_at_kill=$(( $? == 0 ))" >> "$d/checks"
+  kill -9 $pid; wait $pid 2>/dev/null
+  echo "reached=$seen" >> "$d/checks"
+  probe "$d/checks" after_kill_original_state domain_field "$vm" 5
+  probe "$d/checks" after_kill_lvs count_lvs
+  local t=$(date +%s.%N)
+  "$CC" --json recover > "$d/recover.json" 2>> "$d/stderr.txt"; echo "recover_rc=$?" >> "$d/checks"
+  echo "recover_s=$(since "$t")" >> "$d/checks"
+  probe "$d/checks" save_helpers_left count_save_helpers
+}
+count_save_helpers() { local o; o=$(ps -eo args) || return; echo "$o" | grep -c '^/usr/lib/xen-4.17/bin/libxl-save-helper'; return 0; }
+
 # glibc's heap-check aborts: what dom0 programs died of in this lab under other CPU models
 # (README.md). The only failure a backup is tried again for.
 HEAP_CORRUPTION='(malloc|free|realloc|malloc_consolidate|_int_malloc|_int_free)\(\): |double free or corruption|corrupted size vs\. prev_size|corrupted double-linked list'
@@ -263,10 +300,37 @@ scenario_thin() {
   leftovers "$f"
 }
 
-scenario_kill-after-save() {
+scenario_kill-after-save() { # the xl save -p path
   local d=$OUT/kill-after-save
+  backup_killed_at g2-pause checkpoint:memory-saved "$d"
+  original g2 "$d/checks"; leftovers "$d/checks"
+}
+
+# The live checkpoint's milestones: before libxl starts, during its pre-copy, with the
+# original suspended after the last round, and suspended with its snapshots taken.
+scenario_kill-live-started() {
+  local d=$OUT/kill-live-started
+  backup_killed_at g2 checkpoint:live-started "$d"
+  original g2 "$d/checks"; leftovers "$d/checks"
+}
+scenario_kill-live-copy() {
+  local d=$OUT/kill-live-copy
+  backup_killed_in_live_copy g2 "$d"
+  original g2 "$d/checks"; leftovers "$d/checks"
+}
+scenario_kill-live-suspended() {
+  local d=$OUT/kill-live-suspended
   backup_killed_at g2 checkpoint:memory-saved "$d"
   original g2 "$d/checks"; leftovers "$d/checks"
+}
+scenario_kill-live-snapshotted() {
+  local d=$OUT/kill-live-snapshotted
+  backup_killed_at g2 checkpoint:disks-snapshotted "$d"
+  original g2 "$d/checks"; leftovers "$d/checks"
+}
+
+scenario_bench() { # bench_main: benches/xl_pause_dom0.sh, sourced by config
+  bench_main "$OUT/bench"
 }
 
 scenario_kill-after-restore() {

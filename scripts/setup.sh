@@ -45,3 +45,11 @@ fi
 if ! command -v moto_server >/dev/null 2>&1; then
   pip3 install -q 'moto[server]' 2>/dev/null || pip3 install -q --break-system-packages 'moto[server]'
 fi
+# File-level restore (`coldclone files`, tests/files_restore.rs): libguestfs's guestfish
+# with its xfs support, run with the direct backend (its own QEMU appliance). supermin
+# builds the appliance from the host's kernel: a Debian kernel under /boot, readable.
+if ! command -v guestfish >/dev/null 2>&1 || [ ! -e /usr/lib/x86_64-linux-gnu/guestfs/supermin.d/packages-xfs ] \
+   || ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends libguestfs-tools libguestfs-xfs linux-image-amd64
+fi

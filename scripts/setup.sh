@@ -59,3 +59,11 @@ if [ "${COLDCLONE_GARAGE:-0}" = 1 ] && [ ! -x "$GARAGE_ROOT/bin/garage" ]; then
       --no-default-features --features bundled-libs,lmdb --root "$GARAGE_ROOT"
   rm -rf /var/cache/coldclone/garage-build
 fi
+# File-level restore (`coldclone files`, tests/files_restore.rs): libguestfs's guestfish
+# with its xfs support, run with the direct backend (its own QEMU appliance). supermin
+# builds the appliance from the host's kernel: a Debian kernel under /boot, readable.
+if ! command -v guestfish >/dev/null 2>&1 || [ ! -e /usr/lib/x86_64-linux-gnu/guestfs/supermin.d/packages-xfs ] \
+   || ! ls /boot/vmlinuz-* >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends libguestfs-tools libguestfs-xfs linux-image-amd64
+fi

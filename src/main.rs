@@ -123,6 +123,19 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Single files and folders out of a backup, read by libguestfs's own appliance VM
+    /// over a private read-only export of the backup (nothing is mounted on the host).
+    /// Files are named FS:/PATH, FS as `ls` without a path lists them: DISK, DISK:N
+    /// (partition N), VG/LV, or the appliance's device (/dev/sda1).
+    Files {
+        /// The VM's name.
+        vm: String,
+        /// A backup (run) id or disk snapshot id; default: the latest.
+        #[arg(long)]
+        snapshot: Option<String>,
+        #[command(subcommand)]
+        action: FilesCmd,
+    },
     /// Prove a backup good: restore it, fsck every file system, boot it isolated, run a probe.
     Audit {
         /// The VM's name.
@@ -171,6 +184,29 @@ enum Cmd {
     Recover,
     /// Check that this host can run backups: tools, rights, memory, repository, VMs.
     Doctor,
+}
+
+#[derive(Subcommand)]
+enum FilesCmd {
+    /// Without PATH: the backup's file systems. With FS or FS:/PATH: that folder's
+    /// entries (a symlink's target shown, not followed).
+    Ls {
+        /// FS or FS:/PATH, e.g. disk0:1:/etc or vg0/root:/var/log.
+        path: Option<String>,
+    },
+    /// Copy files, folders (recursively) or symlinks (as links) into a local folder,
+    /// keeping owner (as root), permissions (less setuid/setgid) and times.
+    Get {
+        /// FS:/PATH, one or more, e.g. disk0:1:/etc/hostname.
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// The folder to write into (made if missing); each path lands as DIR/NAME.
+        #[arg(long)]
+        to: PathBuf,
+        /// Replace a DIR/NAME that exists (only once the new copy is complete).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn init_logging(verbose: u8) {
@@ -367,6 +403,20 @@ fn run(cli: Cli) -> Result<u8> {
             once,
         } => {
             commands::serve::run(&cfg, &vm, &disk, snapshot.as_deref(), &socket, once)?;
+            Ok(exit::OK)
+        }
+        Cmd::Files {
+            vm,
+            snapshot,
+            action,
+        } => {
+            let action = match action {
+                FilesCmd::Ls { path } => commands::files::Action::Ls { path },
+                FilesCmd::Get { paths, to, force } => {
+                    commands::files::Action::Get { paths, to, force }
+                }
+            };
+            commands::files::run(&cfg, &vm, snapshot.as_deref(), &action, json)?;
             Ok(exit::OK)
         }
         Cmd::Audit {

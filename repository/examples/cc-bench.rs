@@ -219,7 +219,11 @@ fn main() {
                 host: "bench".into(),
                 host_uuid: String::new(),
                 consistency: "crash".into(),
-                tags: Default::default(),
+                // CC_BENCH_RUN: a run id, so that the coldclone binary's backup-level
+                // verbs (`files`, `restore --as`) find it (benches/restore.sh).
+                tags: std::env::var("CC_BENCH_RUN")
+                    .map(|r| [("run".to_string(), r)].into())
+                    .unwrap_or_default(),
                 vm_config: None,
             };
             let s = repo

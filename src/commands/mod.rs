@@ -4,6 +4,7 @@ pub mod audit;
 pub mod backup;
 pub mod check;
 pub mod doctor;
+pub mod files;
 pub mod forget;
 pub mod init;
 pub mod prune;

@@ -129,6 +129,13 @@ fn qmp(socket: &Path, cmd: &str, args: Value) -> Value {
         .unwrap_or_else(|e| panic!("QMP {cmd}: {e}"))
 }
 
+/// QMP `quit`: QEMU may close the connection before it answers.
+fn quit(socket: &Path) {
+    if let Ok(mut q) = coldclone_backends::qemu::qmp::Qmp::connect(socket) {
+        let _ = q.execute("quit", json!({}));
+    }
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -712,7 +719,56 @@ fn needs_root_qemu_instant_restore_answers_while_streaming_then_drops_the_export
         },
     );
     assert!(!to.join("t3.sh").exists());
-    let _ = qmp(&qmp_sock, "quit", json!({}));
+    // A VM restored under that name still runs there: even --force leaves its disk alone.
+    let disk3 = to.join("t3-d0.qcow2");
+    // (Its guest writes on: the file's identity is what must stay.)
+    use std::os::unix::fs::MetadataExt;
+    let before = std::fs::metadata(&disk3).expect("t3's disk").ino();
+    let to_s = to.display().to_string();
+    let o = setup.coldclone(
+        None,
+        &["restore", "t1", "--as", "t3", "--to", &to_s, "--force"],
+    );
+    assert!(
+        !o.status.success(),
+        "a restore replaced a running VM's disk"
+    );
+    assert!(stderr(&o).contains("answers"), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&disk3).unwrap().ino(), before);
+    assert!(to.join("t3.qmp").exists());
+    quit(&qmp_sock);
     drop(iso2);
+
+    // The VM stops before its disks are whole: the restore fails, stops its exporter and
+    // removes the overlays (they depend on the export); no start script.
+    let iso3 = Isolated::new("q");
+    let to = dir.path().join("quit");
+    let (qmp_sock, export_sock) = (to.join("t4.qmp"), to.join(".t4-d0.nbd"));
+    let mut restore = spawn_instant(&setup, &iso3.ns, "t4", &to, "256");
+    wait_until("the copy job to run", Duration::from_secs(240), || {
+        assert!(restore.exited().is_none(), "the restore ended early");
+        qmp_sock.exists()
+            && coldclone_backends::qemu::qmp::Qmp::connect(&qmp_sock)
+                .ok()
+                .and_then(|mut q| q.execute("query-jobs", json!({})).ok())
+                .is_some_and(|j| j.as_array().is_some_and(|a| !a.is_empty()))
+    });
+    quit(&qmp_sock);
+    let (st, out, err) = finish(&mut restore, Duration::from_secs(120));
+    assert!(!st.success(), "the restore succeeded without its VM: {out}");
+    assert!(
+        err.contains("depend on the export") && err.contains("removed"),
+        "{err}"
+    );
+    assert!(
+        !to.join("t4-d0.qcow2").exists(),
+        "an incomplete overlay is left"
+    );
+    assert!(!to.join("t4.sh").exists());
+    assert!(
+        !exporter_running(&export_sock),
+        "the exporter outlived a failed restore"
+    );
+    drop(iso3);
     drop(iso);
 }

@@ -324,10 +324,17 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
                     continue;
                 };
                 if e.name == "BLOCK_JOB_CANCELLED" {
-                    bail!("the copy of disk {disk} was cancelled");
+                    bail!(
+                        "the copy of disk {disk} was cancelled (the new VM quit, or the job was \
+                         cancelled); the VM is stopped and its overlays, which depend on the \
+                         export, were removed"
+                    );
                 }
                 if let Some(err) = e.data["error"].as_str() {
-                    bail!("the copy of disk {disk} failed: {err}");
+                    bail!(
+                        "the copy of disk {disk} failed: {err}; the VM is stopped and its \
+                         overlays, which depend on the export, were removed"
+                    );
                 }
                 let len = e.data["len"].as_u64().unwrap_or(0);
                 if e.data["offset"].as_u64() != Some(len) {

@@ -173,6 +173,7 @@ fn backup(repo: &Repository, vm: &str, run: &str, disks: &[(&str, &Path)]) {
                 disk: (*disk).into(),
                 backend: "qemu".into(),
                 host: "h".into(),
+                host_uuid: "00000000-0000-4000-8000-000000000001".into(),
                 consistency: "clean-shutdown".into(),
                 tags: [("run".to_string(), run.to_string())].into(),
                 vm_config: None,

@@ -52,7 +52,10 @@ pub fn plan(
         return none;
     };
     let mut all: Vec<ChangedRange> = since.iter().chain(&theirs).chain(mine).cloned().collect();
-    (Some(coalesce(&mut all)), kind)
+    // The read plan is only merged, never coarsened: coarsening is for the tag's size,
+    // and 1 MiB blocks turned 16,384 scattered 4 KiB writes into a whole-disk read
+    // (docs/performance.md, 2026-12-04).
+    (Some(coalesce(&mut all, usize::MAX)), kind)
 }
 
 /// The tags a new snapshot carries for the next run.
@@ -77,7 +80,7 @@ fn map_kind(name: &str) -> Option<ChangedBlockMap> {
 }
 
 /// Sorted, merged; coarsened to ever larger aligned blocks while there are too many.
-fn coalesce(r: &mut [ChangedRange]) -> Vec<ChangedRange> {
+fn coalesce(r: &mut [ChangedRange], max_ranges: usize) -> Vec<ChangedRange> {
     r.sort_by_key(|x| x.start);
     let mut grain = 1u64;
     loop {
@@ -90,7 +93,7 @@ fn coalesce(r: &mut [ChangedRange]) -> Vec<ChangedRange> {
                 _ => out.push(start..end),
             }
         }
-        if out.len() <= MAX_RANGES {
+        if out.len() <= max_ranges {
             return out;
         }
         grain = if grain == 1 { 1 << 20 } else { grain * 4 };
@@ -100,7 +103,7 @@ fn coalesce(r: &mut [ChangedRange]) -> Vec<ChangedRange> {
 /// `start+length` in hex, comma-separated.
 fn encode(r: &[ChangedRange]) -> String {
     let mut v = r.to_vec();
-    coalesce(&mut v)
+    coalesce(&mut v, MAX_RANGES)
         .iter()
         .map(|x| format!("{:x}+{:x}", x.start, x.end - x.start))
         .collect::<Vec<_>>()
@@ -162,6 +165,22 @@ mod tests {
         let (r, kind) = plan(Some(&p), "h", "", Some(&m), Some(&[105..200]));
         assert_eq!(r, Some(vec![0..20, 105..200, 256..272, 1000..1001]));
         assert_eq!(kind, ChangedBlockMap::QemuBitmap);
+    }
+
+    #[test]
+    fn many_scattered_changes_are_read_as_they_are_not_coarsened() {
+        // 16,384 4 KiB writes 64 KiB apart: more ranges than a tag holds.
+        let since: Vec<ChangedRange> = (0..16384u64).map(|i| i * 65536..i * 65536 + 4096).collect();
+        let parent = snap(
+            "h",
+            &[(TAG_CHANGE_MAP, "qemu-bitmap:a"), (TAG_CLONE_WRITES, "0+1")],
+        );
+        let m = maps(&[("qemu-bitmap:a", since)]);
+        let (plan, kind) = plan(Some(&parent), "h", "", Some(&m), Some(&[]));
+        let plan = plan.expect("a map-driven read");
+        assert_eq!(kind, ChangedBlockMap::QemuBitmap);
+        let bytes: u64 = plan.iter().map(|r| r.end - r.start).sum();
+        assert_eq!(bytes, 16384 * 4096, "the read is exactly what changed");
     }
 
     #[test]

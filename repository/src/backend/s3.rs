@@ -243,6 +243,37 @@ struct ListPage {
     next_token: Option<String>,
 }
 
+/// A key of a listing answered with `encoding-type=url`: `%XX` is a byte, `+` a space (as
+/// AWS encodes; coldclone's keys have neither), and the result must be UTF-8. Anything
+/// else is refused, never guessed at.
+fn url_decode(s: &str) -> std::result::Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| format!("the key {s:?} has a bad %-escape"))?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("the key {s:?} does not decode to UTF-8"))
+}
+
 /// Parse one ListObjectsV2 page for a listing of `full` (`prefix/dir/`). The answer comes
 /// from a server coldclone does not control: every key must lie under `full` (else the
 /// page is refused: a key elsewhere would be taken for one of the repository's objects),
@@ -252,8 +283,17 @@ struct ListPage {
 fn parse_list_page(text: &str, full: &str, root: &str) -> std::result::Result<ListPage, String> {
     debug_assert!(full.starts_with(root));
     let mut objects = Vec::new();
+    // rusty-s3 asks for `encoding-type=url`. moto and s3s-fs ignore it; Garage (and AWS)
+    // answer with `<EncodingType>url</EncodingType>` and URL-encoded keys, which must be
+    // decoded before they are compared with the prefix (found by tests/fleet_garage.rs).
+    let url_encoded = match xml_all(text, "EncodingType").first().map(|s| s.trim()) {
+        None => false,
+        Some("url") => true,
+        Some(other) => return Err(format!("the listing's EncodingType {other:?} is unknown")),
+    };
     for c in xml_all(text, "Contents") {
         let key = match xml_all(c, "Key").first() {
+            Some(k) if url_encoded => url_decode(&xml_unescape(k))?,
             Some(k) => xml_unescape(k),
             None => return Err("an entry without a Key".into()),
         };
@@ -847,6 +887,34 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("size"), "{e}");
+        // Garage's answer to encoding-type=url: keys URL-encoded, decoded before the check.
+        let garage = page(&["p%2Fdata%2Fa", "p%2Fdata%2F.tmp-x"], "false", None).replace(
+            "<IsTruncated>",
+            "<EncodingType>url</EncodingType><IsTruncated>",
+        );
+        let ok = parse_list_page(&garage, "p/data/", "p/").unwrap();
+        let keys: Vec<_> = ok.objects.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["data/a"]);
+        for bad in ["p%2Fdata%2", "p%2Fdata%2Fa%zz", "p%2Fdata%2F%ff"] {
+            let x = page(&[bad], "false", None).replace(
+                "<IsTruncated>",
+                "<EncodingType>url</EncodingType><IsTruncated>",
+            );
+            assert!(parse_list_page(&x, "p/data/", "p/").is_err(), "{bad}");
+        }
+        // Encoded, it still must lie under the prefix.
+        let x = page(&["q%2Fdata%2Fa"], "false", None).replace(
+            "<IsTruncated>",
+            "<EncodingType>url</EncodingType><IsTruncated>",
+        );
+        assert!(parse_list_page(&x, "p/data/", "p/")
+            .unwrap_err()
+            .contains("outside"));
+        let x = page(&["p/data/a"], "false", None).replace(
+            "<IsTruncated>",
+            "<EncodingType>base64</EncodingType><IsTruncated>",
+        );
+        assert!(parse_list_page(&x, "p/data/", "p/").is_err());
     }
 
     proptest::proptest! {

@@ -199,8 +199,9 @@ check_archive() {
 }
 
 # Runs a backup in the background halted at a milestone, kills it with SIGKILL there.
+# $4: the xl domain's name when coldclone's VM name differs (g2-pause is domain g2).
 backup_killed_at() {
-  local vm=$1 milestone=$2 d=$3 pid
+  local vm=$1 milestone=$2 d=$3 dom=${4:-$1} pid
   COLDCLONE_TEST_HALT_AT=$milestone "$CC" --json backup "$vm" > "$d/report.json" 2> "$d/stderr.txt" &
   pid=$!
   for _ in $(seq 1200); do # a bound (10 min), not a figure
@@ -213,7 +214,7 @@ backup_killed_at() {
   # Still running when killed: a run that ended by itself was not killed at the milestone.
   kill -0 $pid 2>/dev/null; echo "alive_at_kill=$(( $? == 0 ))" >> "$d/checks"
   kill -9 $pid; wait $pid 2>/dev/null
-  probe "$d/checks" after_kill_original_state domain_field "$vm" 5
+  probe "$d/checks" after_kill_original_state domain_field "$dom" 5
   probe "$d/checks" after_kill_lvs count_lvs
   probe "$d/checks" after_kill_domains count_domains
   local t=$(date +%s.%N)
@@ -239,7 +240,7 @@ backup_killed_in_live_copy() {
   kill -0 $pid 2>/dev/null; echo "alive_at_kill=$(( $? == 0 ))" >> "$d/checks"
   kill -9 $pid; wait $pid 2>/dev/null
   echo "reached=$seen" >> "$d/checks"
-  probe "$d/checks" after_kill_original_state domain_field "$vm" 5
+  probe "$d/checks" after_kill_original_state domain_field "$dom" 5
   probe "$d/checks" after_kill_lvs count_lvs
   local t=$(date +%s.%N)
   "$CC" --json recover > "$d/recover.json" 2>> "$d/stderr.txt"; echo "recover_rc=$?" >> "$d/checks"
@@ -302,7 +303,7 @@ scenario_thin() {
 
 scenario_kill-after-save() { # the xl save -p path
   local d=$OUT/kill-after-save
-  backup_killed_at g2-pause checkpoint:memory-saved "$d"
+  backup_killed_at g2-pause checkpoint:memory-saved "$d" g2
   original g2 "$d/checks"; leftovers "$d/checks"
 }
 

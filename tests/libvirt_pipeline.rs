@@ -99,61 +99,6 @@ impl Drop for HostNet {
     }
 }
 
-/// tcpdump of ICMP echo requests from the guest on the original's bridge.
-struct HostCapture {
-    child: std::process::Child,
-    file: PathBuf,
-    src: String,
-}
-
-impl HostCapture {
-    fn start(net: &HostNet, dir: &Path) -> HostCapture {
-        let file = dir.join("capture.pcap");
-        let child = Command::new("tcpdump")
-            .args(["-i", &net.bridge, "-n", "-U", "-w"])
-            .arg(&file)
-            .arg("icmp")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tcpdump");
-        std::thread::sleep(Duration::from_millis(1500));
-        HostCapture {
-            child,
-            file,
-            src: net.guest_ip(),
-        }
-    }
-
-    /// The ICMP echo sequence numbers seen from the guest's address.
-    fn stop(mut self) -> Vec<u64> {
-        std::thread::sleep(Duration::from_millis(500));
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
-        let _ = self.child.wait();
-        let out = Command::new("tcpdump")
-            .args(["-n", "-r"])
-            .arg(&self.file)
-            .output()
-            .expect("tcpdump -r");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains(&format!("IP {} >", self.src)) && l.contains("echo request"))
-            .filter_map(|l| {
-                l.split("seq ")
-                    .nth(1)?
-                    .split(',')
-                    .next()?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .collect()
-    }
-}
-
 /// The test guest as a transient libvirt domain; destroyed on drop.
 struct LvVm {
     name: String,
@@ -589,7 +534,7 @@ fn needs_root_libvirt_the_clone_never_reaches_the_original_network() {
         return;
     };
     let setup = setup(dir.path(), &vm, "stop_timeout_secs = 60", "");
-    let cap = HostCapture::start(&net, dir.path());
+    let cap = Capture::start_on(None, &net.bridge, dir.path(), &net.guest_ip());
     let out = setup.coldclone(None, &["--json", "backup"]);
     // Let the original ping on for a while after the backup.
     std::thread::sleep(Duration::from_secs(2));

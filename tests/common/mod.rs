@@ -708,11 +708,22 @@ pub struct Capture {
 
 impl Capture {
     pub fn start(net: &TestNet, dir: &Path, src: &str) -> Capture {
+        Capture::start_on(Some(&net.ns), "obr", dir, src)
+    }
+
+    /// A capture on `bridge`, in the namespace `netns` or the host's.
+    pub fn start_on(netns: Option<&str>, bridge: &str, dir: &Path, src: &str) -> Capture {
         let file = dir.join("capture.pcap");
-        let child = Command::new("ip")
-            .args([
-                "netns", "exec", &net.ns, "tcpdump", "-i", "obr", "-n", "-U", "-w",
-            ])
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "tcpdump"]);
+                c
+            }
+            None => Command::new("tcpdump"),
+        };
+        let child = command
+            .args(["-i", bridge, "-n", "-U", "-w"])
             .arg(&file)
             .arg("icmp")
             .stdout(Stdio::null())

@@ -4,30 +4,12 @@
 //! failing `lvcreate` leaves no config. No root: this machine's LVM has no
 //! device-mapper, so the LVs themselves are the Xen lab's (tests/xl_lab.rs, `restore`).
 
+mod cli_rig;
+use cli_rig::*;
 use coldclone_repository::{
     BackupOptions, Location, MemSource, NoProgress, Repository, SnapshotMeta, VmConfig,
 };
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_coldclone");
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn coldclone(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .env_remove("COLDCLONE_PASSWORD")
-        .output()
-        .expect("run coldclone")
-}
+use std::path::PathBuf;
 
 const XL_JSON: &str = r#"{"domid": 3, "config": {
   "c_info": {"type": "pv", "name": "g1"},
@@ -83,10 +65,6 @@ fn repo(tag: &str) -> (Dir, PathBuf) {
         .unwrap();
     }
     (Dir(d), cfg)
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

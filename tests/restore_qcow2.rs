@@ -2,49 +2,14 @@
 //! restore (`qemu-img compare`), an existing target kept without `--force`, a failed
 //! restore (damaged pack) leaving the target as it was. Needs qemu-img (`needs_qemu_`).
 
+mod cli_rig;
+use cli_rig::*;
 use coldclone_repository::{
     BackupOptions, Location, MemSource, NoProgress, Repository, SnapshotMeta,
 };
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_coldclone");
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn config(d: &Path) -> PathBuf {
-    std::fs::write(d.join("pw"), "pw\n").unwrap();
-    let cfg = d.join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{0}/state\"\n[repository]\npath = \"{0}/repo\"\npassword_file = \"{0}/pw\"\n[[vm]]\nname = \"web1\"\nqmp = \"{0}/none.qmp\"\n",
-            d.display()
-        ),
-    )
-    .unwrap();
-    cfg
-}
-
-fn coldclone(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .env_remove("COLDCLONE_PASSWORD")
-        .output()
-        .expect("run coldclone")
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use std::path::Path;
+use std::process::Command;
 
 /// 5 MiB + an odd tail: random data, a run of zeros, repeated content.
 fn disk() -> Vec<u8> {
@@ -71,23 +36,6 @@ fn info(img: &Path) -> Value {
         .expect("qemu-img");
     assert!(o.status.success(), "{}", err(&o));
     serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn packs(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("data")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    assert!(!out.is_empty(), "no packs under {}", dir.display());
-    out
 }
 
 #[test]

@@ -2,45 +2,14 @@
 //! repository, read by QEMU's own NBD client. `qemu-img compare` against a full
 //! restore says identical. Needs qemu-img (`needs_qemu_`).
 
+mod cli_rig;
+use cli_rig::*;
 use coldclone_repository::{
     BackupOptions, Location, MemSource, NoProgress, Repository, SnapshotMeta,
 };
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_coldclone");
-
-struct Dir(PathBuf);
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn config(d: &Path) -> PathBuf {
-    std::fs::write(d.join("pw"), "pw\n").unwrap();
-    let cfg = d.join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "state_dir = \"{0}/state\"\n[repository]\npath = \"{0}/repo\"\npassword_file = \"{0}/pw\"\n[[vm]]\nname = \"web1\"\nqmp = \"{0}/none.qmp\"\n",
-            d.display()
-        ),
-    )
-    .unwrap();
-    cfg
-}
-
-fn coldclone(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .env_remove("COLDCLONE_PASSWORD")
-        .output()
-        .expect("run coldclone")
-}
 
 /// The serve process, ended (SIGTERM, then waited for) also when the test fails.
 struct Server(Option<Child>);
@@ -241,21 +210,4 @@ fn needs_qemu_serve_exports_a_backup_that_qemu_reads_identically() {
     );
     drop(server);
     assert!(!socket.exists(), "serve left its socket");
-}
-
-fn packs(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("data")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    assert!(!out.is_empty(), "no packs under {}", dir.display());
-    out
 }

@@ -240,7 +240,7 @@ backup_killed_in_live_copy() {
   kill -0 $pid 2>/dev/null; echo "alive_at_kill=$(( $? == 0 ))" >> "$d/checks"
   kill -9 $pid; wait $pid 2>/dev/null
   echo "reached=$seen" >> "$d/checks"
-  probe "$d/checks" after_kill_original_state domain_field "$dom" 5
+  probe "$d/checks" after_kill_original_state domain_field "$vm" 5
   probe "$d/checks" after_kill_lvs count_lvs
   local t=$(date +%s.%N)
   "$CC" --json recover > "$d/recover.json" 2>> "$d/stderr.txt"; echo "recover_rc=$?" >> "$d/checks"

@@ -77,8 +77,10 @@ retry g node connect "${IDS[1]}"; retry g node connect "${IDS[2]}"
 for id in "${IDS[@]}"; do retry g layout assign -z dc1 -c 1G "${id%@*}"; done
 retry g layout apply --version 1
 KEY=$(g key create bench)
-export AWS_ACCESS_KEY_ID=$(awk -F'\t' '/^Key ID:/{print $2}' <<<"$KEY" | xargs)
-export AWS_SECRET_ACCESS_KEY=$(awk -F'\t' '/^Secret key:/{print $2}' <<<"$KEY" | xargs)
+# "Key ID:" and "Secret key:" lines, the value after spaces (Garage 2.5 aligns with spaces).
+export AWS_ACCESS_KEY_ID=$(sed -n 's/^Key ID:[[:space:]]*//p' <<<"$KEY" | xargs)
+export AWS_SECRET_ACCESS_KEY=$(sed -n 's/^Secret key:[[:space:]]*//p' <<<"$KEY" | xargs)
+[ -n "$AWS_ACCESS_KEY_ID" ] && [ -n "$AWS_SECRET_ACCESS_KEY" ] || { echo "no key in \`garage key create\`: $KEY" >&2; exit 1; }
 export AWS_REGION=garage AWS_DEFAULT_REGION=garage
 retry g bucket create bench
 retry g bucket allow --read --write --owner bench --key bench

@@ -92,6 +92,20 @@ fn heartbeats(log: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// What a console shows: how many heartbeats, how many with a == b, its last lines.
+fn console_summary(log: &Path) -> String {
+    let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+    let hbs = heartbeats(log);
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "{} heartbeats, {} with a == b (first {:?}); the console's last lines:\n{}",
+        hbs.len(),
+        hbs.iter().filter(|(a, b)| a == b).count(),
+        hbs.iter().find(|(a, b)| a == b),
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    )
+}
+
 /// Waits for a heartbeat with both counters equal and at least `floor` (the guest's
 /// writer goes on from the counter its disk holds); returns it.
 fn wait_heartbeat(
@@ -557,11 +571,19 @@ fn needs_root_qemu_instant_restore_answers_while_streaming_then_drops_the_export
     let hb = wait_heartbeat(&console, counter, Duration::from_secs(240), &mut || {
         if restore.exited().is_some() {
             let (st, o, e) = finish(&mut restore, Duration::from_secs(5));
-            panic!("the restore ended ({st}) before the heartbeat: {o} {e}");
+            panic!(
+                "the restore ended ({st}) before the heartbeat: {o} {e}\nconsole: {}\ninstant log:\n{}",
+                console_summary(&console),
+                std::fs::read_to_string(to.join("t2.instant.log")).unwrap_or_default()
+            );
         }
         true
     });
     let first_hb = t.elapsed();
+    eprintln!(
+        "FIGURES instant restore console: {}",
+        console_summary(&console).lines().next().unwrap_or("")
+    );
     let j = job(&qmp_sock, "coldclone-restore-d0").expect("the copy job");
     let (cur, total) = (
         j["current-progress"].as_u64().unwrap_or(0),

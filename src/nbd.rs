@@ -313,11 +313,14 @@ fn transmission(
 
 /// Reads the client's requests until it disconnects: reads go to the workers, the rest
 /// is answered here.
+/// Writes one simple reply: (error, handle, data).
+type Reply<'a> = &'a dyn Fn(u32, u64, &[u8]) -> io::Result<()>;
+
 fn requests(
     conn: &mut impl Read,
     size: u64,
     tx: &std::sync::mpsc::SyncSender<ReadJob>,
-    reply: &dyn Fn(u32, u64, &[u8]) -> io::Result<()>,
+    reply: Reply,
 ) -> io::Result<Ended> {
     loop {
         let magic = match read_u32(conn) {

@@ -1042,6 +1042,14 @@ fn needs_root_qemu_restore_killed_at_each_milestone_is_removed_by_recover() {
         .trim()
         .parse()
         .expect("k6's pid");
+    // It goes on, on its own disk: a heartbeat (which also means its power button is
+    // handled by now), then a clean power-off with the data on the disk.
+    wait_heartbeat(
+        &to.join("k6.console.log"),
+        counter,
+        Duration::from_secs(240),
+        &mut || process_alive(pid6),
+    );
     qmp(&qmp6, "system_powerdown", json!({}));
     wait_until("k6 to power off", Duration::from_secs(180), || {
         !process_alive(pid6)

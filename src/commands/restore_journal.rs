@@ -127,7 +127,7 @@ pub fn monitor_chardev(monitor: &Path) -> String {
 
 fn instant_vm_pids(monitor: &Path) -> Vec<i32> {
     let want = monitor_chardev(monitor).into_bytes();
-    processes(|args| args.iter().any(|a| *a == want.as_slice()))
+    processes(|args| args.contains(&want.as_slice()))
 }
 
 fn exporter_pids(socket: &Path) -> Vec<i32> {

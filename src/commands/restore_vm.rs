@@ -217,7 +217,7 @@ pub fn snapshot_to_qcow2(
         std::fs::File::open(&partial)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("cannot sync {}", partial.display()))?;
-        if let Some(j) = j2.as_deref_mut() {
+        if let Some(j) = j2 {
             super::restore_journal::journal_file(j, &partial, dest, None)?;
         }
         rename_into_place(&partial, dest, replace)

@@ -135,6 +135,7 @@ pub fn forget_run(repo: &coldclone_repository::Repository, run: &str) -> Result<
 pub enum RunResource {
     Backend(Resource),
     Repository(RepositoryResource),
+    Restore(RestoreResource),
 }
 
 /// Printed as the inner kind, as when all kinds were one enum.
@@ -143,6 +144,7 @@ impl std::fmt::Debug for RunResource {
         match self {
             RunResource::Backend(r) => r.fmt(f),
             RunResource::Repository(r) => r.fmt(f),
+            RunResource::Restore(r) => r.fmt(f),
         }
     }
 }
@@ -154,6 +156,51 @@ pub enum RepositoryResource {
     /// Disk snapshots of this run stored in the repository so far: a run that
     /// does not finish archiving every disk has them withdrawn.
     RepositoryBackup { run: String },
+}
+
+/// What a restore makes outside coldclone's own folders (in the user's `--to`), undone by
+/// `recover` when the restore was killed before it finished; a finished restore marks
+/// them [`Entry::Kept`], so that nothing of it is ever removed. Undone by
+/// [`crate::commands::restore_journal`], which acts only on what is still what the
+/// restore made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RestoreResource {
+    /// The restore's private folder beside its target (`.coldclone-restore-XXXXXXXXXXXX`,
+    /// made with mkdir, so it was not there before): partial images, sockets.
+    RestoreWorkDir { path: PathBuf },
+    /// A file the restore put in place (a disk image, an overlay, the start script, its
+    /// definition, the instant log): made in the work folder, or created exclusively, and
+    /// journaled with its device and inode before it took `path`. Removed only while
+    /// `path` is still that file, so never a file of the user's, nor one replaced since.
+    /// With `instant_vm`: an overlay of that instant restore's VM (its restore monitor's
+    /// path): kept once it has no backing file (a whole disk: the copy ended), left open
+    /// (and reported) while that VM runs and copies into it, removed otherwise.
+    RestoredFile {
+        path: PathBuf,
+        dev: u64,
+        ino: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        instant_vm: Option<PathBuf>,
+    },
+    /// An instant restore's exporter, `coldclone serve ... --socket SOCKET --once`, found by
+    /// that socket in its command line; stopped (and its socket removed) unless it still
+    /// serves the running VM of `instant_vm` (then left open, and reported).
+    RestoreExporter {
+        socket: PathBuf,
+        instant_vm: PathBuf,
+    },
+    /// An instant restore's VM, found by its restore monitor's path (`monitor`, a chardev
+    /// made for the restore) in its command line. A VM that runs is never stopped by
+    /// `recover`: whole (no backing file left) it is a finished restore and is left alone;
+    /// still copying, it is left running and reported, for `recover` to look at again.
+    RestoredVm { monitor: PathBuf, name: String },
+}
+
+impl From<RestoreResource> for RunResource {
+    fn from(r: RestoreResource) -> Self {
+        RunResource::Restore(r)
+    }
 }
 
 impl From<Resource> for RunResource {
@@ -183,6 +230,11 @@ pub enum Entry {
         at: f64,
     },
     Removed {
+        id: u64,
+        at: f64,
+    },
+    /// Created and left on purpose: part of what a finished restore made.
+    Kept {
         id: u64,
         at: f64,
     },
@@ -330,8 +382,12 @@ impl RunJournal {
         let mut failed = Vec::new();
         while let Some((id, r)) = self.open.pop() {
             match undo.undo(&r) {
-                Ok(()) => {
+                Ok(Undone::Removed) => {
                     let _ = self.append(&Entry::Removed { id, at: now() });
+                }
+                Ok(Undone::Kept(why)) => {
+                    tracing::warn!(?r, "left: {why}");
+                    let _ = self.append(&Entry::Kept { id, at: now() });
                 }
                 Err(e) => {
                     tracing::error!(?r, "could not remove: {e}");
@@ -353,6 +409,30 @@ impl RunJournal {
         })?;
         self.open.push((id, resource));
         Ok(id)
+    }
+
+    /// Marks every open resource as kept (a finished restore's results): `recover` will
+    /// not touch them.
+    pub fn keep_all(&mut self) -> Result<(), JournalError> {
+        while let Some((id, _)) = self.open.first().cloned() {
+            self.append(&Entry::Kept { id, at: now() })?;
+            self.open.remove(0);
+        }
+        Ok(())
+    }
+
+    /// Marks one resource as kept for good (recover will not look at it).
+    pub fn kept_id(&mut self, id: u64) -> Result<(), JournalError> {
+        self.append(&Entry::Kept { id, at: now() })?;
+        self.open.retain(|(i, _)| *i != id);
+        Ok(())
+    }
+
+    /// Marks one resource as gone (removed by the run itself).
+    pub fn removed_id(&mut self, id: u64) -> Result<(), JournalError> {
+        self.append(&Entry::Removed { id, at: now() })?;
+        self.open.retain(|(i, _)| *i != id);
+        Ok(())
     }
 
     /// Ends a run whose resources are all gone: the journal moves to the history.
@@ -396,6 +476,15 @@ impl Journal for RunJournal {
     }
 }
 
+/// What an undo did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Undone {
+    /// Removed (or already gone).
+    Removed,
+    /// Left on purpose for good, and why: part of a restore that is whole.
+    Kept(String),
+}
+
 /// Knows how to undo every kind of resource: the backend's own, and the
 /// repository's partial backups.
 pub struct Undo<'a> {
@@ -406,13 +495,15 @@ pub struct Undo<'a> {
 }
 
 impl Undo<'_> {
-    pub fn undo(&self, r: &RunResource) -> Result<(), String> {
+    pub fn undo(&self, r: &RunResource) -> Result<Undone, String> {
         match r {
             RunResource::Repository(RepositoryResource::RepositoryBackup { run }) => {
-                (self.forget_run)(run)
+                (self.forget_run)(run).map(|()| Undone::Removed)
             }
             RunResource::Backend(r) => coldclone_backends::recover_resource(r, &self.scope)
+                .map(|()| Undone::Removed)
                 .map_err(|e: BackendError| e.to_string()),
+            RunResource::Restore(r) => crate::commands::restore_journal::undo(r),
         }
     }
 }
@@ -433,7 +524,7 @@ impl StaleRun {
         for e in &self.entries {
             match e {
                 Entry::Create { id, resource, .. } => open.push((*id, resource.clone())),
-                Entry::Removed { id, .. } => open.retain(|(i, _)| i != id),
+                Entry::Removed { id, .. } | Entry::Kept { id, .. } => open.retain(|(i, _)| i != id),
                 _ => {}
             }
         }
@@ -504,6 +595,9 @@ pub struct Recovered {
     pub run_id: String,
     pub vm: String,
     pub removed: Vec<RunResource>,
+    /// Left on purpose (a restore's results that are whole), and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<(RunResource, String)>,
     pub failed: Vec<(RunResource, String)>,
 }
 
@@ -520,16 +614,23 @@ pub fn recover_run(run: &StaleRun, undo: &Undo) -> Result<Recovered, JournalErro
         run_id: run.run_id.clone(),
         vm: run.vm.clone(),
         removed: Vec::new(),
+        kept: Vec::new(),
         failed: Vec::new(),
     };
     for (id, r) in run.open_resources().into_iter().rev() {
         match undo.undo(&r) {
-            Ok(()) => {
+            Ok(done) => {
                 test_halt_recover(&r);
-                let line =
-                    serde_json::to_string(&Entry::Removed { id, at: now() }).unwrap_or_default();
+                let entry = match &done {
+                    Undone::Removed => Entry::Removed { id, at: now() },
+                    Undone::Kept(_) => Entry::Kept { id, at: now() },
+                };
+                let line = serde_json::to_string(&entry).unwrap_or_default();
                 let _ = writeln!(file, "{line}").and_then(|_| file.sync_data());
-                rec.removed.push(r);
+                match done {
+                    Undone::Removed => rec.removed.push(r),
+                    Undone::Kept(why) => rec.kept.push((r, why)),
+                }
             }
             Err(e) => rec.failed.push((r, e)),
         }

@@ -117,7 +117,10 @@ fn transmission_flags() -> u16 {
 }
 
 /// Serves one client on `conn` until it disconnects.
-pub fn serve_client<S: Read + Write>(conn: &mut S, export: &dyn Export) -> io::Result<Ended> {
+pub fn serve_client(
+    conn: &mut std::os::unix::net::UnixStream,
+    export: &dyn Export,
+) -> io::Result<Ended> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -216,9 +219,109 @@ fn simple_reply(w: &mut impl Write, error: u32, handle: u64, data: &[u8]) -> io:
     w.write_all(&m)
 }
 
-fn transmission<S: Read + Write>(conn: &mut S, export: &dyn Export) -> io::Result<Ended> {
+/// Worker threads per connection: a client's small read (a booting guest's) is answered
+/// while a large one (the background copy's 512 KiB `block-stream` reads) is still being
+/// fetched, instead of waiting in line behind it. Replies go out as each read completes,
+/// matched by handle (the NBD protocol lets the server answer in any order).
+const WORKERS: usize = 4;
+/// Requests read ahead of the workers; the client is not read further while it is full.
+const QUEUE: usize = 16;
+
+struct ReadJob {
+    handle: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// The transmission phase over a unix socket: the requests are read here, the reads done
+/// by [`WORKERS`] threads, each reply written whole under one lock.
+fn transmission(
+    conn: &mut std::os::unix::net::UnixStream,
+    export: &dyn Export,
+) -> io::Result<Ended> {
+    let writer = std::sync::Mutex::new(conn.try_clone()?);
+    let reply = |error: u32, handle: u64, data: &[u8]| -> io::Result<()> {
+        let mut w = writer
+            .lock()
+            .map_err(|_| io::Error::other("the reply writer panicked"))?;
+        simple_reply(&mut *w, error, handle, data)
+    };
     let size = announced_size(export);
     let real_size = export.size();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ReadJob>(QUEUE);
+    let rx = std::sync::Mutex::new(rx);
+    let (rx, reply) = (&rx, &reply);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                scope.spawn(move || -> io::Result<()> {
+                    loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return Err(io::Error::other("a worker panicked")),
+                        };
+                        let Ok(job) = job else {
+                            return Ok(()); // the connection ended: no more requests
+                        };
+                        let mut buf = vec![0u8; job.len as usize];
+                        // Past the snapshot's end (the sector padding): zeros, not a read.
+                        let inside =
+                            real_size.saturating_sub(job.offset).min(u64::from(job.len)) as usize;
+                        let read = if inside == 0 {
+                            Ok(())
+                        } else {
+                            export.read_at(&mut buf[..inside], job.offset)
+                        };
+                        match read {
+                            Ok(()) => reply(0, job.handle, &buf)?,
+                            Err(e) => {
+                                tracing::error!(job.offset, job.len, "read failed: {e}");
+                                reply(EIO, job.handle, &[])?
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let ended = requests(conn, size, &tx, reply);
+        // In-flight reads are answered before the connection is let go (and a DISC's
+        // reply-less end waits for them, as the protocol asks).
+        drop(tx);
+        let mut failed = None;
+        for w in workers {
+            match w.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = Some(e),
+                Err(_) => failed = Some(io::Error::other("a worker panicked")),
+            }
+        }
+        match (ended, failed) {
+            (Err(e), _) => Err(e),
+            // A client that hung up while its replies were written: its end, not an error.
+            (Ok(_), Some(e))
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                Err(e)
+            }
+            (Ok(end), _) => Ok(end),
+        }
+    })
+}
+
+/// Reads the client's requests until it disconnects: reads go to the workers, the rest
+/// is answered here.
+/// Writes one simple reply: (error, handle, data).
+type Reply<'a> = &'a dyn Fn(u32, u64, &[u8]) -> io::Result<()>;
+
+fn requests(
+    conn: &mut impl Read,
+    size: u64,
+    tx: &std::sync::mpsc::SyncSender<ReadJob>,
+    reply: Reply,
+) -> io::Result<Ended> {
     loop {
         let magic = match read_u32(conn) {
             Ok(m) => m,
@@ -239,24 +342,15 @@ fn transmission<S: Read + Write>(conn: &mut S, export: &dyn Export) -> io::Resul
                     .checked_add(u64::from(len))
                     .is_some_and(|end| end <= size);
                 if len > MAX_REQUEST || !in_range {
-                    simple_reply(conn, EINVAL, handle, &[])?;
+                    reply(EINVAL, handle, &[])?;
                     continue;
                 }
-                let mut buf = vec![0u8; len as usize];
-                // Past the snapshot's end (the sector padding): zeros, not a read.
-                let inside = real_size.saturating_sub(offset).min(u64::from(len)) as usize;
-                let read = if inside == 0 {
-                    Ok(())
-                } else {
-                    export.read_at(&mut buf[..inside], offset)
-                };
-                match read {
-                    Ok(()) => simple_reply(conn, 0, handle, &buf)?,
-                    Err(e) => {
-                        tracing::error!(offset, len, "read failed: {e}");
-                        simple_reply(conn, EIO, handle, &[])?
-                    }
-                }
+                tx.send(ReadJob {
+                    handle,
+                    offset,
+                    len,
+                })
+                .map_err(|_| io::Error::other("the read workers are gone"))?;
             }
             CMD_WRITE => {
                 // The payload follows the request: drain it (bounded), then refuse.
@@ -264,11 +358,12 @@ fn transmission<S: Read + Write>(conn: &mut S, export: &dyn Export) -> io::Resul
                     return Err(protocol(format!("a write of {len} bytes")));
                 }
                 io::copy(&mut (&mut *conn).take(u64::from(len)), &mut io::sink())?;
-                simple_reply(conn, EPERM, handle, &[])?;
+                reply(EPERM, handle, &[])?;
             }
             CMD_DISC => return Ok(Ended::Disconnected),
-            CMD_FLUSH => simple_reply(conn, 0, handle, &[])?,
-            _ => simple_reply(conn, ENOTSUP, handle, &[])?,
+            // Read-only: there is nothing to flush, whatever reads are in flight.
+            CMD_FLUSH => reply(0, handle, &[])?,
+            _ => reply(ENOTSUP, handle, &[])?,
         }
     }
 }
@@ -380,6 +475,72 @@ mod tests {
         request(&mut c, 5, 13, 0, 0); // WRITE_ZEROES on a read-only export
         assert_eq!(simple(&mut c), (ENOTSUP, 13));
         request(&mut c, CMD_DISC, 14, 0, 0);
+        assert_eq!(server.join().unwrap().unwrap(), Ended::Disconnected);
+    }
+
+    /// Reads from 4 MiB on take 2 s, as a large read of chunks fetched from a slow
+    /// repository would.
+    struct Slow;
+    impl Export for Slow {
+        fn name(&self) -> &str {
+            "d0"
+        }
+        fn size(&self) -> u64 {
+            8 << 20
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            if offset >= 4 << 20 {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = ((offset + i as u64) % 251) as u8;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_small_read_is_answered_while_a_slow_large_one_is_still_fetched() {
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || serve_client(&mut s, &Slow));
+        handshake(&mut c);
+        option(&mut c, OPT_GO, &[0, 0, 0, 2, b'd', b'0', 0, 0]);
+        for _ in 0..3 {
+            reply(&mut c);
+        }
+        // The background copy's 512 KiB read first, then the guest's 4 KiB one.
+        request(&mut c, CMD_READ, 1, 4 << 20, 512 << 10);
+        request(&mut c, CMD_READ, 2, 8192, 4096);
+        let t = std::time::Instant::now();
+        assert_eq!(
+            simple(&mut c),
+            (0, 2),
+            "the small read waited behind the large one"
+        );
+        let small_after = t.elapsed();
+        let mut data = vec![0; 4096];
+        c.read_exact(&mut data).unwrap();
+        assert!(data
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == ((8192 + i) % 251) as u8));
+        assert_eq!(simple(&mut c), (0, 1));
+        let mut data = vec![0; 512 << 10];
+        c.read_exact(&mut data).unwrap();
+        assert!(data
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (((4 << 20) + i) % 251) as u8));
+        assert!(
+            small_after < std::time::Duration::from_secs(2),
+            "{small_after:?}"
+        );
+        // A read in flight when the client disconnects is still answered.
+        request(&mut c, CMD_READ, 3, 4 << 20, 4096);
+        request(&mut c, CMD_DISC, 4, 0, 0);
+        assert_eq!(simple(&mut c), (0, 3));
+        let mut data = vec![0; 4096];
+        c.read_exact(&mut data).unwrap();
         assert_eq!(server.join().unwrap().unwrap(), Ended::Disconnected);
     }
 

@@ -92,6 +92,20 @@ fn heartbeats(log: &Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// What a console shows: how many heartbeats, how many with a == b, its last lines.
+fn console_summary(log: &Path) -> String {
+    let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+    let hbs = heartbeats(log);
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "{} heartbeats, {} with a == b (first {:?}); the console's last lines:\n{}",
+        hbs.len(),
+        hbs.iter().filter(|(a, b)| a == b).count(),
+        hbs.iter().find(|(a, b)| a == b),
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    )
+}
+
 /// Waits for a heartbeat with both counters equal and at least `floor` (the guest's
 /// writer goes on from the counter its disk holds); returns it.
 fn wait_heartbeat(
@@ -557,11 +571,19 @@ fn needs_root_qemu_instant_restore_answers_while_streaming_then_drops_the_export
     let hb = wait_heartbeat(&console, counter, Duration::from_secs(240), &mut || {
         if restore.exited().is_some() {
             let (st, o, e) = finish(&mut restore, Duration::from_secs(5));
-            panic!("the restore ended ({st}) before the heartbeat: {o} {e}");
+            panic!(
+                "the restore ended ({st}) before the heartbeat: {o} {e}\nconsole: {}\ninstant log:\n{}",
+                console_summary(&console),
+                std::fs::read_to_string(to.join("t2.instant.log")).unwrap_or_default()
+            );
         }
         true
     });
     let first_hb = t.elapsed();
+    eprintln!(
+        "FIGURES instant restore console: {}",
+        console_summary(&console).lines().next().unwrap_or("")
+    );
     let j = job(&qmp_sock, "coldclone-restore-d0").expect("the copy job");
     let (cur, total) = (
         j["current-progress"].as_u64().unwrap_or(0),
@@ -770,5 +792,269 @@ fn needs_root_qemu_instant_restore_answers_while_streaming_then_drops_the_export
         "the exporter outlived a failed restore"
     );
     drop(iso3);
+    drop(iso);
+}
+
+/// The entries of `dir` (names), sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Journals of runs not yet finished (crashed or live) in the state folder.
+fn open_journals(setup: &Setup) -> Vec<String> {
+    entries(&setup.state.join("journal"))
+        .into_iter()
+        .filter(|n| n.ends_with(".jsonl"))
+        .collect()
+}
+
+/// `coldclone restore t1 --as NAME --to DIR EXTRA...`, in `ns`, halted at `milestone`
+/// (COLDCLONE_TEST_HALT_AT, debug builds), then killed -9 there.
+fn restore_killed_at(
+    setup: &Setup,
+    ns: &str,
+    name: &str,
+    to: &Path,
+    extra: &[&str],
+    milestone: &str,
+) {
+    let to_s = to.display().to_string();
+    let mut args = vec!["restore", "t1", "--as", name, "--to", &to_s];
+    args.extend_from_slice(extra);
+    let mut p = Proc(Some(
+        setup
+            .command(Some(ns), &args)
+            .env("COLDCLONE_TEST_HALT_AT", milestone)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn restore"),
+    ));
+    wait_for_milestone(setup, milestone, Duration::from_secs(300));
+    assert!(p.exited().is_none(), "the restore ended at {milestone}");
+    // SAFETY: SIGKILL to our own child.
+    unsafe {
+        libc::kill(p.pid() as i32, libc::SIGKILL);
+    }
+    wait_until(
+        "the killed restore to exit",
+        Duration::from_secs(30),
+        || p.exited().is_some(),
+    );
+}
+
+/// `coldclone --json recover`: exit status and the report.
+fn recover(setup: &Setup) -> (Output, Value) {
+    let o = setup.coldclone(None, &["--json", "recover"]);
+    let v = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    (o, v)
+}
+
+fn process_alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .is_some_and(|(_, r)| !r.trim_start().starts_with(['Z', 'X']))
+}
+
+#[test]
+fn needs_root_qemu_restore_killed_at_each_milestone_is_removed_by_recover() {
+    let _s = serial();
+    if !rig_available() {
+        return;
+    }
+    let dir = TempDir::new("restore-kill");
+    let (setup, counter, _, _) = backed_up(dir.path());
+    let iso = Isolated::new("x");
+    let to = dir.path().join("target");
+    std::fs::create_dir_all(&to).unwrap();
+    // The user's files in the target folder: never touched by a restore's recovery.
+    std::fs::write(to.join("notes.txt"), "the user's").unwrap();
+    let users = to.join("k1-d0.qcow2");
+    std::fs::write(&users, "the user's image").unwrap();
+
+    // 1. Killed while the disk is being converted (over the user's k1-d0.qcow2, --force):
+    //    the work folder goes, the user's image stays as it was (not yet replaced).
+    restore_killed_at(
+        &setup,
+        &iso.ns,
+        "k1",
+        &to,
+        &["--force"],
+        "restore:converting",
+    );
+    assert!(
+        entries(&to)
+            .iter()
+            .any(|n| n.starts_with(".coldclone-restore-")),
+        "no work folder at restore:converting: {:?}",
+        entries(&to)
+    );
+    let (o, r) = recover(&setup);
+    assert!(o.status.success(), "recover: {} {r}", stderr(&o));
+    assert_eq!(r.as_array().map(Vec::len), Some(1), "{r}");
+    assert_eq!(entries(&to), ["k1-d0.qcow2", "notes.txt"]);
+    assert_eq!(std::fs::read(&users).unwrap(), b"the user's image");
+    assert!(
+        open_journals(&setup).is_empty(),
+        "{:?}",
+        open_journals(&setup)
+    );
+
+    // 2. Killed with its disk whole but no start script: a half-made VM, removed.
+    restore_killed_at(&setup, &iso.ns, "k2", &to, &[], "restore:disk-written");
+    assert!(to.join("k2-d0.qcow2").exists());
+    assert!(!to.join("k2.sh").exists());
+    let (o, r) = recover(&setup);
+    assert!(o.status.success(), "recover: {} {r}", stderr(&o));
+    assert_eq!(entries(&to), ["k1-d0.qcow2", "notes.txt"]);
+
+    // 3. A finished restore is never touched by recover.
+    let to_s = to.display().to_string();
+    let o = setup.coldclone(None, &["restore", "t1", "--as", "k3", "--to", &to_s]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let finished = entries(&to);
+    assert!(finished.contains(&"k3.sh".to_string()), "{finished:?}");
+    let (o, r) = recover(&setup);
+    assert!(o.status.success());
+    assert_eq!(r, json!([]), "recover acted after a finished restore");
+    assert_eq!(entries(&to), finished);
+    assert_eq!(qcow2_counter(&to.join("k3-d0.qcow2"), dir.path()), counter);
+    for f in ["k3-d0.qcow2", "k3.sh", "k3.definition.json"] {
+        std::fs::remove_file(to.join(f)).unwrap();
+    }
+
+    // 4. Instant, killed once the exporters listen (no VM yet): recover stops them and
+    //    removes their sockets and the log.
+    restore_killed_at(
+        &setup,
+        &iso.ns,
+        "k4",
+        &to,
+        &["--instant"],
+        "restore:exporters-started",
+    );
+    let sock4 = to.join(".k4-d0.nbd");
+    assert!(exporter_running(&sock4), "no exporter after the kill");
+    let (o, r) = recover(&setup);
+    assert!(o.status.success(), "recover: {} {r}", stderr(&o));
+    assert!(!exporter_running(&sock4), "recover left the exporter");
+    assert_eq!(entries(&to), ["k1-d0.qcow2", "notes.txt"]);
+
+    // 5. Instant, killed with the VM running on its overlay before the copy starts:
+    //    recover never stops a running VM; it says so and fails. Once the VM is stopped,
+    //    the next recover removes the overlay, the exporter and what the VM left.
+    restore_killed_at(
+        &setup,
+        &iso.ns,
+        "k5",
+        &to,
+        &["--instant"],
+        "restore:vm-started",
+    );
+    let qmp5 = to.join("k5.qmp");
+    assert!(
+        !backing(&qmp5).is_null(),
+        "k5 has no backing before its copy"
+    );
+    let (o, r) = recover(&setup);
+    assert!(
+        !o.status.success(),
+        "recover succeeded with a VM still copying: {r}"
+    );
+    let failed = r.to_string();
+    assert!(failed.contains("still being copied"), "{failed}");
+    assert!(
+        to.join("k5-d0.qcow2").exists(),
+        "recover removed a running VM's disk"
+    );
+    assert_eq!(qmp(&qmp5, "query-status", json!({}))["status"], "running");
+    let pidfile = std::fs::read_to_string(to.join("k5.pid")).unwrap_or_default();
+    let pid5: u32 = pidfile.trim().parse().expect("k5's pid");
+    quit(&qmp5);
+    wait_until("k5 to quit", Duration::from_secs(60), || {
+        !process_alive(pid5)
+    });
+    let (o, r) = recover(&setup);
+    assert!(
+        o.status.success(),
+        "recover after the VM quit: {} {r}",
+        stderr(&o)
+    );
+    assert!(!exporter_running(&to.join(".k5-d0.nbd")));
+    let left: Vec<String> = entries(&to)
+        .into_iter()
+        .filter(|n| !["k1-d0.qcow2", "notes.txt"].contains(&n.as_str()))
+        .collect();
+    // QEMU's own leftovers of a VM that was stopped: its console log and pidfile, the
+    // user's QMP socket. No image, overlay, socket of the restore's or log of it.
+    assert!(
+        left.iter()
+            .all(|n| ["k5.console.log", "k5.pid", "k5.qmp"].contains(&n.as_str())),
+        "left after recover: {left:?}"
+    );
+    assert!(
+        open_journals(&setup).is_empty(),
+        "{:?}",
+        open_journals(&setup)
+    );
+    for n in &left {
+        let _ = std::fs::remove_file(to.join(n));
+    }
+
+    // 6. Instant, killed once the copy runs; the copy ends by itself (QEMU's job): the
+    //    VM on whole disks is a finished restore, left running with its disk by recover.
+    restore_killed_at(
+        &setup,
+        &iso.ns,
+        "k6",
+        &to,
+        &["--instant"],
+        "restore:copying",
+    );
+    let qmp6 = to.join("k6.qmp");
+    wait_until("k6's copy to end", Duration::from_secs(300), || {
+        backing(&qmp6).is_null()
+    });
+    let (o, r) = recover(&setup);
+    assert!(o.status.success(), "recover: {} {r}", stderr(&o));
+    assert!(r.to_string().contains("whole"), "{r}");
+    assert_eq!(qmp(&qmp6, "query-status", json!({}))["status"], "running");
+    assert!(
+        to.join("k6-d0.qcow2").exists(),
+        "recover removed a whole restore's disk"
+    );
+    assert!(image_info(&to.join("k6-d0.qcow2"))["backing-filename"].is_null());
+    assert!(
+        open_journals(&setup).is_empty(),
+        "{:?}",
+        open_journals(&setup)
+    );
+    let pid6: u32 = std::fs::read_to_string(to.join("k6.pid"))
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .expect("k6's pid");
+    // It goes on, on its own disk: a heartbeat (which also means its power button is
+    // handled by now), then a clean power-off with the data on the disk.
+    wait_heartbeat(
+        &to.join("k6.console.log"),
+        counter,
+        Duration::from_secs(240),
+        &mut || process_alive(pid6),
+    );
+    qmp(&qmp6, "system_powerdown", json!({}));
+    wait_until("k6 to power off", Duration::from_secs(180), || {
+        !process_alive(pid6)
+    });
+    let stored = qcow2_counter(&to.join("k6-d0.qcow2"), dir.path());
+    assert!(stored >= counter, "k6's disk holds {stored} < {counter}");
     drop(iso);
 }

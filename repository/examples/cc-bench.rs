@@ -224,7 +224,16 @@ fn main() {
                 tags: std::env::var("CC_BENCH_RUN")
                     .map(|r| [("run".to_string(), r)].into())
                     .unwrap_or_default(),
-                vm_config: None,
+                // CC_BENCH_VM_CONFIG=FILE: a QEMU definition (`{"program", "cwd", "argv"}`,
+                // what the QEMU backend keeps with a backup) stored with the snapshot, so
+                // that `restore --as`/`--instant` can boot the image (benches/restore.sh).
+                vm_config: std::env::var("CC_BENCH_VM_CONFIG").ok().map(|p| {
+                    coldclone_repository::VmConfig {
+                        kind: "qemu-command-line".into(),
+                        text: std::fs::read_to_string(&p)
+                            .unwrap_or_else(|e| die(format!("{p}: {e}"))),
+                    }
+                }),
             };
             let s = repo
                 .backup_disk(&src, m, &opts, &NoProgress)

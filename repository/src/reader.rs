@@ -109,15 +109,21 @@ impl<'r> SnapshotReader<'r> {
     }
 
     fn with_chunk(&self, chunk: u64, f: impl FnOnce(&[u8])) -> Result<()> {
-        let mut st = self
-            .state
-            .lock()
-            .map_err(|_| RepoError::InvalidArgument("snapshot reader poisoned".into()))?;
-        if let Some(data) = st.cache.get(&chunk) {
-            f(data);
-            return Ok(());
-        }
-        let id = self.chunk_id(&mut st, chunk)?;
+        let lock = || {
+            self.state
+                .lock()
+                .map_err(|_| RepoError::InvalidArgument("snapshot reader poisoned".into()))
+        };
+        let id = {
+            let mut st = lock()?;
+            if let Some(data) = st.cache.get(&chunk) {
+                f(data);
+                return Ok(());
+            }
+            self.chunk_id(&mut st, chunk)?
+        };
+        // Fetched and verified without the lock: readers on other threads (the NBD
+        // server's workers) are not held up by this chunk's fetch, nor it by theirs.
         let len = self.cs.min(self.snap.size - chunk * self.cs) as usize;
         let mut data = if id == ZERO_ID {
             vec![0u8; len]
@@ -132,8 +138,11 @@ impl<'r> SnapshotReader<'r> {
         }
         data.truncate(len);
         f(&data);
-        st.cache.insert(chunk, data);
-        st.order.push_back(chunk);
+        let mut st = lock()?;
+        if !st.cache.contains_key(&chunk) {
+            st.cache.insert(chunk, data);
+            st.order.push_back(chunk);
+        }
         while st.order.len() > CACHE_CHUNKS {
             if let Some(old) = st.order.pop_front() {
                 st.cache.remove(&old);

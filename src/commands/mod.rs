@@ -11,6 +11,7 @@ pub mod prune;
 pub mod recover;
 pub mod restore;
 pub mod restore_instant;
+pub mod restore_journal;
 pub mod restore_vm;
 pub mod restore_xapi;
 pub mod restore_xl;

@@ -49,6 +49,9 @@ pub fn run(cfg: &Config, json: bool) -> Result<bool> {
             for res in &r.removed {
                 println!("  removed {res:?}");
             }
+            for (res, why) in &r.kept {
+                println!("  left {res:?}: {why}");
+            }
             for (res, e) in &r.failed {
                 println!("  COULD NOT REMOVE {res:?}: {e}");
             }

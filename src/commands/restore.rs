@@ -82,7 +82,7 @@ fn run_qcow2(
     }
     let start = std::time::Instant::now();
     let progress = stderr_is_terminal() && !json;
-    super::restore_vm::snapshot_to_qcow2(repo, snap, to, force, progress)?;
+    super::restore_vm::snapshot_to_qcow2(repo, snap, to, force, progress, None)?;
     let duration = start.elapsed();
     let written = std::fs::metadata(to).map(|m| m.len()).unwrap_or(0);
     let mut out = std::io::stdout().lock();

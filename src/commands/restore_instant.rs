@@ -17,6 +17,7 @@
 //! writes since it started are lost (as with Proxmox's live-restore), and nothing in DIR
 //! is presented as a restore.
 
+use crate::journal::{RestoreResource, RunJournal};
 use anyhow::{bail, Context, Result};
 use coldclone_backends::qemu::qmp::Qmp;
 use coldclone_repository::Snapshot;
@@ -43,6 +44,8 @@ pub struct Spec<'a> {
     pub log: &'a Path,
     pub stream_rate_kib: u64,
     pub progress: bool,
+    /// Whether files in the way (from an earlier restore) may be replaced.
+    pub force: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -83,7 +86,12 @@ impl Drop for Undo {
             let _ = e.wait();
         }
         for o in &self.overlays {
-            let _ = std::fs::remove_file(o);
+            // The work folder is a folder of ours (random name); the rest are files.
+            if o.is_dir() && !o.is_symlink() {
+                let _ = std::fs::remove_dir_all(o);
+            } else {
+                let _ = std::fs::remove_file(o);
+            }
         }
     }
 }
@@ -116,7 +124,13 @@ fn detached(c: &mut Command) -> &mut Command {
 /// NBD's unix socket paths are at most 107 bytes (sun_path).
 const MAX_SOCKET_PATH: usize = 107;
 
-pub fn run(s: &Spec) -> Result<InstantReport> {
+/// Runs the instant restore. Everything it makes or starts is journaled in `j` first
+/// (restore_journal.rs): the instant log and the overlays (made in a work folder, renamed
+/// into place), each exporter (by its socket) and the VM (by its restore monitor), and it
+/// passes the milestones `restore:exporters-started`, `restore:vm-started` and
+/// `restore:copying`.
+pub fn run(s: &Spec, j: &mut RunJournal) -> Result<InstantReport> {
+    use coldclone_backends::Journal as _;
     let start = Instant::now();
     let exe = std::env::current_exe().context("cannot find the coldclone executable")?;
     let config = s
@@ -129,7 +143,24 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
         overlays: Vec::new(),
         armed: true,
     };
-    let _ = std::fs::remove_file(s.log);
+    // The restore's own monitor of the VM: also how `recover` knows the VM (its path is in
+    // the VM's command line).
+    let monitor = s.dir.join(format!(".{}.restore.qmp", s.new_name));
+    if monitor.as_os_str().len() > MAX_SOCKET_PATH {
+        bail!(
+            "{}: too long for a unix socket; give a shorter --to",
+            monitor.display()
+        );
+    }
+    let (work_id, work) = super::restore_journal::make_work_dir(j, s.dir)?;
+    undo.overlays.push(work.clone());
+    {
+        let staged = work.join("instant.log");
+        std::fs::File::create_new(&staged)
+            .with_context(|| format!("cannot write {}", staged.display()))?;
+        super::restore_journal::journal_file(j, &staged, s.log, None)?;
+        super::restore_vm::rename_into_place(&staged, s.log, s.force)?;
+    }
 
     // One exporter per disk.
     let mut sockets = BTreeMap::new();
@@ -156,6 +187,13 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
                 s.dir.display()
             );
         }
+        j.record(
+            RestoreResource::RestoreExporter {
+                socket: sock.clone(),
+                instant_vm: monitor.clone(),
+            }
+            .into(),
+        )?;
         let child = detached(
             Command::new(&exe)
                 .arg("--config")
@@ -192,6 +230,7 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    j.milestone("restore:exporters-started")?;
 
     // The overlays: qcow2 over the export. -u: the size is given, so qemu-img does not
     // connect (the exporter serves one client, the VM).
@@ -210,13 +249,15 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
         );
         // The export announces whole 512-byte sectors (serve.rs).
         let size = snap.size.div_ceil(512) * 512;
-        let _ = std::fs::remove_file(overlay);
-        undo.overlays.push(overlay.clone());
+        let staged = work.join(format!(
+            "{}.qcow2",
+            super::restore_vm::safe_name(&snap.disk)
+        ));
         let out = Command::new("qemu-img")
             .args([
                 "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", &backing,
             ])
-            .arg(overlay)
+            .arg(&staged)
             .arg(size.to_string())
             .output()
             .context("cannot run qemu-img (install qemu-utils)")?;
@@ -227,24 +268,29 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+        super::restore_journal::journal_file(j, &staged, overlay, Some(&monitor))?;
+        super::restore_vm::rename_into_place(&staged, overlay, s.force)?;
+        undo.overlays.push(overlay.clone());
+    }
+    // The work folder is ours (random name, made above): only staged files were in it.
+    let _ = std::fs::remove_dir_all(&work);
+    if std::fs::symlink_metadata(&work).is_err() {
+        j.removed_id(work_id)?;
     }
 
     // The VM, with a second QMP monitor of the restore's own: it holds that one for the
     // whole copy (QEMU's events arrive there), and the VM's own socket stays free.
     let _ = std::fs::remove_file(s.qmp);
-    let monitor = s.dir.join(format!(".{}.restore.qmp", s.new_name));
-    if monitor.as_os_str().len() > MAX_SOCKET_PATH {
-        bail!(
-            "{}: too long for a unix socket; give a shorter --to",
-            monitor.display()
-        );
-    }
     let _ = std::fs::remove_file(&monitor);
     undo.overlays.push(monitor.clone());
-    let monitor_arg = format!(
-        "socket,id=coldclone-restore,path={},server=on,wait=off",
-        monitor.display().to_string().replace(',', ",,")
-    );
+    let monitor_arg = super::restore_journal::monitor_chardev(&monitor);
+    j.record(
+        RestoreResource::RestoredVm {
+            monitor: monitor.clone(),
+            name: s.new_name.to_string(),
+        }
+        .into(),
+    )?;
     let child = detached(
         Command::new(s.program)
             .args(s.args)
@@ -287,6 +333,7 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
         bail!("the new VM is {status}, not running");
     }
     let vm_started_after_ms = start.elapsed().as_millis() as u64;
+    j.milestone("restore:vm-started")?;
 
     // QEMU's defaults: the job finalizes and dismisses itself when done, which drops the
     // backing node and so the NBD connection, with or without this command.
@@ -298,6 +345,7 @@ pub fn run(s: &Spec) -> Result<InstantReport> {
         )
         .with_context(|| format!("block-stream of disk {disk}"))?;
     }
+    j.milestone("restore:copying")?;
 
     let mut done: BTreeMap<String, u64> = BTreeMap::new();
     let mut last_print = Instant::now();

@@ -8,6 +8,7 @@
 use super::open_repository;
 use super::serve::with_private_export;
 use crate::config::Config;
+use crate::journal::RunJournal;
 use crate::progress::stderr_is_terminal;
 use anyhow::{bail, Context, Result};
 use coldclone_backends::qemu::cmdline;
@@ -148,23 +149,46 @@ pub fn backup_of(repo: &Repository, vm: &str, snapshot: Option<&str>) -> Result<
 /// that is renamed into place when whole (so a failure leaves `dest` as it was). An
 /// existing `dest` is replaced only with `replace`: without it the rename itself refuses
 /// (RENAME_NOREPLACE), so a file that appeared meanwhile is not lost either.
+///
+/// With a journal (`restore --as`), the work folder and the image are journaled before
+/// they are made or put in place (restore_journal.rs), and the milestones
+/// `restore:converting` and `restore:disk-written` are passed.
 pub fn snapshot_to_qcow2(
     repo: &Repository,
     snap: &Snapshot,
     dest: &Path,
     replace: bool,
     progress: bool,
+    mut journal: Option<&mut RunJournal>,
 ) -> Result<()> {
     let parent = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let work = parent.join(format!(".coldclone-restore-{}", random_hex(6)));
-    std::fs::create_dir(&work).with_context(|| format!("cannot make {}", work.display()))?;
-    std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+    let (work_id, work) = match journal.as_deref_mut() {
+        Some(j) => {
+            let (id, w) = super::restore_journal::make_work_dir(j, parent)?;
+            (Some(id), w)
+        }
+        None => {
+            let work = parent.join(format!(
+                "{}{}",
+                super::restore_journal::WORK_PREFIX,
+                random_hex(6)
+            ));
+            std::fs::create_dir(&work)
+                .with_context(|| format!("cannot make {}", work.display()))?;
+            std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))?;
+            (None, work)
+        }
+    };
     // Inside our own folder: never a file of someone else's.
     let partial = work.join("image.qcow2.partial");
+    let mut j2 = journal.as_deref_mut();
     let result = with_private_export(repo, &snap.id, "disk", &work, |url| {
+        if let Some(j) = j2.as_deref_mut() {
+            coldclone_backends::Journal::milestone(j, "restore:converting")?;
+        }
         let mut c = Command::new("qemu-img");
         c.args(["convert", "-f", "raw", "-O", "qcow2"]);
         if progress {
@@ -193,11 +217,23 @@ pub fn snapshot_to_qcow2(
         std::fs::File::open(&partial)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("cannot sync {}", partial.display()))?;
+        if let Some(j) = j2 {
+            super::restore_journal::journal_file(j, &partial, dest, None)?;
+        }
         rename_into_place(&partial, dest, replace)
     });
     // The folder is ours (made above, random name): only its socket and image can be in it.
     let _ = std::fs::remove_dir_all(&work);
-    result
+    if let (Some(j), Some(id)) = (journal.as_deref_mut(), work_id) {
+        if std::fs::symlink_metadata(&work).is_err() {
+            j.removed_id(id)?;
+        }
+    }
+    result?;
+    if let Some(j) = journal {
+        coldclone_backends::Journal::milestone(j, "restore:disk-written")?;
+    }
+    Ok(())
 }
 
 /// Renames `from` to `to`; without `replace`, refuses (atomically) when `to` exists.
@@ -399,94 +435,119 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
     } else {
         dir.clone()
     };
-    let instant = match &req.instant {
-        None => {
-            let mut written: Vec<&PathBuf> = Vec::new();
-            for s in &backup {
-                let dest = &disks[&s.disk];
-                if progress {
-                    eprintln!(
-                        "restoring {} ({} bytes) to {}",
-                        s.disk,
-                        s.size,
-                        dest.display()
-                    );
-                }
-                if let Err(e) = snapshot_to_qcow2(&repo, s, dest, req.force, progress) {
-                    // No half of a VM left behind: the disks this run wrote go too.
-                    for w in written {
-                        let _ = std::fs::remove_file(w);
+    // Journaled from here: a restore killed from now on is removed by `recover`.
+    let mut journal = super::restore_journal::start(&cfg.state_dir, req.vm, req.new_name)?;
+    let j = &mut journal;
+    let made = (|| -> Result<_> {
+        let instant = match &req.instant {
+            None => {
+                let mut written: Vec<&PathBuf> = Vec::new();
+                for s in &backup {
+                    let dest = &disks[&s.disk];
+                    if progress {
+                        eprintln!(
+                            "restoring {} ({} bytes) to {}",
+                            s.disk,
+                            s.size,
+                            dest.display()
+                        );
                     }
-                    return Err(e);
+                    if let Err(e) = snapshot_to_qcow2(&repo, s, dest, req.force, progress, Some(j))
+                    {
+                        // No half of a VM left behind: the disks this run wrote go too.
+                        for w in written {
+                            let _ = std::fs::remove_file(w);
+                        }
+                        return Err(e);
+                    }
+                    written.push(dest);
                 }
-                written.push(dest);
+                None
             }
-            None
-        }
-        Some(i) => Some(super::restore_instant::run(
-            &super::restore_instant::Spec {
-                config_path: i.config_path,
-                vm: req.vm,
-                backup: &backup,
-                disks: &disks,
-                dir: &dir,
-                new_name: req.new_name,
-                program: &def.program,
-                cwd: &cwd,
-                args: &command.args,
-                qmp: &qmp,
-                log: &instant_log,
-                stream_rate_kib: i.stream_rate_kib,
-                progress,
-            },
-        )?),
-    };
+            Some(i) => Some(super::restore_instant::run(
+                &super::restore_instant::Spec {
+                    config_path: i.config_path,
+                    vm: req.vm,
+                    backup: &backup,
+                    disks: &disks,
+                    dir: &dir,
+                    new_name: req.new_name,
+                    program: &def.program,
+                    cwd: &cwd,
+                    args: &command.args,
+                    qmp: &qmp,
+                    log: &instant_log,
+                    stream_rate_kib: i.stream_rate_kib,
+                    progress,
+                    force: req.force,
+                },
+                j,
+            )?),
+        };
 
-    let mut notes = Vec::new();
-    if def.argv.iter().any(|a| a.contains(cmdline::SECRET_REMOVED)) {
-        notes.push(format!(
-            "the original's secrets were not kept with the backup: edit {} where it says {}",
-            script.display(),
-            cmdline::SECRET_REMOVED
-        ));
-    }
-    if !command.taps.is_empty() {
-        notes.push(format!(
-            "no network: its NICs are the taps {} (made by QEMU, attached to nothing); attach \
+        let mut notes = Vec::new();
+        if def.argv.iter().any(|a| a.contains(cmdline::SECRET_REMOVED)) {
+            notes.push(format!(
+                "the original's secrets were not kept with the backup: edit {} where it says {}",
+                script.display(),
+                cmdline::SECRET_REMOVED
+            ));
+        }
+        if !command.taps.is_empty() {
+            notes.push(format!(
+                "no network: its NICs are the taps {} (made by QEMU, attached to nothing); attach \
              them once it runs, e.g. `ip link set {} master BRIDGE up`",
-            command.taps.join(", "),
-            command.taps[0]
-        ));
-    }
-    let mut text = String::from("#!/bin/sh\n");
-    text.push_str(&format!(
-        "# VM {} restored by coldclone from backup {run_id} of VM {} (taken {}, {}).\n\
+                command.taps.join(", "),
+                command.taps[0]
+            ));
+        }
+        let mut text = String::from("#!/bin/sh\n");
+        text.push_str(&format!(
+            "# VM {} restored by coldclone from backup {run_id} of VM {} (taken {}, {}).\n\
          # QMP: {}; console: {}.\n",
-        req.new_name,
-        req.vm,
-        first.time,
-        first.consistency,
-        qmp.display(),
-        console.display()
-    ));
-    for n in &notes {
-        text.push_str(&format!("# {n}\n"));
-    }
-    text.push_str(&format!(
-        "cd {} || exit 1\n",
-        shell_quote(&cwd.display().to_string())
-    ));
-    text.push_str(&format!(
-        "exec {}",
-        shell_quote(&def.program.display().to_string())
-    ));
-    for a in &command.args {
-        text.push_str(" \\\n  ");
-        text.push_str(&shell_quote(a));
-    }
-    text.push('\n');
-    write_private(&script, text.as_bytes(), 0o700)?;
-    write_private(&definition, config.text.as_bytes(), 0o600)?;
+            req.new_name,
+            req.vm,
+            first.time,
+            first.consistency,
+            qmp.display(),
+            console.display()
+        ));
+        for n in &notes {
+            text.push_str(&format!("# {n}\n"));
+        }
+        text.push_str(&format!(
+            "cd {} || exit 1\n",
+            shell_quote(&cwd.display().to_string())
+        ));
+        text.push_str(&format!(
+            "exec {}",
+            shell_quote(&def.program.display().to_string())
+        ));
+        for a in &command.args {
+            text.push_str(" \\\n  ");
+            text.push_str(&shell_quote(a));
+        }
+        text.push('\n');
+        write_staged(
+            j,
+            &dir,
+            &definition,
+            config.text.as_bytes(),
+            0o600,
+            req.force,
+        )?;
+        // Last: a start script means the restore is whole.
+        write_staged(j, &dir, &script, text.as_bytes(), 0o700, req.force)?;
+        Ok((instant, notes))
+    })();
+    let (instant, notes) = match made {
+        Ok(m) => m,
+        Err(e) => {
+            super::restore_journal::abandon(journal);
+            return Err(e);
+        }
+    };
+    super::restore_journal::finish(journal)?;
 
     let restored = RestoredVm {
         name: req.new_name.to_string(),
@@ -539,18 +600,37 @@ pub fn run(cfg: &Config, req: &Request) -> Result<()> {
     Ok(())
 }
 
-fn write_private(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+/// Writes `bytes` to `dest` (mode `mode`) through a journaled work folder in `dir`: the
+/// file is made there, journaled, then renamed into place (replacing only with `replace`).
+fn write_staged(
+    j: &mut RunJournal,
+    dir: &Path,
+    dest: &Path,
+    bytes: &[u8],
+    mode: u32,
+    replace: bool,
+) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
+    let (work_id, work) = super::restore_journal::make_work_dir(j, dir)?;
+    let staged = work.join("file");
+    let written = (|| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&staged)
+            .with_context(|| format!("cannot write {}", staged.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        super::restore_journal::journal_file(j, &staged, dest, None)?;
+        rename_into_place(&staged, dest, replace)
+    })();
+    // Ours: made above with a random name.
+    let _ = std::fs::remove_dir_all(&work);
+    if std::fs::symlink_metadata(&work).is_err() {
+        j.removed_id(work_id)?;
+    }
+    written
 }
 
 #[cfg(test)]

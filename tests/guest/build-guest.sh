@@ -119,11 +119,16 @@ if [ "$(arg cc_ignore_powerbutton)" != 1 ]; then
   acpid -d -c /etc/acpi > /dev/console 2>&1 &
 fi
 # The heartbeat reads /data too: it stops when the shutdown starts, or umount could find /data busy.
+# It reads the counters with the shell's own `read`, both files within microseconds: with a
+# `cat` per file (a fork and exec, milliseconds under TCG) the writer, which runs flat out,
+# moved on between the two reads nearly every time, so a == b was rare (none in the first
+# 29 heartbeats of an instant restore on a loaded machine) and tests waiting for it timed out.
 while true; do
   sleep 1
   [ -e /tmp/stop ] && continue
-  x=""; for d in $DIRS; do [ $d = /data ] || x="$x vd${d#/data_}=$(cat $d/a.txt)"; done
-  echo "HB a=$(cat /data/a.txt) b=$(cat /data/b.txt)$x"
+  x=""; for d in $DIRS; do [ $d = /data ] || { v=""; read -r v < $d/a.txt; x="$x vd${d#/data_}=$v"; }; done
+  a=""; b=""; read -r a < /data/a.txt; read -r b < /data/b.txt
+  echo "HB a=$a b=$b$x"
 done
 INIT
 cat > ir/etc/acpi/PWRF/00000080 <<'PWR'

@@ -7,6 +7,7 @@
 //! `coldclone recover` can remove it after a crash; [`recover_resource`]
 //! sends each [`Resource`] to the undo of the backend that owns its kind.
 
+pub mod agent;
 pub mod image_export;
 pub mod libvirt;
 pub mod qemu;
@@ -27,6 +28,8 @@ pub enum BackendError {
     Qemu(#[from] qemu::QemuError),
     #[error(transparent)]
     Xl(#[from] xl::XlError),
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
     #[error("timed out after {seconds}s waiting for {what}")]
     Timeout { what: String, seconds: u64 },
     #[error("the VM's configuration is not supported: {0}")]

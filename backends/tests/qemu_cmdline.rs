@@ -421,8 +421,10 @@ fn libvirt_command_line_is_taken() {
         ),
         "{a}"
     );
+    assert!(a.contains("-chardev null,id=charmonitor"), "{a}");
+    // The guest agent's channel: the clone's own socket in its run folder.
     assert!(
-        a.contains("-chardev null,id=charmonitor") && a.contains("-chardev null,id=charchannel0"),
+        a.contains("-chardev socket,id=charchannel0,path=/var/lib/coldclone/runs/r1/clone-agent.sock,server=on,wait=off"),
         "{a}"
     );
     assert!(

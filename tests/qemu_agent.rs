@@ -233,10 +233,16 @@ fn needs_root_qemu_agent_freeze_that_never_returns_fails_within_the_timeout_and_
     );
     // The stop step: two bounded waits of 6 s, the kill, the freeze's 5 s and the thaw.
     let stop_ms = report["durations_ms"]["stop"].as_u64().unwrap_or(u64::MAX);
-    assert!(stop_ms < 60_000, "the stop step took {stop_ms} ms: {report}");
+    assert!(
+        stop_ms < 60_000,
+        "the stop step took {stop_ms} ms: {report}"
+    );
     let console = vm.console();
     assert!(console.contains("AGENT FREEZE HANGS"), "{console}");
-    assert!(console.contains("AGENT THAW 1"), "no thaw reached the guest: {console}");
+    assert!(
+        console.contains("AGENT THAW 1"),
+        "no thaw reached the guest: {console}"
+    );
     assert_eq!(agent_status(&vm), FreezeStatus::Thawed);
     assert!(setup.snapshots().is_empty(), "no backup may be recorded");
     vm.assert_unharmed();
@@ -267,11 +273,9 @@ fn needs_root_qemu_agent_kill_9_while_frozen_then_recover_thaws() {
         .spawn()
         .expect("spawn coldclone");
     wait_for_milestone(&setup, "quiesce:freezing", Duration::from_secs(240));
-    wait_until(
-        "the guest to freeze",
-        Duration::from_secs(60),
-        || vm.console().contains("AGENT FREEZE HANGS"),
-    );
+    wait_until("the guest to freeze", Duration::from_secs(60), || {
+        vm.console().contains("AGENT FREEZE HANGS")
+    });
     // Child::kill is SIGKILL: no clean-up code of coldclone runs.
     child.kill().expect("kill -9");
     let _ = child.wait();

@@ -6,12 +6,10 @@ use super::changes;
 use super::{PipelineError, Run, RunContext};
 use crate::journal::RepositoryResource;
 use crate::progress::BarProgress;
-use crate::report::{Consistency, DiskReport, VmReport};
+use crate::report::{DiskReport, VmReport};
 use coldclone_backends::image_export::ImageExport;
 use coldclone_backends::shared::SharedResource;
-use coldclone_backends::{
-    Checkpoint, CloneDisk, CloneNetwork, DiskAccess, Journal, QuiescedSnapshot, VmInfo,
-};
+use coldclone_backends::{Checkpoint, CloneDisk, CloneNetwork, DiskAccess, Journal, VmInfo};
 use coldclone_repository::{BackupOptions, DiskSource, FileSource, SnapshotMeta};
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -24,10 +22,10 @@ pub fn run(
     info: &VmInfo,
     net: &CloneNetwork,
     checkpoint: &Checkpoint,
-    quiesced: Option<&QuiescedSnapshot>,
-    consistency: Consistency,
+    stopped: &super::stop::Stopped,
     report: &mut VmReport,
 ) -> Result<(), PipelineError> {
+    let (consistency, quiesced) = (stopped.consistency, stopped.quiesced.as_ref());
     // Whatever reached the bridge while the clone shut down taints its disk.
     super::stop::reverify(run, net, "before-archive")?;
     let disks = match quiesced {

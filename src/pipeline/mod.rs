@@ -186,32 +186,25 @@ fn run_steps(
         report.durations_ms.restore = t.elapsed().as_millis() as u64;
 
         let t = Instant::now();
-        let (consistency, quiesced) = stop::run(&mut run, &info, &net, &checkpoint, report)?;
+        let stopped = stop::run(&mut run, &info, &net, &checkpoint, report)?;
         report.durations_ms.stop = t.elapsed().as_millis() as u64;
         report.note_scratch(&run.work_dir);
 
         let t = Instant::now();
-        archive::run(
-            &mut run,
-            ctx,
-            &info,
-            &net,
-            &checkpoint,
-            quiesced.as_ref(),
-            consistency,
-            report,
-        )?;
+        archive::run(&mut run, ctx, &info, &net, &checkpoint, &stopped, report)?;
         // The maps this checkpoint started serve the next run now; should this fail,
         // the clean-up removes them and the next run reads whole disks. Not after a
         // quiesced copy: it is of a later instant than the maps' start.
-        if let Err(e) =
-            run.backend
-                .settle_change_maps(&info, &checkpoint, quiesced.is_none(), &mut run.journal)
-        {
+        if let Err(e) = run.backend.settle_change_maps(
+            &info,
+            &checkpoint,
+            stopped.quiesced.is_none(),
+            &mut run.journal,
+        ) {
             tracing::warn!("changed-block maps: {e}; the next backup reads whole disks");
         }
         report.durations_ms.archive = t.elapsed().as_millis() as u64;
-        report.consistency = Some(consistency);
+        report.consistency = Some(stopped.consistency);
         Ok::<(), PipelineError>(())
     })();
     report.note_scratch(&run.work_dir);

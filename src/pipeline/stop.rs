@@ -39,15 +39,32 @@ pub fn reverify(run: &mut Run, net: &CloneNetwork, when: &str) -> Result<(), Pip
     Ok(())
 }
 
-/// Returns the consistency the archived disks will have, and, for `quiesced`, the
-/// original's snapshot to archive instead of the clone's disks.
+/// How the clone ended, for the archive.
+#[derive(Debug)]
+pub struct Stopped {
+    /// The consistency the archived disks will have.
+    pub consistency: Consistency,
+    /// `quiesced`: the original's snapshot, archived instead of the clone's disks.
+    pub quiesced: Option<QuiescedSnapshot>,
+}
+
+impl Stopped {
+    fn clone_disks(consistency: Consistency) -> Stopped {
+        Stopped {
+            consistency,
+            quiesced: None,
+        }
+    }
+}
+
+/// Returns how the clone ended and what to archive.
 pub fn run(
     run: &mut Run,
     vm: &VmInfo,
     net: &CloneNetwork,
     checkpoint: &Checkpoint,
     report: &mut VmReport,
-) -> Result<(Consistency, Option<QuiescedSnapshot>), PipelineError> {
+) -> Result<Stopped, PipelineError> {
     reverify(run, net, "before-stop")?;
     let clone = run
         .clone
@@ -63,7 +80,7 @@ pub fn run(
     report.clone_stop_seconds = Some(t.elapsed().as_secs_f64());
     run.journal.milestone("stop:stopped")?;
     match (outcome, run.vm.policy.on_clone_failure) {
-        (CloneOutcome::StoppedByGuest, _) => Ok((Consistency::CleanShutdown, None)),
+        (CloneOutcome::StoppedByGuest, _) => Ok(Stopped::clone_disks(Consistency::CleanShutdown)),
         (CloneOutcome::StoppedByGuestAgent, _) => {
             let w = format!(
                 "the clone did not power off within {} s of the {method:?} request; it was shut down through its guest agent (guest-shutdown)",
@@ -71,7 +88,7 @@ pub fn run(
             );
             tracing::warn!("{w}");
             report.warnings.push(w);
-            Ok((Consistency::CleanShutdown, None))
+            Ok(Stopped::clone_disks(Consistency::CleanShutdown))
         }
         (CloneOutcome::Killed, OnCloneFailure::Crash) => {
             let w = format!(
@@ -80,7 +97,7 @@ pub fn run(
             );
             tracing::warn!("{w}");
             report.warnings.push(w);
-            Ok((Consistency::Crash, None))
+            Ok(Stopped::clone_disks(Consistency::Crash))
         }
         (CloneOutcome::Killed, OnCloneFailure::Quiesced) => {
             let w = format!(
@@ -105,7 +122,10 @@ pub fn run(
                 tracing::warn!("{w}");
                 report.warnings.push(w);
             }
-            Ok((Consistency::Quiesced, Some(q)))
+            Ok(Stopped {
+                consistency: Consistency::Quiesced,
+                quiesced: Some(q),
+            })
         }
         (CloneOutcome::Killed, OnCloneFailure::Fail) => Err(PipelineError::CloneDidNotStop(
             run.vm.policy.stop_timeout_secs,

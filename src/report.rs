@@ -230,6 +230,7 @@ pub struct Summary {
     pub failed: usize,
     pub skipped: usize,
     pub clean_shutdown: usize,
+    pub quiesced: usize,
     pub crash: usize,
     pub bytes_read: u64,
     pub bytes_stored: u64,
@@ -245,6 +246,7 @@ impl Summary {
             failed: count(&|r| r.status == RunStatus::Failed),
             skipped: count(&|r| r.status == RunStatus::Skipped),
             clean_shutdown: count(&|r| r.consistency == Some(Consistency::CleanShutdown)),
+            quiesced: count(&|r| r.consistency == Some(Consistency::Quiesced)),
             crash: count(&|r| r.consistency == Some(Consistency::Crash)),
             bytes_read: reports
                 .iter()

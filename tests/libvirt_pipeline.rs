@@ -811,3 +811,56 @@ fn needs_root_libvirt_a_freeze_that_never_returns_fails_within_the_timeout_and_t
     vm.assert_unharmed();
     assert_nothing_left(&setup);
 }
+
+#[test]
+fn needs_root_libvirt_kill_9_while_frozen_then_recover_thaws() {
+    let _s = serial();
+    let opts = LvOptions {
+        ignore_power_button: true,
+        agent: true,
+        knobs: "cc_agent_shutdown=ignore cc_agent_freeze=hang".into(),
+        ..Default::default()
+    };
+    let Some((dir, vm)) = start("lvfrozen", opts) else {
+        return;
+    };
+    let setup = setup(
+        dir.path(),
+        &vm,
+        "stop_timeout_secs = 5\non_clone_failure = \"quiesced\"\nfreeze_timeout_secs = 300",
+        "",
+    );
+    let mut child = setup
+        .command(None, &["--json", "backup"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn coldclone");
+    wait_for_milestone(&setup, "quiesce:freezing", Duration::from_secs(240));
+    wait_until("the guest to freeze", Duration::from_secs(60), || {
+        vm.console().contains("AGENT FREEZE HANGS")
+    });
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    keep_caps(&setup);
+    // libvirt's own agent call ends with its timeout; the guest stays frozen.
+    assert_eq!(lv_freeze_status(&vm), "frozen");
+    let out = setup.coldclone(None, &["--json", "recover"]);
+    assert!(
+        out.status.success(),
+        "recover: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: Value = serde_json::from_slice(&out.stdout).expect("recover json");
+    for r in rec.as_array().into_iter().flatten() {
+        assert!(
+            r["failed"].as_array().is_none_or(Vec::is_empty),
+            "recover could not undo: {r}"
+        );
+    }
+    assert!(vm.console().contains("AGENT THAW 1"), "{}", vm.console());
+    assert_eq!(lv_freeze_status(&vm), "thawed");
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+}

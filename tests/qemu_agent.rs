@@ -290,3 +290,46 @@ fn needs_root_qemu_agent_kill_9_while_frozen_then_recover_thaws() {
     vm.assert_unharmed();
     setup.assert_nothing_left(&net);
 }
+
+#[test]
+fn needs_root_qemu_qga_kill_9_while_frozen_then_recover_thaws() {
+    let _g = serial();
+    let opts = VmOptions {
+        ignore_power_button: true,
+        agent: GuestAgent::Qga,
+        knobs: "cc_agent_shutdown=ignore".into(),
+        ..Default::default()
+    };
+    let Some((dir, net, vm)) = start("qga-kill", opts) else {
+        return;
+    };
+    let setup = setup(
+        &dir,
+        &vm,
+        "stop_timeout_secs = 6\non_clone_failure = \"quiesced\"\nfreeze_timeout_secs = 20",
+    );
+    // Halted right after qemu-ga froze the file systems (debug builds' fault hook).
+    let mut child = setup
+        .command(Some(&net.ns), &["--json", "backup"])
+        .env("COLDCLONE_TEST_HALT_AT", "quiesce:frozen")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn coldclone");
+    wait_for_milestone(&setup, "quiesce:frozen", Duration::from_secs(240));
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    // qemu-ga keeps them frozen: nothing thaws a guest but a thaw.
+    assert_eq!(agent_status(&vm), FreezeStatus::Frozen);
+    let c = vm.counter();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(vm.counter(), c, "the writer ran on a frozen file system");
+    recover_ok(
+        &setup,
+        &net,
+        "a kill -9 while qemu-ga held the guest frozen",
+    );
+    assert_eq!(agent_status(&vm), FreezeStatus::Thawed);
+    vm.assert_unharmed();
+    setup.assert_nothing_left(&net);
+}

@@ -281,6 +281,8 @@ fn needs_root_qemu_agent_kill_9_while_frozen_then_recover_thaws() {
     let _ = child.wait();
     // The guest is frozen for real: its writer stands still.
     assert_eq!(agent_status(&vm), FreezeStatus::Frozen);
+    // (The heartbeat may still print the last value written before the freeze.)
+    std::thread::sleep(Duration::from_secs(2));
     let c = vm.counter();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(vm.counter(), c, "the writer ran on a frozen file system");
@@ -321,6 +323,8 @@ fn needs_root_qemu_qga_kill_9_while_frozen_then_recover_thaws() {
     let _ = child.wait();
     // qemu-ga keeps them frozen: nothing thaws a guest but a thaw.
     assert_eq!(agent_status(&vm), FreezeStatus::Frozen);
+    // (The heartbeat may still print the last value written before the freeze.)
+    std::thread::sleep(Duration::from_secs(2));
     let c = vm.counter();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(vm.counter(), c, "the writer ran on a frozen file system");

@@ -52,8 +52,15 @@ pub enum LibvirtResource {
     /// its QEMU and virsh, remove the root).
     LibvirtEmbeddedClone { root: PathBuf, uuid: String },
     /// The original's file systems are (about to be) frozen through its guest agent
-    /// (undo: ask the agent, through libvirt, and thaw if it says frozen).
-    LibvirtGuestFrozen { uri: String, uuid: String },
+    /// (undo: ask the agent, through libvirt, and thaw if it says frozen). A killed
+    /// run's freeze call goes on inside libvirtd, holding the domain's agent job, until
+    /// its timeout: the undo waits that long for the job (bounded).
+    LibvirtGuestFrozen {
+        uri: String,
+        uuid: String,
+        #[serde(default)]
+        freeze_timeout_secs: u64,
+    },
 }
 
 /// Undoes one of the libvirt backend's own resources.
@@ -68,7 +75,11 @@ pub(crate) fn recover(resource: &LibvirtResource) -> Result<()> {
             overlay_file,
         } => merge_back(uri, uuid, disk, base_file, overlay_file),
         LibvirtResource::LibvirtEmbeddedClone { root, .. } => take_down_embedded(root),
-        LibvirtResource::LibvirtGuestFrozen { uri, uuid } => thaw_if_frozen(uri, uuid),
+        LibvirtResource::LibvirtGuestFrozen {
+            uri,
+            uuid,
+            freeze_timeout_secs,
+        } => thaw_if_frozen(uri, uuid, Duration::from_secs(*freeze_timeout_secs)),
     }
 }
 
@@ -1019,6 +1030,7 @@ impl Hypervisor for LibvirtBackend {
             &LibvirtResource::LibvirtGuestFrozen {
                 uri: uri.into(),
                 uuid: uuid.into(),
+                freeze_timeout_secs: freeze_timeout.as_secs(),
             }
             .into(),
         )?;
@@ -1224,15 +1236,32 @@ fn agent_command(
 }
 
 /// `recover` of a guest a killed run may have left frozen: libvirt names the domain by
-/// its uuid; its agent is asked, and thaws only if it says frozen.
-fn thaw_if_frozen(uri: &str, uuid: &str) -> Result<()> {
+/// its uuid; its agent is asked, and thaws only if it says frozen. A killed run's
+/// `qemu-agent-command` goes on inside libvirtd until its own timeout, holding the
+/// domain's job ("cannot acquire state change lock (held by
+/// agent=qemuDispatchDomainAgentCommand)"): waited for, up to `freeze_timeout` + 60 s.
+fn thaw_if_frozen(uri: &str, uuid: &str, freeze_timeout: Duration) -> Result<()> {
     match virsh::domstate(uri, uuid) {
         Err(e) if virsh::no_such_domain(&e) => return Ok(()),
         Err(e) => return Err(e),
         Ok((state, _)) if state != "running" && state != "paused" => return Ok(()),
         Ok(_) => {}
     }
-    let status = agent_command(uri, uuid, "guest-fsfreeze-status", THAW_TIMEOUT)?;
+    let start = Instant::now();
+    let limit = freeze_timeout + Duration::from_secs(60);
+    let status = loop {
+        match agent_command(uri, uuid, "guest-fsfreeze-status", THAW_TIMEOUT) {
+            Ok(v) => break v,
+            Err(e)
+                if e.to_string().contains("cannot acquire state change lock")
+                    && start.elapsed() < limit =>
+            {
+                tracing::info!("the domain's agent is busy (a killed run's freeze call); waiting");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     match serde_json::from_value::<crate::agent::FreezeStatus>(status.clone()) {
         Ok(crate::agent::FreezeStatus::Thawed) => Ok(()),
         Ok(crate::agent::FreezeStatus::Frozen) => {

@@ -1162,45 +1162,6 @@ impl Hypervisor for LibvirtBackend {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use virsh::parse_event;
-
-    #[test]
-    fn the_pause_is_stop_to_resume_split_at_the_memory_copy() {
-        let lines = [
-            "event MIGRATION at 1796322431.083427 for domain 'w': {\"status\":\"active\"}",
-            "event STOP at 1796322431.390505 for domain 'w': <null>",
-            "event MIGRATION at 1796322431.422649 for domain 'w': {\"status\":\"completed\"}",
-            "event RESUME at 1796322431.493217 for domain 'w': <null>",
-        ];
-        let ev: Vec<_> = lines.iter().filter_map(|l| parse_event(l)).collect();
-        let p = pause_from_events(&ev).unwrap();
-        assert!((p.total_ms - 102.712).abs() < 0.001, "{p:?}");
-        assert!((p.disk_snapshot_ms - 70.568).abs() < 0.001, "{p:?}");
-        assert!((p.memory_ms + p.disk_snapshot_ms - p.total_ms).abs() < 0.001);
-        assert!(pause_from_events(&ev[..2]).is_none(), "no RESUME: unknown");
-    }
-
-    #[test]
-    fn recover_touches_only_what_coldclone_names() {
-        let e = take_down_embedded(Path::new("/var/lib/libvirt")).unwrap_err();
-        assert!(e.to_string().contains("refuses"), "{e}");
-        let e = take_down_embedded(Path::new("/run/coldclone/../etc")).unwrap_err();
-        assert!(e.to_string().contains("refuses"), "{e}");
-        let e = merge_back(
-            "qemu:///system",
-            "u",
-            "vda",
-            Path::new("/vm/a.qcow2"),
-            Path::new("/vm/a.qcow2"),
-        )
-        .unwrap_err();
-        assert!(e.to_string().contains("refuses"), "{e}");
-    }
-}
-
 /// How long a thaw may take.
 const THAW_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -1272,5 +1233,44 @@ fn thaw_if_frozen(uri: &str, uuid: &str, freeze_timeout: Duration) -> Result<()>
         Err(_) => Err(BackendError::Checkpoint(format!(
             "guest-fsfreeze-status returned {status}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virsh::parse_event;
+
+    #[test]
+    fn the_pause_is_stop_to_resume_split_at_the_memory_copy() {
+        let lines = [
+            "event MIGRATION at 1796322431.083427 for domain 'w': {\"status\":\"active\"}",
+            "event STOP at 1796322431.390505 for domain 'w': <null>",
+            "event MIGRATION at 1796322431.422649 for domain 'w': {\"status\":\"completed\"}",
+            "event RESUME at 1796322431.493217 for domain 'w': <null>",
+        ];
+        let ev: Vec<_> = lines.iter().filter_map(|l| parse_event(l)).collect();
+        let p = pause_from_events(&ev).unwrap();
+        assert!((p.total_ms - 102.712).abs() < 0.001, "{p:?}");
+        assert!((p.disk_snapshot_ms - 70.568).abs() < 0.001, "{p:?}");
+        assert!((p.memory_ms + p.disk_snapshot_ms - p.total_ms).abs() < 0.001);
+        assert!(pause_from_events(&ev[..2]).is_none(), "no RESUME: unknown");
+    }
+
+    #[test]
+    fn recover_touches_only_what_coldclone_names() {
+        let e = take_down_embedded(Path::new("/var/lib/libvirt")).unwrap_err();
+        assert!(e.to_string().contains("refuses"), "{e}");
+        let e = take_down_embedded(Path::new("/run/coldclone/../etc")).unwrap_err();
+        assert!(e.to_string().contains("refuses"), "{e}");
+        let e = merge_back(
+            "qemu:///system",
+            "u",
+            "vda",
+            Path::new("/vm/a.qcow2"),
+            Path::new("/vm/a.qcow2"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("refuses"), "{e}");
     }
 }

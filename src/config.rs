@@ -180,6 +180,10 @@ pub enum OnCloneFailure {
     Fail,
     /// Archive the killed clone's disk, labelled `crash`.
     Crash,
+    /// Kill the clone and archive a disk-only snapshot of the original taken with its
+    /// file systems frozen through its guest agent, labelled `quiesced` (the VM needs
+    /// a guest agent channel; checked before anything is paused).
+    Quiesced,
 }
 
 /// Settings that `[defaults]` gives every VM and a `[[vm]]` may override.
@@ -189,6 +193,8 @@ pub struct VmPolicy {
     /// Seconds the clone gets to power off after the request (default 300).
     pub stop_timeout_secs: Option<u64>,
     pub on_clone_failure: Option<OnCloneFailure>,
+    /// `quiesced`: seconds the guest agent gets to freeze the file systems (default 10).
+    pub freeze_timeout_secs: Option<u64>,
     /// Retention for `prune` (default: last 7, daily 7, weekly 4, monthly 6, yearly 1).
     pub keep: Option<Keep>,
     /// Higher runs first (default 0).
@@ -204,6 +210,8 @@ pub struct VmConfig {
     pub qmp: Option<PathBuf>,
     pub stop_timeout_secs: Option<u64>,
     pub on_clone_failure: Option<OnCloneFailure>,
+    /// `quiesced`: seconds the guest agent gets to freeze the file systems (default 10).
+    pub freeze_timeout_secs: Option<u64>,
     pub keep: Option<Keep>,
     pub priority: Option<i32>,
     pub balloon: Option<BalloonPolicy>,
@@ -301,6 +309,7 @@ impl VmConfig {
 pub struct EffectivePolicy {
     pub stop_timeout_secs: u64,
     pub on_clone_failure: OnCloneFailure,
+    pub freeze_timeout_secs: u64,
     pub keep: Keep,
     pub priority: i32,
     pub balloon: Option<BalloonPolicy>,
@@ -514,6 +523,11 @@ impl Config {
                 .on_clone_failure
                 .or(self.defaults.on_clone_failure)
                 .unwrap_or_default(),
+            freeze_timeout_secs: vm
+                .freeze_timeout_secs
+                .or(self.defaults.freeze_timeout_secs)
+                .unwrap_or(10)
+                .max(1),
             keep: vm.keep.or(self.defaults.keep).unwrap_or(DEFAULT_KEEP),
             priority: vm.priority.or(self.defaults.priority).unwrap_or(0),
             balloon: vm.balloon.clone().or_else(|| self.defaults.balloon.clone()),

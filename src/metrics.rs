@@ -131,7 +131,7 @@ pub fn render(state: &State) -> String {
     metric(
         &mut out,
         "last_success_consistency",
-        "The consistency of the VM's last good backup (clean-shutdown or crash).",
+        "The consistency of the VM's last good backup (clean-shutdown, quiesced or crash).",
         "gauge",
         consistency,
     );

@@ -31,6 +31,10 @@ pub enum Consistency {
     CleanShutdown,
     /// The clone was killed (on_clone_failure = "crash"): as after a power cut.
     Crash,
+    /// The clone was killed (on_clone_failure = "quiesced"); the disks are the
+    /// original's, snapshotted while its guest agent held its file systems frozen:
+    /// file systems consistent, applications not told.
+    Quiesced,
 }
 
 impl Consistency {
@@ -39,8 +43,16 @@ impl Consistency {
         match self {
             Consistency::CleanShutdown => "clean-shutdown",
             Consistency::Crash => "crash",
+            Consistency::Quiesced => "quiesced",
         }
     }
+}
+
+/// The freeze of a `quiesced` backup.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct QuiesceReport {
+    pub frozen_filesystems: u64,
+    pub frozen_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -136,6 +148,8 @@ pub struct VmReport {
     pub memory_image_bytes: Option<u64>,
     pub clone_stop: Option<StopMethod>,
     pub clone_stop_seconds: Option<f64>,
+    /// `quiesced`: how many file systems the guest agent froze, and for how long.
+    pub quiesce: Option<QuiesceReport>,
     pub isolated_network: Option<IsolatedNetwork>,
     pub disks: Vec<DiskReport>,
     /// Peak bytes the run held in its folder of the state folder (memory image, copies
@@ -170,6 +184,7 @@ impl VmReport {
             memory_image_bytes: None,
             clone_stop: None,
             clone_stop_seconds: None,
+            quiesce: None,
             isolated_network: None,
             disks: Vec::new(),
             scratch_bytes: 0,
@@ -215,6 +230,7 @@ pub struct Summary {
     pub failed: usize,
     pub skipped: usize,
     pub clean_shutdown: usize,
+    pub quiesced: usize,
     pub crash: usize,
     pub bytes_read: u64,
     pub bytes_stored: u64,
@@ -230,6 +246,7 @@ impl Summary {
             failed: count(&|r| r.status == RunStatus::Failed),
             skipped: count(&|r| r.status == RunStatus::Skipped),
             clean_shutdown: count(&|r| r.consistency == Some(Consistency::CleanShutdown)),
+            quiesced: count(&|r| r.consistency == Some(Consistency::Quiesced)),
             crash: count(&|r| r.consistency == Some(Consistency::Crash)),
             bytes_read: reports
                 .iter()

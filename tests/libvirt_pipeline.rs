@@ -113,6 +113,8 @@ struct LvOptions {
     nic_on: Option<(String, String, u32)>,
     /// A guest agent channel, the guest running the stand-in agent.
     agent: bool,
+    /// More kernel command line knobs (`cc_agent_freeze=hang`, ...).
+    knobs: String,
 }
 
 impl LvVm {
@@ -135,6 +137,10 @@ impl LvVm {
         let mut cmdline = "console=ttyS0 quiet panic=-1".to_string();
         if opts.ignore_power_button {
             cmdline.push_str(" cc_ignore_powerbutton=1");
+        }
+        if !opts.knobs.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&opts.knobs);
         }
         let mut nic = String::new();
         if opts.agent {
@@ -682,6 +688,196 @@ fn needs_root_libvirt_a_clone_that_ignores_the_button_is_stopped_by_its_guest_ag
     );
     let restored = restore_disk_checked(&setup, "vda", None);
     assert!(restored.counter >= before);
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+}
+
+/// The original's agent through libvirt (the test's own look): its freeze state.
+fn lv_freeze_status(vm: &LvVm) -> String {
+    let out = virsh_ok(&[
+        "qemu-agent-command",
+        &vm.name,
+        r#"{"execute":"guest-fsfreeze-status"}"#,
+        "--timeout",
+        "20",
+    ]);
+    let v: Value = serde_json::from_str(out.trim()).expect("agent reply");
+    v["return"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn needs_root_libvirt_quiesced_when_button_and_agent_shutdown_are_ignored() {
+    let _s = serial();
+    let opts = LvOptions {
+        ignore_power_button: true,
+        agent: true,
+        knobs: "cc_agent_shutdown=ignore".into(),
+        ..Default::default()
+    };
+    let Some((dir, vm)) = start("lvquiesce", opts) else {
+        return;
+    };
+    let setup = setup(
+        dir.path(),
+        &vm,
+        "stop_timeout_secs = 5\non_clone_failure = \"quiesced\"\nfreeze_timeout_secs = 20",
+        "",
+    );
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    keep_caps(&setup);
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    assert!(
+        out.status.success(),
+        "{report} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(report["consistency"], "quiesced", "{report}");
+    assert_eq!(report["quiesce"]["frozen_filesystems"], 1, "{report}");
+    assert!(vm.console().contains("AGENT FROZE 1"), "{}", vm.console());
+    assert!(vm.console().contains("AGENT THAW 1"), "{}", vm.console());
+    assert_eq!(lv_freeze_status(&vm), "thawed");
+    // Frozen by FIFREEZE (busybox fsfreeze in the stand-in): fsck-clean, no journal to
+    // replay; the counters may differ (a freeze is not an application's clean stop).
+    let img = setup.dir.join("restored-q.raw");
+    let img_s = img.display().to_string();
+    let out = setup.coldclone(None, &["restore", "t1", "--disk", "vda", "--to", &img_s]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let dump = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&img)
+        .output()
+        .expect("dumpe2fs");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(!dump.contains("needs_recovery"), "{dump}");
+    // Both overlays (the checkpoint's, the quiesced snapshot's) are committed back.
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+}
+
+#[test]
+fn needs_root_libvirt_a_freeze_that_never_returns_fails_within_the_timeout_and_thaws() {
+    let _s = serial();
+    let opts = LvOptions {
+        ignore_power_button: true,
+        agent: true,
+        knobs: "cc_agent_shutdown=ignore cc_agent_freeze=hang".into(),
+        ..Default::default()
+    };
+    let Some((dir, vm)) = start("lvhang", opts) else {
+        return;
+    };
+    let setup = setup(
+        dir.path(),
+        &vm,
+        "stop_timeout_secs = 5\non_clone_failure = \"quiesced\"\nfreeze_timeout_secs = 5",
+        "",
+    );
+    let out = setup.coldclone(None, &["--json", "backup"]);
+    keep_caps(&setup);
+    let report = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .unwrap_or(Value::Null);
+    assert!(!out.status.success(), "{report}");
+    let err = report["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("could not be frozen") && err.contains("thawed again"),
+        "unclear error: {err}"
+    );
+    assert!(
+        vm.console().contains("AGENT FREEZE HANGS"),
+        "{}",
+        vm.console()
+    );
+    assert!(vm.console().contains("AGENT THAW 1"), "{}", vm.console());
+    assert_eq!(lv_freeze_status(&vm), "thawed");
+    vm.assert_unharmed();
+    assert_nothing_left(&setup);
+}
+
+#[test]
+fn needs_root_libvirt_kill_9_while_frozen_then_recover_thaws() {
+    let _s = serial();
+    let opts = LvOptions {
+        ignore_power_button: true,
+        agent: true,
+        knobs: "cc_agent_shutdown=ignore cc_agent_freeze=hang".into(),
+        ..Default::default()
+    };
+    let Some((dir, vm)) = start("lvfrozen", opts) else {
+        return;
+    };
+    let setup = setup(
+        dir.path(),
+        &vm,
+        "stop_timeout_secs = 5\non_clone_failure = \"quiesced\"\nfreeze_timeout_secs = 30",
+        "",
+    );
+    let mut child = setup
+        .command(None, &["--json", "backup"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn coldclone");
+    wait_for_milestone(&setup, "quiesce:freezing", Duration::from_secs(240));
+    wait_until("the guest to freeze", Duration::from_secs(60), || {
+        vm.console().contains("AGENT FREEZE HANGS")
+    });
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    keep_caps(&setup);
+    // The guest is frozen for real: its writer stands still. (libvirtd cannot be asked:
+    // the killed run's freeze call holds the domain's agent job until its 30 s timeout,
+    // which `recover` waits out.)
+    // (The heartbeat may still print the last value written before the freeze.)
+    std::thread::sleep(Duration::from_secs(2));
+    let c = vm.counter();
+    std::thread::sleep(Duration::from_secs(3));
+    let console = vm.console();
+    let tail: String = console
+        .lines()
+        .rev()
+        .take(12)
+        .collect::<Vec<_>>()
+        .join(" | ");
+    assert_eq!(
+        vm.counter(),
+        c,
+        "the writer ran on a frozen file system: {tail}"
+    );
+    let out = setup.coldclone(None, &["--json", "recover"]);
+    assert!(
+        out.status.success(),
+        "recover: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: Value = serde_json::from_slice(&out.stdout).expect("recover json");
+    for r in rec.as_array().into_iter().flatten() {
+        assert!(
+            r["failed"].as_array().is_none_or(Vec::is_empty),
+            "recover could not undo: {r}"
+        );
+    }
+    assert!(vm.console().contains("AGENT THAW 1"), "{}", vm.console());
+    assert_eq!(lv_freeze_status(&vm), "thawed");
     vm.assert_unharmed();
     assert_nothing_left(&setup);
 }

@@ -7,6 +7,7 @@
 //! `coldclone recover` can remove it after a crash; [`recover_resource`]
 //! sends each [`Resource`] to the undo of the backend that owns its kind.
 
+pub mod agent;
 pub mod image_export;
 pub mod libvirt;
 pub mod qemu;
@@ -27,6 +28,8 @@ pub enum BackendError {
     Qemu(#[from] qemu::QemuError),
     #[error(transparent)]
     Xl(#[from] xl::XlError),
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
     #[error("timed out after {seconds}s waiting for {what}")]
     Timeout { what: String, seconds: u64 },
     #[error("the VM's configuration is not supported: {0}")]
@@ -445,6 +448,18 @@ pub enum CloneOutcome {
     Killed,
 }
 
+/// The original's disks at an instant when its file systems were frozen through its
+/// guest agent (`on_clone_failure = "quiesced"`), ready for the archive.
+#[derive(Debug)]
+pub struct QuiescedSnapshot {
+    /// Each disk, named as in the checkpoint, and how the archive reads it.
+    pub disks: Vec<(CloneDisk, DiskAccess)>,
+    /// The file systems the agent reported frozen.
+    pub frozen_filesystems: u64,
+    /// From the freeze's reply to the thaw's.
+    pub frozen_ms: f64,
+}
+
 pub trait Hypervisor {
     fn name(&self) -> &'static str;
     fn inspect(&self, vm: &VmLocator) -> Result<VmInfo>;
@@ -525,6 +540,32 @@ pub trait Hypervisor {
         journal: &mut dyn Journal,
     ) -> Result<()>;
     fn stop_methods(&self, vm: &VmInfo) -> StopMethod;
+    /// Whether [`Hypervisor::quiesced_snapshot`] can work for this VM (it has a guest
+    /// agent channel coldclone may use); checked before anything is paused.
+    fn check_quiesce(&self, _vm: &VmInfo) -> Result<()> {
+        Err(BackendError::Unsupported(format!(
+            "on_clone_failure = \"quiesced\" is not available for {} VMs",
+            self.name()
+        )))
+    }
+    /// After a clone that could not be stopped cleanly: a disk-only snapshot of the
+    /// running original, its file systems frozen through its own guest agent for the
+    /// snapshot only (the freeze bounded by `freeze_timeout`, a thaw on every path,
+    /// the frozen state journaled first). The snapshot's overlays are journaled and
+    /// merged back by the clean-up like the checkpoint's.
+    fn quiesced_snapshot(
+        &self,
+        _vm: &VmInfo,
+        _checkpoint: &Checkpoint,
+        _work_dir: &Path,
+        _freeze_timeout: Duration,
+        _journal: &mut dyn Journal,
+    ) -> Result<QuiescedSnapshot> {
+        Err(BackendError::Unsupported(format!(
+            "quiesced snapshots are not available for {} VMs",
+            self.name()
+        )))
+    }
     /// Whether the clone runs on this machine and takes its memory here (the
     /// scheduler's memory budget); XAPI clones run on the pool's host.
     fn clone_uses_local_memory(&self) -> bool {

@@ -121,6 +121,7 @@ fn derive(
             disk_overlays: &overlays,
             tap_prefix: "ccnt",
             incoming: false,
+            agent_socket: None,
         },
     )?;
     Ok((cmd.args, cmd.taps, qmp))

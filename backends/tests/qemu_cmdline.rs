@@ -34,6 +34,7 @@ fn derive(argv: &[String], drives: &[&str]) -> coldclone_backends::Result<cmdlin
             disk_overlays: &overlays,
             tap_prefix: "ccr1t",
             incoming: true,
+            agent_socket: Some("/var/lib/coldclone/runs/r1/clone-agent.sock"),
         },
     )
 }
@@ -100,7 +101,13 @@ fn assert_safe(args: &[String], forbidden: &[&str]) -> std::result::Result<(), S
                 let ok = match p.get("backend") {
                     Some("null") => p.pairs.len() == 2,
                     Some("file") => ours("path"),
-                    Some("socket") => ours("path") && p.get("id") == Some("coldclone-qmp"),
+                    // The QMP socket, or the clone's own guest agent socket.
+                    Some("socket") => {
+                        ours("path")
+                            && (p.get("id") == Some("coldclone-qmp")
+                                || p.get("path")
+                                    == Some("/var/lib/coldclone/runs/r1/clone-agent.sock"))
+                    }
                     _ => false,
                 };
                 if !ok {
@@ -292,6 +299,7 @@ fn dummy_spec() -> CloneSpec<'static> {
         disk_overlays: NONE.get_or_init(BTreeMap::new),
         tap_prefix: "ccr1t",
         incoming: true,
+        agent_socket: None,
     }
 }
 
@@ -413,8 +421,10 @@ fn libvirt_command_line_is_taken() {
         ),
         "{a}"
     );
+    assert!(a.contains("-chardev null,id=charmonitor"), "{a}");
+    // The guest agent's channel: the clone's own socket in its run folder.
     assert!(
-        a.contains("-chardev null,id=charmonitor") && a.contains("-chardev null,id=charchannel0"),
+        a.contains("-chardev socket,id=charchannel0,path=/var/lib/coldclone/runs/r1/clone-agent.sock,server=on,wait=off"),
         "{a}"
     );
     assert!(

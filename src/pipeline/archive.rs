@@ -6,7 +6,7 @@ use super::changes;
 use super::{PipelineError, Run, RunContext};
 use crate::journal::RepositoryResource;
 use crate::progress::BarProgress;
-use crate::report::{Consistency, DiskReport, VmReport};
+use crate::report::{DiskReport, VmReport};
 use coldclone_backends::image_export::ImageExport;
 use coldclone_backends::shared::SharedResource;
 use coldclone_backends::{Checkpoint, CloneDisk, CloneNetwork, DiskAccess, Journal, VmInfo};
@@ -22,16 +22,21 @@ pub fn run(
     info: &VmInfo,
     net: &CloneNetwork,
     checkpoint: &Checkpoint,
-    consistency: Consistency,
+    stopped: &super::stop::Stopped,
     report: &mut VmReport,
 ) -> Result<(), PipelineError> {
+    let (consistency, quiesced) = (stopped.consistency, stopped.quiesced.as_ref());
     // Whatever reached the bridge while the clone shut down taints its disk.
     super::stop::reverify(run, net, "before-archive")?;
-    let disks = run
-        .clone
-        .as_ref()
-        .map(|c| c.disks.clone())
-        .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
+    let disks = match quiesced {
+        // The original's disks at the frozen instant: no clone wrote them.
+        Some(q) => q.disks.iter().map(|(d, _)| d.clone()).collect(),
+        None => run
+            .clone
+            .as_ref()
+            .map(|c| c.disks.clone())
+            .ok_or(PipelineError::NoClone("no clone disks to archive"))?,
+    };
     let mut written: Vec<String> = Vec::new();
     // Until every disk is stored, the run's snapshots are a partial backup
     // that `recover` withdraws should this process die.
@@ -54,7 +59,16 @@ pub fn run(
     };
     let result = (|| {
         for disk in &disks {
-            let (access, clone_writes) = {
+            let quiesced_access = quiesced.and_then(|q| {
+                q.disks
+                    .iter()
+                    .find(|(d, _)| d.name == disk.name)
+                    .map(|(_, a)| a.clone())
+            });
+            let (access, clone_writes) = if let Some(a) = quiesced_access {
+                // No map covers the later instant of a quiesced copy: a whole read.
+                (a, None)
+            } else {
                 let clone = run
                     .clone
                     .as_ref()
@@ -75,7 +89,10 @@ pub fn run(
             let source_box = opened.source()?;
             let source = source_box.as_ref();
             let parent = ctx.repo.find_latest(&run.vm.name, &disk.name)?;
-            let maps = checkpoint.change_maps.get(&disk.name);
+            let maps = match quiesced {
+                Some(_) => None,
+                None => checkpoint.change_maps.get(&disk.name),
+            };
             let (changed_ranges, changed_block_map) = changes::plan(
                 parent.as_ref(),
                 &ctx.host,

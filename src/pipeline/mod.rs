@@ -140,6 +140,10 @@ fn run_steps(
     report.backend = backend.name().to_string();
     // Learn the VM before creating anything: a wrong handle fails here, cleanly.
     let info = backend.inspect(locator)?;
+    // A fallback the VM cannot have refuses it now, before anything is paused.
+    if vm.policy.on_clone_failure == crate::config::OnCloneFailure::Quiesced {
+        backend.check_quiesce(&info)?;
+    }
     let mut journal = RunJournal::create(&ctx.config.state_dir, run_id, &vm.name)?;
     let work_dir = ctx.config.state_dir.join("runs").join(run_id);
     journal.will_create(
@@ -182,22 +186,25 @@ fn run_steps(
         report.durations_ms.restore = t.elapsed().as_millis() as u64;
 
         let t = Instant::now();
-        let consistency = stop::run(&mut run, &info, &net, report)?;
+        let stopped = stop::run(&mut run, &info, &net, &checkpoint, report)?;
         report.durations_ms.stop = t.elapsed().as_millis() as u64;
         report.note_scratch(&run.work_dir);
 
         let t = Instant::now();
-        archive::run(&mut run, ctx, &info, &net, &checkpoint, consistency, report)?;
+        archive::run(&mut run, ctx, &info, &net, &checkpoint, &stopped, report)?;
         // The maps this checkpoint started serve the next run now; should this fail,
-        // the clean-up removes them and the next run reads whole disks.
-        if let Err(e) = run
-            .backend
-            .settle_change_maps(&info, &checkpoint, true, &mut run.journal)
-        {
+        // the clean-up removes them and the next run reads whole disks. Not after a
+        // quiesced copy: it is of a later instant than the maps' start.
+        if let Err(e) = run.backend.settle_change_maps(
+            &info,
+            &checkpoint,
+            stopped.quiesced.is_none(),
+            &mut run.journal,
+        ) {
             tracing::warn!("changed-block maps: {e}; the next backup reads whole disks");
         }
         report.durations_ms.archive = t.elapsed().as_millis() as u64;
-        report.consistency = Some(consistency);
+        report.consistency = Some(stopped.consistency);
         Ok::<(), PipelineError>(())
     })();
     report.note_scratch(&run.work_dir);

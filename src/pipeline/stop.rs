@@ -3,8 +3,11 @@
 
 use super::{isolate, PipelineError, Run};
 use crate::config::OnCloneFailure;
+use crate::report::QuiesceReport;
 use crate::report::{Consistency, VmReport};
-use coldclone_backends::{CloneNetwork, CloneOutcome, Journal, VmInfo};
+use coldclone_backends::{
+    Checkpoint, CloneNetwork, CloneOutcome, Journal, QuiescedSnapshot, VmInfo,
+};
 use std::time::{Duration, Instant};
 
 /// Verifies the clone's network again, from the kernel's state now: a host
@@ -36,13 +39,32 @@ pub fn reverify(run: &mut Run, net: &CloneNetwork, when: &str) -> Result<(), Pip
     Ok(())
 }
 
-/// Returns the consistency the archived disk will have.
+/// How the clone ended, for the archive.
+#[derive(Debug)]
+pub struct Stopped {
+    /// The consistency the archived disks will have.
+    pub consistency: Consistency,
+    /// `quiesced`: the original's snapshot, archived instead of the clone's disks.
+    pub quiesced: Option<QuiescedSnapshot>,
+}
+
+impl Stopped {
+    fn clone_disks(consistency: Consistency) -> Stopped {
+        Stopped {
+            consistency,
+            quiesced: None,
+        }
+    }
+}
+
+/// Returns how the clone ended and what to archive.
 pub fn run(
     run: &mut Run,
     vm: &VmInfo,
     net: &CloneNetwork,
+    checkpoint: &Checkpoint,
     report: &mut VmReport,
-) -> Result<Consistency, PipelineError> {
+) -> Result<Stopped, PipelineError> {
     reverify(run, net, "before-stop")?;
     let clone = run
         .clone
@@ -58,7 +80,7 @@ pub fn run(
     report.clone_stop_seconds = Some(t.elapsed().as_secs_f64());
     run.journal.milestone("stop:stopped")?;
     match (outcome, run.vm.policy.on_clone_failure) {
-        (CloneOutcome::StoppedByGuest, _) => Ok(Consistency::CleanShutdown),
+        (CloneOutcome::StoppedByGuest, _) => Ok(Stopped::clone_disks(Consistency::CleanShutdown)),
         (CloneOutcome::StoppedByGuestAgent, _) => {
             let w = format!(
                 "the clone did not power off within {} s of the {method:?} request; it was shut down through its guest agent (guest-shutdown)",
@@ -66,7 +88,7 @@ pub fn run(
             );
             tracing::warn!("{w}");
             report.warnings.push(w);
-            Ok(Consistency::CleanShutdown)
+            Ok(Stopped::clone_disks(Consistency::CleanShutdown))
         }
         (CloneOutcome::Killed, OnCloneFailure::Crash) => {
             let w = format!(
@@ -75,7 +97,35 @@ pub fn run(
             );
             tracing::warn!("{w}");
             report.warnings.push(w);
-            Ok(Consistency::Crash)
+            Ok(Stopped::clone_disks(Consistency::Crash))
+        }
+        (CloneOutcome::Killed, OnCloneFailure::Quiesced) => {
+            let w = format!(
+                "the clone did not power off within {} s and was killed; archiving a snapshot of the original taken with its file systems frozen through its guest agent (on_clone_failure = \"quiesced\")",
+                run.vm.policy.stop_timeout_secs
+            );
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+            let q = run.backend.quiesced_snapshot(
+                vm,
+                checkpoint,
+                &run.work_dir,
+                Duration::from_secs(run.vm.policy.freeze_timeout_secs),
+                &mut run.journal,
+            )?;
+            report.quiesce = Some(QuiesceReport {
+                frozen_filesystems: q.frozen_filesystems,
+                frozen_ms: q.frozen_ms,
+            });
+            if q.frozen_filesystems == 0 {
+                let w = "the guest agent froze no file system: the quiesced copy is as consistent as a crash-consistent one".to_string();
+                tracing::warn!("{w}");
+                report.warnings.push(w);
+            }
+            Ok(Stopped {
+                consistency: Consistency::Quiesced,
+                quiesced: Some(q),
+            })
         }
         (CloneOutcome::Killed, OnCloneFailure::Fail) => Err(PipelineError::CloneDidNotStop(
             run.vm.policy.stop_timeout_secs,

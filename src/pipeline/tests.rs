@@ -547,3 +547,25 @@ fn a_clone_stopped_by_its_guest_agent_is_clean_and_says_so() {
     assert_cleaned_up(&o, "agent", true);
     let _ = std::fs::remove_dir_all(&o.dir);
 }
+
+#[test]
+fn quiesced_without_an_agent_is_refused_before_anything_is_paused() {
+    // The fake backend has no guest agent (the trait's default check_quiesce).
+    let o = run_fake("quiesced", None, CloneOutcome::Killed, "quiesced");
+    assert_eq!(o.report.status, RunStatus::Failed);
+    assert!(
+        o.report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("\"quiesced\" is not available")),
+        "{:?}",
+        o.report.error
+    );
+    assert!(
+        !o.calls.iter().any(|c| c == "Checkpoint"),
+        "a checkpoint was taken: {:?}",
+        o.calls
+    );
+    assert_eq!(o.snapshots, 0);
+    let _ = std::fs::remove_dir_all(&o.dir);
+}

@@ -51,7 +51,7 @@ pub fn guest() -> PathBuf {
     let recipe = std::fs::read(&script).expect("tests/guest/build-guest.sh");
     let hash = recipe_hash(&recipe);
     let dir = workspace_root().join("target/test-guest").join(&hash[..16]);
-    if !dir.join("guest.cpio.gz").exists() {
+    if !dir.join("guest.cpio.gz").exists() || !dir.join("guest-qga.cpio.gz").exists() {
         let st = Command::new("bash")
             .arg(&script)
             .arg(&dir)
@@ -144,8 +144,23 @@ impl Drop for TempDir {
     }
 }
 
+/// The guest agent of a test VM, on a virtio-serial port `org.qemu.guest_agent.0` whose
+/// host end is the socket `qga.sock` in the VM's folder.
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum GuestAgent {
+    #[default]
+    None,
+    /// The test guest's stand-in (`cc_agent=1`).
+    StandIn,
+    /// Debian's qemu-ga (`cc_qga=1`, guest-qga.cpio.gz).
+    Qga,
+}
+
 #[derive(Default, Clone)]
 pub struct VmOptions {
+    pub agent: GuestAgent,
+    /// More kernel command line knobs (`cc_agent_freeze=hang`, ...).
+    pub knobs: String,
     pub ignore_power_button: bool,
     pub memory_mib: u32,
     pub with_nic: bool,
@@ -176,6 +191,8 @@ pub struct Vm {
     pub image: PathBuf,
     pub log: PathBuf,
     pub guest_ip: String,
+    /// The host end of the guest agent's port (when the VM has one).
+    pub agent_socket: PathBuf,
     child: Child,
 }
 
@@ -215,6 +232,21 @@ impl Vm {
         if opts.extra_disks > 0 {
             append.push_str(&format!(" cc_disks={}", opts.extra_disks + 1));
         }
+        match opts.agent {
+            GuestAgent::None => {}
+            GuestAgent::StandIn => append.push_str(" cc_agent=1"),
+            GuestAgent::Qga => append.push_str(" cc_qga=1"),
+        }
+        if !opts.knobs.is_empty() {
+            append.push(' ');
+            append.push_str(&opts.knobs);
+        }
+        let agent_socket = dir.join("qga.sock");
+        let initrd = if opts.agent == GuestAgent::Qga {
+            "guest-qga.cpio.gz"
+        } else {
+            "guest.cpio.gz"
+        };
         let mem = if opts.memory_mib == 0 {
             256
         } else {
@@ -235,7 +267,7 @@ impl Vm {
         .args(["-nographic", "-kernel"])
         .arg(g.join("vmlinuz"))
         .arg("-initrd")
-        .arg(g.join("guest.cpio.gz"))
+        .arg(g.join(initrd))
         .args(["-append", &append])
         .args(if opts.blockdev {
             vec![
@@ -279,6 +311,19 @@ impl Vm {
         }
         if opts.balloon {
             cmd.args(["-device", "virtio-balloon-pci,id=balloon0"]);
+        }
+        if opts.agent != GuestAgent::None {
+            cmd.args([
+                "-device",
+                "virtio-serial-pci,id=vs0",
+                "-chardev",
+                &format!(
+                    "socket,id=qga0,path={},server=on,wait=off",
+                    agent_socket.display()
+                ),
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]);
         }
         for i in 1..=opts.extra_disks {
             let st = Command::new("qemu-img")
@@ -333,6 +378,7 @@ impl Vm {
             image,
             log,
             guest_ip,
+            agent_socket,
             child,
         };
         if opts.with_nic {

@@ -7,13 +7,24 @@
 #                 well-behaved service: stop the writer, write a final equal pair,
 #                 sync, unmount, power off.
 #   data.raw      a 64 MiB ext4 file system (copy it per VM)
+#   guest-qga.cpio.gz  the same with Debian's qemu-ga (package qemu-guest-agent) and the
+#                 shared libraries ldd names for it
 # Kernel command line knobs read by /init:
 #   cc_ip=ADDR/LEN cc_peer=ADDR  bring eth0 up and ping the peer 5 times a second
 #   cc_ignore_powerbutton=1      a guest that ignores the power button
 #   cc_fill_mb=N                 fill N MiB of RAM with non-zero data (benchmarks: a busy guest)
 #   cc_agent=1                   a stand-in guest agent on the virtio port org.qemu.guest_agent.0:
 #                                answers guest-sync and guest-ping, and guest-shutdown with the
-#                                same clean shutdown as the power button (also when that is ignored)
+#                                same clean shutdown as the power button (also when that is ignored);
+#                                guest-fsfreeze-freeze/-thaw/-status freeze the data disks for real
+#                                (busybox fsfreeze, the FIFREEZE ioctl qemu-ga uses)
+#   cc_agent_freeze=hang         the stand-in freezes but never answers guest-fsfreeze-freeze
+#                                (the guest stays frozen until a thaw) and keeps serving the
+#                                other commands
+#   cc_agent_shutdown=ignore     guest-shutdown (stand-in, or /sbin/shutdown under qemu-ga) does nothing
+#   cc_qga=1                     Debian's own qemu-ga on the port instead (guest-qga.cpio.gz only);
+#                                its guest-shutdown runs /sbin/shutdown, which here runs the same
+#                                clean power-off path as the power button
 #   cc_disks=N                   N data disks: /dev/vdb.. are mounted on /data_b.., get an
 #                                id.txt naming their device, and the writer keeps the same
 #                                counter pair on every disk (the heartbeat adds vdb=N ...)
@@ -26,11 +37,12 @@ if ! ls linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
   apt-get download "$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/{print $2; exit}')"
 fi
 ls busybox-static_*.deb >/dev/null 2>&1 || apt-get download busybox-static
+ls qemu-guest-agent_*.deb >/dev/null 2>&1 || apt-get download qemu-guest-agent
 rm -rf k bb; dpkg -x linux-image-*-cloud-amd64_*.deb k; dpkg -x busybox-static_*.deb bb
 cd "$OUT"
 cp pkgs/k/boot/vmlinuz-* vmlinuz
 KM=$(ls -d pkgs/k/lib/modules/*)/kernel
-rm -rf ir && mkdir -p ir/bin ir/proc ir/sys ir/dev ir/data ir/tmp ir/lib/modules ir/etc/acpi/PWRF
+rm -rf ir && mkdir -p ir/bin ir/sbin ir/proc ir/sys ir/dev ir/data ir/tmp ir/lib/modules ir/etc/acpi/PWRF
 cp pkgs/bb/bin/busybox ir/bin/
 # Load order matters (modules.dep is not used): virtio_ring before virtio, failover before virtio_net.
 MODS="drivers/virtio/virtio_ring drivers/virtio/virtio drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci drivers/char/virtio_console drivers/block/virtio_blk drivers/input/evdev drivers/acpi/button drivers/virtio/virtio_balloon net/core/failover drivers/net/net_failover drivers/net/virtio_net"
@@ -86,18 +98,24 @@ if [ "$DIRS" = /data ]; then
 else
 ( n=$(cat /data/a.txt 2>/dev/null || echo 0); while [ ! -e /tmp/stop ]; do n=$((n+1)); for d in $DIRS; do echo $n > $d/a.txt; echo $n > $d/b.txt; done; done; echo $n > /tmp/final ) &
 fi
-# The stand-in guest agent: the few commands libvirt sends for a shutdown, one JSON
-# object a line (qemu-ga's protocol); guest-shutdown gets no answer, as from qemu-ga.
-if [ "$(arg cc_agent)" = 1 ]; then
-( PORT=""
+# The agent's port (no udev here, so no /dev/virtio-ports/ link: found in sysfs).
+agent_port() {
   for i in $(seq 100); do
     for p in /sys/class/virtio-ports/*; do
-      [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && PORT=/dev/${p##*/}
+      [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] && { echo /dev/${p##*/}; return; }
     done
-    [ -n "$PORT" ] && break; sleep 0.1
+    sleep 0.1
   done
+}
+# The stand-in guest agent: the few commands coldclone and libvirt send, one JSON object
+# a line (qemu-ga's protocol, qga/qapi-schema.json); guest-shutdown gets no answer, as
+# from qemu-ga. fsfreeze: busybox's fsfreeze, the FIFREEZE/FITHAW ioctls qemu-ga issues
+# (qga/commands-posix.c, qmp_guest_fsfreeze_freeze_list), on the data disks.
+if [ "$(arg cc_agent)" = 1 ]; then
+( PORT=$(agent_port)
   [ -n "$PORT" ] || { echo "AGENT NO PORT"; exit 0; }
   echo "AGENT UP $PORT"
+  FREEZE=$(arg cc_agent_freeze); SHUT=$(arg cc_agent_shutdown)
   # Reads see EOF while no host end is connected: open again.
   while true; do
     exec 3<>"$PORT"
@@ -107,13 +125,40 @@ if [ "$(arg cc_agent)" = 1 ]; then
         *guest-sync-delimited*) printf '\377{"return": %s}\n' "$id" >&3 ;;
         *guest-sync*) printf '{"return": %s}\n' "$id" >&3 ;;
         *guest-ping*) printf '{"return": {}}\n' >&3 ;;
-        *guest-shutdown*) echo "AGENT SHUTDOWN"; /etc/acpi/PWRF/00000080 > /dev/console 2>&1 & ;;
+        *guest-fsfreeze-freeze*)
+          touch /tmp/agent-frozen
+          n=0; for d in $(cat /tmp/dirs); do fsfreeze --freeze $d && n=$((n+1)); done
+          if [ "$FREEZE" = hang ]; then echo "AGENT FREEZE HANGS"; continue; fi
+          echo "AGENT FROZE $n"; printf '{"return": %s}\n' "$n" >&3 ;;
+        *guest-fsfreeze-thaw*)
+          n=0
+          if [ -e /tmp/agent-frozen ]; then
+            for d in $(cat /tmp/dirs); do fsfreeze --unfreeze $d 2>/dev/null && n=$((n+1)); done
+            rm -f /tmp/agent-frozen
+          fi
+          echo "AGENT THAW $n"; printf '{"return": %s}\n' "$n" >&3 ;;
+        *guest-fsfreeze-status*)
+          if [ -e /tmp/agent-frozen ]; then printf '{"return": "frozen"}\n' >&3
+          else printf '{"return": "thawed"}\n' >&3; fi ;;
+        *guest-shutdown*)
+          if [ "$SHUT" = ignore ]; then echo "AGENT SHUTDOWN IGNORED"; continue; fi
+          echo "AGENT SHUTDOWN"; /etc/acpi/PWRF/00000080 > /dev/console 2>&1 & ;;
         *) printf '{"error": {"class": "CommandNotFound", "desc": "not in the stand-in agent"}}\n' >&3 ;;
       esac
     done
     exec 3<&-
     sleep 0.5
   done ) &
+fi
+# Debian's qemu-ga (guest-qga.cpio.gz), on the port found above; its state in /tmp.
+if [ "$(arg cc_qga)" = 1 ]; then
+  PORT=$(agent_port)
+  if [ -x /usr/sbin/qemu-ga ] && [ -n "$PORT" ]; then
+    /usr/sbin/qemu-ga -m virtio-serial -p "$PORT" -t /tmp -f /tmp/qemu-ga.pid -l /tmp/qemu-ga.log > /dev/console 2>&1 &
+    echo "QGA UP $PORT"
+  else
+    echo "QGA MISSING"
+  fi
 fi
 if [ "$(arg cc_ignore_powerbutton)" != 1 ]; then
   acpid -d -c /etc/acpi > /dev/console 2>&1 &
@@ -145,7 +190,27 @@ done
 [ -n "$(grep ' /data' /proc/mounts)" ] || echo "UNMOUNTED"
 poweroff -f
 PWR
-chmod +x ir/init ir/etc/acpi/PWRF/00000080
+# qemu-ga's guest-shutdown runs `/sbin/shutdown -P +0 "hypervisor initiated shutdown"`
+# and waits for it (qemu 7.2, qga/commands-posix.c, qmp_guest_shutdown): this one starts
+# the guest's clean power-off path, the power button's, and returns at once.
+cat > ir/sbin/shutdown <<'SHUT'
+#!/bin/sh
+if tr ' ' '\n' < /proc/cmdline | grep -qx cc_agent_shutdown=ignore; then
+  echo "SHUTDOWN IGNORED $*" > /dev/console; exit 0
+fi
+echo "SHUTDOWN $*" > /dev/console
+setsid /etc/acpi/PWRF/00000080 > /dev/console 2>&1 < /dev/null &
+exit 0
+SHUT
+chmod +x ir/init ir/etc/acpi/PWRF/00000080 ir/sbin/shutdown
 (cd ir && find . | cpio -o -H newc 2>/dev/null | gzip -1 > ../guest.cpio.gz)
+# The same with Debian's qemu-ga and the libraries the host's ldd names for it.
+rm -rf ir-qga pkgs/qga && cp -a ir ir-qga && dpkg -x pkgs/qemu-guest-agent_*.deb pkgs/qga
+mkdir -p ir-qga/usr/sbin && cp pkgs/qga/usr/sbin/qemu-ga ir-qga/usr/sbin/
+for lib in $(ldd pkgs/qga/usr/sbin/qemu-ga | awk '/=> \//{print $3} /^\t\/lib/{print $1}'); do
+  [ -f "$lib" ] || { echo "qemu-ga needs $lib, which this host lacks" >&2; exit 1; }
+  mkdir -p "ir-qga$(dirname "$lib")"; cp -L "$lib" "ir-qga$lib"
+done
+(cd ir-qga && find . | cpio -o -H newc 2>/dev/null | gzip -1 > ../guest-qga.cpio.gz)
 [ -f data.raw ] || mkfs.ext4 -q -F data.raw 64M
 echo "test guest built in $OUT"

@@ -51,6 +51,16 @@ pub enum LibvirtResource {
     /// An embedded driver's root with the clone running in it (undo: kill
     /// its QEMU and virsh, remove the root).
     LibvirtEmbeddedClone { root: PathBuf, uuid: String },
+    /// The original's file systems are (about to be) frozen through its guest agent
+    /// (undo: ask the agent, through libvirt, and thaw if it says frozen). A killed
+    /// run's freeze call goes on inside libvirtd, holding the domain's agent job, until
+    /// its timeout: the undo waits that long for the job (bounded).
+    LibvirtGuestFrozen {
+        uri: String,
+        uuid: String,
+        #[serde(default)]
+        freeze_timeout_secs: u64,
+    },
 }
 
 /// Undoes one of the libvirt backend's own resources.
@@ -65,6 +75,11 @@ pub(crate) fn recover(resource: &LibvirtResource) -> Result<()> {
             overlay_file,
         } => merge_back(uri, uuid, disk, base_file, overlay_file),
         LibvirtResource::LibvirtEmbeddedClone { root, .. } => take_down_embedded(root),
+        LibvirtResource::LibvirtGuestFrozen {
+            uri,
+            uuid,
+            freeze_timeout_secs,
+        } => thaw_if_frozen(uri, uuid, Duration::from_secs(*freeze_timeout_secs)),
     }
 }
 
@@ -79,6 +94,8 @@ pub struct LibvirtVm {
     pub name: String,
     pub uuid: String,
     pub checked: domxml::Checked,
+    /// The domain has a guest agent channel (`org.qemu.guest_agent.0`).
+    pub agent: bool,
     /// The domain's definition as read before the checkpoint (`dumpxml
     /// --inactive`: what `virsh define` takes; after the snapshot it names the
     /// overlays), secrets removed; or why it could not be read.
@@ -418,6 +435,7 @@ impl Hypervisor for LibvirtBackend {
                 uri,
                 name: checked.name.clone(),
                 uuid: checked.uuid.clone(),
+                agent: domxml::has_agent_channel(&dom),
                 checked,
                 definition,
             }),
@@ -919,6 +937,200 @@ impl Hypervisor for LibvirtBackend {
         StopMethod::Acpi
     }
 
+    fn check_quiesce(&self, vm: &VmInfo) -> Result<()> {
+        let lv = lv_vm(vm)?;
+        if !lv.agent {
+            return Err(unsupported(format!(
+                "on_clone_failure = \"quiesced\" needs the VM's guest agent: domain {} has no <channel> named {}",
+                lv.name,
+                crate::agent::PORT_NAME
+            )));
+        }
+        Ok(())
+    }
+
+    /// The freeze and thaw go through libvirt's own agent connection with
+    /// `qemu-agent-command --timeout`: `domfsfreeze` and `snapshot-create-as --quiesce`
+    /// wait with the domain's agent timeout, which blocks forever by default
+    /// (libvirt src/qemu/qemu_domain.c, qemuDomainObjPrivateAlloc: "agent commands block
+    /// by default"; qemu_agent.c, qemuAgentFSFreeze uses agent->timeout), while
+    /// qemuDomainQemuAgentCommand takes the caller's. After a timeout libvirt syncs its
+    /// agent connection again itself (qemu_agent.c, qemuAgentGuestSync).
+    fn quiesced_snapshot(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        work_dir: &Path,
+        freeze_timeout: Duration,
+        journal: &mut dyn Journal,
+    ) -> Result<crate::QuiescedSnapshot> {
+        self.check_quiesce(vm)?;
+        let lv = lv_vm(vm)?;
+        let (uri, uuid) = (lv.uri.as_str(), lv.uuid.as_str());
+        let state: &LibvirtCheckpoint = checkpoint.detail.get().ok_or_else(|| {
+            unsupported("the libvirt backend was handed another backend's checkpoint".into())
+        })?;
+        let tag = format!(
+            "{}-q",
+            work_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| util::random_hex(4))
+        );
+        let list = virsh::domblklist(uri, uuid)?;
+        let mut args: Vec<String> = vec![
+            "snapshot-create-as".into(),
+            uuid.into(),
+            format!("coldclone-{tag}"),
+            "--disk-only".into(),
+            "--atomic".into(),
+            "--no-metadata".into(),
+        ];
+        let mut made = Vec::new();
+        for (_, disk, _, overlay1) in &state.overlays {
+            let on = list
+                .iter()
+                .find(|(t, _)| t == disk)
+                .map(|(_, s)| PathBuf::from(s));
+            if on.as_deref() != Some(overlay1.as_path()) {
+                return Err(BackendError::Checkpoint(format!(
+                    "{disk} runs on {on:?}, not on the checkpoint's overlay {}",
+                    overlay1.display()
+                )));
+            }
+            let overlay = overlay_path_for(overlay1, &tag);
+            let id = journal.will_create(
+                &LibvirtResource::LibvirtOriginalOverlay {
+                    uri: uri.into(),
+                    uuid: uuid.into(),
+                    disk: disk.clone(),
+                    base_file: overlay1.clone(),
+                    overlay_file: overlay.clone(),
+                }
+                .into(),
+            )?;
+            args.push("--diskspec".into());
+            args.push(format!(
+                "{disk},snapshot=external,file={}",
+                overlay.display().to_string().replace(',', ",,")
+            ));
+            made.push((id, disk.clone(), overlay1.clone(), overlay));
+        }
+        let undo_made = |journal: &mut dyn Journal| {
+            for (id, disk, base, overlay) in made.iter().rev() {
+                match merge_back(uri, uuid, disk, base, overlay) {
+                    Ok(()) => {
+                        let _ = journal.removed(*id);
+                    }
+                    Err(e) => tracing::error!(disk, "the quiesced snapshot's overlay: {e}"),
+                }
+            }
+        };
+        let frozen_id = journal.will_create(
+            &LibvirtResource::LibvirtGuestFrozen {
+                uri: uri.into(),
+                uuid: uuid.into(),
+                freeze_timeout_secs: freeze_timeout.as_secs(),
+            }
+            .into(),
+        )?;
+        journal.milestone("quiesce:freezing")?;
+        let froze =
+            agent_command(uri, uuid, "guest-fsfreeze-freeze", freeze_timeout).and_then(|v| {
+                v.as_u64().ok_or_else(|| {
+                    BackendError::Checkpoint(format!("guest-fsfreeze-freeze returned {v}"))
+                })
+            });
+        let frozen_at = Instant::now();
+        let snap = match &froze {
+            Ok(_) => {
+                journal.milestone("quiesce:frozen")?;
+                let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+                let r = virsh(uri, &argv);
+                if r.is_ok() {
+                    journal.milestone("quiesce:snapshotted")?;
+                }
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!("freezing the original's file systems failed: {e}; thawing");
+                None
+            }
+        };
+        // Thaw at once, on every path; a second try after a failure.
+        let thawed = agent_command(uri, uuid, "guest-fsfreeze-thaw", THAW_TIMEOUT).or_else(|e| {
+            tracing::warn!("thaw: {e}; trying again");
+            agent_command(uri, uuid, "guest-fsfreeze-thaw", THAW_TIMEOUT)
+        });
+        let frozen_ms = frozen_at.elapsed().as_secs_f64() * 1000.0;
+        if thawed.is_ok() {
+            journal.removed(frozen_id)?;
+            journal.milestone("quiesce:thawed")?;
+        }
+        let n = match (froze, snap) {
+            (Ok(n), Some(Ok(_))) => n,
+            (Ok(_), Some(Err(e))) => {
+                undo_made(journal);
+                return Err(e);
+            }
+            (Ok(_), None) => {
+                undo_made(journal);
+                return Err(BackendError::Checkpoint(
+                    "the quiesced disk snapshot was not taken".into(),
+                ));
+            }
+            (Err(e), _) => {
+                undo_made(journal);
+                return Err(BackendError::Checkpoint(format!(
+                    "the original's file systems could not be frozen through its guest agent ({e}){}; no quiesced copy was taken",
+                    if thawed.is_ok() { "; thawed again" } else { "; the thaw failed too" }
+                )));
+            }
+        };
+        if let Err(e) = thawed {
+            return Err(BackendError::Checkpoint(format!(
+                "the original's file systems were frozen for the snapshot but could not be thawed: {e}"
+            )));
+        }
+        // Check, not trust: the original writes into the new overlays now.
+        let list = virsh::domblklist(uri, uuid)?;
+        let mut disks = Vec::new();
+        for (_, disk, overlay1, overlay) in &made {
+            let on = list
+                .iter()
+                .find(|(t, _)| t == disk)
+                .map(|(_, s)| PathBuf::from(s));
+            if on.as_deref() != Some(overlay.as_path()) {
+                return Err(BackendError::Checkpoint(format!(
+                    "after the quiesced snapshot, {disk} runs on {on:?}, not on {}",
+                    overlay.display()
+                )));
+            }
+            let bytes = vm
+                .disks
+                .iter()
+                .find(|d| &d.name == disk)
+                .map(|d| d.bytes)
+                .unwrap_or(0);
+            disks.push((
+                CloneDisk {
+                    name: disk.clone(),
+                    overlay: overlay1.clone(),
+                    bytes,
+                },
+                crate::DiskAccess::Image {
+                    path: overlay1.clone(),
+                    format: crate::image_export::ImageFormat::Qcow2,
+                },
+            ));
+        }
+        Ok(crate::QuiescedSnapshot {
+            disks,
+            frozen_filesystems: n,
+            frozen_ms,
+        })
+    }
+
     fn vm_definition(&self, vm: &VmInfo) -> Result<Option<crate::VmDefinition>> {
         let lv = lv_vm(vm)?;
         let text = lv
@@ -947,6 +1159,80 @@ impl Hypervisor for LibvirtBackend {
         .arg(&disk.frozen_file)
         .arg(dest);
         run_tool(c).map(|_| ())
+    }
+}
+
+/// How long a thaw may take.
+const THAW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One guest agent command through libvirt's own agent connection, bounded by
+/// `timeout` (`qemu-agent-command --timeout`); its `return` value, typed by the caller.
+fn agent_command(
+    uri: &str,
+    uuid: &str,
+    command: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
+    let req = serde_json::json!({ "execute": command }).to_string();
+    let secs = timeout.as_secs().max(1).to_string();
+    let out = virsh(uri, &["qemu-agent-command", uuid, &req, "--timeout", &secs])?;
+    let text = out.trim();
+    if text.len() > crate::agent::MAX_REPLY_BYTES {
+        return Err(BackendError::Checkpoint(format!(
+            "{command}: a reply longer than 64 KiB"
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|_| {
+        BackendError::Checkpoint(format!(
+            "{command}: the agent answered {:?}",
+            text.chars().take(200).collect::<String>()
+        ))
+    })?;
+    v.get("return").cloned().ok_or_else(|| {
+        BackendError::Checkpoint(format!(
+            "{command}: the agent answered {:?}",
+            text.chars().take(200).collect::<String>()
+        ))
+    })
+}
+
+/// `recover` of a guest a killed run may have left frozen: libvirt names the domain by
+/// its uuid; its agent is asked, and thaws only if it says frozen. A killed run's
+/// `qemu-agent-command` goes on inside libvirtd until its own timeout, holding the
+/// domain's job ("cannot acquire state change lock (held by
+/// agent=qemuDispatchDomainAgentCommand)"): waited for, up to `freeze_timeout` + 60 s.
+fn thaw_if_frozen(uri: &str, uuid: &str, freeze_timeout: Duration) -> Result<()> {
+    match virsh::domstate(uri, uuid) {
+        Err(e) if virsh::no_such_domain(&e) => return Ok(()),
+        Err(e) => return Err(e),
+        Ok((state, _)) if state != "running" && state != "paused" => return Ok(()),
+        Ok(_) => {}
+    }
+    let start = Instant::now();
+    let limit = freeze_timeout + Duration::from_secs(60);
+    let status = loop {
+        match agent_command(uri, uuid, "guest-fsfreeze-status", THAW_TIMEOUT) {
+            Ok(v) => break v,
+            Err(e)
+                if e.to_string().contains("cannot acquire state change lock")
+                    && start.elapsed() < limit =>
+            {
+                tracing::info!("the domain's agent is busy (a killed run's freeze call); waiting");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    match serde_json::from_value::<crate::agent::FreezeStatus>(status.clone()) {
+        Ok(crate::agent::FreezeStatus::Thawed) => Ok(()),
+        Ok(crate::agent::FreezeStatus::Frozen) => {
+            agent_command(uri, uuid, "guest-fsfreeze-thaw", THAW_TIMEOUT)?;
+            tracing::warn!(uuid, "thawed a guest a killed run had left frozen");
+            Ok(())
+        }
+        Err(_) => Err(BackendError::Checkpoint(format!(
+            "guest-fsfreeze-status returned {status}"
+        ))),
     }
 }
 

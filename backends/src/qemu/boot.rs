@@ -73,6 +73,7 @@ impl QemuBackend {
                 disk_overlays: &overlays,
                 tap_prefix: &net.tap_prefix,
                 incoming: false,
+                agent_socket: None,
             },
         )?;
         let log = work_dir.join("boot-qemu.log");

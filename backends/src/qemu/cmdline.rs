@@ -24,7 +24,7 @@
 
 use crate::{BackendError, Result};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// How many arguments an option takes (qemu-options.hx: `DEF(name, HAS_ARG|0, ...)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -841,6 +841,40 @@ pub struct CloneSpec<'a> {
     /// Wait for a memory image (`-incoming defer`); false for a fresh boot
     /// of the disks (the audit's boot test).
     pub incoming: bool,
+    /// The clone's own guest agent socket (in its run folder): the chardev of the
+    /// agent's port becomes a socket QEMU serves there. `None`: a null chardev.
+    pub agent_socket: Option<&'a str>,
+}
+
+/// The guest agent's channel on a command line: the chardev of a `virtserialport`
+/// named `org.qemu.guest_agent.0`, and the path of its unix socket when QEMU serves
+/// it (`-chardev socket,path=...,server=on`), as written (relative to QEMU's folder).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentChannel {
+    pub chardev: String,
+    pub socket: Option<PathBuf>,
+}
+
+/// Finds the guest agent's channel, if the VM has one.
+pub fn agent_channel(original: &[Opt]) -> Option<AgentChannel> {
+    let chardev = original
+        .iter()
+        .filter(|o| o.name == "device")
+        .filter_map(|o| Props::parse("device", o.arg.as_deref()?, Some("driver"), true).ok())
+        .find(|p| {
+            p.get("driver") == Some("virtserialport")
+                && p.get("name") == Some(crate::agent::PORT_NAME)
+        })?
+        .get("chardev")?
+        .to_string();
+    let socket = original
+        .iter()
+        .filter(|o| o.name == "chardev")
+        .filter_map(|o| Props::parse("chardev", o.arg.as_deref()?, Some("backend"), false).ok())
+        .find(|p| p.get("id") == Some(chardev.as_str()))
+        .filter(|p| p.get("backend") == Some("socket") && p.bool("server", false) == Ok(true))
+        .and_then(|p| p.get("path").map(PathBuf::from));
+    Some(AgentChannel { chardev, socket })
 }
 
 /// The result of rewriting: argv and the taps it will create.
@@ -935,6 +969,7 @@ pub fn clone_command(original: &[Opt], spec: &CloneSpec) -> Result<CloneCommand>
     // The -blockdev graph, judged whole: protocol nodes come before the
     // format nodes that name them.
     let graph = super::blockdev::judge(original)?;
+    let agent_chardev = agent_channel(original).map(|a| a.chardev);
     let mut serial_seen = false;
     for (index, opt) in original.iter().enumerate() {
         let raw = opt.arg.clone();
@@ -1029,6 +1064,11 @@ pub fn clone_command(original: &[Opt], spec: &CloneSpec) -> Result<CloneCommand>
                 }
                 let new = if console_chardev.as_deref() == Some(id) {
                     format!("file,id={id},path={}", esc(spec.console_log))
+                } else if let (Some(sock), true) =
+                    (spec.agent_socket, agent_chardev.as_deref() == Some(id))
+                {
+                    // The clone's own agent socket, never the original's.
+                    format!("socket,id={id},path={},server=on,wait=off", esc(sock))
                 } else {
                     format!("null,id={id}")
                 };
@@ -1306,6 +1346,7 @@ pub fn restored_command(original: &[Opt], spec: &RestoreSpec) -> Result<CloneCom
             disk_overlays: spec.disks,
             tap_prefix: spec.tap_prefix,
             incoming: false,
+            agent_socket: None,
         },
     )?;
     let mut args = Vec::with_capacity(cloned.args.len());
@@ -1485,6 +1526,7 @@ mod tests {
             disk_overlays: overlays,
             tap_prefix: "ccx",
             incoming: true,
+            agent_socket: Some("/run/c/agent.sock"),
         }
     }
 
@@ -1786,5 +1828,54 @@ mod tests {
         );
         assert_eq!(o[1].arg.as_deref(), Some("type=q35"));
         assert!(parse_config("[fsdev \"f\"]\n path = \"/srv\"\n").is_err());
+    }
+
+    #[test]
+    fn the_agent_channel_is_found_and_the_clone_gets_its_own_socket() {
+        let argv = s(&[
+            "-device",
+            "virtio-serial-pci,id=vs0",
+            "-chardev",
+            "socket,id=qga0,path=/var/run/orig/qga.sock,server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            "-chardev",
+            "socket,id=other,path=/var/run/orig/other.sock,server=on,wait=off",
+            "-device",
+            "virtserialport,chardev=other,name=com.example.other",
+            "-nic",
+            "none",
+        ]);
+        let opts = parse(&argv).unwrap();
+        assert_eq!(
+            agent_channel(&opts),
+            Some(AgentChannel {
+                chardev: "qga0".into(),
+                socket: Some("/var/run/orig/qga.sock".into())
+            })
+        );
+        let overlays = BTreeMap::new();
+        let a = clone_command(&opts, &spec(&overlays))
+            .unwrap()
+            .args
+            .join(" ");
+        assert!(
+            a.contains("-chardev socket,id=qga0,path=/run/c/agent.sock,server=on,wait=off"),
+            "{a}"
+        );
+        assert!(
+            !a.contains("/var/run/orig"),
+            "the original's sockets stay out: {a}"
+        );
+        assert!(a.contains("-chardev null,id=other"), "{a}");
+        // A client chardev (QEMU connects out) is no socket of the original's to use.
+        let argv = s(&[
+            "-chardev",
+            "socket,id=qga0,path=/x/qga.sock,server=off",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]);
+        assert_eq!(agent_channel(&parse(&argv).unwrap()).unwrap().socket, None);
+        assert_eq!(agent_channel(&parse(&s(&["-nic", "none"])).unwrap()), None);
     }
 }

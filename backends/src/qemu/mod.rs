@@ -107,6 +107,16 @@ pub enum QemuResource {
         original_pid: u32,
         socket: PathBuf,
     },
+    /// The original's file systems are (about to be) frozen through its guest agent
+    /// (undo: thaw them, if that very QEMU still serves that agent socket and its
+    /// agent says they are frozen).
+    GuestFrozen {
+        qmp: PathBuf,
+        original_pid: u32,
+        agent_socket: PathBuf,
+        #[serde(default)]
+        vm_uid: Option<u32>,
+    },
 }
 
 /// Undoes one of the QEMU backend's own resources.
@@ -184,6 +194,12 @@ pub(crate) fn recover(resource: &QemuResource) -> Result<()> {
             }
             _ => util::remove_file_if_exists(socket),
         },
+        QemuResource::GuestFrozen {
+            original_pid,
+            agent_socket,
+            vm_uid,
+            ..
+        } => thaw_after_crash(*original_pid, agent_socket, *vm_uid),
         QemuResource::Balloon { qmp, restore_bytes } => match Qmp::connect(qmp) {
             Ok(mut q) => q
                 .execute("balloon", json!({ "value": restore_bytes }))
@@ -203,6 +219,8 @@ pub struct QemuVm {
     pub cwd: PathBuf,
     pub options: Vec<cmdline::Opt>,
     pub disks: Vec<QemuDisk>,
+    /// The guest agent's channel, its socket path made absolute (QEMU's folder).
+    pub agent: Option<cmdline::AgentChannel>,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +247,9 @@ pub struct QemuClone {
     tap_journal_ids: Vec<u64>,
     namespace: network_isolation::Namespace,
     stopped: bool,
+    /// The clone's own guest agent socket (in its run folder), where the VM has an
+    /// agent channel: the fallback when the power button is ignored.
+    agent: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for QemuClone {
@@ -856,6 +877,10 @@ impl Hypervisor for QemuBackend {
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
             .map_err(io_err(Path::new("/proc/PID/cwd")))?;
         let options = cmdline::parse_in(argv.get(1..).unwrap_or(&[]), Some(&cwd))?;
+        let agent = cmdline::agent_channel(&options).map(|mut a| {
+            a.socket = a.socket.map(|p| absolute(&cwd, &p));
+            a
+        });
         let name_v = q.execute("query-name", json!({}))?;
         let name = match str_of(&name_v, "name") {
             n if !n.is_empty() => n,
@@ -928,6 +953,7 @@ impl Hypervisor for QemuBackend {
                 disk_overlays: &overlays,
                 tap_prefix: "probe",
                 incoming: true,
+                agent_socket: Some("probe"),
             },
         )?;
         Ok(VmInfo {
@@ -953,6 +979,7 @@ impl Hypervisor for QemuBackend {
                 cwd,
                 options,
                 disks,
+                agent,
             }),
         })
     }
@@ -1234,6 +1261,9 @@ impl Hypervisor for QemuBackend {
         let console_log = work_dir.join("clone-console.log");
         let qemu_log = work_dir.join("clone-qemu.log");
         let pidfile = work_dir.join("clone.pid");
+        // In the run folder (removed with it): the clone's agent, never the original's.
+        let agent_socket = qv.agent.as_ref().map(|_| work_dir.join("clone-agent.sock"));
+        let agent_arg = agent_socket.as_ref().map(|p| p.display().to_string());
         let uuid = util::random_uuid();
         let cmd = cmdline::clone_command(
             &qv.options,
@@ -1246,6 +1276,7 @@ impl Hypervisor for QemuBackend {
                 disk_overlays: &overlays,
                 tap_prefix: &net.tap_prefix,
                 incoming: true,
+                agent_socket: agent_arg.as_deref(),
             },
         )?;
         let (mut child, process_id, tap_ids) =
@@ -1263,6 +1294,7 @@ impl Hypervisor for QemuBackend {
                 tap_journal_ids: tap_ids,
                 namespace: net.namespace.clone(),
                 stopped: false,
+                agent: agent_socket,
             }),
         };
         let connected = Qmp::connect_retry(&qmp_path, self.clone_start_timeout, &mut || {
@@ -1351,20 +1383,30 @@ impl Hypervisor for QemuBackend {
     fn wait_stopped(&self, clone: &mut PausedClone, timeout: Duration) -> Result<CloneOutcome> {
         let start = Instant::now();
         let mut outcome = CloneOutcome::Killed;
-        if let Some(q) = qemu_clone(&mut clone.detail)?.qmp.as_mut() {
-            match q.wait_event("the clone to shut down", timeout, &|e| e.name == "SHUTDOWN") {
-                Ok(ev) => {
-                    let reason = ev.data.get("reason").and_then(Value::as_str).unwrap_or("");
-                    if reason == "guest-shutdown" {
-                        outcome = CloneOutcome::StoppedByGuest;
-                    } else {
-                        tracing::warn!(reason, "the clone stopped, but not by a guest power-off");
+        let c = qemu_clone(&mut clone.detail)?;
+        let clone_pid = c.child.as_ref().map(Child::id);
+        let agent = c.agent.clone();
+        if let Some(q) = c.qmp.as_mut() {
+            match wait_guest_shutdown(q, timeout)? {
+                Some(true) => outcome = CloneOutcome::StoppedByGuest,
+                Some(false) => {}
+                // The button was ignored: ask the clone's own guest agent, once, for
+                // another bounded wait (as the libvirt backend does).
+                None => {
+                    if let Some(sock) = agent {
+                        tracing::warn!(
+                            "the clone ignored the ACPI power button; asking its guest agent"
+                        );
+                        match agent_shutdown(&sock, clone_pid, self.vm_uid) {
+                            Ok(()) => {
+                                if wait_guest_shutdown(q, timeout)? == Some(true) {
+                                    outcome = CloneOutcome::StoppedByGuestAgent;
+                                }
+                            }
+                            Err(e) => tracing::warn!("the guest agent's shutdown failed: {e}"),
+                        }
                     }
                 }
-                Err(BackendError::Timeout { .. }) => {}
-                // QEMU closing the socket as it exits is a stop too; the exit status decides.
-                Err(BackendError::Qemu(QemuError::QmpProtocol { .. })) => {}
-                Err(e) => return Err(e),
             }
         }
         let child = qemu_clone(&mut clone.detail)?.child.as_mut();
@@ -1491,6 +1533,232 @@ impl Hypervisor for QemuBackend {
         StopMethod::Acpi
     }
 
+    fn check_quiesce(&self, vm: &VmInfo) -> Result<()> {
+        self.original_agent(qemu_vm(vm)?).map(|_| ())
+    }
+
+    fn quiesced_snapshot(
+        &self,
+        vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        work_dir: &Path,
+        freeze_timeout: Duration,
+        journal: &mut dyn Journal,
+    ) -> Result<crate::QuiescedSnapshot> {
+        let qv = qemu_vm(vm)?;
+        let socket = self.original_agent(qv)?;
+        let state: &QemuCheckpoint = checkpoint.detail.get().ok_or_else(|| {
+            BackendError::Unsupported(
+                "the QEMU backend was handed another backend's checkpoint".into(),
+            )
+        })?;
+        let mut q = Qmp::connect(&qv.qmp)?;
+        if q.peer_pid()? != qv.pid {
+            return Err(BackendError::Checkpoint(format!(
+                "another process serves {} now; the original (pid {}) is gone",
+                qv.qmp.display(),
+                qv.pid
+            )));
+        }
+        let tag = format!(
+            "{}-q",
+            work_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| util::random_hex(4))
+        );
+        // The new overlays, made and journaled before the freeze: frozen, the guest
+        // waits only for the snapshot transaction. Each is undone like the checkpoint's
+        // (committed back into the checkpoint's overlay, which then goes back into the image).
+        let mut made: Vec<(u64, &OriginalOverlay, PathBuf, String)> = Vec::new();
+        let mut actions = Vec::new();
+        let prepared = (|| {
+            for (i, o) in state.overlays.iter().enumerate() {
+                let d = qv
+                    .disks
+                    .iter()
+                    .find(|d| d.device == o.device)
+                    .ok_or_else(|| {
+                        BackendError::Checkpoint(format!("disk {} is not the original's", o.device))
+                    })?;
+                if active_file(&mut q, &o.device)?.as_deref() != Some(o.overlay.as_path()) {
+                    return Err(BackendError::Checkpoint(format!(
+                        "{} no longer writes into the checkpoint's overlay {}",
+                        o.device,
+                        o.overlay.display()
+                    )));
+                }
+                let overlay = overlay_path_for(&o.base_file, &tag, work_dir, &o.device);
+                let node = format!("cc-{tag}-{i}");
+                let id = journal.will_create(
+                    &QemuResource::OriginalOverlay {
+                        qmp: qv.qmp.clone(),
+                        original_pid: qv.pid,
+                        device: o.device.clone(),
+                        base_node: o.overlay_node.clone(),
+                        base_file: o.overlay.clone(),
+                        overlay_file: overlay.clone(),
+                        overlay_node: node.clone(),
+                    }
+                    .into(),
+                )?;
+                made.push((id, o, overlay.clone(), node.clone()));
+                if d.blockdev {
+                    let top = QemuDisk {
+                        file: o.overlay.clone(),
+                        format: "qcow2".into(),
+                        ..d.clone()
+                    };
+                    add_overlay_node(&mut q, &top, &overlay, &node)?;
+                    actions.push(json!({"type": "blockdev-snapshot", "data": {
+                        "node": o.overlay_node, "overlay": node}}));
+                } else {
+                    actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
+                        "device": o.device, "snapshot-file": overlay, "snapshot-node-name": node,
+                        "format": "qcow2", "mode": "absolute-paths"}}));
+                }
+            }
+            Ok(())
+        })();
+        let undo_made =
+            |q: &mut Qmp,
+             journal: &mut dyn Journal,
+             made: &[(u64, &OriginalOverlay, PathBuf, String)]| {
+                for (id, o, overlay, node) in made.iter().rev() {
+                    match merge_back_live(q, &o.device, &o.overlay_node, &o.overlay, overlay, node) {
+                    Ok(()) => {
+                        let _ = journal.removed(*id);
+                    }
+                    Err(e) => tracing::error!(
+                        disk = o.device,
+                        "could not remove the quiesced snapshot's overlay: {e}; the clean-up retries"
+                    ),
+                }
+                }
+            };
+        if let Err(e) = prepared {
+            undo_made(&mut q, journal, &made);
+            return Err(e);
+        }
+        let peer = crate::agent::Peer {
+            pid: Some(qv.pid),
+            uid: self.vm_uid,
+        };
+        // Journaled before the freeze: a run killed while the guest is frozen leaves
+        // `recover` what it needs to thaw it.
+        let frozen_id = journal.will_create(
+            &QemuResource::GuestFrozen {
+                qmp: qv.qmp.clone(),
+                original_pid: qv.pid,
+                agent_socket: socket.clone(),
+                vm_uid: self.vm_uid,
+            }
+            .into(),
+        )?;
+        journal.milestone("quiesce:freezing")?;
+        let mut agent = None;
+        let froze =
+            crate::agent::Agent::connect(&socket, &peer, freeze_timeout.min(AGENT_SYNC_TIMEOUT))
+                .and_then(|mut a| {
+                    let n = a.fsfreeze_freeze(freeze_timeout);
+                    agent = Some(a);
+                    n
+                });
+        let frozen_at = Instant::now();
+        let snapshot = match &froze {
+            Ok(n) => {
+                tracing::info!(filesystems = n, "the original's file systems are frozen");
+                journal.milestone("quiesce:frozen")?;
+                let r = q.execute("transaction", json!({ "actions": actions }));
+                if r.is_ok() {
+                    journal.milestone("quiesce:snapshotted")?;
+                }
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!("freezing the original's file systems failed: {e}; thawing");
+                None
+            }
+        };
+        // Thaw at once, on every path: also after a failed or timed-out freeze (qemu-ga
+        // may have frozen some file systems, or still be freezing).
+        let thawed = thaw(agent.as_mut(), &socket, &peer);
+        let frozen_ms = frozen_at.elapsed().as_secs_f64() * 1000.0;
+        match &thawed {
+            Ok(n) => {
+                journal.removed(frozen_id)?;
+                journal.milestone("quiesce:thawed")?;
+                tracing::info!(thawed = n, frozen_ms, "the original's file systems are thawed");
+            }
+            Err(e) => tracing::error!(
+                "thawing the original's file systems failed: {e}; the clean-up (or `coldclone recover`) retries"
+            ),
+        }
+        let n = match (froze, snapshot) {
+            (Ok(n), Some(Ok(_))) => n,
+            (Ok(_), Some(Err(e))) => {
+                undo_made(&mut q, journal, &made);
+                return Err(e);
+            }
+            (Ok(_), None) => {
+                undo_made(&mut q, journal, &made);
+                return Err(BackendError::Checkpoint(
+                    "the quiesced disk snapshot was not taken".into(),
+                ));
+            }
+            (Err(e), _) => {
+                undo_made(&mut q, journal, &made);
+                return Err(BackendError::Checkpoint(format!(
+                    "the original's file systems could not be frozen through its guest agent ({e}){}; no quiesced copy was taken",
+                    match &thawed {
+                        Ok(_) => "; thawed again",
+                        Err(_) => "; the thaw failed too",
+                    }
+                )));
+            }
+        };
+        if let Err(e) = thawed {
+            // The snapshot is good, but a guest left frozen must not pass unnoticed.
+            return Err(BackendError::Checkpoint(format!(
+                "the original's file systems were frozen for the snapshot but could not be thawed: {e}"
+            )));
+        }
+        let disks = made
+            .iter()
+            .map(|(_, o, _, _)| {
+                let bytes = qv
+                    .disks
+                    .iter()
+                    .find(|d| d.device == o.device)
+                    .map(|d| d.bytes)
+                    .unwrap_or(0);
+                let name = qv
+                    .disks
+                    .iter()
+                    .find(|d| d.device == o.device)
+                    .map(|d| d.name.clone())
+                    .unwrap_or_else(|| o.device.clone());
+                (
+                    CloneDisk {
+                        name,
+                        overlay: o.overlay.clone(),
+                        bytes,
+                    },
+                    // The checkpoint's overlay, frozen now, over the image: read in place.
+                    crate::DiskAccess::Image {
+                        path: o.overlay.clone(),
+                        format: crate::image_export::ImageFormat::Qcow2,
+                    },
+                )
+            })
+            .collect();
+        Ok(crate::QuiescedSnapshot {
+            disks,
+            frozen_filesystems: n,
+            frozen_ms,
+        })
+    }
+
     fn can_boot_test(&self) -> bool {
         true
     }
@@ -1586,6 +1854,35 @@ impl Hypervisor for QemuBackend {
 }
 
 impl QemuBackend {
+    /// The original's guest agent socket, checked: the VM has an agent channel on a
+    /// socket QEMU serves, and the socket file is a socket owned by root (or the VM's
+    /// configured QEMU user).
+    fn original_agent(&self, qv: &QemuVm) -> Result<PathBuf> {
+        let refuse = |why: String| {
+            BackendError::Unsupported(format!(
+                "on_clone_failure = \"quiesced\" needs the VM's guest agent: {why}"
+            ))
+        };
+        let channel = qv.agent.as_ref().ok_or_else(|| {
+            refuse(format!(
+                "the VM has no `-device virtserialport,name={}` channel",
+                crate::agent::PORT_NAME
+            ))
+        })?;
+        let socket = channel.socket.clone().ok_or_else(|| {
+            refuse(format!(
+                "its channel's chardev {} is not a unix socket QEMU serves (`-chardev socket,path=...,server=on`)",
+                channel.chardev
+            ))
+        })?;
+        let peer = crate::agent::Peer {
+            pid: Some(qv.pid),
+            uid: self.vm_uid,
+        };
+        crate::agent::check_socket(&socket, &peer).map_err(|e| refuse(e.to_string()))?;
+        Ok(socket)
+    }
+
     /// After a failed checkpoint: merge back any overlay the transaction made.
     fn release_partial(&self, q: &mut Qmp, state: &QemuCheckpoint, journal: &mut dyn Journal) {
         for o in &state.overlays {
@@ -1818,3 +2115,105 @@ pub fn merge_back_offline(original_pid: u32, overlay: &Path, base_file: &Path) -
 }
 
 pub use crate::util::check_backing;
+
+/// Waits for the clone's SHUTDOWN event: `Some(true)` a guest power-off, `Some(false)`
+/// another stop (or QEMU went away), `None` nothing within `timeout`.
+fn wait_guest_shutdown(q: &mut Qmp, timeout: Duration) -> Result<Option<bool>> {
+    match q.wait_event("the clone to shut down", timeout, &|e| e.name == "SHUTDOWN") {
+        Ok(ev) => {
+            let reason = ev.data.get("reason").and_then(Value::as_str).unwrap_or("");
+            if reason == "guest-shutdown" {
+                Ok(Some(true))
+            } else {
+                tracing::warn!(reason, "the clone stopped, but not by a guest power-off");
+                Ok(Some(false))
+            }
+        }
+        Err(BackendError::Timeout { .. }) => Ok(None),
+        // QEMU closing the socket as it exits is a stop too; the exit status decides.
+        Err(BackendError::Qemu(QemuError::QmpProtocol { .. })) => Ok(Some(false)),
+        Err(e) => Err(e),
+    }
+}
+
+/// How long connecting to an agent and syncing may take.
+const AGENT_SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a thaw may take.
+const THAW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `guest-shutdown` through the clone's own agent socket, served by the clone's QEMU.
+fn agent_shutdown(sock: &Path, clone_pid: Option<u32>, vm_uid: Option<u32>) -> Result<()> {
+    let peer = crate::agent::Peer {
+        pid: clone_pid,
+        uid: vm_uid,
+    };
+    let mut a = crate::agent::Agent::connect(sock, &peer, AGENT_SYNC_TIMEOUT)?;
+    a.shutdown(Duration::from_secs(2))?;
+    Ok(())
+}
+
+/// `recover` of a guest a killed run may have left frozen. Nothing is taken from the
+/// journal on its word: the pid must still be a QEMU, the socket must be the agent
+/// socket on that QEMU's own command line, served by it (SO_PEERCRED) and owned by
+/// root (or the VM's user); then the agent is asked, and thaws only if frozen.
+fn thaw_after_crash(pid: u32, socket: &Path, vm_uid: Option<u32>) -> Result<()> {
+    if !util::pid_alive(pid) {
+        return Ok(());
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    if !is_qemu_binary(&exe) {
+        tracing::warn!(
+            pid,
+            "the frozen guest's QEMU is gone (the pid is another process's)"
+        );
+        return Ok(());
+    }
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap_or_default();
+    let own = util::process_cmdline(pid)
+        .and_then(|argv| cmdline::parse_in(argv.get(1..).unwrap_or(&[]), Some(&cwd)).ok())
+        .and_then(|o| cmdline::agent_channel(&o))
+        .and_then(|a| a.socket)
+        .map(|p| absolute(&cwd, &p));
+    if own.as_deref() != Some(socket) {
+        tracing::warn!(
+            pid,
+            socket = %socket.display(),
+            "QEMU {pid} has no such agent socket now; not touching it"
+        );
+        return Ok(());
+    }
+    let peer = crate::agent::Peer {
+        pid: Some(pid),
+        uid: vm_uid,
+    };
+    let mut a = crate::agent::Agent::connect(socket, &peer, AGENT_SYNC_TIMEOUT)?;
+    match a.fsfreeze_status(THAW_TIMEOUT)? {
+        crate::agent::FreezeStatus::Thawed => Ok(()),
+        crate::agent::FreezeStatus::Frozen => {
+            let n = a.fsfreeze_thaw(THAW_TIMEOUT)?;
+            tracing::warn!(
+                pid,
+                thawed = n,
+                "thawed a guest a killed run had left frozen"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `guest-fsfreeze-thaw`, bounded: on the connection of the freeze if there is one
+/// (it syncs again after a timeout), else on a new one.
+fn thaw(
+    agent: Option<&mut crate::agent::Agent>,
+    socket: &Path,
+    peer: &crate::agent::Peer,
+) -> std::result::Result<u64, crate::agent::AgentError> {
+    if let Some(a) = agent {
+        match a.fsfreeze_thaw(THAW_TIMEOUT) {
+            Ok(n) => return Ok(n),
+            Err(e) => tracing::warn!("thaw on the freeze's connection: {e}; connecting again"),
+        }
+    }
+    let mut a = crate::agent::Agent::connect(socket, peer, AGENT_SYNC_TIMEOUT)?;
+    a.fsfreeze_thaw(THAW_TIMEOUT)
+}

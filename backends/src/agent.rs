@@ -335,8 +335,7 @@ impl Agent {
         }
     }
 
-    fn timeout(&self, cmd: &str, deadline: Instant, total: Duration) -> AgentError {
-        let _ = deadline;
+    fn timeout(&self, cmd: &str, total: Duration) -> AgentError {
         AgentError::Timeout {
             path: self.path.clone(),
             command: cmd.to_string(),
@@ -347,7 +346,7 @@ impl Agent {
     fn send(&mut self, req: &[u8], cmd: &str, deadline: Instant) -> Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(self.timeout(cmd, deadline, Duration::ZERO));
+            return Err(self.timeout(cmd, Duration::ZERO));
         }
         self.stream
             .set_write_timeout(Some(left))
@@ -364,7 +363,7 @@ impl Agent {
                 ) =>
             {
                 self.poisoned = true;
-                Err(self.timeout(cmd, deadline, left))
+                Err(self.timeout(cmd, left))
             }
             Err(source) => Err(AgentError::Io {
                 path: self.path.clone(),
@@ -379,7 +378,7 @@ impl Agent {
         let left = deadline.saturating_duration_since(start);
         if left.is_zero() {
             self.poisoned = true;
-            return Err(self.timeout(cmd, deadline, left));
+            return Err(self.timeout(cmd, left));
         }
         self.stream
             .set_read_timeout(Some(left))
@@ -408,7 +407,7 @@ impl Agent {
                 ) =>
             {
                 self.poisoned = true;
-                Err(self.timeout(cmd, deadline, left))
+                Err(self.timeout(cmd, left))
             }
             Err(source) => Err(AgentError::Io {
                 path: self.path.clone(),

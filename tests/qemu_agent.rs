@@ -52,10 +52,10 @@ fn warnings(report: &Value) -> String {
 /// no journal needing recovery (FIFREEZE flushes the journal and clears the flag:
 /// the kernel's ext4_freeze). The counters may differ: a freeze keeps the file system
 /// consistent, not the application's two writes.
-fn assert_restored_fs_frozen_clean(setup: &Setup) {
+fn assert_restored_fs_frozen_clean(setup: &Setup, disk: &str) {
     let img = setup.dir.join("restored-frozen.raw");
     let img_s = img.display().to_string();
-    let out = setup.coldclone(None, &["restore", "t1", "--disk", "d0", "--to", &img_s]);
+    let out = setup.coldclone(None, &["restore", "t1", "--disk", disk, "--to", &img_s]);
     assert!(
         out.status.success(),
         "restore: {}",
@@ -134,14 +134,18 @@ fn needs_root_qemu_qga_shuts_down_a_clone_that_ignores_the_button() {
 
 /// Button and agent shutdown ignored: the clone is killed and the original's disks are
 /// taken frozen through its agent.
-fn quiesced(tag: &str, agent: GuestAgent, froze_line: &str) {
+/// `blockdev`: d0 as libvirt's `-blockdev` graph (the quiesced snapshot is then a
+/// `blockdev-add` + `blockdev-snapshot` over the checkpoint's overlay node).
+fn quiesced(tag: &str, agent: GuestAgent, froze_line: &str, blockdev: bool) {
     let _g = serial();
     let opts = VmOptions {
         ignore_power_button: true,
         agent,
         knobs: "cc_agent_shutdown=ignore".into(),
+        blockdev,
         ..Default::default()
     };
+    let disk = if blockdev { "libvirt-1-format" } else { "d0" };
     let Some((dir, net, vm)) = start(tag, opts) else {
         return;
     };
@@ -167,7 +171,8 @@ fn quiesced(tag: &str, agent: GuestAgent, froze_line: &str) {
         assert!(vm.console().contains(froze_line), "{}", vm.console());
     }
     assert_eq!(agent_status(&vm), FreezeStatus::Thawed);
-    assert_restored_fs_frozen_clean(&setup);
+    assert_eq!(report["disks"][0]["name"], disk, "{report}");
+    assert_restored_fs_frozen_clean(&setup, disk);
     // Both overlays (the checkpoint's and the quiesced snapshot's) are merged back.
     vm.assert_unharmed();
     setup.assert_nothing_left(&net);
@@ -175,12 +180,17 @@ fn quiesced(tag: &str, agent: GuestAgent, froze_line: &str) {
 
 #[test]
 fn needs_root_qemu_agent_stand_in_quiesced_freezes_snapshots_and_thaws() {
-    quiesced("ag-q", GuestAgent::StandIn, "AGENT FROZE 1");
+    quiesced("ag-q", GuestAgent::StandIn, "AGENT FROZE 1", false);
+}
+
+#[test]
+fn needs_root_qemu_agent_quiesced_on_a_blockdev_graph_freezes_snapshots_and_thaws() {
+    quiesced("ag-qb", GuestAgent::StandIn, "AGENT FROZE 1", true);
 }
 
 #[test]
 fn needs_root_qemu_qga_quiesced_really_freezes_ext4() {
-    quiesced("qga-q", GuestAgent::Qga, "");
+    quiesced("qga-q", GuestAgent::Qga, "", false);
 }
 
 #[test]

@@ -1148,6 +1148,7 @@ impl Hypervisor for QemuBackend {
                 crate::DiskChangeMaps {
                     started: format!("qemu-bitmap:{}", p.started),
                     since,
+                    ..Default::default()
                 },
             );
         }
@@ -1170,6 +1171,7 @@ impl Hypervisor for QemuBackend {
         &self,
         _clone: &PausedClone,
         disk: &CloneDisk,
+        _journal: &mut dyn Journal,
     ) -> Result<Option<Vec<crate::ChangedRange>>> {
         bitmap::clone_writes(&disk.overlay).map(Some)
     }

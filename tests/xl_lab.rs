@@ -656,116 +656,68 @@ fn needs_xen_lab_thin_incremental_backups_read_what_thin_delta_says_and_verify()
             s.context()
         );
         assert_eq!(s.get(&format!("b{n}_attempts")), "1", "{}", s.context());
-        // The data disk of each backup, restored, is the LV byte for byte.
-        assert_eq!(
-            s.get(&format!("b{n}_xvdb_restored_rc")),
-            "0",
-            "{}",
-            s.context()
-        );
-        assert_eq!(
-            s.get(&format!("b{n}_xvdb_equal_rc")),
-            "0",
-            "backup {n}'s xvdb differs from the LV\n{}",
-            s.context()
-        );
         // No metadata snapshot is left held after a backup.
         assert_eq!(s.get(&format!("b{n}_meta_held")), "-", "{}", s.context());
+        // One snapshot kept after each stored backup, inactive and tagged.
+        assert_eq!(s.get(&format!("b{n}_kept_count")), "1", "{}", s.context());
+        assert_kept_inactive(s, &format!("b{n}_kept"));
     }
-    // First: nothing kept, whole reads, each saying why.
-    for disk in ["xvda", "xvdb"] {
-        assert_eq!(
-            s.get(&format!("b1_{disk}_changed_block_map")),
-            "none",
-            "{}",
-            s.context()
-        );
-        assert!(
-            s.get(&format!("b1_{disk}_full_read_reason"))
-                .contains("no earlier backup"),
-            "{}",
-            s.context()
-        );
-    }
-    // Second: both disks map-driven (lvm-thin), each checked against a whole read
-    // (verify mode: a mismatch fails the backup; verify_bytes_read is set when it passed).
-    for disk in ["xvda", "xvdb"] {
-        assert_eq!(
-            s.get(&format!("b2_{disk}_changed_block_map")),
-            "lvm-thin",
-            "{}",
-            s.context()
-        );
-        assert!(
-            s.num(&format!("b2_{disk}_verify_bytes_read")) > 0,
-            "{disk} not verified\n{}",
-            s.context()
-        );
-        assert!(
-            s.num(&format!("b2_{disk}_bytes_read")) < s.num(&format!("b2_{disk}_bytes")),
-            "{disk}: a map-driven backup read the whole disk\n{}",
-            s.context()
-        );
-    }
-    // 64 random 4 KiB writes on 16 MiB: at most 64 pool blocks of 64 KiB changed.
-    let read = s.num("b2_xvdb_bytes_read");
-    assert!(
-        read > 0 && read <= 64 * 65536,
-        "xvdb read {read} bytes for 64 random 4 KiB writes\n{}",
-        s.context()
-    );
-    eprintln!(
-        "thin-incremental: backup 2 read xvda {} of {} bytes, xvdb {read} of {}",
-        s.get("b2_xvda_bytes_read"),
-        s.get("b2_xvda_bytes"),
-        s.get("b2_xvdb_bytes")
-    );
-    // One snapshot kept per disk after each stored backup, inactive and tagged.
-    for n in 1..=2 {
-        for lv in ["g4", "g4data"] {
-            assert_eq!(
-                s.get(&format!("b{n}_kept_{lv}_count")),
-                "1",
-                "{}",
-                s.context()
-            );
-            assert_kept_inactive(s, &format!("b{n}_kept_{lv}"));
-        }
-    }
-    assert_ne!(
-        s.get("b1_kept_g4data").split(':').next(),
-        s.get("b2_kept_g4data").split(':').next(),
-        "the earlier kept snapshot was not replaced\n{}",
-        s.context()
-    );
-    // Third, after xvdb's kept snapshot was removed by hand: xvdb read whole, saying
-    // why; xvda still by its map.
+    // First: nothing kept, a whole read, saying why.
     assert_eq!(
-        s.get("b3_xvdb_changed_block_map"),
+        s.get("b1_xvda_changed_block_map"),
+        "none",
+        "{}",
+        s.context()
+    );
+    assert!(
+        s.get("b1_xvda_full_read_reason")
+            .contains("no earlier backup"),
+        "{}",
+        s.context()
+    );
+    // Second: map-driven (lvm-thin), checked against a whole read (verify mode: a
+    // mismatch fails the backup; verify_bytes_read is set when it passed), and less read.
+    assert_eq!(
+        s.get("b2_xvda_changed_block_map"),
+        "lvm-thin",
+        "{}",
+        s.context()
+    );
+    assert!(
+        s.num("b2_xvda_verify_bytes_read") > 0,
+        "not verified\n{}",
+        s.context()
+    );
+    let (read, size) = (s.num("b2_xvda_bytes_read"), s.num("b2_xvda_bytes"));
+    assert!(
+        read > 0 && read < size,
+        "a map-driven backup read {read} of {size} bytes\n{}",
+        s.context()
+    );
+    eprintln!("thin-incremental: backup 2 read {read} of {size} bytes");
+    // The kept snapshot is replaced by each backup.
+    let name = |k: &str| s.get(k).split(':').next().unwrap_or("").to_string();
+    assert_ne!(name("b1_kept"), name("b2_kept"), "{}", s.context());
+    assert_eq!(name("b2_kept"), s.get("removed_kept"), "{}", s.context());
+    // Third, after the kept snapshot was removed by hand: a whole read, saying why.
+    assert_eq!(
+        s.get("b3_xvda_changed_block_map"),
         "none",
         "{}",
         s.context()
     );
     assert_eq!(
-        s.get("b3_xvdb_bytes_read"),
-        s.get("b3_xvdb_bytes"),
+        s.get("b3_xvda_bytes_read"),
+        s.get("b3_xvda_bytes"),
         "{}",
         s.context()
     );
     assert!(
-        s.get("b3_xvdb_full_read_reason")
+        s.get("b3_xvda_full_read_reason")
             .contains("not held any more"),
         "{}",
         s.context()
     );
-    assert_eq!(
-        s.get("b3_xvda_changed_block_map"),
-        "lvm-thin",
-        "{}",
-        s.context()
-    );
-    assert!(s.num("b3_xvda_verify_bytes_read") > 0, "{}", s.context());
-    assert_eq!(s.get("b3_kept_g4data_count"), "1", "{}", s.context());
     s.assert_archive_clean();
     s.assert_original_runs();
     s.assert_nothing_left();
@@ -793,12 +745,12 @@ fn needs_xen_lab_kill_with_thin_metadata_snapshot_held_then_recover_releases_it(
     // The kept snapshots survived: the next backup is map-driven and verified.
     assert_eq!(s.get("after_rc"), "0", "{}", s.context());
     assert_eq!(
-        s.get("after_xvdb_changed_block_map"),
+        s.get("after_xvda_changed_block_map"),
         "lvm-thin",
         "{}",
         s.context()
     );
-    assert!(s.num("after_xvdb_verify_bytes_read") > 0, "{}", s.context());
+    assert!(s.num("after_xvda_verify_bytes_read") > 0, "{}", s.context());
     assert_eq!(s.get("after_meta_held"), "-", "{}", s.context());
 }
 

@@ -306,6 +306,7 @@ mod tests {
                 snapshot_id: "x".into(),
                 read_in_place: true,
                 changed_block_map: map,
+                full_read_reason: None,
                 verify_bytes_read: None,
             });
         }

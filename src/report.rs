@@ -77,6 +77,9 @@ pub struct DiskReport {
     pub read_in_place: bool,
     /// What told the repository which ranges changed since the previous backup.
     pub changed_block_map: ChangedBlockMap,
+    /// Why the disk was read whole (`changed_block_map: "none"`): no earlier backup, no
+    /// map kept, the map lost or not matching.
+    pub full_read_reason: Option<String>,
     /// With COLDCLONE_VERIFY_INCREMENTAL=1: the bytes of the whole-disk read that
     /// confirmed a map-driven backup (`None`: not verified).
     pub verify_bytes_read: Option<u64>,

@@ -24,7 +24,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-const ALL_SCENARIOS: &str = "backup thin kill-after-save kill-after-restore overflow hvm restore \
+const ALL_SCENARIOS: &str = "backup thin thin-incremental thin-kill-reserved kill-after-save \
+     kill-after-restore overflow hvm restore \
      kill-live-started kill-live-copy kill-live-suspended kill-live-snapshotted";
 /// Run only when named (benches/xl_pause.sh): the pause benchmark.
 const OPTIONAL_SCENARIOS: &str = "bench";
@@ -594,6 +595,163 @@ fn needs_xen_lab_thin_snapshot_backup_is_clean() {
     s.assert_archive_clean();
     s.assert_original_runs();
     s.assert_nothing_left();
+}
+
+/// A snapshot kept for the next map, as lab.sh's `list_kept` prints it (`name:attr:tags`):
+/// inactive (lv_attr's fifth place `-`), activation skipped (tenth `k`), tagged.
+fn assert_kept_inactive(s: &Scenario, key: &str) {
+    let line = s.get(key);
+    let mut parts = line.splitn(3, ':');
+    let (name, attr, tags) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    assert!(
+        name.starts_with("coldclone-"),
+        "{key}={line:?}\n{}",
+        s.context()
+    );
+    assert!(
+        attr.starts_with('V'),
+        "{key}: not a thin volume: {attr:?}\n{}",
+        s.context()
+    );
+    assert_eq!(
+        attr.chars().nth(4),
+        Some('-'),
+        "{key}: active: {attr:?}\n{}",
+        s.context()
+    );
+    assert_eq!(
+        attr.chars().nth(9),
+        Some('k'),
+        "{key}: no activation skip: {attr:?}\n{}",
+        s.context()
+    );
+    for t in [
+        "coldclone.origin=",
+        "coldclone.origin_uuid=",
+        "coldclone.run=",
+        "coldclone.chunk=",
+    ] {
+        assert!(
+            tags.contains(t),
+            "{key}: no {t} tag: {tags:?}\n{}",
+            s.context()
+        );
+    }
+}
+
+#[test]
+fn needs_xen_lab_thin_incremental_backups_read_what_thin_delta_says_and_verify() {
+    let Some(s) = scenario("thin-incremental") else {
+        return;
+    };
+    for n in 1..=3 {
+        assert_eq!(
+            s.get(&format!("b{n}_rc")),
+            "0",
+            "backup {n} failed\n{}",
+            s.context()
+        );
+        assert_eq!(s.get(&format!("b{n}_attempts")), "1", "{}", s.context());
+        // No metadata snapshot is left held after a backup.
+        assert_eq!(s.get(&format!("b{n}_meta_held")), "-", "{}", s.context());
+        // One snapshot kept after each stored backup, inactive and tagged.
+        assert_eq!(s.get(&format!("b{n}_kept_count")), "1", "{}", s.context());
+        assert_kept_inactive(s, &format!("b{n}_kept"));
+    }
+    // First: nothing kept, a whole read, saying why.
+    assert_eq!(
+        s.get("b1_xvda_changed_block_map"),
+        "none",
+        "{}",
+        s.context()
+    );
+    assert!(
+        s.get("b1_xvda_full_read_reason")
+            .contains("no earlier backup"),
+        "{}",
+        s.context()
+    );
+    // Second: map-driven (lvm-thin), checked against a whole read (verify mode: a
+    // mismatch fails the backup; verify_bytes_read is set when it passed), and less read.
+    assert_eq!(
+        s.get("b2_xvda_changed_block_map"),
+        "lvm-thin",
+        "{}",
+        s.context()
+    );
+    assert!(
+        s.num("b2_xvda_verify_bytes_read") > 0,
+        "not verified\n{}",
+        s.context()
+    );
+    let (read, size) = (s.num("b2_xvda_bytes_read"), s.num("b2_xvda_bytes"));
+    assert!(
+        read > 0 && read < size,
+        "a map-driven backup read {read} of {size} bytes\n{}",
+        s.context()
+    );
+    eprintln!("thin-incremental: backup 2 read {read} of {size} bytes");
+    // The kept snapshot is replaced by each backup.
+    let name = |k: &str| s.get(k).split(':').next().unwrap_or("").to_string();
+    assert_ne!(name("b1_kept"), name("b2_kept"), "{}", s.context());
+    assert_eq!(name("b2_kept"), s.get("removed_kept"), "{}", s.context());
+    // Third, after the kept snapshot was removed by hand: a whole read, saying why.
+    assert_eq!(
+        s.get("b3_xvda_changed_block_map"),
+        "none",
+        "{}",
+        s.context()
+    );
+    assert_eq!(
+        s.get("b3_xvda_bytes_read"),
+        s.get("b3_xvda_bytes"),
+        "{}",
+        s.context()
+    );
+    assert!(
+        s.get("b3_xvda_full_read_reason")
+            .contains("not held any more"),
+        "{}",
+        s.context()
+    );
+    s.assert_archive_clean();
+    s.assert_original_runs();
+    s.assert_nothing_left();
+}
+
+#[test]
+fn needs_xen_lab_kill_with_thin_metadata_snapshot_held_then_recover_releases_it() {
+    let Some(s) = scenario("thin-kill-reserved") else {
+        return;
+    };
+    assert_recovered(s);
+    // Held when killed, released by recover.
+    let held = s.get("after_kill_meta_held");
+    assert!(
+        held != "-" && held.parse::<u64>().is_ok(),
+        "no metadata snapshot was held at the kill ({held:?})\n{}",
+        s.context()
+    );
+    assert_eq!(
+        s.get("meta_held"),
+        "-",
+        "recover left it held\n{}",
+        s.context()
+    );
+    // The kept snapshots survived: the next backup is map-driven and verified.
+    assert_eq!(s.get("after_rc"), "0", "{}", s.context());
+    assert_eq!(
+        s.get("after_xvda_changed_block_map"),
+        "lvm-thin",
+        "{}",
+        s.context()
+    );
+    assert!(s.num("after_xvda_verify_bytes_read") > 0, "{}", s.context());
+    assert_eq!(s.get("after_meta_held"), "-", "{}", s.context());
 }
 
 fn assert_recovered(s: &Scenario) {

@@ -318,6 +318,9 @@ pub struct DiskChangeMaps {
     /// The original's writes since each earlier map still held, by the name the
     /// snapshot of that run recorded. A map missing here means a full read.
     pub since: BTreeMap<String, Vec<ChangedRange>>,
+    /// Why an earlier map is not among `since` (kept snapshot gone, origin replaced, a
+    /// tool failed), for the report of a whole read.
+    pub notes: Vec<String>,
 }
 
 /// A disk as it was at the checkpoint.
@@ -494,10 +497,13 @@ pub trait Hypervisor {
     fn export_disk(&self, clone: &PausedClone, disk: &CloneDisk, dest: &Path) -> Result<()>;
     /// Every range the clone itself wrote to `disk` (while it shut down); `None` when the
     /// backend cannot tell, which rules out an incremental read from a map.
+    /// `journal`: for what finding out holds for a moment (xl: a thin pool's metadata
+    /// snapshot).
     fn clone_writes(
         &self,
         _clone: &PausedClone,
         _disk: &CloneDisk,
+        _journal: &mut dyn Journal,
     ) -> Result<Option<Vec<ChangedRange>>> {
         Ok(None)
     }

@@ -245,7 +245,7 @@ fn backup_inc(
         }
         let mut out = vec![];
         for d in c.disks.clone() {
-            let writes = match backend.clone_writes(c, &d) {
+            let writes = match backend.clone_writes(c, &d, &mut j) {
                 Ok(w) => w,
                 Err(e) => {
                     eprintln!("clone writes of {}: {e}; read whole", d.name);

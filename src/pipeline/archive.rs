@@ -73,7 +73,7 @@ pub fn run(
                     .clone
                     .as_ref()
                     .ok_or(PipelineError::NoClone("no clone disks to archive"))?;
-                let writes = match run.backend.clone_writes(clone, disk) {
+                let writes = match run.backend.clone_writes(clone, disk, &mut run.journal) {
                     Ok(w) => w,
                     Err(e) => {
                         tracing::warn!(
@@ -89,17 +89,25 @@ pub fn run(
             let source_box = opened.source()?;
             let source = source_box.as_ref();
             let parent = ctx.repo.find_latest(&run.vm.name, &disk.name)?;
+            // No map covers the later instant of a quiesced copy: a whole read.
             let maps = match quiesced {
                 Some(_) => None,
                 None => checkpoint.change_maps.get(&disk.name),
             };
-            let (changed_ranges, changed_block_map) = changes::plan(
-                parent.as_ref(),
-                &ctx.host,
-                &ctx.repo.host().uuid,
-                maps,
-                clone_writes.as_deref(),
-            );
+            let planned = match quiesced {
+                Some(_) => Err("a quiesced copy: no changed-block map covers the later instant of its snapshot".to_string()),
+                None => changes::plan_explained(
+                    parent.as_ref(),
+                    &ctx.host,
+                    &ctx.repo.host().uuid,
+                    maps,
+                    clone_writes.as_deref(),
+                ),
+            };
+            let (changed_ranges, changed_block_map, full_read_reason) = match planned {
+                Ok((ranges, kind)) => (Some(ranges), kind, None),
+                Err(why) => (None, crate::report::ChangedBlockMap::None, Some(why)),
+            };
             let parent = parent.map(|s| s.id);
             let mut tags = BTreeMap::new();
             tags.insert("run".to_string(), run.id.clone());
@@ -182,6 +190,7 @@ pub fn run(
                 snapshot_id: summary.snapshot_id,
                 read_in_place,
                 changed_block_map,
+                full_read_reason,
                 verify_bytes_read: verified,
             });
             run.journal.milestone("archive:disk-stored")?;

@@ -29,33 +29,52 @@ pub fn plan(
     maps: Option<&DiskChangeMaps>,
     clone_writes: Option<&[ChangedRange]>,
 ) -> (Option<Vec<ChangedRange>>, ChangedBlockMap) {
-    let none = (None, ChangedBlockMap::None);
-    let (Some(parent), Some(maps), Some(mine)) = (parent, maps, clone_writes) else {
-        return none;
-    };
+    match plan_explained(parent, host, host_uuid, maps, clone_writes) {
+        Ok((ranges, kind)) => (Some(ranges), kind),
+        Err(_) => (None, ChangedBlockMap::None),
+    }
+}
+
+/// [`plan`], with the reason for a whole read (`Err`) for the report.
+pub fn plan_explained(
+    parent: Option<&Snapshot>,
+    host: &str,
+    host_uuid: &str,
+    maps: Option<&DiskChangeMaps>,
+    clone_writes: Option<&[ChangedRange]>,
+) -> Result<(Vec<ChangedRange>, ChangedBlockMap), String> {
+    let parent = parent.ok_or("no earlier backup of this disk")?;
+    let maps = maps.ok_or("the backend keeps no changed-block map for this disk")?;
+    let mine = clone_writes.ok_or("what the clone wrote to the disk is unknown")?;
     // Maps are this host's: another host's snapshot says nothing of them, even when
     // that host has the same name (a host cloned from one image): uuids tell them apart.
     if !parent.is_from(host, host_uuid) {
-        return none;
+        return Err("the earlier backup was made on another host".into());
     }
-    let Some(kind) = map_kind(&maps.started) else {
-        return none;
-    };
-    let Some(since) = parent
+    let kind =
+        map_kind(&maps.started).ok_or_else(|| format!("unknown kind of map {:?}", maps.started))?;
+    let named = parent
         .tags
         .get(TAG_CHANGE_MAP)
-        .and_then(|name| maps.since.get(name))
-    else {
-        return none;
-    };
-    let Some(theirs) = parent.tags.get(TAG_CLONE_WRITES).and_then(|t| decode(t)) else {
-        return none;
-    };
+        .ok_or("the earlier backup names no changed-block map")?;
+    let since = maps.since.get(named).ok_or_else(|| {
+        let mut why = format!("the earlier backup's map {named} is not held any more");
+        if !maps.notes.is_empty() {
+            why.push_str(": ");
+            why.push_str(&maps.notes.join("; "));
+        }
+        why
+    })?;
+    let theirs = parent
+        .tags
+        .get(TAG_CLONE_WRITES)
+        .and_then(|t| decode(t))
+        .ok_or("the earlier backup has no readable record of its clone's writes")?;
     let mut all: Vec<ChangedRange> = since.iter().chain(&theirs).chain(mine).cloned().collect();
     // The read plan is only merged, never coarsened: coarsening is for the tag's size,
     // and 1 MiB blocks turned 16,384 scattered 4 KiB writes into a whole-disk read
     // (docs/performance.md, 2026-12-04).
-    (Some(coalesce(&mut all, usize::MAX)), kind)
+    Ok((coalesce(&mut all, usize::MAX), kind))
 }
 
 /// The tags a new snapshot carries for the next run.
@@ -149,6 +168,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.clone()))
                 .collect(),
+            notes: vec![],
         }
     }
 

@@ -1175,6 +1175,7 @@ impl Hypervisor for QemuBackend {
                 crate::DiskChangeMaps {
                     started: format!("qemu-bitmap:{}", p.started),
                     since,
+                    ..Default::default()
                 },
             );
         }
@@ -1197,6 +1198,7 @@ impl Hypervisor for QemuBackend {
         &self,
         _clone: &PausedClone,
         disk: &CloneDisk,
+        _journal: &mut dyn Journal,
     ) -> Result<Option<Vec<crate::ChangedRange>>> {
         bitmap::clone_writes(&disk.overlay).map(Some)
     }

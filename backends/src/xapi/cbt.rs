@@ -171,6 +171,7 @@ pub(crate) fn after_checkpoint(
             crate::DiskChangeMaps {
                 started: format!("{MAP_PREFIX}{uuid}"),
                 since,
+                ..Default::default()
             },
         );
         tracked.insert(

@@ -1471,6 +1471,7 @@ impl Hypervisor for XapiBackend {
         &self,
         clone: &PausedClone,
         disk: &CloneDisk,
+        _journal: &mut dyn Journal,
     ) -> Result<Option<Vec<crate::ChangedRange>>> {
         let Some(d) = clone.detail.get::<XapiClone>() else {
             return Ok(None);

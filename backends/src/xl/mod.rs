@@ -19,6 +19,7 @@ mod libxl;
 pub mod live;
 pub mod lvm;
 pub mod restore_cfg;
+pub mod thin;
 pub mod xs;
 
 use crate::shared::SharedResource;
@@ -115,6 +116,9 @@ pub enum XlResource {
     },
     /// A clone domain (undo: xl destroy it, if it is still ours by name).
     XlDomain { name: String },
+    /// A metadata snapshot reserved in a thin pool for `thin_delta` (undo: release it if
+    /// the pool still holds one; see [`thin`]).
+    ThinMetadataSnap { vg: String, pool: String },
 }
 
 /// Undoes one of the xl backend's own resources.
@@ -162,6 +166,7 @@ pub(crate) fn recover(resource: &XlResource) -> Result<()> {
             None => Ok(()),
         },
         XlResource::LvmSnapshot { vg, lv, origin } => lvm::remove_snapshot(vg, lv, origin),
+        XlResource::ThinMetadataSnap { vg, pool } => thin::recover_metadata_snap(vg, pool),
         XlResource::XlDomain { name } => {
             cli::wait_for_xl_processes(name, Duration::from_secs(120));
             if state(name)?.is_some() {
@@ -191,11 +196,22 @@ pub struct XlDisk {
     pub lv: lvm::Lv,
 }
 
+/// What a checkpoint keeps for the clone and the changed-block maps.
+#[derive(Debug, Clone, Default)]
+struct XlCheckpoint {
+    /// The thin disks: the clone writes to its own snapshot of each, and a copy of the
+    /// frozen snapshot is kept for the next run's map.
+    thin: Vec<thin::ThinDisk>,
+    run: String,
+}
+
 /// A clone domain.
 #[derive(Debug)]
 pub struct XlClone {
     name: String,
     journal_id: u64,
+    /// Thin disks, whose clone snapshots tell the clone's writes.
+    thin: Vec<thin::ThinDisk>,
     /// Classic snapshots under the clone, checked for overflow once it stopped.
     snapshots: Vec<PathBuf>,
     stopped: bool,
@@ -694,6 +710,20 @@ impl Hypervisor for XlBackend {
         };
         let mut ckpt = result?;
         ckpt.warnings.extend(fallback_note);
+        // Changed-block maps, after the original runs again: thin disks only (classic
+        // snapshots keep no map; they are read whole).
+        match thin::thin_disks(&x.disks, &ckpt.disks, run) {
+            Ok(disks) => {
+                ckpt.change_maps = thin::since_kept(&disks, journal);
+                ckpt.detail = Opaque::new(XlCheckpoint {
+                    thin: disks,
+                    run: run.to_string(),
+                });
+            }
+            Err(e) => {
+                tracing::warn!("thin disks: {e}; no changed-block maps, disks read whole");
+            }
+        }
         ckpt.warnings.push(format!(
             "xl's monitor process of domain {} ended with `xl save`: its on_poweroff/on_reboot/on_crash \
              actions no longer apply (a shutdown leaves it listed until `xl destroy`; a reboot stops it); \
@@ -723,10 +753,34 @@ impl Hypervisor for XlBackend {
                 "xl plugs vifs into bridges of dom0's own network namespace: remove isolation.netns for xl VMs".into(),
             ));
         }
+        // A thin disk's clone writes to its own thin snapshot of the frozen one (no size,
+        // no copy), so that the frozen snapshot stays as the checkpoint left it and the
+        // clone's writes are thin_delta(frozen, clone). Classic disks: the frozen
+        // snapshot itself.
+        let thin_disks = checkpoint
+            .detail
+            .get::<XlCheckpoint>()
+            .map(|c| c.thin.clone())
+            .unwrap_or_default();
+        for t in &thin_disks {
+            journal.will_create(
+                &XlResource::LvmSnapshot {
+                    vg: t.vg.clone(),
+                    lv: t.clone.clone(),
+                    origin: t.frozen.clone(),
+                }
+                .into(),
+            )?;
+            thin::clone_snapshot(t)?;
+        }
+        let disk_path = |d: &FrozenDisk| match thin_disks.iter().find(|t| t.vdev == d.name) {
+            Some(t) => thin::lvm_path(&t.vg, &t.clone),
+            None => d.frozen_file.clone(),
+        };
         let snapshots: Vec<(String, String)> = checkpoint
             .disks
             .iter()
-            .map(|d| (d.name.clone(), d.frozen_file.display().to_string()))
+            .map(|d| (d.name.clone(), disk_path(d).display().to_string()))
             .collect();
         let b = x.config.pointer("/config/b_info");
         let max_kib = b
@@ -788,7 +842,7 @@ impl Hypervisor for XlBackend {
                 .iter()
                 .map(|d| CloneDisk {
                     name: d.name.clone(),
-                    overlay: d.frozen_file.clone(),
+                    overlay: disk_path(d),
                     bytes: d.bytes,
                 })
                 .collect(),
@@ -796,6 +850,7 @@ impl Hypervisor for XlBackend {
             detail: OpaqueMut::new(XlClone {
                 name: clone_name.to_string(),
                 journal_id,
+                thin: thin_disks.clone(),
                 snapshots: classic,
                 stopped: false,
             }),
@@ -893,6 +948,51 @@ impl Hypervisor for XlBackend {
         }
         c.stopped = true;
         journal.removed(c.journal_id)
+    }
+
+    /// A thin disk's clone writes: thin_delta between the frozen snapshot and the clone's
+    /// own snapshot of it. Classic disks: unknown (no map).
+    fn clone_writes(
+        &self,
+        clone: &PausedClone,
+        disk: &CloneDisk,
+        journal: &mut dyn Journal,
+    ) -> Result<Option<Vec<crate::ChangedRange>>> {
+        let Some(c) = clone.detail.get::<XlClone>() else {
+            return Ok(None);
+        };
+        match thin::by_clone_path(&c.thin, &disk.overlay) {
+            Some(t) => thin::clone_writes(t, journal).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// After a stored backup, each thin disk's frozen snapshot is kept (as a thin snapshot
+    /// of it, inactive) for the next run's map, and the earlier kept ones go.
+    fn settle_change_maps(
+        &self,
+        _vm: &VmInfo,
+        checkpoint: &Checkpoint,
+        stored: bool,
+        journal: &mut dyn Journal,
+    ) -> Result<()> {
+        let Some(c) = checkpoint.detail.get::<XlCheckpoint>() else {
+            return Ok(());
+        };
+        if !stored {
+            return Ok(());
+        }
+        let mut first_err = None;
+        for t in &c.thin {
+            if let Err(e) = thin::keep(t, &c.run, journal) {
+                tracing::warn!(
+                    disk = t.vdev,
+                    "keeping the thin snapshot for the next run: {e}"
+                );
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// The snapshot LV itself is the stopped disk: `dest` becomes a symlink

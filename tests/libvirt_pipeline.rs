@@ -739,33 +739,8 @@ fn needs_root_libvirt_quiesced_when_button_and_agent_shutdown_are_ignored() {
     assert!(vm.console().contains("AGENT FROZE 1"), "{}", vm.console());
     assert!(vm.console().contains("AGENT THAW 1"), "{}", vm.console());
     assert_eq!(lv_freeze_status(&vm), "thawed");
-    // Frozen by FIFREEZE (busybox fsfreeze in the stand-in): fsck-clean, no journal to
-    // replay; the counters may differ (a freeze is not an application's clean stop).
-    let img = setup.dir.join("restored-q.raw");
-    let img_s = img.display().to_string();
-    let out = setup.coldclone(None, &["restore", "t1", "--disk", "vda", "--to", &img_s]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .expect("e2fsck");
-    assert!(
-        fsck.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-    let dump = Command::new("dumpe2fs")
-        .arg("-h")
-        .arg(&img)
-        .output()
-        .expect("dumpe2fs");
-    let dump = String::from_utf8_lossy(&dump.stdout);
-    assert!(!dump.contains("needs_recovery"), "{dump}");
+    // Frozen by FIFREEZE (busybox fsfreeze in the stand-in).
+    assert_restored_fs_frozen_clean(&setup, "vda");
     // Both overlays (the checkpoint's, the quiesced snapshot's) are committed back.
     vm.assert_unharmed();
     assert_nothing_left(&setup);

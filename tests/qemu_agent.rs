@@ -11,7 +11,7 @@ mod common;
 use coldclone_backends::agent::{Agent, FreezeStatus, Peer};
 use common::*;
 use serde_json::Value;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn start(tag: &str, opts: VmOptions) -> Option<(TempDir, TestNet, Vm)> {
@@ -46,49 +46,6 @@ fn agent_status(vm: &Vm) -> FreezeStatus {
 
 fn warnings(report: &Value) -> String {
     report["warnings"].to_string()
-}
-
-/// Restores d0 and checks the file system as it was frozen: e2fsck clean, state clean,
-/// no journal needing recovery (FIFREEZE flushes the journal and clears the flag:
-/// the kernel's ext4_freeze). The counters may differ: a freeze keeps the file system
-/// consistent, not the application's two writes.
-fn assert_restored_fs_frozen_clean(setup: &Setup, disk: &str) {
-    let img = setup.dir.join("restored-frozen.raw");
-    let img_s = img.display().to_string();
-    let out = setup.coldclone(None, &["restore", "t1", "--disk", disk, "--to", &img_s]);
-    assert!(
-        out.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&img)
-        .output()
-        .expect("e2fsck");
-    assert!(
-        fsck.status.success(),
-        "e2fsck found errors: {}",
-        String::from_utf8_lossy(&fsck.stdout)
-    );
-    let dump = Command::new("dumpe2fs")
-        .arg("-h")
-        .arg(&img)
-        .output()
-        .expect("dumpe2fs");
-    let dump = String::from_utf8_lossy(&dump.stdout);
-    assert!(
-        !dump
-            .lines()
-            .any(|l| l.starts_with("Filesystem features:") && l.contains("needs_recovery")),
-        "the journal needs recovery: the image was not taken frozen\n{dump}"
-    );
-    assert!(
-        dump.lines()
-            .any(|l| l.starts_with("Filesystem state:") && l.trim_end().ends_with("clean")),
-        "the file system state is not clean\n{dump}"
-    );
-    let _ = std::fs::remove_file(&img);
 }
 
 /// A clone that ignores the button is stopped through its own agent: clean-shutdown.

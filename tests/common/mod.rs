@@ -681,6 +681,47 @@ impl Setup {
     }
 }
 
+/// Restores the latest backup's `disk` and checks a file system taken frozen (quiesced):
+/// e2fsck clean, state clean, no journal needing recovery (FIFREEZE flushes the journal
+/// and clears the flag: the kernel's ext4_freeze). The counters may differ: a freeze keeps
+/// the file system consistent, not the application's two writes.
+pub fn assert_restored_fs_frozen_clean(setup: &Setup, disk: &str) {
+    let img = setup.dir.join("restored-frozen.raw");
+    let img_s = img.display().to_string();
+    let out = setup.coldclone(None, &["restore", "t1", "--disk", disk, "--to", &img_s]);
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck found errors: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let dump = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&img)
+        .output()
+        .expect("dumpe2fs");
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        !dump.contains("needs_recovery"),
+        "the journal needs recovery: the image was not taken frozen\n{dump}"
+    );
+    assert!(
+        dump.lines()
+            .any(|l| l.starts_with("Filesystem state:") && l.trim_end().ends_with("clean")),
+        "the file system state is not clean\n{dump}"
+    );
+    let _ = std::fs::remove_file(&img);
+}
+
 /// Restores the latest backup's disk d0 and checks it: e2fsck clean, state
 /// clean (unmounted), both counters equal. Returns the counter.
 pub fn assert_restored_disk_is_clean(setup: &Setup, snapshot: Option<&str>) -> u64 {

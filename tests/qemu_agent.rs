@@ -247,17 +247,13 @@ fn needs_root_qemu_agent_kill_9_while_frozen_then_recover_thaws() {
     child.kill().expect("kill -9");
     let _ = child.wait();
     // The guest is frozen for real: its writer stands still.
-    assert_eq!(agent_status(&vm), FreezeStatus::Frozen);
-    // (The heartbeat may still print the last value written before the freeze.)
-    std::thread::sleep(Duration::from_secs(2));
-    let c = vm.counter();
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(vm.counter(), c, "the writer ran on a frozen file system");
-    recover_ok(&setup, &net, "a kill -9 while the guest was frozen");
-    assert!(vm.console().contains("AGENT THAW 1"), "{}", vm.console());
-    assert_eq!(agent_status(&vm), FreezeStatus::Thawed);
-    vm.assert_unharmed();
-    setup.assert_nothing_left(&net);
+    assert_frozen_until_recover_thaws(
+        &setup,
+        &net,
+        &vm,
+        "a kill -9 while the guest was frozen",
+        Some("AGENT THAW 1"),
+    );
 }
 
 #[test]
@@ -289,18 +285,36 @@ fn needs_root_qemu_qga_kill_9_while_frozen_then_recover_thaws() {
     child.kill().expect("kill -9");
     let _ = child.wait();
     // qemu-ga keeps them frozen: nothing thaws a guest but a thaw.
-    assert_eq!(agent_status(&vm), FreezeStatus::Frozen);
+    assert_frozen_until_recover_thaws(
+        &setup,
+        &net,
+        &vm,
+        "a kill -9 while qemu-ga held the guest frozen",
+        None,
+    );
+}
+
+/// After a kill -9 of coldclone while the guest is frozen: the agent says frozen and the
+/// writer stands still, until `recover` thaws it (`thaw_line`: what the guest's console
+/// then shows); the original unharmed, nothing left.
+fn assert_frozen_until_recover_thaws(
+    setup: &Setup,
+    net: &TestNet,
+    vm: &Vm,
+    why: &str,
+    thaw_line: Option<&str>,
+) {
+    assert_eq!(agent_status(vm), FreezeStatus::Frozen);
     // (The heartbeat may still print the last value written before the freeze.)
     std::thread::sleep(Duration::from_secs(2));
     let c = vm.counter();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(vm.counter(), c, "the writer ran on a frozen file system");
-    recover_ok(
-        &setup,
-        &net,
-        "a kill -9 while qemu-ga held the guest frozen",
-    );
-    assert_eq!(agent_status(&vm), FreezeStatus::Thawed);
+    recover_ok(setup, net, why);
+    if let Some(line) = thaw_line {
+        assert!(vm.console().contains(line), "{}", vm.console());
+    }
+    assert_eq!(agent_status(vm), FreezeStatus::Thawed);
     vm.assert_unharmed();
-    setup.assert_nothing_left(&net);
+    setup.assert_nothing_left(net);
 }
